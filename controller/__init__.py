@@ -1,0 +1,25 @@
+"""Pure optimisation of reasoning-token caps for an M/G/1 LLM server."""
+
+from controller.exact import exact
+from controller.iterative import fixed_point, projected_gradient
+from controller.problem import Problem, QueueMetrics, TaskType
+from controller.result import SolveResult, Status
+from controller.rounding import Rounded, round_caps, rounding_bound
+from controller.solve import DEFAULT_METHOD, METHODS, solve
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Problem",
+    "QueueMetrics",
+    "Rounded",
+    "SolveResult",
+    "Status",
+    "TaskType",
+    "exact",
+    "fixed_point",
+    "projected_gradient",
+    "round_caps",
+    "rounding_bound",
+    "solve",
+]

@@ -1,0 +1,295 @@
+"""The structured exact solver (DESIGN.md 1, solver 3; our extension, the default).
+
+The types are coupled only through the scalars (m1, m2). Write s = 1 - rho,
+sigma = lambda / s and the common price theta = gamma (1 + sigma^2 m2 / 2) + mu lambda.
+Then type k's KKT condition (DESIGN.md 1, KKT line) reads
+
+    w_k A_k b_k e^{-b_k l} = c_k (alpha_k + beta_k l),
+    alpha_k = theta + gamma sigma t0_k,   beta_k = gamma sigma c_k,
+
+whose root is ``l = W(e^z) / b - alpha / beta`` with Lambert's W and
+``z = ln(b K / beta) + b alpha / beta``, ``K = w A b / c``. We evaluate it in log space, as
+the root of the increasing concave ``f(l) = b l + ln(alpha + beta l) - ln K``, by a projected
+Newton iteration that is monotone after one step and free of the cancellation of the
+closed form when ``beta`` is small. The problem is then two scalar consistency equations
+in (rho, theta), solved by a safeguarded 2-D Newton method with analytic Jacobian:
+
+    G1 = lambda M1(l(rho, theta)) - rho = 0,
+    G2 = gamma (1 + sigma^2 M2(l(rho, theta)) / 2) - theta = 0.
+
+When the margin binds, rho = rho_max is fixed and one monotone equation in theta
+remains: lambda M1(l) = rho_max, with mu = (theta - gamma (1 + sigma^2 M2 / 2)) / lambda.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import brentq
+
+from controller.kkt import kkt_residual
+from controller.problem import Array, Problem
+from controller.result import SolveResult, Status
+
+#: Absolute tolerance on the per-type Newton step, tokens.
+CAP_XTOL = 1e-9
+#: Absolute tolerance on the load consistency residual G1 (dimensionless).
+RHO_TOL = 1e-13
+#: Relative tolerance on the price consistency residual G2 / theta.
+THETA_RTOL = 1e-13
+#: Iteration limit of the outer 2-D Newton method before the bracketing fallback.
+MAXITER = 60
+
+
+@dataclass
+class _State:
+    """Mutable work state of one solve: the warm start and the evaluation count."""
+
+    x: Array
+    nfev: int = 0
+
+
+class _Caps:
+    """Per-type best responses l(theta, sigma) with their price derivatives."""
+
+    def __init__(self, p: Problem) -> None:
+        self.p = p
+        wab = p.weight * p.gain * p.rate
+        with np.errstate(divide="ignore"):
+            self.log_k = np.where(p.c > 0, np.log(wab) - np.log(np.where(p.c > 0, p.c, 1.0)), np.inf)
+        self.no_gain = wab <= 0
+        self.free_tokens = (p.c <= 0) & ~self.no_gain
+
+    def solve(self, theta: float, sigma: float, st: _State) -> tuple[Array, Array, Array]:
+        """Caps at the prices and (dl/dtheta, dl/dsigma), zero where a bound is active."""
+        p = self.p
+        gamma = p.latency_penalty
+        alpha = theta + gamma * sigma * p.t0
+        beta = gamma * sigma * p.c
+        fixed_hi = self.free_tokens | (alpha <= 0)
+        alpha_safe = np.where(alpha > 0, alpha, 1.0)
+        log_k = np.where(np.isfinite(self.log_k), self.log_k, 0.0)
+        x = np.clip(st.x, p.lo, p.hi)
+        for _ in range(200):
+            st.nfev += 1
+            arg = alpha_safe + beta * x
+            f = p.rate * x + np.log(arg) - log_k
+            df = p.rate + beta / arg
+            new = np.clip(x - f / df, p.lo, p.hi)
+            step = float(np.max(np.abs(new - x)))
+            x = new
+            if step <= CAP_XTOL:
+                break
+        x = np.where(fixed_hi, p.hi, np.where(self.no_gain, p.lo, x))
+        st.x = x
+        interior = (x > p.lo) & (x < p.hi) & ~fixed_hi & ~self.no_gain
+        den = p.rate * (alpha_safe + beta * x) + beta
+        d_theta = np.where(interior, -1.0 / den, 0.0)
+        d_sigma = d_theta * gamma * p.service_times(x)
+        return x, d_theta, d_sigma
+
+
+def _residuals(p: Problem, caps: _Caps, rho: float, theta: float, st: _State) -> tuple[float, float, Array, np.ndarray]:
+    """(G1, G2, l, Jacobian [[dG1/drho, dG1/dtheta], [dG2/drho, dG2/dtheta]])."""
+    lam, gamma = p.arrival_rate, p.latency_penalty
+    sigma = lam / (1.0 - rho)
+    dsig = sigma * sigma / lam
+    x, dx_th, dx_sig = caps.solve(theta, sigma, st)
+    t = p.service_times(x)
+    m1 = float(p.prior @ t)
+    m2 = float(p.prior @ (t * t + p.v))
+    pc = p.prior * p.c
+    g1 = lam * m1 - rho
+    g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
+    ptc = 2.0 * pc * t
+    jac = np.array(
+        [
+            [lam * float(pc @ dx_sig) * dsig - 1.0, lam * float(pc @ dx_th)],
+            [
+                gamma * sigma * dsig * m2 + 0.5 * gamma * sigma * sigma * float(ptc @ dx_sig) * dsig,
+                0.5 * gamma * sigma * sigma * float(ptc @ dx_th) - 1.0,
+            ],
+        ]
+    )
+    return g1, g2, x, jac
+
+
+def _theta_for_load(p: Problem, caps: _Caps, rho: float, st: _State) -> float:
+    """Solve G2(rho, theta) = 0 for theta (decreasing in theta, so one root)."""
+    gamma, lam = p.latency_penalty, p.arrival_rate
+    sigma = lam / (1.0 - rho)
+    lo = gamma * (1.0 + 0.5 * sigma * sigma * p.moments(p.lo)[1])
+    hi = gamma * (1.0 + 0.5 * sigma * sigma * p.moments(p.hi)[1])
+    if hi - lo <= 1e-15 * max(hi, 1e-300):
+        return hi
+
+    def g2(theta: float) -> float:
+        x = caps.solve(theta, sigma, st)[0]
+        return gamma * (1.0 + 0.5 * sigma * sigma * p.moments(x)[1]) - theta
+
+    return float(brentq(g2, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps))
+
+
+def _newton(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State) -> tuple[float, float, int] | None:
+    """Safeguarded 2-D Newton on (G1, G2); ``None`` when it does not converge."""
+    gamma, lam = p.latency_penalty, p.arrival_rate
+    m1, m2 = p.moments(np.clip(st.x, p.lo, p.hi))
+    rho = min(max(lam * m1, rho_lo), rho_hi)
+    sigma = lam / (1.0 - rho)
+    theta = gamma * (1.0 + 0.5 * sigma * sigma * m2)
+    g1, g2, _, jac = _residuals(p, caps, rho, theta, st)
+    for it in range(1, MAXITER + 1):
+        if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta:
+            return rho, theta, it
+        try:
+            d_rho, d_theta = np.linalg.solve(jac, [-g1, -g2])
+        except np.linalg.LinAlgError:
+            return None
+        merit = abs(g1) + abs(g2) / theta
+        step = 1.0
+        for _ in range(30):
+            r_new = min(max(rho + step * d_rho, rho_lo), rho_hi)
+            th_new = max(theta + step * d_theta, gamma * 1e-300 if gamma > 0 else 0.0)
+            if th_new <= 0.0:
+                step *= 0.5
+                continue
+            ng1, ng2, _, njac = _residuals(p, caps, r_new, th_new, st)
+            if abs(ng1) + abs(ng2) / th_new < (1.0 - 1e-4 * step) * merit:
+                break
+            step *= 0.5
+        else:
+            return None
+        if abs(r_new - rho) <= 1e-16 and abs(th_new - theta) <= 2e-16 * theta:
+            return r_new, th_new, it
+        rho, theta, g1, g2, jac = r_new, th_new, ng1, ng2, njac
+    return None
+
+
+def _bracketed(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State) -> tuple[float, float]:
+    """Nested bracketing fallback: brentq on rho with theta solved inside."""
+
+    def h(rho: float) -> float:
+        theta = _theta_for_load(p, caps, rho, st)
+        sigma = p.arrival_rate / (1.0 - rho)
+        return p.arrival_rate * p.moments(caps.solve(theta, sigma, st)[0])[0] - rho
+
+    eps = 4 * np.finfo(float).eps
+    rho = rho_hi if h(rho_hi) >= 0 else float(brentq(h, rho_lo, rho_hi, xtol=1e-16, rtol=eps))
+    return rho, _theta_for_load(p, caps, rho, st)
+
+
+def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float, Array, int]:
+    """Margin binds: solve lambda M1(l(theta)) = rho_max for theta >= theta_lo."""
+    lam, gamma = p.arrival_rate, p.latency_penalty
+    sigma = lam / (1.0 - p.rho_max)
+    pc = p.prior * p.c
+    # A price at which every type sits at its minimum: f(lo) >= 0 for all.
+    k_lo = np.where(np.isfinite(caps.log_k), np.exp(np.minimum(caps.log_k, 700) - p.rate * p.lo), 0.0)
+    theta_hi = max(theta_lo, float(np.max(k_lo - gamma * sigma * p.service_times(p.lo)))) * 2 + 1e-12
+    lo, hi = theta_lo, theta_hi
+    theta = theta_lo
+    it = 0
+    for it in range(1, 200):
+        x, d_th, _ = caps.solve(theta, sigma, st)
+        h = lam * float(p.prior @ p.service_times(x)) - p.rho_max
+        if abs(h) <= RHO_TOL:
+            return theta, x, it
+        if h > 0:
+            lo = theta
+        else:
+            hi = theta
+        dh = lam * float(pc @ d_th)
+        nxt = theta - h / dh if dh < 0 else math.nan
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        if hi - lo <= 4e-16 * hi:
+            break
+        theta = nxt
+    return theta, caps.solve(theta, sigma, st)[0], it
+
+
+def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
+    """Maximise U over F by the structured reduction to two scalars (the default method).
+
+    Parameters
+    ----------
+    p
+        The problem.
+    x0
+        Optional warm start (e.g. the previous solution); only used as a starting point.
+
+    Returns
+    -------
+    SolveResult
+        ``x`` is the unique optimum; ``multiplier`` is mu; ``nit`` counts outer iterations.
+
+    Notes
+    -----
+    See the module docstring. Each outer evaluation costs O(N). Degenerate types are
+    handled in closed form: ``w A = 0`` gives ``lo``, ``c = 0`` (free tokens) or
+    ``gamma = mu = 0`` gives ``hi``.
+
+    Examples
+    --------
+    >>> from controller.problem import TaskType
+    >>> t = TaskType("qa", 1.0, 0.2, 0.7, 0.01, 0.05, 0.002, 0, 2000)
+    >>> r = exact(Problem((t,), arrival_rate=2.0, latency_penalty=0.05))
+    >>> r.success, round(float(r.x[0]), 1)
+    (True, 173.6)
+    """
+    lam, gamma = p.arrival_rate, p.latency_penalty
+    start = p.lo.copy() if x0 is None else np.clip(np.asarray(x0, dtype=float), p.lo, p.hi)
+    st = _State(x=start)
+    caps = _Caps(p)
+    if p.overloaded:
+        return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st)
+    if lam == 0.0:
+        x = caps.solve(gamma, 0.0, st)[0]
+        return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st)
+    rho_lo = lam * p.moments(p.lo)[0]
+    rho_top = lam * p.moments(p.hi)[0]
+    nit = 0
+    if rho_top > p.rho_max:
+        # Does the unconstrained optimum lie beyond the margin? Check the sign of G1 there.
+        theta_m = _theta_for_load(p, caps, p.rho_max, st)
+        sigma_m = lam / (1.0 - p.rho_max)
+        nit += 1
+        if lam * p.moments(caps.solve(theta_m, sigma_m, st)[0])[0] > p.rho_max:
+            theta, x, it = _margin(p, caps, theta_m, st)
+            m2 = p.moments(x)[1]
+            mu = max(0.0, (theta - gamma * (1.0 + 0.5 * sigma_m**2 * m2)) / lam)
+            return _finish(p, x, mu, Status.CONVERGED, nit=nit + it, st=st)
+        rho_hi = p.rho_max
+    else:
+        rho_hi = rho_top
+    if gamma == 0.0:  # latency is free and the margin is slack: theta = 0, caps at hi
+        return _finish(p, caps.solve(0.0, 0.0, st)[0], 0.0, Status.CONVERGED, nit=nit + 1, st=st)
+    if rho_hi - rho_lo <= RHO_TOL:
+        x = caps.solve(_theta_for_load(p, caps, rho_hi, st), lam / (1.0 - rho_hi), st)[0]
+        return _finish(p, x, 0.0, Status.CONVERGED, nit=nit + 1, st=st)
+    found = _newton(p, caps, rho_lo, rho_hi, st)
+    if found is None:
+        rho, theta = _bracketed(p, caps, rho_lo, rho_hi, st)
+        nit += MAXITER
+    else:
+        rho, theta, it = found
+        nit += it
+    x = caps.solve(theta, lam / (1.0 - rho), st)[0]
+    return _finish(p, x, 0.0, Status.CONVERGED, nit=nit, st=st)
+
+
+def _finish(p: Problem, x: Array, mu: float, status: Status, *, nit: int, st: _State) -> SolveResult:
+    x = np.clip(x, p.lo, p.hi)
+    res = kkt_residual(p, x, mu) if status is not Status.OVERLOAD else math.nan
+    return SolveResult(
+        x=x,
+        fun=p.objective(x),
+        status=status,
+        nit=nit,
+        nfev=st.nfev,
+        residual=res,
+        method="exact",
+        multiplier=mu,
+    )

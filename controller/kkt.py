@@ -1,0 +1,133 @@
+"""Optimality certificates and a-priori constants shared by the solvers.
+
+All bounds hold over the feasible set F = {lo <= l <= hi, lambda m1(l) <= rho_max}: there the
+slack s = 1 - rho is at least ``s_min = 1 - min(rho_max, lambda m1(hi))`` and every service
+time and moment is at most its value at ``hi``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from controller.problem import Array, Problem
+
+
+def _worst_point(p: Problem, upper: Array) -> tuple[float, Array, float]:
+    """(s_min, t(upper), m2(upper)): the smallest slack and largest times over F below ``upper``."""
+    t_hi = p.service_times(upper)
+    m1_hi, m2_hi = p.moments(upper)
+    s_min = 1.0 - min(p.rho_max, p.arrival_rate * m1_hi)
+    return s_min, t_hi, m2_hi
+
+
+def _congestion_row_sums(p: Problem, upper: Array) -> Array:
+    """Upper bound over {l in F, l <= upper} of sum_j |dPhi_k / dl_j| for every type k.
+
+    dPhi_k/dl_j = lambda c_k [k=j] / s + lambda^2 pi_j c_j (t_k + t_j) / s^2
+    + lambda^3 m2 pi_j c_j / s^3.
+    """
+    lam = p.arrival_rate
+    s, t, m2 = _worst_point(p, upper)
+    pc = p.prior * p.c
+    big_c = float(pc.sum())
+    ct = float(pc @ t)
+    out: Array = lam * p.c / s + lam**2 * (t * big_c + ct) / s**2 + lam**3 * m2 * big_c / s**3
+    return out
+
+
+def lipschitz_bound(p: Problem, lower: Array | None = None, upper: Array | None = None) -> float:
+    """A computable bound L on the Lipschitz constant of grad U over F (or over the part of F
+    inside the box ``[lower, upper]``).
+
+    Notes
+    -----
+    The Hessian of U is ``-diag(pi w A b^2 e^{-b l}) - gamma H_T`` with
+    ``(H_T)_kj = pi_k c_k dPhi_k/dl_j`` symmetric positive semidefinite, so
+    ``||Hess U||_2 <= max_k pi_k w_k A_k b_k^2 e^{-b_k lo_k} + gamma max_k sum_j |(H_T)_kj|``
+    (the spectral norm of a symmetric matrix is at most its largest absolute row sum), each
+    term taken at its worst point: accuracy curvature at ``lower``, times and load at ``upper``.
+    """
+    lower = p.lo if lower is None else lower
+    upper = p.hi if upper is None else upper
+    acc = p.prior * p.weight * p.gain * p.rate**2 * np.exp(-p.rate * lower)
+    queue = p.prior * p.c * _congestion_row_sums(p, upper)
+    return float(acc.max() + p.latency_penalty * queue.max())
+
+
+def contraction_factor(p: Problem) -> float:
+    """Sufficient contraction factor kappa of the fixed-point map (infinity norm).
+
+    Notes
+    -----
+    The map is ``T_k(l) = clip((1/b_k) ln(w_k A_k b_k / (c_k gamma Phi_k(l))))`` (paper,
+    KKT fixed point), so ``|dT_k/dl_j| = |dPhi_k/dl_j| / (b_k Phi_k)``. Its row sums are
+    bounded at the worst point of F (smallest slack), with ``Phi_k`` bounded below by its
+    value at ``lo`` with the largest slack. ``kappa < 1`` guarantees geometric convergence.
+    Types whose map is constant (``w A = 0``, ``c = 0``) contribute nothing.
+    """
+    if p.latency_penalty == 0.0 or p.arrival_rate == 0.0:
+        return 0.0
+    lam = p.arrival_rate
+    q_lo = p.metrics(p.lo)
+    s_max = 1.0 - q_lo.rho
+    if s_max <= 0.0:
+        return math.inf
+    phi_min = 1.0 + lam * p.service_times(p.lo) / s_max + lam**2 * q_lo.m2 / (2 * s_max**2)
+    active = (p.weight * p.gain > 0) & (p.c > 0)
+    rows = np.where(active, _congestion_row_sums(p, p.hi) / (p.rate * phi_min), 0.0)
+    return float(rows.max())
+
+
+def local_contraction(p: Problem, x: Array) -> float:
+    """The infinity norm of the fixed-point map's Jacobian at ``x`` in F (same rows as kappa).
+
+    It bounds the spectral radius of the Jacobian ``-B H`` (B positive diagonal, H positive
+    semidefinite), whose eigenvalues are real and in ``[-norm, 0]``.
+    """
+    if p.latency_penalty == 0.0 or p.arrival_rate == 0.0:
+        return 0.0
+    active = (p.weight * p.gain > 0) & (p.c > 0)
+    rows = np.where(active, _congestion_row_sums(p, x) / (p.rate * p.congestion(x)), 0.0)
+    return float(rows.max())
+
+
+def diagonal_curvature(p: Problem, x: Array) -> Array:
+    """-d^2 U / dl_k^2 at a stable point: the per-type curvature used to scale residuals."""
+    q = p.metrics(x)
+    lam, s = p.arrival_rate, 1.0 - q.rho
+    acc = p.prior * p.weight * p.gain * p.rate**2 * np.exp(-p.rate * x)
+    if lam == 0.0:
+        return acc
+    t = p.service_times(x)
+    dphi = lam * p.c / s + 2 * lam**2 * p.prior * p.c * t / s**2 + lam**3 * q.m2 * p.prior * p.c / s**3
+    out: Array = acc + p.latency_penalty * p.prior * p.c * dphi
+    return out
+
+
+def kkt_residual(p: Problem, x: Array, multiplier: float) -> float:
+    """Optimality residual of ``x`` with margin multiplier ``mu``, in tokens.
+
+    Notes
+    -----
+    Per type: ``|l_k - clip(l_k + g_k / h_k)|`` with ``g = grad U - mu lambda pi c`` the
+    Lagrangian gradient and ``h_k`` the diagonal curvature: how far each cap is from its own
+    optimum with the others held fixed (a Newton-scaled natural residual). The margin adds
+    its violation, and its complementarity gap when ``mu > 0``, converted to tokens through
+    ``d rho / d l = lambda pi c``. Returns +inf at an unstable point.
+    """
+    q = p.metrics(x)
+    if not q.stable:
+        return math.inf
+    lam = p.arrival_rate
+    g = p.gradient(x) - multiplier * lam * p.prior * p.c
+    h = np.maximum(diagonal_curvature(p, x), 1e-300)
+    step = np.clip(x + g / h, p.lo, p.hi) - x
+    res = float(np.max(np.abs(step)))
+    rate_per_token = lam * float(p.prior @ p.c)
+    if rate_per_token > 0:
+        gap = q.rho - p.rho_max
+        margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)
+        res = max(res, margin / rate_per_token)
+    return res

@@ -1,0 +1,26 @@
+"""One entry point over the three solvers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from controller.exact import exact
+from controller.iterative import fixed_point, projected_gradient
+from controller.problem import Array, Problem
+from controller.result import SolveResult
+
+METHODS: dict[str, Callable[..., SolveResult]] = {
+    "exact": exact,
+    "fixed_point": fixed_point,
+    "projected_gradient": projected_gradient,
+}
+DEFAULT_METHOD = "exact"
+
+
+def solve(p: Problem, *, method: str = DEFAULT_METHOD, x0: Array | None = None) -> SolveResult:
+    """Solve ``p`` with the named method (``exact``, ``fixed_point``, ``projected_gradient``)."""
+    try:
+        fn = METHODS[method]
+    except KeyError:
+        raise ValueError(f"method: must be one of {sorted(METHODS)}, got {method!r}") from None
+    return fn(p, x0=x0)

@@ -1,0 +1,41 @@
+"""The ``thinkcap`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from proxy import solve_cmd
+from proxy.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="thinkcap", description="Queueing-aware reasoning-token caps for LLM servers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    solve_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; configuration and usage errors exit 2 with one line, no traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"thinkcap: config error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"thinkcap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The thinkcap TOML configuration: read once, validated, every error naming key and file."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller import Problem, TaskType
+
+#: Tables a config may hold; the ones this module does not read yet are passed through.
+SECTIONS = ("backend", "proxy", "objective", "controller", "estimators", "workload", "types")
+DEFAULT_RHO_MAX = 0.95
+DEFAULT_ARRIVAL_RATE = 1.0
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+    def __init__(self, path: str | Path, key: str, why: str) -> None:
+        super().__init__(f"{path}: {key}: {why}")
+        self.path = str(path)
+        self.key = key
+        self.why = why
+
+
+class Table:
+    """Typed, key-tracking reads from one TOML table; unread keys are errors at ``close``."""
+
+    def __init__(self, path: str | Path, prefix: str, data: Any) -> None:
+        self.path = path
+        self.prefix = prefix
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, prefix, f"must be a table, got {type(data).__name__}")
+        self.data: Mapping[str, Any] = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        """The dotted path of ``name`` in the file."""
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, why: str) -> ConfigError:
+        """A :class:`ConfigError` for key ``name`` of this table."""
+        return ConfigError(self.path, self.key(name), why)
+
+    def _get(self, name: str, default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if default is _REQUIRED:
+                unknown = sorted(set(self.data) - self.seen - {name})
+                hint = f" (unknown keys in this table: {', '.join(unknown)})" if unknown else ""
+                raise self.error(name, "is required" + hint)
+            return default
+        return self.data[name]
+
+    def number(
+        self,
+        name: str,
+        default: Any = None,
+        *,
+        lo: float | None = None,
+        lo_open: bool = False,
+        hi: float | None = None,
+        hi_open: bool = False,
+    ) -> float:
+        """A finite real number within the given bounds."""
+        value = self._get(name, _REQUIRED if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, f"must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise self.error(name, f"must be finite, got {value!r}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise self.error(name, f"must be {'>' if lo_open else '>='} {lo:g}, got {value:g}")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise self.error(name, f"must be {'<' if hi_open else '<='} {hi:g}, got {value:g}")
+        return value
+
+    def integer(self, name: str, default: Any = None, *, lo: int | None = None) -> int:
+        """An integer (not a float, not a bool)."""
+        value = self._get(name, _REQUIRED if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be an integer, got {value!r}")
+        if lo is not None and value < lo:
+            raise self.error(name, f"must be >= {lo}, got {value}")
+        return value
+
+    def string(self, name: str, default: Any = None, *, choices: tuple[str, ...] | None = None) -> str:
+        """A string, optionally from a fixed set."""
+        value = self._get(name, _REQUIRED if default is None else default)
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise self.error(name, f"must be one of {list(choices)}, got {value!r}")
+        return value
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        """A list of strings (default empty)."""
+        value = self._get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(name, f"must be a list of strings, got {value!r}")
+        return tuple(value)
+
+    def table(self, name: str) -> Table:
+        """A sub-table (an empty one if absent)."""
+        return Table(self.path, self.key(name), self._get(name, {}))
+
+    def raw(self, name: str) -> Any:
+        """The value as parsed, or ``None``."""
+        return self._get(name, None)
+
+    def close(self) -> None:
+        """Reject keys nobody read (typos are errors, not silently ignored)."""
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+class _Required:
+    pass
+
+
+_REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class TypeConfig:
+    """One ``[[types]]`` entry beyond the model parameters: how requests are recognised."""
+
+    task: TaskType
+    keywords: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The optimisation model of a config file: types, objective and offline workload."""
+
+    path: str
+    types: tuple[TypeConfig, ...]
+    latency_penalty: float
+    rho_max: float
+    arrival_rate: float
+
+    def problem(self, arrival_rate: float | None = None) -> Problem:
+        """The :class:`controller.Problem` at the workload rate (or ``arrival_rate``)."""
+        rate = self.arrival_rate if arrival_rate is None else arrival_rate
+        return Problem(tuple(t.task for t in self.types), rate, self.latency_penalty, self.rho_max)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, turning I/O and syntax errors into :class:`ConfigError`."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "(file)", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "(syntax)", str(exc)) from None
+
+
+def _task_type(entry: Table) -> TypeConfig:
+    name = entry.string("name")
+    acc = entry.table("accuracy")
+    svc = entry.table("service")
+    base = acc.number("base", 0.0, lo=0.0, hi=1.0)
+    gain = acc.number("gain", lo=0.0, hi=1.0)
+    if base + gain > 1.0:
+        raise acc.error("gain", f"base + gain must be <= 1, got {base + gain:g}")
+    lo = entry.integer("min_tokens", 0, lo=0)
+    hi = entry.integer("max_tokens", lo=1)
+    if lo > hi:
+        raise entry.error("min_tokens", f"must be <= max_tokens ({hi}), got {lo}")
+    task = TaskType(
+        name=name,
+        prior=entry.number("prior", lo=0.0, lo_open=True, hi=1.0),
+        weight=entry.number("weight", 1.0, lo=0.0),
+        accuracy_base=base,
+        accuracy_gain=gain,
+        accuracy_rate=acc.number("rate", lo=0.0, lo_open=True),
+        overhead_s=svc.number("overhead_s", lo=0.0),
+        per_token_s=svc.number("per_token_s", lo=0.0),
+        variance_s2=svc.number("variance_s2", 0.0, lo=0.0),
+        min_tokens=lo,
+        max_tokens=hi,
+    )
+    out = TypeConfig(
+        task=task,
+        keywords=entry.strings("keywords"),
+        patterns=entry.strings("patterns"),
+        examples=entry.strings("examples"),
+    )
+    for t in (acc, svc, entry):
+        t.close()
+    return out
+
+
+def load_model(path: str | Path, data: Mapping[str, Any] | None = None) -> ModelConfig:
+    """Read the model part of a config: ``[objective]``, ``[workload]`` and ``[[types]]``."""
+    root = Table(path, "", read_toml(path) if data is None else data)
+    unknown = sorted(set(root.data) - set(SECTIONS))
+    if unknown:
+        raise root.error(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
+    objective = root.table("objective")
+    workload = root.table("workload")
+    raw_types = root.raw("types")
+    if not isinstance(raw_types, list) or not raw_types:
+        raise root.error("types", "at least one [[types]] table is required")
+    types = tuple(_task_type(Table(path, f"types[{i}]", t)) for i, t in enumerate(raw_types))
+    names = [t.task.name for t in types]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(path, f"types[{i}].name", f"duplicate type name {name!r}")
+    total = math.fsum(t.task.prior for t in types)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(path, "types[*].prior", f"priors must sum to 1, got {total:.6g}")
+    cfg = ModelConfig(
+        path=str(path),
+        types=types,
+        latency_penalty=objective.number("latency_penalty", lo=0.0),
+        rho_max=objective.number("rho_max", DEFAULT_RHO_MAX, lo=0.0, lo_open=True, hi=1.0, hi_open=True),
+        arrival_rate=workload.number("arrival_rate", DEFAULT_ARRIVAL_RATE, lo=0.0),
+    )
+    objective.close()
+    workload.close()
+    return cfg

@@ -1,0 +1,3 @@
+"""Stand-ins for the outside world: simulated server, queue simulator, load generator."""
+
+__all__: list[str] = []
