@@ -93,41 +93,36 @@ def local_contraction(p: Problem, x: Array) -> float:
     return float(rows.max())
 
 
-def diagonal_curvature(p: Problem, x: Array) -> Array:
-    """-d^2 U / dl_k^2 at a stable point: the per-type curvature used to scale residuals."""
-    q = p.metrics(x)
-    lam, s = p.arrival_rate, 1.0 - q.rho
-    acc = p.prior * p.weight * p.gain * p.rate**2 * np.exp(-p.rate * x)
-    if lam == 0.0:
-        return acc
-    t = p.service_times(x)
-    dphi = lam * p.c / s + 2 * lam**2 * p.prior * p.c * t / s**2 + lam**3 * q.m2 * p.prior * p.c / s**3
-    out: Array = acc + p.latency_penalty * p.prior * p.c * dphi
-    return out
-
-
 def kkt_residual(p: Problem, x: Array, multiplier: float) -> float:
     """Optimality residual of ``x`` with margin multiplier ``mu``, in tokens.
 
     Notes
     -----
     Per type: ``|l_k - clip(l_k + g_k / h_k)|`` with ``g = grad U - mu lambda pi c`` the
-    Lagrangian gradient and ``h_k`` the diagonal curvature: how far each cap is from its own
-    optimum with the others held fixed (a Newton-scaled natural residual). The margin adds
-    its violation, and its complementarity gap when ``mu > 0``, converted to tokens through
-    ``d rho / d l = lambda pi c``. Returns +inf at an unstable point.
+    Lagrangian gradient and ``h_k = -d^2 U / dl_k^2`` the diagonal curvature,
+    ``pi_k w_k A_k b_k^2 e^{-b_k l_k} + gamma pi_k c_k dPhi_k/dl_k``: how far each cap is
+    from its own optimum with the others held fixed (a Newton-scaled natural residual). The
+    margin adds its violation, and its complementarity gap when ``mu > 0``, converted to
+    tokens through ``d rho / d l = lambda pi c``. Returns +inf at an unstable point.
     """
-    q = p.metrics(x)
-    if not q.stable:
+    lam, gamma = p.arrival_rate, p.latency_penalty
+    pc = p.prior * p.c
+    t = p.t0 + p.c * x
+    m1 = float(p.prior @ t)
+    m2 = float(p.prior @ (t * t + p.v))
+    rho = lam * m1
+    if rho >= 1.0:
         return math.inf
-    lam = p.arrival_rate
-    g = p.gradient(x) - multiplier * lam * p.prior * p.c
-    h = np.maximum(diagonal_curvature(p, x), 1e-300)
-    step = np.clip(x + g / h, p.lo, p.hi) - x
-    res = float(np.max(np.abs(step)))
-    rate_per_token = lam * float(p.prior @ p.c)
+    s = 1.0 - rho
+    marginal = p.prior * p.weight * p.gain * p.rate * np.exp(-p.rate * x)
+    phi = 1.0 + lam * t / s + lam * lam * m2 / (2.0 * s * s)
+    dphi = lam * p.c / s + 2.0 * lam * lam * pc * t / s**2 + lam**3 * m2 * pc / s**3
+    g = marginal - pc * (gamma * phi + multiplier * lam)
+    h = np.maximum(marginal * p.rate + gamma * pc * dphi, 1e-300)
+    res = float(np.maximum.reduce(np.abs(np.minimum(np.maximum(x + g / h, p.lo), p.hi) - x)))
+    rate_per_token = lam * float(pc.sum())
     if rate_per_token > 0:
-        gap = q.rho - p.rho_max
+        gap = rho - p.rho_max
         margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)
         res = max(res, margin / rate_per_token)
     return res

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from controller import Problem, TaskType
-from tests.controller.instances import random_problem
+from sim.instances import random_problem
 
 
 def task(**kw: object) -> TaskType:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from controller import exact, round_caps
 from controller.rounding import EXHAUSTIVE_MAX_TYPES
-from tests.controller.instances import random_problem
+from sim.instances import random_problem
 
 
 @settings(max_examples=40, deadline=None)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from controller import METHODS, Problem, SolveResult, Status, TaskType, exact, fixed_point, projected_gradient, solve
 from controller.kkt import contraction_factor
-from tests.controller.instances import random_problem
+from sim.instances import random_problem
 from tests.controller.referee import referee
 
 REL = 1e-9

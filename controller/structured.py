@@ -39,7 +39,13 @@ CAP_XTOL = 1e-9
 RHO_TOL = 1e-13
 #: Relative tolerance on the price consistency residual G2 / theta.
 THETA_RTOL = 1e-13
-#: Iteration limit of the outer 2-D Newton method before the bracketing fallback.
+#: The joint Newton method takes its last step unverified below these step sizes
+#: (tokens; relative price) since the error after it is their square.
+FINAL_CAP_STEP = 1e-6
+FINAL_PRICE_STEP = 1e-9
+#: Newton steps that must press rho against rho_max before the margin is taken as binding.
+PRESSED_ITERATIONS = 1
+#: Iteration limit of the joint Newton method before the bracketing fallback.
 MAXITER = 60
 
 
@@ -57,10 +63,18 @@ class _Caps:
     def __init__(self, p: Problem) -> None:
         self.p = p
         wab = p.weight * p.gain * p.rate
-        with np.errstate(divide="ignore"):
-            self.log_k = np.where(p.c > 0, np.log(wab) - np.log(np.where(p.c > 0, p.c, 1.0)), np.inf)
+        self.pc = p.prior * p.c
         self.no_gain = wab <= 0
         self.free_tokens = (p.c <= 0) & ~self.no_gain
+        self.fix = self.no_gain | self.free_tokens
+        if self.fix.any():
+            ok = ~self.fix
+            self.log_k = np.where(self.no_gain, -np.inf, np.inf)
+            self.log_k[ok] = np.log(wab[ok] / p.c[ok])
+            self.log_k_safe = np.where(ok, self.log_k, 0.0)
+        else:  # the common case: no degenerate type
+            self.log_k = self.log_k_safe = np.log(wab / p.c)
+        self.fix_to = np.where(self.no_gain, p.lo, p.hi)
 
     def solve(self, theta: float, sigma: float, st: _State) -> tuple[Array, Array, Array]:
         """Caps at the prices and (dl/dtheta, dl/dsigma), zero where a bound is active."""
@@ -91,31 +105,6 @@ class _Caps:
         return x, d_theta, d_sigma
 
 
-def _residuals(p: Problem, caps: _Caps, rho: float, theta: float, st: _State) -> tuple[float, float, Array, np.ndarray]:
-    """(G1, G2, l, Jacobian [[dG1/drho, dG1/dtheta], [dG2/drho, dG2/dtheta]])."""
-    lam, gamma = p.arrival_rate, p.latency_penalty
-    sigma = lam / (1.0 - rho)
-    dsig = sigma * sigma / lam
-    x, dx_th, dx_sig = caps.solve(theta, sigma, st)
-    t = p.service_times(x)
-    m1 = float(p.prior @ t)
-    m2 = float(p.prior @ (t * t + p.v))
-    pc = p.prior * p.c
-    g1 = lam * m1 - rho
-    g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
-    ptc = 2.0 * pc * t
-    jac = np.array(
-        [
-            [lam * float(pc @ dx_sig) * dsig - 1.0, lam * float(pc @ dx_th)],
-            [
-                gamma * sigma * dsig * m2 + 0.5 * gamma * sigma * sigma * float(ptc @ dx_sig) * dsig,
-                0.5 * gamma * sigma * sigma * float(ptc @ dx_th) - 1.0,
-            ],
-        ]
-    )
-    return g1, g2, x, jac
-
-
 def _theta_for_load(p: Problem, caps: _Caps, rho: float, st: _State) -> float:
     """Solve G2(rho, theta) = 0 for theta (decreasing in theta, so one root)."""
     gamma, lam = p.latency_penalty, p.arrival_rate
@@ -130,41 +119,6 @@ def _theta_for_load(p: Problem, caps: _Caps, rho: float, st: _State) -> float:
         return gamma * (1.0 + 0.5 * sigma * sigma * p.moments(x)[1]) - theta
 
     return float(brentq(g2, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps))
-
-
-def _newton(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State) -> tuple[float, float, int] | None:
-    """Safeguarded 2-D Newton on (G1, G2); ``None`` when it does not converge."""
-    gamma, lam = p.latency_penalty, p.arrival_rate
-    m1, m2 = p.moments(np.clip(st.x, p.lo, p.hi))
-    rho = min(max(lam * m1, rho_lo), rho_hi)
-    sigma = lam / (1.0 - rho)
-    theta = gamma * (1.0 + 0.5 * sigma * sigma * m2)
-    g1, g2, _, jac = _residuals(p, caps, rho, theta, st)
-    for it in range(1, MAXITER + 1):
-        if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta:
-            return rho, theta, it
-        try:
-            d_rho, d_theta = np.linalg.solve(jac, [-g1, -g2])
-        except np.linalg.LinAlgError:
-            return None
-        merit = abs(g1) + abs(g2) / theta
-        step = 1.0
-        for _ in range(30):
-            r_new = min(max(rho + step * d_rho, rho_lo), rho_hi)
-            th_new = max(theta + step * d_theta, gamma * 1e-300 if gamma > 0 else 0.0)
-            if th_new <= 0.0:
-                step *= 0.5
-                continue
-            ng1, ng2, _, njac = _residuals(p, caps, r_new, th_new, st)
-            if abs(ng1) + abs(ng2) / th_new < (1.0 - 1e-4 * step) * merit:
-                break
-            step *= 0.5
-        else:
-            return None
-        if abs(r_new - rho) <= 1e-16 and abs(th_new - theta) <= 2e-16 * theta:
-            return r_new, th_new, it
-        rho, theta, g1, g2, jac = r_new, th_new, ng1, ng2, njac
-    return None
 
 
 def _bracketed(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State) -> tuple[float, float]:
@@ -210,6 +164,119 @@ def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float
     return theta, caps.solve(theta, sigma, st)[0], it
 
 
+def _joint_newton(
+    p: Problem, caps: _Caps, rho_lo: float, rho_cap: float, st: _State
+) -> tuple[float, float, Array, float, int] | None:
+    """Newton's method on caps and prices together: one pass over the types per iteration.
+
+    Each iteration takes one projected Newton step of every type's equation at the current
+    prices, linearises the caps in the prices (``dl/dtheta``, ``dl/dsigma``) and solves the
+    2x2 system for the price step: Newton on the whole KKT system through its Schur
+    complement. When ``rho`` presses against ``rho_cap = rho_max`` with load to spare the
+    margin binds and the iteration continues in ``theta`` alone. Returns
+    ``(rho, theta, x, mu, nit)``, or ``None`` if it does not converge (the caller then falls
+    back to the bracketing method).
+    """
+    lam, gamma = p.arrival_rate, p.latency_penalty
+    pc, t0, c, v, prior, rate, lo, hi = caps.pc, p.t0, p.c, p.v, p.prior, p.rate, p.lo, p.hi
+    log_k, fix = caps.log_k_safe, caps.fix
+    lower, upper = (np.where(fix, caps.fix_to, lo), np.where(fix, caps.fix_to, hi)) if fix.any() else (lo, hi)
+    clip_lo, clip_hi, vmax = np.maximum, np.minimum, np.maximum.reduce
+    x = st.x
+    m1, m2 = p.moments(x)
+    rho = min(max(lam * m1, rho_lo), rho_cap)
+    sigma = lam / (1.0 - rho)
+    theta = gamma * (1.0 + 0.5 * sigma * sigma * m2)
+    margin = False
+    can_bind = rho_cap == p.rho_max
+    pressed = 0
+    th_lo, th_hi = 0.0, math.inf
+    first = st.nfev
+    for _ in range(MAXITER):
+        st.nfev += 1
+        sigma = lam / (1.0 - rho)
+        dsig = sigma * sigma / lam
+        gs = gamma * sigma
+        beta = gs * c
+        arg = theta + gs * t0 + beta * x
+        den = rate * arg + beta
+        f = rate * x + np.log(arg) - log_k
+        xn = clip_hi(clip_lo(x - f * arg / den, lower), upper)
+        inner = float(vmax(np.abs(xn - x)))
+        d_th = ((xn > lower) & (xn < upper)) / -den
+        t = t0 + c * xn
+        m1 = float(prior @ t)
+        g1 = lam * m1 - rho
+        j12 = lam * float(pc @ d_th)
+        if margin:
+            if abs(g1) <= RHO_TOL and inner <= CAP_XTOL:
+                x = xn
+                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * float(prior @ (t * t + v)))) / lam
+                if mu >= -1e-9 * theta / lam:
+                    break
+                margin = can_bind = False  # a negative price: the margin does not bind after all
+                continue
+            # The load falls as theta rises: keep a bracket and bisect (geometrically) when
+            # Newton leaves it or stalls on a flat piece where every type sits at a bound.
+            if g1 > 0:
+                th_lo = theta
+            else:
+                th_hi = theta
+            target = theta - g1 / j12 if j12 < 0.0 else math.nan
+            if not th_lo < target < th_hi:
+                target = math.sqrt(th_lo * th_hi) if math.isfinite(th_hi) else 2.0 * theta
+            d_theta = target - theta
+            d_rho = raw_step = 0.0
+            d_sg = d_th
+        else:
+            m2 = float(prior @ (t * t + v))
+            g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
+            if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and inner <= CAP_XTOL:
+                x = xn
+                break
+            d_sg = d_th * gamma * t
+            ptc = pc * t
+            half = gamma * sigma * sigma
+            j11 = lam * float(pc @ d_sg) * dsig - 1.0
+            j21 = gamma * sigma * dsig * m2 + half * float(ptc @ d_sg) * dsig
+            j22 = half * float(ptc @ d_th) - 1.0
+            det = j11 * j22 - j12 * j21
+            if det == 0.0 or not math.isfinite(det):
+                return None
+            d_rho = (-g1 * j22 + g2 * j12) / det
+            d_theta = (-g2 * j11 + g1 * j21) / det
+            raw_step = abs(d_rho)
+            new_rho = min(max(rho + d_rho, rho_lo), rho_cap)
+            pressed = pressed + 1 if can_bind and new_rho == rho_cap and g1 > 0 else 0
+            if pressed >= PRESSED_ITERATIONS:  # the unconstrained optimum lies beyond the margin
+                margin, rho, d_rho = True, rho_cap, 0.0
+            else:
+                d_rho, rho = new_rho - rho, new_rho
+        new_theta = theta + d_theta if margin else max(theta + d_theta, 0.1 * theta)
+        x = clip_hi(clip_lo(xn + d_th * (new_theta - theta) + d_sg * (dsig * d_rho), lower), upper)
+        # Quadratic convergence: once the step is this small the next residual is below
+        # machine precision, so take it without another verifying pass.
+        if (
+            inner <= FINAL_CAP_STEP
+            and raw_step <= FINAL_PRICE_STEP
+            and abs(new_theta - theta) <= FINAL_PRICE_STEP * theta
+        ):
+            theta = new_theta
+            break
+        theta = new_theta
+    else:
+        return None
+    st.x = x
+    it = st.nfev - first
+    if not margin:
+        return rho, theta, x, 0.0, it
+    sigma = lam / (1.0 - rho)
+    mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * p.moments(x)[1])) / lam
+    if mu < -1e-9 * theta / lam:
+        return None
+    return rho, theta, x, max(mu, 0.0), it
+
+
 def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
     """Maximise U over F by the structured reduction to two scalars (the default method).
 
@@ -242,14 +309,20 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
     lam, gamma = p.arrival_rate, p.latency_penalty
     start = p.lo.copy() if x0 is None else np.clip(np.asarray(x0, dtype=float), p.lo, p.hi)
     st = _State(x=start)
-    caps = _Caps(p)
-    if p.overloaded:
+    rho_lo = lam * float(p.prior @ (p.t0 + p.c * p.lo))
+    if rho_lo > p.rho_max:
         return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st)
+    caps = _Caps(p)
     if lam == 0.0:
         x = caps.solve(gamma, 0.0, st)[0]
         return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st)
-    rho_lo = lam * p.moments(p.lo)[0]
-    rho_top = lam * p.moments(p.hi)[0]
+    rho_top = lam * float(p.prior @ (p.t0 + p.c * p.hi))
+    if gamma > 0.0:
+        fast = _joint_newton(p, caps, rho_lo, min(rho_top, p.rho_max), st)
+        if fast is not None:
+            _, _, x, mu, it = fast
+            return _finish(p, x, mu, Status.CONVERGED, nit=it, st=st)
+        st.x = start
     nit = 0
     if rho_top > p.rho_max:
         # Does the unconstrained optimum lie beyond the margin? Check the sign of G1 there.
@@ -269,19 +342,12 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
     if rho_hi - rho_lo <= RHO_TOL:
         x = caps.solve(_theta_for_load(p, caps, rho_hi, st), lam / (1.0 - rho_hi), st)[0]
         return _finish(p, x, 0.0, Status.CONVERGED, nit=nit + 1, st=st)
-    found = _newton(p, caps, rho_lo, rho_hi, st)
-    if found is None:
-        rho, theta = _bracketed(p, caps, rho_lo, rho_hi, st)
-        nit += MAXITER
-    else:
-        rho, theta, it = found
-        nit += it
+    rho, theta = _bracketed(p, caps, rho_lo, rho_hi, st)
     x = caps.solve(theta, lam / (1.0 - rho), st)[0]
     return _finish(p, x, 0.0, Status.CONVERGED, nit=nit, st=st)
 
 
 def _finish(p: Problem, x: Array, mu: float, status: Status, *, nit: int, st: _State) -> SolveResult:
-    x = np.clip(x, p.lo, p.hi)
     res = kkt_residual(p, x, mu) if status is not Status.OVERLOAD else math.nan
     return SolveResult(
         x=x,

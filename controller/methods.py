@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from controller.exact import exact
 from controller.iterative import fixed_point, projected_gradient
 from controller.problem import Array, Problem
 from controller.result import SolveResult
+from controller.structured import exact
 
 METHODS: dict[str, Callable[..., SolveResult]] = {
     "exact": exact,

@@ -1,4 +1,4 @@
-"""Random problem instances with a chosen load regime, shared by the controller tests."""
+"""Random allocation problems with a chosen load regime, for tests and benchmarks."""
 
 from __future__ import annotations
 

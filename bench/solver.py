@@ -1,0 +1,149 @@
+"""Solver benchmark: median solve time per method and size, against scipy's SLSQP.
+
+Run: .venv/bin/python bench/solver.py [--quick]
+
+Random instances (sim.instances.random_problem) at three loads: light, heavy and
+margin-active. Times are medians over instances of the median over repeats of one cold
+solve (no warm start). SLSQP (analytic gradient, variables scaled by max_tokens) runs in
+the same process on the same instances for N <= 64; the objective gap is
+U(method) - U(SLSQP), positive when the method is better. A second table is the rounding
+study: relative loss (U(x*) - U(caps)) / |U(x*)| of nearest rounding and of the
+neighbour search over many instances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controller import Problem, SolveResult, Status, exact, fixed_point, projected_gradient, round_caps
+from sim.instances import random_problem
+
+REGIMES = ("light", "heavy", "margin")
+#: The iterative methods are slow by nature: fewer instances for them.
+SLOW_INSTANCES = {"fixed_point": 10, "projected_gradient": 5}
+
+
+def slsqp(p: Problem) -> tuple[np.ndarray, float]:
+    """scipy SLSQP from lo with the analytic gradient; returns (x, U(x))."""
+    scale = np.maximum(p.hi, 1.0)
+    a = p.arrival_rate * p.prior * p.c * scale
+
+    def f(u: np.ndarray) -> float:
+        val = p.objective(u * scale)
+        return -val if np.isfinite(val) else 1e6
+
+    cons = {"type": "ineq", "fun": lambda u: p.rho_max - p.arrival_rate * p.moments(u * scale)[0], "jac": lambda u: -a}
+    r = minimize(f, p.lo / scale, jac=lambda u: -p.gradient(u * scale) * scale, method="SLSQP",
+                 bounds=list(zip(p.lo / scale, p.hi / scale, strict=True)), constraints=[cons],
+                 options={"ftol": 1e-12, "maxiter": 1000})  # fmt: skip
+    x = np.clip(r.x * scale, p.lo, p.hi)
+    return x, p.objective(x) if p.is_feasible(x, atol=1e-9) else -np.inf
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Median wall time of ``repeats`` calls, and the last result."""
+    times = []
+    out: object = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def speed_table(sizes: list[int], instances: int, repeats: int) -> None:
+    methods: dict[str, Callable[[Problem], SolveResult]] = {
+        "exact": exact,
+        "fixed_point": fixed_point,
+        "projected_gradient": projected_gradient,
+    }
+    limits = {"exact": 1 << 30, "fixed_point": 1024, "projected_gradient": 64}
+    head = "| N | load | method | median time | max time | iterations (median) | limit stops"
+    print(head + " | gap vs SLSQP (min) | speed-up vs SLSQP |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        for regime in REGIMES:
+            problems = [random_problem(1000 * n + k, n, regime) for k in range(instances)]
+            ref_t: list[float] = []
+            ref_u: list[float] = []
+            if n <= 64:
+                for p in problems:
+                    t, (_, u) = timed(lambda p=p: slsqp(p), max(1, repeats // 4))  # type: ignore[misc]
+                    ref_t.append(t)
+                    ref_u.append(u)
+                med_ref = fmt_time(statistics.median(ref_t))
+                print(f"| {n} | {regime} | SLSQP | {med_ref} | {fmt_time(max(ref_t))} | | | | |")
+            for name, fn in methods.items():
+                if n > limits[name]:
+                    continue
+                reps = repeats if name == "exact" else 1
+                ts, its, gaps, stops = [], [], [], 0
+                for k, p in enumerate(problems[: SLOW_INSTANCES.get(name, len(problems))]):
+                    t, r = timed(lambda p=p, fn=fn: fn(p), reps)  # type: ignore[misc]
+                    assert isinstance(r, SolveResult)
+                    ts.append(t)
+                    its.append(r.nit)
+                    stops += r.status is Status.MAXITER
+                    if ref_u:
+                        gaps.append(r.fun - ref_u[k])
+                med = statistics.median(ts)
+                gap = f"{min(gaps):+.1e}" if gaps else ""
+                speed = f"{statistics.median(ref_t) / med:.0f}x" if ref_t else ""
+                cells = [str(n), regime, name, fmt_time(med), fmt_time(max(ts)), f"{statistics.median(its):.0f}"]
+                print("| " + " | ".join([*cells, str(stops), gap, speed]) + " |")
+            sys.stdout.flush()
+
+
+def rounding_table(count: int) -> None:
+    print()
+    print("| load | rounding | instances | median rel. loss | p99 rel. loss | max rel. loss | loss > bound |")
+    print("|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for regime in REGIMES:
+        losses: dict[str, list[float]] = {"nearest": [], "neighbour": []}
+        over = {"nearest": 0, "neighbour": 0}
+        for k in range(count):
+            p = random_problem(50_000 + k, int(rng.integers(1, 41)), regime)
+            r = exact(p)
+            for method, vals in losses.items():
+                rd = round_caps(p, r.x, method=method)
+                vals.append(max(rd.loss, 0.0) / abs(r.fun))
+                over[method] += rd.loss > rd.bound
+        for method, vals in losses.items():
+            a = np.array(vals)
+            print(f"| {regime} | {method} | {a.size} | {np.median(a):.1e} | {np.quantile(a, 0.99):.1e} | {a.max():.1e}"
+                  f" | {over[method]} |")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer instances and sizes (a smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        speed_table([8, 64], instances=3, repeats=3)
+        rounding_table(50)
+        return
+    speed_table([8, 64, 1024, 16384], instances=20, repeats=21)
+    rounding_table(2000)
+
+
+if __name__ == "__main__":
+    main()
