@@ -1,0 +1,195 @@
+"""Arrival rate: a time-decayed Poisson estimate with a CUSUM change detector."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from estimators._decay import check_half_life, check_time, decay_factor
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """The arrival rate at one instant, with its standard error."""
+
+    rate: float
+    stderr: float
+    events: float
+
+
+#: A fall is scored on a window this many times longer than the fast one (a fall removes
+#: arrivals, so it needs a longer window to show).
+FALL_WINDOW_FACTOR = 4.0
+#: Share of its exposure the reference keeps after a flagged change.
+REFERENCE_KEEP = 0.1
+
+
+class _Decayed:
+    """Decayed event count and exposure (the integral of the decay weight over time)."""
+
+    __slots__ = ("count", "exposure", "exposure2", "half_life_s")
+
+    def __init__(self, half_life_s: float) -> None:
+        self.half_life_s = half_life_s
+        self.count = 0.0
+        self.exposure = 0.0
+        self.exposure2 = 0.0
+
+    def advance(self, dt: float) -> None:
+        if dt <= 0.0:
+            return
+        f = decay_factor(dt, self.half_life_s)
+        if math.isinf(self.half_life_s):
+            self.exposure += dt
+            self.exposure2 += dt
+        else:
+            tau = self.half_life_s / math.log(2.0)
+            self.exposure = self.exposure * f + tau * (1.0 - f)
+            self.exposure2 = self.exposure2 * f * f + 0.5 * tau * (1.0 - f * f)
+        self.count *= f
+
+    def estimate(self) -> RateEstimate:
+        if self.exposure <= 0.0:
+            return RateEstimate(0.0, math.inf, self.count)
+        rate = self.count / self.exposure
+        # Var(sum of decayed Poisson counts) = rate * integral(w^2); floor the rate at one
+        # event per exposure so that an empty window still reports its uncertainty.
+        var = max(rate, 1.0 / self.exposure) * self.exposure2 / self.exposure**2
+        return RateEstimate(rate, math.sqrt(var), self.count)
+
+
+class ArrivalRate:
+    """Time-decayed Poisson arrival rate with a two-timescale change detector.
+
+    Parameters
+    ----------
+    half_life_s
+        Memory of the reported estimate, seconds.
+    fast_half_life_s
+        Memory of the fast window that the detector watches and that the estimates restart
+        from after a detected change.
+    reference_half_life_s
+        Memory of the detector's reference rate (long, so that its noise does not cause
+        false alarms).
+    threshold
+        Alarm when the fast window's count is this many standard deviations above what the
+        reference rate predicts (higher: fewer false alarms, slower detection).
+    threshold_down
+        The same below the prediction, for a fall in load.
+    warmup_events
+        Events after the start, or after a flagged change, before the detector runs.
+
+    Notes
+    -----
+    rate(t) = N(t) / E(t), with N the decayed event count and E the decayed exposure
+    ``integral_0^t w(t - u) du``, ``w(a) = 2^(-a / half_life)``; the standard error uses
+    ``Var N = rate * integral w^2``. Between events the count decays and the exposure grows,
+    so the rate falls during a silence instead of freezing. The detector compares two
+    timescales: at each arrival the fast window's decayed count ``N_f`` is scored against the
+    reference rate ``r`` over the same window,
+    ``z = (N_f - r E_f) / sqrt(r E2_f + E_f^2 Var(r))`` with ``Var(r) = r E2_r / E_r^2``, and
+    flags a change when ``z > threshold`` or ``z < -threshold_down``. An alarm restarts the
+    reported estimate from the fast window and the reference from nothing. (On a 2/s -> 6/s step this
+    beats Page's CUSUM tuned to the same false-alarm rate: see docs/BENCHMARKS.md.)
+
+    Examples
+    --------
+    >>> est = ArrivalRate(half_life_s=10.0)
+    >>> for i in range(200):
+    ...     est.update(now=i * 0.5)
+    >>> round(est.get(now=99.5).rate, 1)
+    2.0
+    """
+
+    def __init__(
+        self,
+        *,
+        half_life_s: float = 30.0,
+        fast_half_life_s: float = 2.5,
+        reference_half_life_s: float = 300.0,
+        threshold: float = 3.6,
+        threshold_down: float = 3.0,
+        warmup_events: int = 20,
+    ) -> None:
+        self.half_life_s = check_half_life("half_life_s", half_life_s)
+        self.fast_half_life_s = check_half_life("fast_half_life_s", fast_half_life_s)
+        self.reference_half_life_s = check_half_life("reference_half_life_s", reference_half_life_s)
+        for name, value in (("threshold", threshold), ("threshold_down", threshold_down)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+        if isinstance(warmup_events, bool) or not isinstance(warmup_events, int) or warmup_events < 0:
+            raise ValueError(f"warmup_events: must be an integer >= 0, got {warmup_events!r}")
+        self.threshold = float(threshold)
+        self.threshold_down = float(threshold_down)
+        self.warmup_events = warmup_events
+        self._main = _Decayed(self.half_life_s)
+        self._fast = _Decayed(self.fast_half_life_s)
+        self._slow_fall = _Decayed(FALL_WINDOW_FACTOR * self.fast_half_life_s)
+        self._ref = _Decayed(self.reference_half_life_s)
+        self._last: float | None = None
+        self._changes = 0
+        self._since_change = 0
+        self._last_change: float | None = None
+
+    def update(self, *, now: float, count: int = 1) -> None:
+        """Record ``count`` arrivals at time ``now`` (seconds, non-decreasing)."""
+        now = check_time(now, self._last)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count: must be an integer >= 0, got {count!r}")
+        ref = self._ref.estimate().rate
+        if self._last is not None:
+            for window in (self._main, self._fast, self._slow_fall, self._ref):
+                window.advance(now - self._last)
+        self._last = now
+        if count == 0:
+            return
+        for window in (self._main, self._fast, self._slow_fall, self._ref):
+            window.count += count
+        self._since_change += count
+        if ref > 0.0 and self._since_change > self.warmup_events and self._ref.exposure > 0.0:
+            self._detect(ref, now)
+
+    def _score(self, window: _Decayed, ref: float) -> float:
+        """How many standard deviations ``window``'s count lies from the reference's prediction.
+
+        The variance is the Poisson noise of the count plus the uncertainty of the reference
+        itself (large while the reference rests on little exposure).
+        """
+        slow = self._ref
+        var = ref * window.exposure2 + window.exposure**2 * ref * slow.exposure2 / slow.exposure**2
+        return (window.count - ref * window.exposure) / math.sqrt(var)
+
+    def _detect(self, ref: float, now: float) -> None:
+        """Score the fast windows against the reference rate; restart on a change."""
+        if self._score(self._fast, ref) > self.threshold or self._score(self._slow_fall, ref) < -self.threshold_down:
+            self._changes += 1
+            self._last_change = now
+            self._since_change = 0
+            # The reported rate restarts from the recent window. The reference keeps its level
+            # (the window that raised a false alarm is biased) but forgets most of its
+            # exposure, so that after a true change it relearns within a few dozen arrivals.
+            fast, main, slow = self._fast, self._main, self._ref
+            main.count, main.exposure, main.exposure2 = fast.count, fast.exposure, fast.exposure2
+            slow.count *= REFERENCE_KEEP
+            slow.exposure *= REFERENCE_KEEP
+            slow.exposure2 *= REFERENCE_KEEP
+
+    def get(self, now: float | None = None) -> RateEstimate:
+        """The rate (1/s) and its standard error at ``now`` (default: the last update)."""
+        if now is None or self._last is None:
+            return self._main.estimate()
+        now = check_time(now, self._last)
+        probe = _Decayed(self.half_life_s)
+        probe.count, probe.exposure, probe.exposure2 = self._main.count, self._main.exposure, self._main.exposure2
+        probe.advance(now - self._last)
+        return probe.estimate()
+
+    @property
+    def changes(self) -> int:
+        """How many load changes the detector has flagged."""
+        return self._changes
+
+    @property
+    def last_change(self) -> float | None:
+        """Time of the last flagged change, or ``None``."""
+        return self._last_change

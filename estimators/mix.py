@@ -1,0 +1,89 @@
+"""Type mix: time-decayed counts with Dirichlet smoothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from estimators._decay import check_half_life, check_time, decay_factor
+
+
+class TypeMix:
+    """Probabilities of the task types from decayed counts, smoothed towards a prior.
+
+    Parameters
+    ----------
+    names
+        The known type names; an unknown name is an error, never a new type.
+    half_life_s
+        Memory of the counts, seconds (``inf``: plain counts).
+    concentration
+        Dirichlet pseudo-count spread over the types by ``prior`` (the configured mix).
+    prior
+        Prior probabilities (default uniform); also the answer before any observation.
+
+    Notes
+    -----
+    ``pi_k = (n_k + a q_k) / (sum n + a)`` with decayed counts ``n_k``, concentration
+    ``a`` and prior ``q``. Every type keeps at least ``a q_k / (sum n + a)``; the
+    probabilities always sum to one.
+
+    Examples
+    --------
+    >>> mix = TypeMix(["math", "chat"], half_life_s=float("inf"), concentration=0.0)
+    >>> for t in ["math", "math", "chat", "math"]:
+    ...     mix.update(t, now=0.0)
+    >>> mix.get().tolist()
+    [0.75, 0.25]
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str] = ("default",),
+        half_life_s: float = 300.0,
+        concentration: float = 1.0,
+        prior: Sequence[float] | None = None,
+    ) -> None:
+        names = tuple(names)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"names: need at least one name and no duplicates, got {list(names)}")
+        self.names = names
+        self.half_life_s = check_half_life("half_life_s", half_life_s)
+        if not (isinstance(concentration, int | float) and math.isfinite(concentration) and concentration >= 0):
+            raise ValueError(f"concentration: must be a finite number >= 0, got {concentration!r}")
+        self.concentration = float(concentration)
+        q = np.full(len(names), 1.0 / len(names)) if prior is None else np.asarray(prior, dtype=float)
+        if q.shape != (len(names),) or not np.all(np.isfinite(q)) or np.any(q <= 0):
+            raise ValueError(f"prior: must be {len(names)} positive numbers, got {prior!r}")
+        self.prior = q / q.sum()
+        self._index = {n: k for k, n in enumerate(names)}
+        self._counts = np.zeros(len(names))
+        self._last: float | None = None
+
+    def update(self, name: str, *, now: float) -> None:
+        """Record one request of type ``name`` at time ``now``."""
+        k = self._index.get(name)
+        if k is None:
+            raise ValueError(f"type: unknown type {name!r} (known: {', '.join(self.names)})")
+        now = check_time(now, self._last)
+        if self._last is not None and now > self._last:
+            self._counts *= decay_factor(now - self._last, self.half_life_s)
+        self._last = now
+        self._counts[k] += 1.0
+
+    def get(self) -> NDArray[np.float64]:
+        """Current probabilities, in the order of ``names``."""
+        total = float(self._counts.sum()) + self.concentration
+        if total <= 0.0:
+            prior: NDArray[np.float64] = self.prior.copy()
+            return prior
+        out: NDArray[np.float64] = (self._counts + self.concentration * self.prior) / total
+        return out
+
+    @property
+    def counts(self) -> NDArray[np.float64]:
+        """Decayed counts per type (as of the last update)."""
+        return self._counts.copy()

@@ -1,0 +1,134 @@
+"""Per-type service parameters (t0_k, c_k, v_k) from the pooled regression (DESIGN.md 2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from estimators.service import ServiceRLS
+
+
+@dataclass(frozen=True)
+class ServiceParams:
+    """Service-time parameters of one type and how many samples they rest on."""
+
+    overhead_s: float
+    per_token_s: float
+    variance_s2: float
+    samples: int
+    fitted: bool
+
+
+class _Moments:
+    """Mean and variance of evaluated prompt tokens (Welford, with forgetting)."""
+
+    __slots__ = ("mean", "n", "var", "weight")
+
+    def __init__(self) -> None:
+        self.weight = 0.0
+        self.mean = 0.0
+        self.var = 0.0
+        self.n = 0
+
+    def update(self, value: float, forgetting: float) -> None:
+        self.weight = forgetting * self.weight + 1.0
+        delta = value - self.mean
+        self.mean += delta / self.weight
+        self.var = forgetting * self.var + delta * (value - self.mean)
+        self.n += 1
+
+    @property
+    def variance(self) -> float:
+        return self.var / self.weight if self.weight > 0 else 0.0
+
+
+class ServiceModel:
+    """Pooled robust RLS plus per-type prompt statistics, read out per type.
+
+    Parameters
+    ----------
+    defaults
+        Configured ``(overhead_s, per_token_s, variance_s2)`` per type name, used until the
+        fit rests on ``min_samples`` observations (and for a type never seen).
+    min_samples
+        Observations before fitted values replace the defaults.
+    per_type_slopes
+        Give a type its own regression once it has ``min_samples`` observations.
+    forgetting
+        Forgetting factor of every regression and prompt statistic.
+
+    Notes
+    -----
+    With pooled coefficients (b0, b_out, b_in) and the type's evaluated prompt tokens
+    (mean m_k, variance s_k^2): ``t0_k = b0 + b_in m_k``, ``c_k = b_out``,
+    ``v_k = residual variance + b_in^2 s_k^2``.
+    """
+
+    def __init__(
+        self,
+        defaults: Mapping[str, tuple[float, float, float]] | None = None,
+        min_samples: int = 30,
+        per_type_slopes: bool = False,
+        forgetting: float = 0.999,
+    ) -> None:
+        self.defaults = dict(defaults or {"default": (0.1, 0.01, 0.0)})
+        if not self.defaults:
+            raise ValueError("defaults: at least one type is required")
+        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 3:
+            raise ValueError(f"min_samples: must be an integer >= 3, got {min_samples!r}")
+        self.min_samples = min_samples
+        self.per_type_slopes = bool(per_type_slopes)
+        self.forgetting = forgetting
+        self._pooled = ServiceRLS(forgetting=forgetting)
+        self._own = {name: ServiceRLS(forgetting=forgetting) for name in self.defaults}
+        self._prompt = {name: _Moments() for name in self.defaults}
+
+    @property
+    def names(self) -> Sequence[str]:
+        """Type names in configuration order."""
+        return tuple(self.defaults)
+
+    def update(
+        self,
+        name: str,
+        *,
+        prompt_tokens: float,
+        completion_tokens: float,
+        service_time: float,
+        cached_tokens: float = 0,
+    ) -> None:
+        """Record one finished request; only evaluated (not cached) prompt tokens count."""
+        if name not in self._prompt:
+            raise ValueError(f"type: unknown type {name!r} (known: {', '.join(self.defaults)})")
+        if isinstance(cached_tokens, bool) or not isinstance(cached_tokens, int | float) or not cached_tokens >= 0:
+            raise ValueError(f"cached_tokens: must be a number >= 0, got {cached_tokens!r}")
+        if isinstance(prompt_tokens, int | float) and cached_tokens > prompt_tokens:
+            raise ValueError(f"cached_tokens: {cached_tokens!r} exceeds prompt_tokens {prompt_tokens!r}")
+        evaluated = prompt_tokens - cached_tokens
+        kw = {"completion_tokens": completion_tokens, "prompt_tokens": evaluated, "service_time": service_time}
+        self._pooled.update(**kw)  # validates everything before any state changes
+        self._own[name].update(**kw)
+        self._prompt[name].update(float(evaluated), self.forgetting)
+
+    def params(self, name: str) -> ServiceParams:
+        """The service parameters of type ``name``."""
+        if name not in self._prompt:
+            raise ValueError(f"type: unknown type {name!r}")
+        stats = self._prompt[name]
+        t0, c, v = self.defaults[name]
+        if self._pooled.count < self.min_samples or stats.n == 0:
+            return ServiceParams(t0, c, v, stats.n, False)
+        rls = self._own[name] if self.per_type_slopes and stats.n >= self.min_samples else self._pooled
+        b0, b_out, b_in = rls.coefficients
+        var = rls.residual_variance + b_in * b_in * stats.variance
+        overhead = max(0.0, b0 + b_in * stats.mean)
+        per_token = max(0.0, b_out)
+        if not (math.isfinite(overhead) and math.isfinite(per_token) and math.isfinite(var)):
+            return ServiceParams(t0, c, v, stats.n, False)
+        return ServiceParams(overhead, per_token, var, stats.n, True)
+
+    @property
+    def pooled(self) -> ServiceRLS:
+        """The pooled regression (read it, do not update it directly)."""
+        return self._pooled
