@@ -21,7 +21,7 @@ class Status(IntEnum):
 _MESSAGES = {
     Status.CONVERGED: "optimality (KKT) residual below tolerance",
     Status.MAXITER: "iteration limit reached before the tolerance",
-    Status.OVERLOAD: "overload: lambda * m1 > rho_max even at minimal reasoning; caps at their minimum",
+    Status.OVERLOAD: "lambda * m1 > rho_max even at minimal reasoning; caps at their minimum",
     Status.FAILED: "numerical failure",
 }
 

@@ -107,7 +107,7 @@ class ArrivalRate:
         half_life_s: float = 30.0,
         fast_half_life_s: float = 2.5,
         reference_half_life_s: float = 300.0,
-        threshold: float = 3.6,
+        threshold: float = 2.95,
         threshold_down: float = 3.0,
         warmup_events: int = 20,
     ) -> None:
@@ -152,12 +152,16 @@ class ArrivalRate:
     def _score(self, window: _Decayed, ref: float) -> float:
         """How many standard deviations ``window``'s count lies from the reference's prediction.
 
-        The variance is the Poisson noise of the count plus the uncertainty of the reference
-        itself (large while the reference rests on little exposure).
+        The decayed count is scaled to an equivalent Poisson count (variance = mean) and
+        compared on Anscombe's square-root scale, which keeps the score calibrated when the
+        window holds only a few arrivals; the result is shrunk by the uncertainty of the
+        reference itself (large while it rests on little exposure).
         """
         slow = self._ref
-        var = ref * window.exposure2 + window.exposure**2 * ref * slow.exposure2 / slow.exposure**2
-        return (window.count - ref * window.exposure) / math.sqrt(var)
+        scale = window.exposure / window.exposure2
+        z = 2.0 * (math.sqrt(window.count * scale + 0.375) - math.sqrt(ref * window.exposure * scale + 0.375))
+        ref_share = window.exposure**2 * slow.exposure2 / (window.exposure2 * slow.exposure**2)
+        return z / math.sqrt(1.0 + ref_share)
 
     def _detect(self, ref: float, now: float) -> None:
         """Score the fast windows against the reference rate; restart on a change."""

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy import solve_cmd
+from proxy import fit_cmd, solve_cmd
 from proxy.config import ConfigError
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     solve_cmd.add_parser(sub)
+    fit_cmd.add_parser(sub)
     return parser
 
 

@@ -89,7 +89,8 @@ def _fmt(value: float, spec: str) -> str:
     if math.isfinite(value):
         return format(value, spec)
     width = "".join(ch for ch in spec.split(".", maxsplit=1)[0] if ch.isdigit())
-    return format("inf" if value > 0 else "-inf", f">{width or 0}")
+    text = "n/a" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return format(text, f">{width or 0}")
 
 
 def render_table(a: Allocation) -> str:

@@ -39,12 +39,19 @@ def _model_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         yield {"name": "default", **row}
 
 
+def _accuracy_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    for _ in range(60):
+        tokens = float(rng.integers(0, 4000))
+        yield {"tokens": tokens, "correct": bool(rng.random() < 0.3 + 0.5 * (1 - np.exp(-0.001 * tokens)))}
+
+
 #: How to feed each estimator; a new estimator without an entry here fails the suite.
 STREAMS: dict[str, Callable[[np.random.Generator], Iterator[dict[str, Any]]]] = {
     "ArrivalRate": _arrival_stream,
     "TypeMix": _mix_stream,
     "ServiceRLS": _rls_stream,
     "ServiceModel": _model_stream,
+    "AccuracyCurve": _accuracy_stream,
 }
 
 ESTIMATORS = sorted(

@@ -1,0 +1,127 @@
+"""Accuracy-curve refinement from graded feedback: p(l) = base + gain (1 - exp(-rate l))."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import minimize
+
+#: Feedback is kept as counts in this many token bins (O(1) memory).
+BINS = 32
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1.0 - 1e-9)
+    return math.log(p / (1.0 - p))
+
+
+class AccuracyCurve:
+    """A saturating accuracy curve refined from (tokens used, correct) feedback.
+
+    Parameters
+    ----------
+    base, gain, rate
+        The configured curve; it is also the prior.
+    max_tokens
+        Upper end of the token bins.
+    prior_strength
+        The configured curve counts as this many pseudo-observations spread over the bins,
+        so the fit moves from it only as far as the evidence supports.
+
+    Notes
+    -----
+    Feedback is binned (log-spaced bins up to ``max_tokens``, each keeping its count, its
+    correct count and its mean tokens). The estimate maximises the Bernoulli likelihood of
+    the bins plus the pseudo-observations, which follow the configured curve at the bin
+    centres; with no feedback it returns the configured curve exactly. Parameters are kept
+    valid by construction: ``base + gain = sigmoid(u1)``, ``base = sigmoid(u1) sigmoid(u2)``,
+    ``rate = exp(u3)``.
+
+    Examples
+    --------
+    >>> curve = AccuracyCurve(base=0.2, gain=0.6, rate=0.01, max_tokens=1000)
+    >>> [round(v, 3) for v in curve.get()]
+    [0.2, 0.6, 0.01]
+    """
+
+    def __init__(
+        self,
+        base: float = 0.0,
+        gain: float = 0.5,
+        rate: float = 0.001,
+        *,
+        max_tokens: float = 8192.0,
+        prior_strength: float = 200.0,
+    ) -> None:
+        if not (base >= 0 and gain > 0 and base + gain <= 1 and rate > 0):
+            raise ValueError(
+                f"base, gain, rate: need base >= 0, gain > 0, base + gain <= 1, rate > 0; got {base}, {gain}, {rate}"
+            )
+        if not (math.isfinite(max_tokens) and max_tokens >= 1):
+            raise ValueError(f"max_tokens: must be a finite number >= 1, got {max_tokens!r}")
+        if not (math.isfinite(prior_strength) and prior_strength > 0):
+            raise ValueError(f"prior_strength: must be a finite number > 0, got {prior_strength!r}")
+        self.base = float(base)
+        self.gain = float(gain)
+        self.rate = float(rate)
+        self.max_tokens = float(max_tokens)
+        self.prior_strength = float(prior_strength)
+        self._edges = np.concatenate([[0.0], np.geomspace(1.0, self.max_tokens, BINS)])
+        centres = np.sqrt(np.maximum(self._edges[:-1], 0.5) * self._edges[1:])
+        self._centres = centres
+        self._n = np.zeros(BINS)
+        self._k = np.zeros(BINS)
+        self._tokens = np.zeros(BINS)
+        self._fit: tuple[float, float, float] | None = (self.base, self.gain, self.rate)
+
+    def update(self, tokens: float, correct: bool) -> None:
+        """Record one graded answer that used ``tokens`` reasoning tokens."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int | float) or not math.isfinite(tokens) or tokens < 0:
+            raise ValueError(f"tokens: must be a finite number >= 0, got {tokens!r}")
+        if not isinstance(correct, bool | np.bool_):
+            raise ValueError(f"correct: must be a bool, got {correct!r}")
+        b = min(int(np.searchsorted(self._edges, tokens, side="right")) - 1, BINS - 1)
+        self._n[b] += 1.0
+        self._k[b] += float(bool(correct))
+        self._tokens[b] += float(tokens)
+        self._fit = None
+
+    @property
+    def samples(self) -> int:
+        """Graded answers seen."""
+        return int(self._n.sum())
+
+    def _curve(self, u: NDArray[np.float64], x: NDArray[np.float64]) -> NDArray[np.float64]:
+        top, frac, rate = _sigmoid(u[0]), _sigmoid(u[1]), math.exp(u[2])
+        base = top * frac
+        out: NDArray[np.float64] = base + (top - base) * -np.expm1(-rate * x)
+        return out
+
+    def get(self) -> tuple[float, float, float]:
+        """The current (base, gain, rate)."""
+        if self._fit is not None:
+            return self._fit
+        prior_n = np.full(BINS, self.prior_strength / BINS)
+        p0 = self.base + self.gain * -np.expm1(-self.rate * self._centres)
+        seen = self._n > 0
+        x = np.concatenate([self._centres, self._tokens[seen] / self._n[seen]])
+        n = np.concatenate([prior_n, self._n[seen]])
+        k = np.concatenate([prior_n * p0, self._k[seen]])
+
+        def nll(u: NDArray[np.float64]) -> float:
+            p = np.clip(self._curve(u, x), 1e-12, 1 - 1e-12)
+            return -float(k @ np.log(p) + (n - k) @ np.log1p(-p))
+
+        top = self.base + self.gain
+        u0 = np.array([_logit(top), _logit(self.base / top), math.log(self.rate)])
+        res = minimize(nll, u0, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000})
+        u = res.x if np.isfinite(res.fun) else u0
+        top_f, frac_f = _sigmoid(u[0]), _sigmoid(u[1])
+        self._fit = (top_f * frac_f, top_f * (1 - frac_f), math.exp(u[2]))
+        return self._fit

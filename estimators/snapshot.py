@@ -1,0 +1,111 @@
+"""Everything the controller needs from the estimators, in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from estimators.arrival import ArrivalRate
+from estimators.mix import TypeMix
+from estimators.service_model import ServiceModel
+
+
+@dataclass(frozen=True)
+class TypeEstimate:
+    """One type's estimated prior and service parameters, with the samples behind them."""
+
+    name: str
+    prior: float
+    overhead_s: float
+    per_token_s: float
+    variance_s2: float
+    samples: int
+    fitted: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The estimators' state at one instant."""
+
+    time: float
+    arrival_rate: float
+    arrival_rate_stderr: float
+    arrivals: float
+    changes: int
+    last_change: float | None
+    types: tuple[TypeEstimate, ...]
+
+    def by_name(self) -> dict[str, TypeEstimate]:
+        """The type estimates keyed by name."""
+        return {t.name: t for t in self.types}
+
+
+class Estimators:
+    """The arrival-rate, type-mix and service estimators of one proxy, fed together.
+
+    Parameters
+    ----------
+    defaults
+        Per type name: configured ``(prior, overhead_s, per_token_s, variance_s2)``.
+    arrival, mix_half_life_s, mix_concentration, min_samples, per_type_slopes, forgetting
+        Hyperparameters passed to :class:`ArrivalRate`, :class:`TypeMix` and
+        :class:`ServiceModel`.
+    """
+
+    def __init__(
+        self,
+        defaults: Mapping[str, tuple[float, float, float, float]],
+        *,
+        arrival: ArrivalRate | None = None,
+        mix_half_life_s: float = 300.0,
+        mix_concentration: float = 5.0,
+        min_samples: int = 30,
+        per_type_slopes: bool = False,
+        forgetting: float = 0.999,
+    ) -> None:
+        if not defaults:
+            raise ValueError("defaults: at least one type is required")
+        names: Sequence[str] = tuple(defaults)
+        self.names = names
+        self.arrival = arrival if arrival is not None else ArrivalRate()
+        self.mix = TypeMix(names, half_life_s=mix_half_life_s, concentration=mix_concentration,
+                           prior=[defaults[n][0] for n in names])  # fmt: skip
+        self.service = ServiceModel({n: defaults[n][1:] for n in names}, min_samples=min_samples,
+                                    per_type_slopes=per_type_slopes, forgetting=forgetting)  # fmt: skip
+        self._last = 0.0
+
+    def arrived(self, name: str, *, now: float) -> None:
+        """A request of type ``name`` arrived (checked before any state changes)."""
+        if name not in self.mix.names:
+            raise ValueError(f"type: unknown type {name!r} (known: {', '.join(self.names)})")
+        self.arrival.update(now=now)
+        self.mix.update(name, now=now)
+        self._last = max(self._last, now)
+
+    def served(
+        self,
+        name: str,
+        *,
+        prompt_tokens: float,
+        completion_tokens: float,
+        service_time: float,
+        cached_tokens: float = 0,
+    ) -> None:
+        """A request of type ``name`` finished: feed the service model."""
+        self.service.update(name, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            service_time=service_time, cached_tokens=cached_tokens)  # fmt: skip
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """Rate (decayed to ``now``), priors and per-type service parameters."""
+        now = self._last if now is None else now
+        rate = self.arrival.get(now)
+        priors = self.mix.get()
+        types = []
+        for k, name in enumerate(self.names):
+            s = self.service.params(name)
+            types.append(
+                TypeEstimate(name, float(priors[k]), s.overhead_s, s.per_token_s, s.variance_s2, s.samples, s.fitted)
+            )
+        return Snapshot(
+            now, rate.rate, rate.stderr, rate.events, self.arrival.changes, self.arrival.last_change, tuple(types)
+        )
