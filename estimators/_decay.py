@@ -21,7 +21,9 @@ def check_half_life(name: str, value: float) -> float:
 
 def check_time(now: float, last: float | None) -> float:
     """``now`` must be finite and not go backwards."""
-    if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+    if type(now) is not float and (isinstance(now, bool) or not isinstance(now, int)):
+        raise ValueError(f"now: must be a finite time in seconds, got {now!r}")
+    if not -math.inf < now < math.inf:
         raise ValueError(f"now: must be a finite time in seconds, got {now!r}")
     if last is not None and now < last:
         raise ValueError(f"now: time went backwards ({now!r} < {last!r})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from estimators._decay import check_half_life, check_time, decay_factor
+from estimators._decay import check_half_life, check_time
 
 
 @dataclass(frozen=True)
@@ -27,26 +27,32 @@ REFERENCE_KEEP = 0.1
 class _Decayed:
     """Decayed event count and exposure (the integral of the decay weight over time)."""
 
-    __slots__ = ("count", "exposure", "exposure2", "half_life_s")
+    __slots__ = ("count", "exposure", "exposure2", "half_life_s", "inv_tau", "tau")
 
     def __init__(self, half_life_s: float) -> None:
         self.half_life_s = half_life_s
+        self.inv_tau = math.log(2.0) / half_life_s  # 0 for an infinite half-life
+        self.tau = half_life_s / math.log(2.0)
         self.count = 0.0
         self.exposure = 0.0
         self.exposure2 = 0.0
 
-    def advance(self, dt: float) -> None:
-        if dt <= 0.0:
-            return
-        f = decay_factor(dt, self.half_life_s)
-        if math.isinf(self.half_life_s):
-            self.exposure += dt
-            self.exposure2 += dt
-        else:
-            tau = self.half_life_s / math.log(2.0)
-            self.exposure = self.exposure * f + tau * (1.0 - f)
-            self.exposure2 = self.exposure2 * f * f + 0.5 * tau * (1.0 - f * f)
-        self.count *= f
+    def advance(self, dt: float, add: float = 0.0) -> None:
+        """Let ``dt`` seconds pass, then add ``add`` events."""
+        if dt > 0.0:
+            if self.inv_tau == 0.0:
+                self.exposure += dt
+                self.exposure2 += dt
+            else:
+                f = math.exp(-dt * self.inv_tau)
+                tau = self.tau
+                self.exposure = self.exposure * f + tau * (1.0 - f)
+                self.exposure2 = self.exposure2 * f * f + 0.5 * tau * (1.0 - f * f)
+                self.count *= f
+        self.count += add
+
+    def rate(self) -> float:
+        return self.count / self.exposure if self.exposure > 0.0 else 0.0
 
     def estimate(self) -> RateEstimate:
         if self.exposure <= 0.0:
@@ -126,6 +132,7 @@ class ArrivalRate:
         self._fast = _Decayed(self.fast_half_life_s)
         self._slow_fall = _Decayed(FALL_WINDOW_FACTOR * self.fast_half_life_s)
         self._ref = _Decayed(self.reference_half_life_s)
+        self._windows = (self._main, self._fast, self._slow_fall, self._ref)
         self._last: float | None = None
         self._changes = 0
         self._since_change = 0
@@ -134,17 +141,17 @@ class ArrivalRate:
     def update(self, *, now: float, count: int = 1) -> None:
         """Record ``count`` arrivals at time ``now`` (seconds, non-decreasing)."""
         now = check_time(now, self._last)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if type(count) is not int or count < 0:
             raise ValueError(f"count: must be an integer >= 0, got {count!r}")
-        ref = self._ref.estimate().rate
-        if self._last is not None:
-            for window in (self._main, self._fast, self._slow_fall, self._ref):
-                window.advance(now - self._last)
+        slow = self._ref
+        ref = slow.rate()
+        windows = self._windows
+        dt = 0.0 if self._last is None else now - self._last
         self._last = now
+        for window in windows:
+            window.advance(dt, count)
         if count == 0:
             return
-        for window in (self._main, self._fast, self._slow_fall, self._ref):
-            window.count += count
         self._since_change += count
         if ref > 0.0 and self._since_change > self.warmup_events and self._ref.exposure > 0.0:
             self._detect(ref, now)

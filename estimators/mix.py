@@ -10,6 +10,9 @@ from numpy.typing import NDArray
 
 from estimators._decay import check_half_life, check_time, decay_factor
 
+#: The scaled counts are renormalised once their scale factor exceeds this.
+RESCALE_ABOVE = 1e100
+
 
 class TypeMix:
     """Probabilities of the task types from decayed counts, smoothed towards a prior.
@@ -60,7 +63,10 @@ class TypeMix:
             raise ValueError(f"prior: must be {len(names)} positive numbers, got {prior!r}")
         self.prior = q / q.sum()
         self._index = {n: k for k, n in enumerate(names)}
-        self._counts = np.zeros(len(names))
+        # Counts are stored scaled by 2^((t - t_ref) / half_life): an update adds one scaled
+        # weight to one entry (O(1)) and reading divides the scale out.
+        self._scaled = [0.0] * len(names)
+        self._t_ref: float | None = None
         self._last: float | None = None
 
     def update(self, name: str, *, now: float) -> None:
@@ -69,21 +75,28 @@ class TypeMix:
         if k is None:
             raise ValueError(f"type: unknown type {name!r} (known: {', '.join(self.names)})")
         now = check_time(now, self._last)
-        if self._last is not None and now > self._last:
-            self._counts *= decay_factor(now - self._last, self.half_life_s)
         self._last = now
-        self._counts[k] += 1.0
-
-    def get(self) -> NDArray[np.float64]:
-        """Current probabilities, in the order of ``names``."""
-        total = float(self._counts.sum()) + self.concentration
-        if total <= 0.0:
-            prior: NDArray[np.float64] = self.prior.copy()
-            return prior
-        out: NDArray[np.float64] = (self._counts + self.concentration * self.prior) / total
-        return out
+        if self._t_ref is None:
+            self._t_ref = now
+        weight = 1.0 / decay_factor(now - self._t_ref, self.half_life_s)
+        if weight > RESCALE_ABOVE:  # fold the scale into the counts before it overflows
+            self._scaled = [c / weight for c in self._scaled]
+            self._t_ref, weight = now, 1.0
+        self._scaled[k] += weight
 
     @property
     def counts(self) -> NDArray[np.float64]:
-        """Decayed counts per type (as of the last update)."""
-        return self._counts.copy()
+        """Decayed counts per type as of the last update."""
+        if self._last is None or self._t_ref is None:
+            return np.zeros(len(self.names))
+        return np.asarray(self._scaled) * decay_factor(self._last - self._t_ref, self.half_life_s)
+
+    def get(self) -> NDArray[np.float64]:
+        """Current probabilities, in the order of ``names``."""
+        counts = self.counts
+        total = float(counts.sum()) + self.concentration
+        if total <= 0.0:
+            prior: NDArray[np.float64] = self.prior.copy()
+            return prior
+        out: NDArray[np.float64] = (counts + self.concentration * self.prior) / total
+        return out

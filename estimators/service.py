@@ -35,9 +35,9 @@ class ServiceRLS:
 
     Notes
     -----
-    Weighted RLS in the information form's inverse: with gain ``k = P x / (f / w + x' P x)``,
-    ``theta += k r`` and ``P = (P - k x' P) / f``, symmetrised after every step so that it
-    cannot drift to indefinite. Memory is O(1): theta (3), P (3x3), the residual moments.
+    Weighted RLS: with gain ``k = P x / (f / w + x' P x)``, ``theta += k r`` and
+    ``P = (P - k x' P) / f``, stored as its upper triangle so that it stays exactly
+    symmetric. Memory is O(1): theta (3), P (6 numbers), the residual moments.
 
     Examples
     --------
@@ -69,11 +69,14 @@ class ServiceRLS:
         self.huber = float(huber)
         self.warmup = warmup
         self.max_trace = float(max_trace)
-        self._theta = np.zeros(3)
-        self._p = np.eye(3) * self.initial_variance
+        # theta and the symmetric P as plain floats: a 3x3 update in Python beats numpy's
+        # per-call overhead by an order of magnitude.
+        self._theta = [0.0, 0.0, 0.0]
+        v = self.initial_variance
+        self._p = [v, 0.0, 0.0, v, 0.0, v]  # p00 p01 p02 p11 p12 p22
         self._n = 0
         self._weight = 0.0  # decayed sum of weights
-        self._sq = 0.0  # decayed weighted sum of squared a-priori residuals
+        self._sq = 0.0  # decayed weighted sum of a-priori x a-posteriori residuals
 
     def update(self, *, completion_tokens: float, prompt_tokens: float, service_time: float) -> None:
         """Add one observation (tokens >= 0, service time >= 0 seconds)."""
@@ -82,36 +85,54 @@ class ServiceRLS:
             ("prompt_tokens", prompt_tokens),
             ("service_time", service_time),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == math.inf:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-        x = np.array([1.0, completion_tokens / TOKEN_SCALE, prompt_tokens / TOKEN_SCALE])
-        p, f = self._p, self.forgetting
-        r = service_time - float(x @ self._theta)
+        x1 = completion_tokens / TOKEN_SCALE
+        x2 = prompt_tokens / TOKEN_SCALE
+        t0, t1, t2 = self._theta
+        p00, p01, p02, p11, p12, p22 = self._p
+        f = self.forgetting
+        r = service_time - (t0 + t1 * x1 + t2 * x2)
         w = 1.0
-        sd = self.residual_sd
-        if self._n >= self.warmup and sd > 0 and abs(r) > self.huber * sd:
-            w = self.huber * sd / abs(r)
-        px = p @ x
-        gain = px / (f / w + float(x @ px))
-        self._theta = self._theta + gain * r
-        p = (p - np.outer(gain, px)) / f
-        p = 0.5 * (p + p.T)
-        tr = float(np.trace(p))
-        if tr > self.max_trace:
-            p *= self.max_trace / tr
+        if self._n >= self.warmup and self._weight > 0:
+            sd = math.sqrt(max(self._sq / self._weight, 0.0))
+            if sd > 0 and abs(r) > self.huber * sd:
+                w = self.huber * sd / abs(r)
+        # px = P x with x = (1, x1, x2)
+        q0 = p00 + p01 * x1 + p02 * x2
+        q1 = p01 + p11 * x1 + p12 * x2
+        q2 = p02 + p12 * x1 + p22 * x2
+        den = f / w + q0 + q1 * x1 + q2 * x2
+        g0, g1, g2 = q0 / den, q1 / den, q2 / den
+        t0, t1, t2 = t0 + g0 * r, t1 + g1 * r, t2 + g2 * r
+        inv_f = 1.0 / f
+        # P <- (P - g q') / f; written on the upper triangle, so it stays symmetric.
+        p = [
+            (p00 - g0 * q0) * inv_f,
+            (p01 - g0 * q1) * inv_f,
+            (p02 - g0 * q2) * inv_f,
+            (p11 - g1 * q1) * inv_f,
+            (p12 - g1 * q2) * inv_f,
+            (p22 - g2 * q2) * inv_f,
+        ]
+        trace = p[0] + p[3] + p[5]
+        if trace > self.max_trace:
+            scale = self.max_trace / trace
+            p = [v * scale for v in p]
+        self._theta = [t0, t1, t2]
         self._p = p
         self._n += 1
         if self._n > 3:  # three coefficients: residuals mean something from the fourth on
             # a-priori times a-posteriori residual: an unbiased estimate of the noise variance
-            r_post = service_time - float(x @ self._theta)
+            r_post = service_time - (t0 + t1 * x1 + t2 * x2)
             self._weight = f * self._weight + w
             self._sq = f * self._sq + w * r * r_post
 
     @property
     def coefficients(self) -> tuple[float, float, float]:
         """(b0 seconds, b_out seconds/token, b_in seconds/token)."""
-        t = self._theta
-        return float(t[0]), float(t[1]) / TOKEN_SCALE, float(t[2]) / TOKEN_SCALE
+        t0, t1, t2 = self._theta
+        return t0, t1 / TOKEN_SCALE, t2 / TOKEN_SCALE
 
     @property
     def residual_variance(self) -> float:
@@ -130,5 +151,6 @@ class ServiceRLS:
 
     @property
     def covariance(self) -> NDArray[np.float64]:
-        """A copy of P (scaled features)."""
-        return self._p.copy()
+        """P (scaled features) as a 3x3 array."""
+        p00, p01, p02, p11, p12, p22 = self._p
+        return np.array([[p00, p01, p02], [p01, p11, p12], [p02, p12, p22]])

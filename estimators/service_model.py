@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from estimators.service import ServiceRLS
 
 
-@dataclass(frozen=True)
-class ServiceParams:
-    """Service-time parameters of one type and how many samples they rest on."""
+class ServiceParams(NamedTuple):
+    """Service-time parameters of one type and how many samples they rest on (immutable)."""
 
     overhead_s: float
     per_token_s: float
@@ -115,18 +114,31 @@ class ServiceModel:
         """The service parameters of type ``name``."""
         if name not in self._prompt:
             raise ValueError(f"type: unknown type {name!r}")
-        stats = self._prompt[name]
-        t0, c, v = self.defaults[name]
-        if self._pooled.count < self.min_samples or stats.n == 0:
-            return ServiceParams(t0, c, v, stats.n, False)
-        rls = self._own[name] if self.per_type_slopes and stats.n >= self.min_samples else self._pooled
-        b0, b_out, b_in = rls.coefficients
-        var = rls.residual_variance + b_in * b_in * stats.variance
-        overhead = max(0.0, b0 + b_in * stats.mean)
-        per_token = max(0.0, b_out)
-        if not (math.isfinite(overhead) and math.isfinite(per_token) and math.isfinite(var)):
-            return ServiceParams(t0, c, v, stats.n, False)
-        return ServiceParams(overhead, per_token, var, stats.n, True)
+        return self.all_params()[name]
+
+    def all_params(self) -> dict[str, ServiceParams]:
+        """The service parameters of every type (the pooled fit is read once)."""
+        pooled_ready = self._pooled.count >= self.min_samples
+        pooled = (*self._pooled.coefficients, self._pooled.residual_variance)
+        out = {}
+        for name, stats in self._prompt.items():
+            t0, c, v = self.defaults[name]
+            if not pooled_ready or stats.n == 0:
+                out[name] = ServiceParams(t0, c, v, stats.n, False)
+                continue
+            if self.per_type_slopes and stats.n >= self.min_samples:
+                own = self._own[name]
+                b0, b_out, b_in, resid = (*own.coefficients, own.residual_variance)
+            else:
+                b0, b_out, b_in, resid = pooled
+            var = resid + b_in * b_in * stats.variance
+            overhead = max(0.0, b0 + b_in * stats.mean)
+            per_token = max(0.0, b_out)
+            if math.isfinite(overhead) and math.isfinite(per_token) and math.isfinite(var):
+                out[name] = ServiceParams(overhead, per_token, var, stats.n, True)
+            else:
+                out[name] = ServiceParams(t0, c, v, stats.n, False)
+        return out
 
     @property
     def pooled(self) -> ServiceRLS:

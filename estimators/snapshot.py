@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from estimators.arrival import ArrivalRate
 from estimators.mix import TypeMix
 from estimators.service_model import ServiceModel
 
 
-@dataclass(frozen=True)
-class TypeEstimate:
-    """One type's estimated prior and service parameters, with the samples behind them."""
+class TypeEstimate(NamedTuple):
+    """One type's estimated prior and service parameters, with the samples behind them (immutable)."""
 
     name: str
     prior: float
@@ -100,12 +100,11 @@ class Estimators:
         now = self._last if now is None else now
         rate = self.arrival.get(now)
         priors = self.mix.get()
+        service = self.service.all_params()
         types = []
-        for k, name in enumerate(self.names):
-            s = self.service.params(name)
-            types.append(
-                TypeEstimate(name, float(priors[k]), s.overhead_s, s.per_token_s, s.variance_s2, s.samples, s.fitted)
-            )
+        for name, prior in zip(self.names, priors.tolist(), strict=True):
+            s = service[name]
+            types.append(TypeEstimate(name, prior, s.overhead_s, s.per_token_s, s.variance_s2, s.samples, s.fitted))
         return Snapshot(
             now, rate.rate, rate.stderr, rate.events, self.arrival.changes, self.arrival.last_change, tuple(types)
         )

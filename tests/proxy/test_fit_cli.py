@@ -80,7 +80,12 @@ def test_malformed_lines_are_counted_with_line_numbers(tmp_path: Path, capsys: p
     assert main(["fit", str(log), "--config", str(EXAMPLE)]) == 0
     text = capsys.readouterr().out
     assert "(4 malformed)" in text
-    for line, what in ((51, ""), (52, "missing field prompt_tokens"), (53, "prompt_tokens"), (54, "unknown type 'nope'")):
+    for line, what in (
+        (51, ""),
+        (52, "missing field prompt_tokens"),
+        (53, "prompt_tokens"),
+        (54, "unknown type 'nope'"),
+    ):
         assert f"line {line}: {what}" in text
 
 
