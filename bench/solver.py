@@ -69,12 +69,14 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def speed_table(sizes: list[int], instances: int, repeats: int) -> None:
+def speed_table(sizes: list[int], instances: int, repeats: int, only: list[str] | None = None) -> None:
     methods: dict[str, Callable[[Problem], SolveResult]] = {
         "exact": exact,
         "fixed_point": fixed_point,
         "projected_gradient": projected_gradient,
     }
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only}
     limits = {"exact": 1 << 30, "fixed_point": 1024, "projected_gradient": 64}
     head = "| N | load | method | median time | max time | iterations (median) | limit stops"
     print(head + " | gap vs SLSQP (min) | speed-up vs SLSQP |")
@@ -136,13 +138,18 @@ def rounding_table(count: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer instances and sizes (a smoke run)")
+    ap.add_argument("--sizes", default="8,64,1024,16384", help="comma-separated N")
+    ap.add_argument("--only", help="comma-separated methods (default: all)")
+    ap.add_argument("--no-rounding", action="store_true", help="skip the rounding study")
     args = ap.parse_args()
+    only = args.only.split(",") if args.only else None
     if args.quick:
-        speed_table([8, 64], instances=3, repeats=3)
+        speed_table([8, 64], instances=3, repeats=3, only=only)
         rounding_table(50)
         return
-    speed_table([8, 64, 1024, 16384], instances=20, repeats=21)
-    rounding_table(2000)
+    speed_table([int(n) for n in args.sizes.split(",")], instances=20, repeats=21, only=only)
+    if not args.no_rounding:
+        rounding_table(2000)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,9 @@ class ArrivalRate:
 
     def _detect(self, ref: float, now: float) -> None:
         """Score the fast windows against the reference rate; restart on a change."""
-        if self._score(self._fast, ref) > self.threshold or self._score(self._slow_fall, ref) < -self.threshold_down:
+        z_fast = self._score(self._fast, ref)
+        # A fall shows in the fast window too, so the longer fall window is scored only then.
+        if z_fast > self.threshold or (z_fast < 0.0 and self._score(self._slow_fall, ref) < -self.threshold_down):
             self._changes += 1
             self._last_change = now
             self._since_change = 0
