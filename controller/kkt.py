@@ -32,7 +32,7 @@ def _congestion_row_sums(p: Problem, upper: Array) -> Array:
     s, t, m2 = _worst_point(p, upper)
     pc = p.prior * p.c
     big_c = float(pc.sum())
-    ct = float(pc @ t)
+    ct = float(pc.dot(t))
     out: Array = lam * p.c / s + lam**2 * (t * big_c + ct) / s**2 + lam**3 * m2 * big_c / s**3
     return out
 
@@ -108,8 +108,8 @@ def kkt_residual(p: Problem, x: Array, multiplier: float) -> float:
     lam, gamma = p.arrival_rate, p.latency_penalty
     pc = p.prior * p.c
     t = p.t0 + p.c * x
-    m1 = float(p.prior @ t)
-    m2 = float(p.prior @ (t * t + p.v))
+    m1 = float(p.prior.dot(t))
+    m2 = float(p.prior.dot(t * t + p.v))
     rho = lam * m1
     if rho >= 1.0:
         return math.inf

@@ -241,7 +241,7 @@ class Problem:
     def moments(self, x: Array) -> tuple[float, float]:
         """First and second moments of the service time: m1 = sum pi t, m2 = sum pi (t^2 + v)."""
         t = self.service_times(x)
-        return float(self.prior @ t), float(self.prior @ (t * t + self.v))
+        return float(self.prior.dot(t)), float(self.prior.dot(t * t + self.v))
 
     def metrics(self, x: Array) -> QueueMetrics:
         """Pollaczek-Khinchine metrics: E[W] = lambda m2 / (2 (1 - rho)), E[T] = m1 + E[W]."""

@@ -41,8 +41,8 @@ RHO_TOL = 1e-13
 THETA_RTOL = 1e-13
 #: The joint Newton method takes its last step unverified below these step sizes
 #: (tokens; relative price) since the error after it is their square.
-FINAL_CAP_STEP = 1e-6
-FINAL_PRICE_STEP = 1e-9
+FINAL_CAP_STEP = 1e-3
+FINAL_PRICE_STEP = 1e-6
 #: Newton steps that must press rho against rho_max before the margin is taken as binding.
 PRESSED_ITERATIONS = 1
 #: Iteration limit of the joint Newton method before the bracketing fallback.
@@ -147,14 +147,14 @@ def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float
     it = 0
     for it in range(1, 200):
         x, d_th, _ = caps.solve(theta, sigma, st)
-        h = lam * float(p.prior @ p.service_times(x)) - p.rho_max
+        h = lam * float(p.prior.dot(p.service_times(x))) - p.rho_max
         if abs(h) <= RHO_TOL:
             return theta, x, it
         if h > 0:
             lo = theta
         else:
             hi = theta
-        dh = lam * float(pc @ d_th)
+        dh = lam * float(pc.dot(d_th))
         nxt = theta - h / dh if dh < 0 else math.nan
         if not lo < nxt < hi:
             nxt = 0.5 * (lo + hi)
@@ -205,13 +205,13 @@ def _joint_newton(
         inner = float(vmax(np.abs(xn - x)))
         d_th = ((xn > lower) & (xn < upper)) / -den
         t = t0 + c * xn
-        m1 = float(prior @ t)
+        m1 = float(prior.dot(t))
         g1 = lam * m1 - rho
-        j12 = lam * float(pc @ d_th)
+        j12 = lam * float(pc.dot(d_th))
         if margin:
             if abs(g1) <= RHO_TOL and inner <= CAP_XTOL:
                 x = xn
-                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * float(prior @ (t * t + v)))) / lam
+                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * float(prior.dot(t * t + v)))) / lam
                 if mu >= -1e-9 * theta / lam:
                     break
                 margin = can_bind = False  # a negative price: the margin does not bind after all
@@ -229,7 +229,7 @@ def _joint_newton(
             d_rho = raw_step = 0.0
             d_sg = d_th
         else:
-            m2 = float(prior @ (t * t + v))
+            m2 = float(prior.dot(t * t + v))
             g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
             if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and inner <= CAP_XTOL:
                 x = xn
@@ -237,9 +237,9 @@ def _joint_newton(
             d_sg = d_th * gamma * t
             ptc = pc * t
             half = gamma * sigma * sigma
-            j11 = lam * float(pc @ d_sg) * dsig - 1.0
-            j21 = gamma * sigma * dsig * m2 + half * float(ptc @ d_sg) * dsig
-            j22 = half * float(ptc @ d_th) - 1.0
+            j11 = lam * float(pc.dot(d_sg)) * dsig - 1.0
+            j21 = gamma * sigma * dsig * m2 + half * float(ptc.dot(d_sg)) * dsig
+            j22 = half * float(ptc.dot(d_th)) - 1.0
             det = j11 * j22 - j12 * j21
             if det == 0.0 or not math.isfinite(det):
                 return None
@@ -309,14 +309,14 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
     lam, gamma = p.arrival_rate, p.latency_penalty
     start = p.lo.copy() if x0 is None else np.clip(np.asarray(x0, dtype=float), p.lo, p.hi)
     st = _State(x=start)
-    rho_lo = lam * float(p.prior @ (p.t0 + p.c * p.lo))
+    rho_lo = lam * float(p.prior.dot(p.t0 + p.c * p.lo))
     if rho_lo > p.rho_max:
         return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st)
     caps = _Caps(p)
     if lam == 0.0:
         x = caps.solve(gamma, 0.0, st)[0]
         return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st)
-    rho_top = lam * float(p.prior @ (p.t0 + p.c * p.hi))
+    rho_top = lam * float(p.prior.dot(p.t0 + p.c * p.hi))
     if gamma > 0.0:
         fast = _joint_newton(p, caps, rho_lo, min(rho_top, p.rho_max), st)
         if fast is not None:
