@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import brentq
 
-from controller.kkt import contraction_factor, kkt_residual, lipschitz_bound, local_contraction
+from controller.kkt import certify, contraction_factor, kkt_residual, lipschitz_bound, local_contraction
 from controller.problem import Array, Problem
 from controller.projection import project_feasible
 from controller.result import SolveResult, Status
@@ -63,7 +63,8 @@ def _result(
 ) -> SolveResult:
     if status is Status.OVERLOAD:
         return SolveResult(p.lo.copy(), p.objective(p.lo), status, 0, 0, math.nan, method, 0.0, kappa)
-    return SolveResult(x, p.objective(x), status, nit, nfev, kkt_residual(p, x, mu), method, mu, kappa)
+    fun, residual = certify(p, x, mu)
+    return SolveResult(x, fun, status, nit, nfev, residual, method, mu, kappa)
 
 
 def best_response(p: Problem, x: Array) -> tuple[Array, float]:

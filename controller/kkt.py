@@ -93,36 +93,47 @@ def local_contraction(p: Problem, x: Array) -> float:
     return float(rows.max())
 
 
-def kkt_residual(p: Problem, x: Array, multiplier: float) -> float:
-    """Optimality residual of ``x`` with margin multiplier ``mu``, in tokens.
+def certify(p: Problem, x: Array, multiplier: float) -> tuple[float, float]:
+    """The objective U(x) and the optimality residual of ``x`` (tokens), computed together.
 
     Notes
     -----
-    Per type: ``|l_k - clip(l_k + g_k / h_k)|`` with ``g = grad U - mu lambda pi c`` the
-    Lagrangian gradient and ``h_k = -d^2 U / dl_k^2`` the diagonal curvature,
+    Residual per type: ``|l_k - clip(l_k + g_k / h_k)|`` with ``g = grad U - mu lambda pi c``
+    the Lagrangian gradient and ``h_k = -d^2 U / dl_k^2`` the diagonal curvature,
     ``pi_k w_k A_k b_k^2 e^{-b_k l_k} + gamma pi_k c_k dPhi_k/dl_k``: how far each cap is
     from its own optimum with the others held fixed (a Newton-scaled natural residual). The
     margin adds its violation, and its complementarity gap when ``mu > 0``, converted to
-    tokens through ``d rho / d l = lambda pi c``. Returns +inf at an unstable point.
+    tokens through ``d rho / d l = lambda pi c``. At an unstable point: (-inf, +inf).
     """
     lam, gamma = p.arrival_rate, p.latency_penalty
-    pc = p.prior * p.c
-    t = p.t0 + p.c * x
-    m1 = float(p.prior.dot(t))
-    m2 = float(p.prior.dot(t * t + p.v))
+    prior, c = p.prior, p.c
+    pc = prior * c
+    t = p.t0 + c * x
+    m1 = float(prior.dot(t))
+    m2 = float(prior.dot(t * t + p.v))
     rho = lam * m1
     if rho >= 1.0:
-        return math.inf
+        return -math.inf, math.inf
     s = 1.0 - rho
-    marginal = p.prior * p.weight * p.gain * p.rate * np.exp(-p.rate * x)
-    phi = 1.0 + lam * t / s + lam * lam * m2 / (2.0 * s * s)
-    dphi = lam * p.c / s + 2.0 * lam * lam * pc * t / s**2 + lam**3 * m2 * pc / s**3
+    decay = np.exp(-p.rate * x)
+    pwa = prior * p.weight * p.gain
+    accuracy = float(pwa.dot(1.0 - decay)) + float(prior.dot(p.weight * p.base))
+    fun = accuracy - gamma * (m1 + lam * m2 / (2.0 * s))
+    marginal = pwa * p.rate * decay
+    a, b2 = lam / s, lam * lam / (s * s)
+    phi = 1.0 + a * t + 0.5 * b2 * m2
+    dphi = a * c + (2.0 * b2) * pc * t + (b2 * a * m2) * pc
     g = marginal - pc * (gamma * phi + multiplier * lam)
     h = np.maximum(marginal * p.rate + gamma * pc * dphi, 1e-300)
-    res = float(np.maximum.reduce(np.abs(np.minimum(np.maximum(x + g / h, p.lo), p.hi) - x)))
+    res = float(np.max(np.abs(np.minimum(np.maximum(x + g / h, p.lo), p.hi) - x)))
     rate_per_token = lam * float(pc.sum())
     if rate_per_token > 0:
         gap = rho - p.rho_max
         margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)
         res = max(res, margin / rate_per_token)
-    return res
+    return fun, res
+
+
+def kkt_residual(p: Problem, x: Array, multiplier: float) -> float:
+    """Optimality residual of ``x`` with margin multiplier ``mu``, in tokens (see :func:`certify`)."""
+    return certify(p, x, multiplier)[1]

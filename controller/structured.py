@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from controller.kkt import kkt_residual
+from controller.kkt import certify
 from controller.problem import Array, Problem
 from controller.result import SolveResult, Status
 
@@ -202,14 +202,13 @@ def _joint_newton(
         den = rate * arg + beta
         f = rate * x + np.log(arg) - log_k
         xn = clip_hi(clip_lo(x - f * arg / den, lower), upper)
-        inner = float(vmax(np.abs(xn - x)))
         d_th = ((xn > lower) & (xn < upper)) / -den
         t = t0 + c * xn
         m1 = float(prior.dot(t))
         g1 = lam * m1 - rho
         j12 = lam * float(pc.dot(d_th))
         if margin:
-            if abs(g1) <= RHO_TOL and inner <= CAP_XTOL:
+            if abs(g1) <= RHO_TOL and float(vmax(np.abs(xn - x))) <= CAP_XTOL:
                 x = xn
                 mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * float(prior.dot(t * t + v)))) / lam
                 if mu >= -1e-9 * theta / lam:
@@ -222,16 +221,22 @@ def _joint_newton(
                 th_lo = theta
             else:
                 th_hi = theta
-            target = theta - g1 / j12 if j12 < 0.0 else math.nan
+            # Newton in log(theta): caps fall like log(theta), so the load is nearly affine there.
+            target = math.nan
+            if j12 < 0.0 and theta > 0.0:
+                target = theta * math.exp(max(-50.0, min(50.0, -g1 / (theta * j12))))
             if not th_lo < target < th_hi:
-                target = math.sqrt(th_lo * th_hi) if math.isfinite(th_hi) else 2.0 * theta
+                if not math.isfinite(th_hi):
+                    target = 2.0 * theta
+                else:
+                    target = math.sqrt(th_lo * th_hi) if th_lo > 0.0 else 0.5 * th_hi
             d_theta = target - theta
             d_rho = raw_step = 0.0
             d_sg = d_th
         else:
             m2 = float(prior.dot(t * t + v))
             g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
-            if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and inner <= CAP_XTOL:
+            if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and float(vmax(np.abs(xn - x))) <= CAP_XTOL:
                 x = xn
                 break
             d_sg = d_th * gamma * t
@@ -253,13 +258,14 @@ def _joint_newton(
             else:
                 d_rho, rho = new_rho - rho, new_rho
         new_theta = theta + d_theta if margin else max(theta + d_theta, 0.1 * theta)
+        x_prev = x
         x = clip_hi(clip_lo(xn + d_th * (new_theta - theta) + d_sg * (dsig * d_rho), lower), upper)
         # Quadratic convergence: once the step is this small the next residual is below
         # machine precision, so take it without another verifying pass.
         if (
-            inner <= FINAL_CAP_STEP
-            and raw_step <= FINAL_PRICE_STEP
+            raw_step <= FINAL_PRICE_STEP
             and abs(new_theta - theta) <= FINAL_PRICE_STEP * theta
+            and float(vmax(np.abs(xn - x_prev))) <= FINAL_CAP_STEP
         ):
             theta = new_theta
             break
@@ -348,10 +354,13 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
 
 
 def _finish(p: Problem, x: Array, mu: float, status: Status, *, nit: int, st: _State) -> SolveResult:
-    res = kkt_residual(p, x, mu) if status is not Status.OVERLOAD else math.nan
+    if status is Status.OVERLOAD:
+        fun, res = p.objective(x), math.nan
+    else:
+        fun, res = certify(p, x, mu)
     return SolveResult(
         x=x,
-        fun=p.objective(x),
+        fun=fun,
         status=status,
         nit=nit,
         nfev=st.nfev,
