@@ -19,7 +19,7 @@ class RateEstimate:
 
 #: A fall is scored on a window this many times longer than the fast one (a fall removes
 #: arrivals, so it needs a longer window to show).
-FALL_WINDOW_FACTOR = 12.0
+FALL_WINDOW_FACTOR = 4.0
 #: Share of its exposure the reference keeps after a flagged change.
 REFERENCE_KEEP = 0.1
 
