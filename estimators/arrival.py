@@ -45,10 +45,11 @@ class _Decayed:
                 self.exposure2 += dt
             else:
                 f = math.exp(-dt * self.inv_tau)
-                tau = self.tau
-                self.exposure = self.exposure * f + tau * (1.0 - f)
-                self.exposure2 = self.exposure2 * f * f + 0.5 * tau * (1.0 - f * f)
-                self.count *= f
+                g = self.tau * (1.0 - f)  # tau (1 - f); and tau (1 - f^2) / 2 = g (1 + f) / 2
+                self.exposure = self.exposure * f + g
+                self.exposure2 = (self.exposure2 * f + 0.5 * g) * f + 0.5 * g
+                self.count = self.count * f + add
+                return
         self.count += add
 
     def rate(self) -> float:
@@ -172,9 +173,15 @@ class ArrivalRate:
 
     def _detect(self, ref: float, now: float) -> None:
         """Score the fast windows against the reference rate; restart on a change."""
-        z_fast = self._score(self._fast, ref)
-        # A fall shows in the fast window too, so the longer fall window is scored only then.
-        if z_fast > self.threshold or (z_fast < 0.0 and self._score(self._slow_fall, ref) < -self.threshold_down):
+        fast = self._fast
+        # The score has the sign of the fast window's excess over its prediction: a rise can
+        # only show when it is positive, and a fall (which shows in the fast window too) only
+        # when it is negative, so one score per arrival suffices.
+        if fast.count >= ref * fast.exposure:
+            changed = self._score(fast, ref) > self.threshold
+        else:
+            changed = self._score(self._slow_fall, ref) < -self.threshold_down
+        if changed:
             self._changes += 1
             self._last_change = now
             self._since_change = 0

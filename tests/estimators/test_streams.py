@@ -109,11 +109,12 @@ def test_a_sixty_second_stall_does_not_wreck_the_fit() -> None:
 
 
 def test_covariance_stays_positive_definite_over_many_updates() -> None:
-    """P stays symmetric positive definite after 200k updates, including a constant input."""
+    """P stays symmetric positive definite over a million updates, including a constant input."""
     rng = np.random.default_rng(6)
     rls = ServiceRLS(forgetting=0.99)
-    for i in range(200_000):
-        n_out = 500.0 if i > 150_000 else float(rng.integers(10, 1500))
+    outs = rng.integers(10, 1500, 1_000_000).astype(float).tolist()
+    for i, n in enumerate(outs):
+        n_out = 500.0 if i > 800_000 else n
         rls.update(completion_tokens=n_out, prompt_tokens=100.0, service_time=0.2 + 0.01 * n_out)
     p = rls.covariance
     np.testing.assert_allclose(p, p.T)
@@ -226,3 +227,20 @@ def test_rate_follows_the_step_after_the_flag() -> None:
         est.update(now=t)
     assert est.changes >= 1
     assert est.get(now=LEAD_IN_S + 15.0).rate > 4.5
+
+
+def test_per_type_slopes_when_a_type_has_enough_samples() -> None:
+    """With per_type_slopes a type with its own per-token cost gets it; pooled otherwise."""
+    rng = np.random.default_rng(8)
+    defaults = {"fast": (0.1, 0.01, 0.0), "slow": (0.1, 0.01, 0.0)}
+    own = ServiceModel(defaults, min_samples=30, per_type_slopes=True)
+    pooled = ServiceModel(defaults, min_samples=30)
+    for i in range(600):
+        name = "fast" if i % 2 else "slow"
+        n_out, prompt = float(rng.integers(10, 900)), float(rng.integers(10, 300))
+        y = 0.2 + (0.01 if name == "fast" else 0.03) * n_out + 0.005 * prompt
+        for model in (own, pooled):
+            model.update(name, prompt_tokens=prompt, completion_tokens=n_out, service_time=y)
+    assert own.params("fast").per_token_s == pytest.approx(0.01, rel=0.01)
+    assert own.params("slow").per_token_s == pytest.approx(0.03, rel=0.01)
+    assert pooled.params("fast").per_token_s == pooled.params("slow").per_token_s
