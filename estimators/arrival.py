@@ -92,12 +92,15 @@ class ArrivalRate:
     ``integral_0^t w(t - u) du``, ``w(a) = 2^(-a / half_life)``; the standard error uses
     ``Var N = rate * integral w^2``. Between events the count decays and the exposure grows,
     so the rate falls during a silence instead of freezing. The detector compares two
-    timescales: at each arrival the fast window's decayed count ``N_f`` is scored against the
-    reference rate ``r`` over the same window,
-    ``z = (N_f - r E_f) / sqrt(r E2_f + E_f^2 Var(r))`` with ``Var(r) = r E2_r / E_r^2``, and
-    flags a change when ``z > threshold`` or ``z < -threshold_down``. An alarm restarts the
-    reported estimate from the fast window and the reference from nothing. (On a 2/s -> 6/s step this
-    beats Page's CUSUM tuned to the same false-alarm rate: see docs/BENCHMARKS.md.)
+    timescales: at each arrival a window's decayed count ``N`` is scored against what the
+    reference rate ``r`` predicts over the same window, on Anscombe's square-root scale for
+    the equivalent Poisson count (scale ``s = E / E2``):
+    ``z = 2 (sqrt(N s + 3/8) - sqrt(r E s + 3/8)) / sqrt(1 + E^2 E2_r / (E2 E_r^2))``, the
+    divisor accounting for the reference's own uncertainty. A change is flagged when the fast
+    window's ``z > threshold`` or the fall window's ``z < -threshold_down``. An alarm restarts the
+    reported estimate from the fast window; the reference keeps its level but forgets most of
+    its exposure (``REFERENCE_KEEP``). A fall is scored on a window ``FALL_WINDOW_FACTOR``
+    times longer than the fast one.
 
     Examples
     --------
