@@ -30,6 +30,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/solver.py
+	$(BIN)/python bench/estimators.py
+	$(BIN)/python bench/detector.py
+	$(BIN)/python bench/sim.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
