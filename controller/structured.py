@@ -180,6 +180,7 @@ def _joint_newton(
     lam, gamma = p.arrival_rate, p.latency_penalty
     pc, t0, c, v, prior, rate, lo, hi = caps.pc, p.t0, p.c, p.v, p.prior, p.rate, p.lo, p.hi
     log_k, fix = caps.log_k_safe, caps.fix
+    pv = float(prior.dot(v))
     lower, upper = (np.where(fix, caps.fix_to, lo), np.where(fix, caps.fix_to, hi)) if fix.any() else (lo, hi)
     clip_lo, clip_hi, vmax = np.maximum, np.minimum, np.maximum.reduce
     x = st.x
@@ -210,7 +211,7 @@ def _joint_newton(
         if margin:
             if abs(g1) <= RHO_TOL and float(vmax(np.abs(xn - x))) <= CAP_XTOL:
                 x = xn
-                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * float(prior.dot(t * t + v)))) / lam
+                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * (float(prior.dot(t * t)) + pv))) / lam
                 if mu >= -1e-9 * theta / lam:
                     break
                 margin = can_bind = False  # a negative price: the margin does not bind after all
@@ -232,19 +233,20 @@ def _joint_newton(
                     target = math.sqrt(th_lo * th_hi) if th_lo > 0.0 else 0.5 * th_hi
             d_theta = target - theta
             d_rho = raw_step = 0.0
-            d_sg = d_th
         else:
-            m2 = float(prior.dot(t * t + v))
+            tt = t * t
+            m2 = float(prior.dot(tt)) + pv
             g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
             if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and float(vmax(np.abs(xn - x))) <= CAP_XTOL:
                 x = xn
                 break
-            d_sg = d_th * gamma * t
-            ptc = pc * t
+            # dl/dsigma = gamma t dl/dtheta, so every Jacobian entry is a dot with d_th.
+            s_t = float((pc * t).dot(d_th))
+            s_tt = float((pc * tt).dot(d_th))
             half = gamma * sigma * sigma
-            j11 = lam * float(pc.dot(d_sg)) * dsig - 1.0
-            j21 = gamma * sigma * dsig * m2 + half * float(ptc.dot(d_sg)) * dsig
-            j22 = half * float(ptc.dot(d_th)) - 1.0
+            j11 = lam * gamma * s_t * dsig - 1.0
+            j21 = gamma * sigma * dsig * m2 + half * gamma * s_tt * dsig
+            j22 = half * s_t - 1.0
             det = j11 * j22 - j12 * j21
             if det == 0.0 or not math.isfinite(det):
                 return None
@@ -259,7 +261,8 @@ def _joint_newton(
                 d_rho, rho = new_rho - rho, new_rho
         new_theta = theta + d_theta if margin else max(theta + d_theta, 0.1 * theta)
         x_prev = x
-        x = clip_hi(clip_lo(xn + d_th * (new_theta - theta) + d_sg * (dsig * d_rho), lower), upper)
+        move = new_theta - theta if d_rho == 0.0 else (new_theta - theta) + (gamma * dsig * d_rho) * t
+        x = clip_hi(clip_lo(xn + d_th * move, lower), upper)
         # Quadratic convergence: once the step is this small the next residual is below
         # machine precision, so take it without another verifying pass.
         if (
