@@ -19,32 +19,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from estimators import ArrivalRate
+from sim.des import Phase, sample_workload
 
 LEAD_IN_S = 600.0
-
-
-def poisson(rng: np.random.Generator, rate: float, start: float, stop: float) -> list[float]:
-    n = int(rng.poisson(rate * (stop - start)))
-    return np.sort(rng.uniform(start, stop, n)).tolist()
+ONE_TYPE = np.ones(1)
 
 
 def delay(seed: int, before: float, after: float) -> float:
     """Seconds from the step to the first flag after it (inf: none within 20 s)."""
-    rng = np.random.default_rng(seed)
+    phases = [Phase(LEAD_IN_S, before), Phase(20.0, after)]
+    work = sample_workload(phases, ONE_TYPE, np.random.default_rng(seed))
     est = ArrivalRate()
-    for t in poisson(rng, before, 0.0, LEAD_IN_S):
+    flagged = None
+    for t in work.arrival.tolist():
+        if flagged is None and t > LEAD_IN_S:
+            flagged = est.changes
         est.update(now=t)
-    flagged = est.changes
-    for t in poisson(rng, after, LEAD_IN_S, LEAD_IN_S + 20.0):
-        est.update(now=t)
-        if est.changes > flagged:
+        if flagged is not None and est.changes > flagged:
             return t - LEAD_IN_S
     return math.inf
 
 
 def false_alarms(seed: int, rate: float) -> int:
     est = ArrivalRate()
-    for t in poisson(np.random.default_rng(10_000 + seed), rate, 0.0, 600.0):
+    for t in sample_workload([Phase(600.0, rate)], ONE_TYPE, np.random.default_rng(10_000 + seed)).arrival.tolist():
         est.update(now=t)
     return est.changes
 

@@ -76,15 +76,15 @@ class _Caps:
             self.log_k = self.log_k_safe = np.log(wab / p.c)
         self.fix_to = np.where(self.no_gain, p.lo, p.hi)
 
-    def solve(self, theta: float, sigma: float, st: _State) -> tuple[Array, Array, Array]:
-        """Caps at the prices and (dl/dtheta, dl/dsigma), zero where a bound is active."""
+    def solve(self, theta: float, sigma: float, st: _State) -> tuple[Array, Array]:
+        """Caps at the prices and dl/dtheta, zero where a bound is active."""
         p = self.p
         gamma = p.latency_penalty
         alpha = theta + gamma * sigma * p.t0
         beta = gamma * sigma * p.c
         fixed_hi = self.free_tokens | (alpha <= 0)
         alpha_safe = np.where(alpha > 0, alpha, 1.0)
-        log_k = np.where(np.isfinite(self.log_k), self.log_k, 0.0)
+        log_k = self.log_k_safe
         x = np.clip(st.x, p.lo, p.hi)
         for _ in range(200):
             st.nfev += 1
@@ -100,9 +100,8 @@ class _Caps:
         st.x = x
         interior = (x > p.lo) & (x < p.hi) & ~fixed_hi & ~self.no_gain
         den = p.rate * (alpha_safe + beta * x) + beta
-        d_theta = np.where(interior, -1.0 / den, 0.0)
-        d_sigma = d_theta * gamma * p.service_times(x)
-        return x, d_theta, d_sigma
+        d_theta: Array = np.where(interior, -1.0 / den, 0.0)
+        return x, d_theta
 
 
 def _theta_for_load(p: Problem, caps: _Caps, rho: float, st: _State) -> float:
@@ -146,7 +145,7 @@ def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float
     theta = theta_lo
     it = 0
     for it in range(1, 200):
-        x, d_th, _ = caps.solve(theta, sigma, st)
+        x, d_th = caps.solve(theta, sigma, st)
         h = lam * float(p.prior.dot(p.service_times(x))) - p.rho_max
         if abs(h) <= RHO_TOL:
             return theta, x, it

@@ -27,10 +27,9 @@ REFERENCE_KEEP = 0.1
 class _Decayed:
     """Decayed event count and exposure (the integral of the decay weight over time)."""
 
-    __slots__ = ("count", "exposure", "exposure2", "half_life_s", "inv_tau", "tau")
+    __slots__ = ("count", "exposure", "exposure2", "inv_tau", "tau")
 
     def __init__(self, half_life_s: float) -> None:
-        self.half_life_s = half_life_s
         self.inv_tau = math.log(2.0) / half_life_s  # 0 for an infinite half-life
         self.tau = half_life_s / math.log(2.0)
         self.count = 0.0
