@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy import fit_cmd, solve_cmd
+from proxy import fit_cmd, sim_cmds, solve_cmd
 from proxy.config import ConfigError
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     solve_cmd.add_parser(sub)
     fit_cmd.add_parser(sub)
+    sim_cmds.add_parsers(sub)
     return parser
 
 

@@ -165,7 +165,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(path, "(syntax)", str(exc)) from None
 
 
-def _task_type(entry: Table) -> TypeConfig:
+def read_task(entry: Table) -> TaskType:
+    """The model parameters of one ``[[types]]`` entry (the caller closes ``entry``)."""
     name = entry.string("name")
     acc = entry.table("accuracy")
     svc = entry.table("service")
@@ -190,14 +191,38 @@ def _task_type(entry: Table) -> TypeConfig:
         min_tokens=lo,
         max_tokens=hi,
     )
+    acc.close()
+    svc.close()
+    return task
+
+
+def check_types(path: str | Path, tasks: list[TaskType]) -> None:
+    """Type names are unique and the priors sum to one."""
+    names = [t.name for t in tasks]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(path, f"types[{i}].name", f"duplicate type name {name!r}")
+    total = math.fsum(t.prior for t in tasks)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(path, "types[*].prior", f"priors must sum to 1, got {total:.6g}")
+
+
+def type_tables(root: Table) -> list[Table]:
+    """The ``[[types]]`` entries of a file, at least one."""
+    raw_types = root.raw("types")
+    if not isinstance(raw_types, list) or not raw_types:
+        raise root.error("types", "at least one [[types]] table is required")
+    return [Table(root.path, f"types[{i}]", t) for i, t in enumerate(raw_types)]
+
+
+def _type_config(entry: Table) -> TypeConfig:
     out = TypeConfig(
-        task=task,
+        task=read_task(entry),
         keywords=entry.strings("keywords"),
         patterns=entry.strings("patterns"),
         examples=entry.strings("examples"),
     )
-    for t in (acc, svc, entry):
-        t.close()
+    entry.close()
     return out
 
 
@@ -209,17 +234,8 @@ def load_model(path: str | Path, data: Mapping[str, Any] | None = None) -> Model
         raise root.error(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
     objective = root.table("objective")
     workload = root.table("workload")
-    raw_types = root.raw("types")
-    if not isinstance(raw_types, list) or not raw_types:
-        raise root.error("types", "at least one [[types]] table is required")
-    types = tuple(_task_type(Table(path, f"types[{i}]", t)) for i, t in enumerate(raw_types))
-    names = [t.task.name for t in types]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ConfigError(path, f"types[{i}].name", f"duplicate type name {name!r}")
-    total = math.fsum(t.task.prior for t in types)
-    if abs(total - 1.0) > 1e-6:
-        raise ConfigError(path, "types[*].prior", f"priors must sum to 1, got {total:.6g}")
+    types = tuple(_type_config(t) for t in type_tables(root))
+    check_types(path, [t.task for t in types])
     cfg = ModelConfig(
         path=str(path),
         types=types,
