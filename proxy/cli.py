@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy import fit_cmd, sim_cmds, solve_cmd
+from proxy import fit_cmd, serve_cmd, sim_cmds, solve_cmd
 from proxy.config import ConfigError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     solve_cmd.add_parser(sub)
     fit_cmd.add_parser(sub)
     sim_cmds.add_parsers(sub)
+    serve_cmd.add_parser(sub)
     return parser
 
 

@@ -84,9 +84,19 @@ def load_scenario(path: str | Path) -> Scenario:
         reasoning_field=server.string("reasoning_field", "reasoning", choices=REASONING_FIELDS),
         chunk_tokens=server.integer("chunk_tokens", 1, lo=1),
         default_type=default_type,
+        stream_usage=_flag(server, "stream_usage", True),
         faults=fault_rates,
         phases=read_phases(load),
     )
     for t in (objective, server, faults, load, root):
         t.close()
     return scenario
+
+
+def _flag(table: Table, name: str, default: bool) -> bool:
+    value = table.raw(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise table.error(name, f"must be true or false, got {value!r}")
+    return value

@@ -54,8 +54,13 @@ def add_parsers(sub: Any) -> None:
     lg = sub.add_parser("loadgen", help="send open-loop Poisson load to an OpenAI-compatible server")
     lg.add_argument("--target", required=True, help="base URL of the server, e.g. http://127.0.0.1:8000")
     lg.add_argument("--scenario", required=True, help="scenario TOML: type mix, prompts and [load] schedule")
-    lg.add_argument("--phase", type=parse_phase, action="append", metavar="DURATION:RATE[:RATE_END]",
-                    help="a schedule phase (repeat); replaces the scenario's [[load.phases]]")  # fmt: skip
+    lg.add_argument(
+        "--phase",
+        type=parse_phase,
+        action="append",
+        metavar="DURATION:RATE[:RATE_END]",
+        help="a schedule phase (repeat); replaces the scenario's [[load.phases]]",
+    )
     lg.add_argument("--stream", action="store_true", help="send streaming requests")
     lg.add_argument("--seed", type=int, default=0, help="seed of arrivals, types and prompts")
     lg.add_argument("--timeout-s", type=float, default=60.0, help="per-request time limit")
@@ -118,8 +123,15 @@ def run_loadgen(args: argparse.Namespace) -> int:
     weights = {t.name: t.task.weight for t in scenario.types}
     rows = summarise_records(result.records, scenario.phases, weights=weights, latency_penalty=scenario.wall_penalty)
     if args.json:
-        print(json.dumps({"phases": [r.as_dict() for r in rows], "feedback_sent": result.feedback_sent,
-                          "feedback_errors": result.feedback_errors}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "phases": [r.as_dict() for r in rows],
+                    "feedback_sent": result.feedback_sent,
+                    "feedback_errors": result.feedback_errors,
+                }
+            )
+        )
     else:
         print(format_summary(rows))
         if args.feedback_url:

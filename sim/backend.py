@@ -6,7 +6,8 @@ time ``overhead + per_token x tokens (+ noise)``, times ``time_scale``, is actua
 Everything random (noise, correctness, faults) is drawn from one seeded generator at arrival.
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` and
-``GET /sim/state`` (counters for tests). A request may force a fault with the header
+``GET /sim/state`` and ``GET /sim/requests`` (counters and recent bodies, for
+tests). A request may force a fault with the header
 ``X-Sim-Fault: error|stall|drop|malformed``.
 """
 
@@ -34,6 +35,8 @@ CORRECT_HEADER = "X-Sim-Correct"
 TYPE_HEADER = "X-Sim-Type"
 REASONING_HEADER = "X-Sim-Reasoning-Tokens"
 FAULT_HEADER = "X-Sim-Fault"
+#: How many recent request bodies ``GET /sim/requests`` shows.
+SEEN_REQUESTS = 1000
 #: Sleeps shorter than this are skipped; the pacing catches up at the next deadline.
 MIN_SLEEP_S = 0.001
 
@@ -88,6 +91,7 @@ class ServerState:
     completed: int = 0
     cancelled: int = 0
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
+    seen: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=SEEN_REQUESTS))
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form for ``GET /sim/state``."""
@@ -182,7 +186,8 @@ def plan_request(scenario: Scenario, state: ServerState, body: Any, forced_fault
     if not isinstance(stream, bool):
         raise BadRequestError(f"stream must be a boolean, got {stream!r}", "stream")
     options = body.get("stream_options")
-    include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage") is True)
+    asked = isinstance(options, dict) and options.get("include_usage") is True
+    include_usage = bool(stream and asked and scenario.stream_usage)
     users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
     sim_type = scenario.recognise(users[-1] if users else "")
     prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)
@@ -203,8 +208,18 @@ def plan_request(scenario: Scenario, state: ServerState, body: Any, forced_fault
     tokens = reasoning + answer
     service = max(0.0, task.overhead_s + task.per_token_s * tokens + math.sqrt(task.variance_s2) * z)
     correct = finish == "stop" and u_correct < sim_type.accuracy(reasoning)
-    return Plan(sim_type, reasoning, answer, finish, correct, service * scenario.time_scale, fault,
-                prompt_tokens, stream, include_usage)  # fmt: skip
+    return Plan(
+        sim_type,
+        reasoning,
+        answer,
+        finish,
+        correct,
+        service * scenario.time_scale,
+        fault,
+        prompt_tokens,
+        stream,
+        include_usage,
+    )
 
 
 def _truth_headers(plan: Plan) -> dict[str, str]:
@@ -287,8 +302,14 @@ async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str
     await pacer.until(n)
     await resp.write(_chunk(rid, created, model, {}, plan.finish_reason))
     if plan.include_usage:
-        usage = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [], "usage": _usage(plan)}  # fmt: skip
+        usage = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage(plan),
+        }
         await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
@@ -311,8 +332,9 @@ async def _respond(request: web.Request, scenario: Scenario, plan: Plan, rid: st
         await asyncio.sleep(plan.service_s)
     headers = _truth_headers(plan)
     if plan.fault == "malformed":
-        return web.Response(body=b'{"id": "' + rid.encode() + b'", "choices": [', content_type="application/json",
-                            headers=headers)  # fmt: skip
+        return web.Response(
+            body=b'{"id": "' + rid.encode() + b'", "choices": [', content_type="application/json", headers=headers
+        )
     message = {"role": "assistant", "content": "yes " * plan.answer, scenario.reasoning_field: "hmm " * plan.reasoning}
     body = {
         "id": rid,
@@ -333,6 +355,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _json_error(400, "the request body is not valid JSON", "invalid_request_error")
+    state.seen.append({"body": body, "authorization": request.headers.get("Authorization")})
     forced = request.headers.get(FAULT_HEADER)
     if forced is not None and forced not in FAULT_KINDS:
         return _json_error(400, f"{FAULT_HEADER} must be one of {list(FAULT_KINDS)}", "invalid_request_error")
@@ -386,8 +409,17 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _json_error(exc.status, f"{request.method} {request.path}: {exc.reason}", "invalid_request_error",
-                           code=exc.reason.lower().replace(" ", "_"))  # fmt: skip
+        return _json_error(
+            exc.status,
+            f"{request.method} {request.path}: {exc.reason}",
+            "invalid_request_error",
+            code=exc.reason.lower().replace(" ", "_"),
+        )
+
+
+async def sim_requests(request: web.Request) -> web.Response:
+    """``GET /sim/requests``: the last request bodies received (and their Authorization header)."""
+    return web.json_response(list(request.app[STATE_KEY].seen))
 
 
 def create_app(scenario: Scenario) -> web.Application:
@@ -403,6 +435,7 @@ def create_app(scenario: Scenario) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/sim/state", sim_state)
+    app.router.add_get("/sim/requests", sim_requests)
     return app
 
 

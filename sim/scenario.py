@@ -129,6 +129,7 @@ class Scenario:
     reasoning_field: str = "reasoning"
     chunk_tokens: int = 4
     default_type: str = ""
+    stream_usage: bool = True
     faults: Faults = field(default_factory=Faults)
     phases: tuple[LoadPhase, ...] = ()
 

@@ -45,8 +45,17 @@ def test_json_output_has_the_documented_fields(capsys: pytest.CaptureFixture[str
     """--json prints one object with status, objective, rho, types and the rest."""
     assert main(["solve", str(EXAMPLE), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("status", "method", "arrival_rate", "objective", "objective_continuous", "rho",
-                "mean_system_time", "iterations", "types"):  # fmt: skip
+    for key in (
+        "status",
+        "method",
+        "arrival_rate",
+        "objective",
+        "objective_continuous",
+        "rho",
+        "mean_system_time",
+        "iterations",
+        "types",
+    ):
         assert key in out
     assert out["status"] == "converged"
     assert out["method"] == "exact"

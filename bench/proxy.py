@@ -1,0 +1,233 @@
+"""Proxy overhead: the simulated server (time scale 0) direct vs through ``thinkcap serve``.
+
+Run: .venv/bin/python bench/proxy.py [--seconds S]
+
+Three processes: the simulated server (``thinkcap mock-backend --time-scale 0``, one token per
+streamed chunk) pinned to CPU 0, the proxy (``thinkcap serve``, ``max_concurrency`` 256 so
+admission never waits, request logs to /dev/null) pinned to CPU 1, and this client, a raw
+keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask for 64 tokens (``max_tokens``;
+the proxy's dialect is ``llamacpp`` with every cap >= 64, so both paths generate the same
+answer). For each rate, the same seeded open-loop Poisson schedule is sent first direct, then
+through the proxy; latency is from the scheduled send time to the last byte (and, streaming,
+to the first body byte). Added latency = proxy percentile - direct percentile. The highest
+sustained rate is measured closed-loop with 64 connections, non-streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "examples" / "scenario.toml"
+TOKENS = 64
+
+CONFIG = """
+[objective]
+latency_penalty = 0.02
+[workload]
+arrival_rate = 1.0
+[backend]
+url = "http://127.0.0.1:{port}"
+dialect = "llamacpp"
+probe = false
+[proxy]
+listen = "127.0.0.1:{proxy_port}"
+admin_listen = "127.0.0.1:0"
+max_concurrency = 256
+max_queue = 4096
+[[types]]
+name = "chat"
+prior = 1.0
+min_tokens = 64
+max_tokens = 1024
+accuracy = {{ base = 0.7, gain = 0.2, rate = 0.01 }}
+service = {{ overhead_s = 0.15, per_token_s = 0.012 }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str) -> None:
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} never answered")
+
+
+def request_bytes(port: int, stream: bool) -> bytes:
+    body = json.dumps(
+        {
+            "model": "sim-reasoner",
+            "messages": [{"role": "user", "content": "[sim:chat] hi"}],
+            "max_tokens": TOKENS,
+            "stream": stream,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Conn:
+    """One keep-alive connection that sends a request and reads the whole response."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def exchange(self, payload: bytes) -> float | None:
+        """Send; return the loop time of the first body byte (None if no body)."""
+        loop = asyncio.get_running_loop()
+        self.writer.write(payload)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head[:60].decode(errors="replace"))
+        lower = head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            first = None
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                data = await self.reader.readexactly(size + 2)
+                if first is None and size:
+                    first = loop.time()
+                if size == 0:
+                    return first
+                del data
+        length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+        await self.reader.readexactly(length)
+        return loop.time()
+
+
+async def open_conn(port: int) -> Conn:
+    return Conn(*await asyncio.open_connection("127.0.0.1", port))
+
+
+async def open_loop(port: int, rate: float, seconds: float, stream: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Latencies (to last byte, to first byte) of an open-loop Poisson schedule."""
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.2)))
+    times = times[times < seconds]
+    payload = request_bytes(port, stream)
+    idle: list[Conn] = [await open_conn(port) for _ in range(64)]
+    total = np.full(times.size, np.nan)
+    first = np.full(times.size, np.nan)
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.2
+
+    async def one(i: int) -> None:
+        conn = idle.pop() if idle else await open_conn(port)
+        fb = await conn.exchange(payload)
+        end = loop.time()
+        total[i] = end - (start + times[i])
+        first[i] = (fb if fb is not None else end) - (start + times[i])
+        idle.append(conn)
+
+    tasks = []
+    for i, t in enumerate(times):
+        delay = start + t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    for c in idle:
+        c.writer.close()
+    return total, first
+
+
+async def closed_loop(port: int, seconds: float, connections: int) -> float:
+    """Requests per second with ``connections`` connections each sending back to back."""
+    payload = request_bytes(port, False)
+    count = [0]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+
+    async def worker() -> None:
+        conn = await open_conn(port)
+        while loop.time() < deadline:
+            await conn.exchange(payload)
+            count[0] += 1
+        conn.writer.close()
+
+    start = loop.time()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return count[0] / (loop.time() - start)
+
+
+def ms(x: np.ndarray, q: float) -> float:
+    return float(np.nanpercentile(x, q) * 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each open-loop run")
+    args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    sim_cpu, proxy_cpu = cpus[0], cpus[-1]
+    sim_port, proxy_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        scenario = Path(tmp) / "scenario.toml"
+        scenario.write_text(SCENARIO.read_text().replace("chunk_tokens = 8", "chunk_tokens = 1"))
+        config = Path(tmp) / "proxy.toml"
+        config.write_text(CONFIG.format(port=sim_port, proxy_port=proxy_port))
+        exe = [sys.executable, "-m", "proxy"]
+        sim = subprocess.Popen(
+            [*exe, "mock-backend", "--scenario", str(scenario), "--port", str(sim_port), "--time-scale", "0"],
+            stdout=subprocess.DEVNULL,
+        )
+        prox = subprocess.Popen([*exe, "serve", "--config", str(config)], stdout=subprocess.DEVNULL)
+        try:
+            os.sched_setaffinity(sim.pid, {sim_cpu})
+            os.sched_setaffinity(prox.pid, {proxy_cpu})
+            os.sched_setaffinity(0, {sim_cpu})
+            wait_ready(f"http://127.0.0.1:{sim_port}/health")
+            wait_ready(f"http://127.0.0.1:{proxy_port}/healthz")
+            print(
+                "| rate | mode | direct p50 / p99 ms | proxy p50 / p99 ms | added p50 / p99 ms "
+                "| first byte added p50 ms |"
+            )
+            print("|---|---|---|---|---|---|")
+            for rate in (200.0, 1000.0):
+                for stream in (False, True):
+                    d, df = asyncio.run(open_loop(sim_port, rate, args.seconds, stream, seed=1))
+                    p, pf = asyncio.run(open_loop(proxy_port, rate, args.seconds, stream, seed=1))
+                    fb = f"{ms(pf, 50) - ms(df, 50):.2f}" if stream else "-"
+                    print(
+                        f"| {rate:.0f}/s | {'stream 64 chunks' if stream else 'plain'} | "
+                        f"{ms(d, 50):.2f} / {ms(d, 99):.2f} | {ms(p, 50):.2f} / {ms(p, 99):.2f} | "
+                        f"{ms(p, 50) - ms(d, 50):.2f} / {ms(p, 99) - ms(d, 99):.2f} | {fb} |"
+                    )
+            direct = asyncio.run(closed_loop(sim_port, 5.0, 64))
+            proxied = asyncio.run(closed_loop(proxy_port, 5.0, 64))
+            print()
+            print("| closed loop, 64 connections, plain | req/s |")
+            print("|---|---|")
+            print(f"| direct to the simulated server | {direct:,.0f} |")
+            print(f"| through thinkcap (one process, one CPU) | {proxied:,.0f} |")
+        finally:
+            for proc in (prox, sim):
+                proc.terminate()
+                proc.wait()
+
+
+if __name__ == "__main__":
+    main()

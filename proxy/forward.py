@@ -1,0 +1,417 @@
+"""The request path: parse, classify, admit, cap, forward, stream back, account, log.
+
+``/v1/chat/completions`` and ``/v1/completions`` are shaped; every other ``/v1/`` route is
+passed through unchanged. Each shaped request ends in exactly one ``request`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.accounting import MalformedStreamError, StreamTally, Tokens, from_usage
+from proxy.admission import QueueFullError
+from proxy.classify import Decision, UnknownTypeError, prompt_text
+from proxy.dialects import ClientLimitError, apply_cap
+from proxy.logs import logger
+from proxy.state import STATE_KEY, Finished, ProxyState
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+#: Response headers not copied back: aiohttp decompresses and re-frames the body itself.
+NOT_RETURNED = HOP_BY_HOP | {"content-encoding", "date", "server"}
+TYPE_HEADER = "X-Thinkcap-Type"
+REQUEST_ID = "X-Request-Id"
+GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SHAPED = ("/v1/chat/completions", "/v1/completions")
+
+
+class ProxyError(Exception):
+    """An error answered by the proxy itself, in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, kind: str, *, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` if it is sane, else a new one."""
+    given = request.headers.get(REQUEST_ID, "")
+    return given if GOOD_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None) -> web.Response:
+    """An OpenAI-style error body carrying the request id."""
+    body = {
+        "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code, "request_id": rid}
+    }
+    headers = {REQUEST_ID: rid}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
+def upstream_headers(incoming: CIMultiDictProxy[str], api_key: str | None) -> CIMultiDict[str]:
+    """End-to-end request headers for the upstream; the backend key replaces the client's."""
+    connection = {h.strip().lower() for h in incoming.get("Connection", "").split(",") if h.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in incoming.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in connection or lk == TYPE_HEADER.lower() or lk == "accept-encoding":
+            continue
+        out.add(k, v)
+    if api_key is not None:
+        out["Authorization"] = f"Bearer {api_key}"
+    return out
+
+
+def returned_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
+    """Upstream response headers to send back, plus the request id."""
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in NOT_RETURNED)
+    out[REQUEST_ID] = rid
+    return out
+
+
+def client_timeout(state: ProxyState) -> aiohttp.ClientTimeout:
+    """No total limit unless configured; a read timeout between chunks."""
+    b = state.settings.backend
+    return aiohttp.ClientTimeout(total=b.total_timeout_s, connect=b.connect_timeout_s, sock_read=b.read_timeout_s)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, 413 beyond ``max_body_bytes``."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE_KEY].settings.proxy.max_body_bytes
+        raise ProxyError(
+            413, f"request body larger than {limit} bytes", "invalid_request_error", code="body_too_large"
+        ) from None
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object, or 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyError(
+            400, "the request body is not valid JSON", "invalid_request_error", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "the request body must be a JSON object", "invalid_request_error", code="invalid_body")
+    return body
+
+
+def classify(state: ProxyState, request: web.Request, body: dict[str, Any]) -> Decision:
+    """Header, then the body's ``thinkcap`` object (removed), then rules, classifier, default."""
+    extra = body.pop("thinkcap", None)
+    try:
+        if TYPE_HEADER in request.headers:
+            return state.classifier.explicit(request.headers[TYPE_HEADER])
+        if extra is not None:
+            if not isinstance(extra, dict) or "type" not in extra:
+                raise UnknownTypeError('the "thinkcap" field must be an object like {"type": "math"}')
+            return state.classifier.explicit(extra["type"])
+    except UnknownTypeError as exc:
+        raise ProxyError(400, str(exc), "invalid_request_error", code="unknown_type", param="thinkcap.type") from None
+    return state.classifier.classify(prompt_text(body))
+
+
+class Exchange:
+    """One shaped request on its way through; collects the fields of its ``request`` event."""
+
+    def __init__(self, state: ProxyState, request: web.Request) -> None:
+        self.state = state
+        self.request = request
+        self.rid = request_id(request)
+        self.loop = asyncio.get_running_loop()
+        self.t_arrival = self.loop.time()
+        self.t_dispatch: float | None = None
+        self.event: dict[str, Any] = {
+            "request_id": self.rid,
+            "route": request.path,
+            "arrival_time": state.clock(),
+            "type": None,
+            "type_source": None,
+            "stream": False,
+            "status": None,
+            "error_kind": None,
+        }
+        self.tokens: Tokens | None = None
+
+    def fail(self, exc: ProxyError) -> web.Response:
+        self.event["status"] = exc.status
+        self.event["error_kind"] = self.event["error_kind"] or exc.code
+        retry = self.state.settings.proxy.retry_after_s if exc.status in (429, 503) else None
+        return error_response(exc, self.rid, retry_after=retry)
+
+    async def run(self) -> web.StreamResponse:
+        st = self.state
+        body = parse_json(await read_body(self.request))
+        decision = classify(st, self.request, body)
+        self.event.update(type=decision.type, type_source=decision.source, stream=body.get("stream") is True)
+        if st.settings.proxy.log_content:
+            self.event["prompt"] = prompt_text(body)
+        st.estimators.arrived(decision.type, now=self.event["arrival_time"])
+        if st.shedding:
+            raise ProxyError(503, "the server is overloaded; retry later", "server_error", code="overloaded")
+        try:
+            await st.admission.enter()
+        except QueueFullError:
+            raise ProxyError(
+                429, "too many requests are waiting; retry later", "rate_limit_error", code="queue_full"
+            ) from None
+        self.event["queue_wait_s"] = self.loop.time() - self.t_arrival
+        st.metrics.queue_wait.labels(decision.type).observe(self.event["queue_wait_s"])
+        try:
+            return await self.dispatch(body, decision.type)
+        finally:
+            st.admission.leave()
+
+    async def dispatch(self, body: dict[str, Any], type_name: str) -> web.StreamResponse:
+        st = self.state
+        backend = st.settings.backend
+        cap = st.caps.cap(type_name)
+        try:
+            applied = apply_cap(
+                body,
+                cap,
+                backend.dialect,
+                answer_allowance=backend.answer_allowance,
+                chat=self.request.path == SHAPED[0],
+            )
+        except ClientLimitError as exc:
+            raise ProxyError(400, str(exc), "invalid_request_error", code="invalid_limit", param=exc.param) from None
+        self.event.update(
+            cap=cap, effective_limit=applied.effective, client_limit=applied.client_limit, limit_field=applied.field
+        )
+        stream = body.get("stream") is True
+        asked_usage = False
+        if stream:
+            options = body.get("stream_options")
+            asked_usage = isinstance(options, dict) and options.get("include_usage") is True
+            if not asked_usage:
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        url = backend.base + self.request.path_qs
+        headers = upstream_headers(self.request.headers, backend.api_key)
+        headers["Content-Type"] = "application/json"
+        self.t_dispatch = self.loop.time()
+        st.metrics.in_flight.inc()
+        try:
+            async with st.http().post(
+                url, data=json.dumps(body).encode(), headers=headers, timeout=client_timeout(st)
+            ) as up:
+                self.event["upstream_status"] = up.status
+                is_sse = up.content_type == "text/event-stream"
+                if stream and up.status == 200 and is_sse:
+                    return await self.relay_stream(up, strip_usage=not asked_usage)
+                return await self.relay_body(up)
+        except aiohttp.ClientConnectorError as exc:
+            raise ProxyError(
+                502,
+                f"cannot connect to the upstream server: {exc.os_error}",
+                "upstream_error",
+                code="upstream_unreachable",
+            ) from None
+        except TimeoutError:
+            raise ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise ProxyError(
+                502,
+                f"the upstream connection failed: {type(exc).__name__}",
+                "upstream_error",
+                code="upstream_disconnected",
+            ) from None
+        finally:
+            st.metrics.in_flight.dec()
+
+    async def relay_body(self, up: aiohttp.ClientResponse) -> web.Response:
+        raw = await up.read()
+        if up.status == 200:
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                data = None
+            if not isinstance(data, dict):
+                raise ProxyError(
+                    502,
+                    "the upstream server sent a response that is not a JSON object",
+                    "upstream_error",
+                    code="upstream_malformed",
+                )
+            self.tokens = from_usage(data.get("usage"))
+        else:
+            self.event["error_kind"] = "upstream_status"
+        self.event["status"] = up.status
+        return web.Response(body=raw, status=up.status, headers=returned_headers(up.headers, self.rid))
+
+    async def relay_stream(self, up: aiohttp.ClientResponse, *, strip_usage: bool) -> web.StreamResponse:
+        tally = StreamTally(strip_usage=strip_usage)
+        resp = web.StreamResponse(status=200, headers=returned_headers(up.headers, self.rid))
+        resp.enable_chunked_encoding()
+        try:
+            async for data in up.content.iter_any():
+                events = tally.feed(data)
+                if events:
+                    if not resp.prepared:
+                        await resp.prepare(self.request)
+                        self.event["first_byte_s"] = self.loop.time() - self.t_arrival
+                    await resp.write(b"".join(events))
+        except (MalformedStreamError, aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, MalformedStreamError):
+                err = ProxyError(502, str(exc), "upstream_error", code="upstream_malformed")
+            elif isinstance(exc, TimeoutError):
+                err = ProxyError(
+                    504, "the upstream server timed out mid-stream", "upstream_error", code="upstream_timeout"
+                )
+            else:
+                err = ProxyError(
+                    502, "the upstream server dropped the stream", "upstream_error", code="upstream_disconnected"
+                )
+            if not resp.prepared:
+                raise err from None
+            self.event.update(status=err.status, error_kind=err.code)
+            payload = {
+                "error": {
+                    "message": err.message,
+                    "type": err.kind,
+                    "param": None,
+                    "code": err.code,
+                    "request_id": self.rid,
+                }
+            }
+            await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            await resp.write_eof()
+            return resp
+        tail = tally.flush()
+        if not resp.prepared:
+            await resp.prepare(self.request)
+        if tail:
+            await resp.write(tail)
+        await resp.write_eof()
+        self.tokens = tally.tokens()
+        self.event["status"] = 200
+        if not tally.done:
+            self.event["error_kind"] = "upstream_truncated"
+        return resp
+
+    def finish(self) -> None:
+        """Account, remember and log the request (exactly once)."""
+        st, ev = self.state, self.event
+        end = self.loop.time()
+        ev["system_time_s"] = end - self.t_arrival
+        if self.t_dispatch is not None:
+            ev["service_time_s"] = end - self.t_dispatch
+        t = self.tokens
+        if t is not None:
+            ev.update(
+                prompt_tokens=t.prompt,
+                completion_tokens=t.completion,
+                reasoning_tokens=t.reasoning,
+                cached_tokens=t.cached,
+                tokens_source=t.source,
+            )
+        name = ev["type"]
+        status = ev["status"]
+        label = name or "unclassified"
+        st.metrics.requests.labels(label, str(status)).inc()
+        st.metrics.system_time.labels(label).observe(ev["system_time_s"])
+        ok = status == 200 and ev["error_kind"] is None
+        if ok and name is not None and t is not None:
+            for kind, value in (("prompt", t.prompt), ("reasoning", t.reasoning), ("completion", t.completion)):
+                if value:
+                    st.metrics.tokens.labels(name, kind).inc(value)
+            if t.completion is not None and self.t_dispatch is not None:
+                st.estimators.served(
+                    name,
+                    prompt_tokens=t.prompt or 0,
+                    completion_tokens=t.completion,
+                    service_time=ev["service_time_s"],
+                    cached_tokens=t.cached,
+                )
+            st.remember(self.rid, Finished(name, t.reasoning if t.reasoning is not None else t.completion))
+        level = "info" if status is not None and status < 500 else "warning"
+        getattr(logger(), level)("request", **ev)
+
+
+async def shaped(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+    ex = Exchange(request.app[STATE_KEY], request)
+    try:
+        return await ex.run()
+    except ProxyError as exc:
+        return ex.fail(exc)
+    except asyncio.CancelledError:
+        ex.event.update(status=499, error_kind="client_disconnected")
+        raise
+    except ConnectionResetError:
+        ex.event.update(status=499, error_kind="client_disconnected")
+        raise
+    finally:
+        ex.finish()
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any other ``/v1/`` route: method, path, query, body and end-to-end headers, as they are."""
+    st = request.app[STATE_KEY]
+    rid = request_id(request)
+    try:
+        raw = await read_body(request)
+        url = st.settings.backend.base + request.path_qs
+        headers = upstream_headers(request.headers, st.settings.backend.api_key)
+        async with st.http().request(
+            request.method, url, data=raw or None, headers=headers, timeout=client_timeout(st)
+        ) as up:
+            resp = web.StreamResponse(status=up.status, headers=returned_headers(up.headers, rid))
+            await resp.prepare(request)
+            async for data in up.content.iter_any():
+                await resp.write(data)
+            await resp.write_eof()
+            return resp
+    except ProxyError as exc:
+        return error_response(exc, rid)
+    except aiohttp.ClientConnectorError as exc:
+        return error_response(
+            ProxyError(
+                502,
+                f"cannot connect to the upstream server: {exc.os_error}",
+                "upstream_error",
+                code="upstream_unreachable",
+            ),
+            rid,
+        )
+    except TimeoutError:
+        return error_response(
+            ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout"), rid
+        )
+    except aiohttp.ClientError as exc:
+        return error_response(
+            ProxyError(
+                502,
+                f"the upstream connection failed: {type(exc).__name__}",
+                "upstream_error",
+                code="upstream_disconnected",
+            ),
+            rid,
+        )

@@ -1,0 +1,38 @@
+"""structlog configured once: JSON lines when not on a terminal, readable lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+_configured = False
+
+
+def configure(*, json_lines: bool | None = None, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    """Set up structlog (idempotent unless called again with explicit arguments)."""
+    global _configured  # noqa: PLW0603 - structlog's configuration is process-wide by design
+    if _configured and json_lines is None and stream is None:
+        return
+    out = stream if stream is not None else sys.stdout
+    as_json = json_lines if json_lines is not None else not out.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def logger(name: str = "thinkcap") -> Any:
+    """The project's logger."""
+    return structlog.get_logger(name)

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one proxy, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from estimators import Snapshot
+
+TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+
+
+class Metrics:
+    """Counters, histograms and gauges named ``thinkcap_*``."""
+
+    def __init__(self, type_names: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "thinkcap_requests", "Finished requests by type and HTTP status", ["type", "status"], registry=r
+        )
+        self.system_time = Histogram(
+            "thinkcap_system_time_seconds", "Arrival to last byte", ["type"], buckets=TIME_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "thinkcap_queue_wait_seconds", "Time in the admission queue", ["type"], buckets=TIME_BUCKETS, registry=r
+        )
+        self.tokens = Counter("thinkcap_tokens", "Tokens by type and kind", ["type", "kind"], registry=r)
+        self.caps = Gauge("thinkcap_cap_tokens", "Reasoning-token cap in force", ["type"], registry=r)
+        self.queue_length = Gauge("thinkcap_queue_length", "Requests waiting for admission", registry=r)
+        self.in_flight = Gauge("thinkcap_in_flight", "Requests being served upstream", registry=r)
+        self.arrival_rate = Gauge("thinkcap_arrival_rate", "Estimated arrival rate, requests/s", registry=r)
+        self.prior = Gauge("thinkcap_type_prior", "Estimated share of requests by type", ["type"], registry=r)
+        self.overhead = Gauge(
+            "thinkcap_service_overhead_seconds", "Estimated service overhead t0", ["type"], registry=r
+        )
+        self.per_token = Gauge(
+            "thinkcap_service_per_token_seconds", "Estimated seconds per token c", ["type"], registry=r
+        )
+        self.rho = Gauge("thinkcap_load", "Predicted server load rho at the caps in force", registry=r)
+        self.predicted_system_time = Gauge(
+            "thinkcap_predicted_system_time_seconds", "Predicted mean system time", registry=r
+        )
+        self.solve_time = Gauge("thinkcap_solve_time_seconds", "Duration of the last solve", registry=r)
+        for name in type_names:
+            self.caps.labels(name)
+
+    def set_caps(self, caps: Mapping[str, int]) -> None:
+        """Show the caps in force."""
+        for name, cap in caps.items():
+            self.caps.labels(name).set(cap)
+
+    def set_estimates(self, snap: Snapshot) -> None:
+        """Show an estimator snapshot."""
+        self.arrival_rate.set(snap.arrival_rate)
+        for t in snap.types:
+            self.prior.labels(t.name).set(t.prior)
+            self.overhead.labels(t.name).set(t.overhead_s)
+            self.per_token.labels(t.name).set(t.per_token_s)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,87 @@
+"""``thinkcap serve``: the proxy and its admin listener until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from proxy.admin import create_admin_app
+from proxy.app import create_app
+from proxy.logs import configure, logger
+from proxy.settings import Settings, load_settings
+from proxy.state import ProxyState, build_state
+
+
+async def start(state: ProxyState) -> tuple[web.AppRunner, web.AppRunner, int, int]:
+    """Start both listeners; returns their runners and the bound ports."""
+    p = state.settings.proxy
+    runner = web.AppRunner(
+        create_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=p.drain_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, p.host, p.port)
+    await site.start()
+    admin = web.AppRunner(create_admin_app(state), access_log=None)
+    await admin.setup()
+    admin_site = web.TCPSite(admin, p.admin_host, p.admin_port)
+    await admin_site.start()
+    return runner, admin, _port(site), _port(admin_site)
+
+
+def _port(site: web.TCPSite) -> int:
+    server: Any = site._server  # aiohttp keeps the asyncio server here; it is how to learn port 0's choice
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def serve(settings: Settings) -> None:
+    """Run until a signal; then stop accepting, drain in-flight requests (up to the timeout), exit."""
+    state = build_state(settings)
+    runner, admin, port, admin_port = await start(state)
+    logger().info(
+        "listening",
+        url=f"http://{settings.proxy.host}:{port}",
+        admin=f"http://{settings.proxy.admin_host}:{admin_port}",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger().info(
+        "shutdown",
+        in_flight=state.admission.in_flight,
+        queued=state.admission.queued,
+        drain_timeout_s=settings.proxy.drain_timeout_s,
+    )
+    await admin.cleanup()
+    await runner.cleanup()
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``serve``."""
+    sp = sub.add_parser("serve", help="run the proxy in front of an OpenAI-compatible server")
+    sp.add_argument("--config", required=True, help="thinkcap TOML config with a [backend] table")
+    sp.add_argument("--listen", help='override [proxy] listen, "host:port"')
+    sp.add_argument("--backend", help="override [backend] url")
+    sp.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``thinkcap serve``."""
+    settings = load_settings(args.config)
+    if args.backend:
+        if not args.backend.startswith(("http://", "https://")):
+            raise ValueError(f"--backend: must be an http(s) URL, got {args.backend!r}")
+        settings = settings.with_backend(url=args.backend)
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f'--listen: must be "host:port", got {args.listen!r}')
+        settings = settings.with_proxy(host=host, port=int(port))
+    configure()
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,168 @@
+"""Settings of ``thinkcap serve``: the ``[backend]`` and ``[proxy]`` tables plus the model.
+
+Parsed once from the TOML file into frozen dataclasses and passed down; every error names
+the key and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
+
+DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens")
+
+
+def parse_hostport(text: str, *, where: Table, key: str) -> tuple[str, int]:
+    """``"host:port"`` with a port in 0..65535 (0 picks a free port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise where.error(key, f'must be "host:port", got {text!r}')
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The upstream model server."""
+
+    url: str
+    dialect: str = "vllm"
+    api_key: str | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float | None = 300.0
+    total_timeout_s: float | None = None
+    answer_allowance: int = 0
+    probe: bool = True
+    model: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The server's root URL without a trailing ``/`` or ``/v1``."""
+        return self.url.rstrip("/").removesuffix("/v1")
+
+    def __repr__(self) -> str:
+        key = "None" if self.api_key is None else "'***'"
+        return f"BackendSettings(url={self.url!r}, dialect={self.dialect!r}, api_key={key})"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The listening side: addresses, admission and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8002
+    admin_token: str | None = None
+    max_concurrency: int = 1
+    max_queue: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    retry_after_s: int = 1
+    drain_timeout_s: float = 30.0
+    default_type: str = ""
+    log_content: bool = False
+
+    def __repr__(self) -> str:
+        token = "None" if self.admin_token is None else "'***'"
+        return (
+            f"ProxySettings(listen={self.host}:{self.port}, admin={self.admin_host}:{self.admin_port}, token={token})"
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``thinkcap serve`` reads from its config file."""
+
+    model: ModelConfig
+    backend: BackendSettings
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+
+    def with_backend(self, **changes: Any) -> Settings:
+        """A copy with some backend settings changed."""
+        return replace(self, backend=replace(self.backend, **changes))
+
+    def with_proxy(self, **changes: Any) -> Settings:
+        """A copy with some proxy settings changed."""
+        return replace(self, proxy=replace(self.proxy, **changes))
+
+
+def _optional_timeout(t: Table, name: str, default: float | None) -> float | None:
+    value = t.raw(name)
+    if value is None:
+        return default
+    if value is False or value == 0:
+        return None
+    return t.number(name, lo=0.0, lo_open=True)
+
+
+def _backend(t: Table) -> BackendSettings:
+    url = t.string("url")
+    if not url.startswith(("http://", "https://")):
+        raise t.error("url", f"must be an http(s) URL, got {url!r}")
+    api_key = t.raw("api_key")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise t.error("api_key", "must be a non-empty string")
+    model = t.raw("model")
+    if model is not None and not isinstance(model, str):
+        raise t.error("model", "must be a string")
+    probe = t.raw("probe")
+    if probe is not None and not isinstance(probe, bool):
+        raise t.error("probe", f"must be true or false, got {probe!r}")
+    out = BackendSettings(
+        url=url,
+        dialect=t.string("dialect", "vllm", choices=DIALECTS),
+        api_key=api_key,
+        connect_timeout_s=t.number("connect_timeout_s", 10.0, lo=0.0, lo_open=True),
+        read_timeout_s=_optional_timeout(t, "read_timeout_s", 300.0),
+        total_timeout_s=_optional_timeout(t, "total_timeout_s", None),
+        answer_allowance=t.integer("answer_allowance", 0, lo=0),
+        probe=True if probe is None else probe,
+        model=model,
+    )
+    t.close()
+    return out
+
+
+def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
+    host, port = parse_hostport(t.string("listen", "127.0.0.1:8000"), where=t, key="listen")
+    admin_host, admin_port = parse_hostport(t.string("admin_listen", "127.0.0.1:8002"), where=t, key="admin_listen")
+    token = t.raw("admin_token")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise t.error("admin_token", "must be a non-empty string")
+    default_type = t.string("default_type", type_names[-1])
+    if default_type not in type_names:
+        raise t.error("default_type", f"must be one of {type_names}, got {default_type!r}")
+    log_content = t.raw("log_content")
+    if log_content is not None and not isinstance(log_content, bool):
+        raise t.error("log_content", f"must be true or false, got {log_content!r}")
+    out = ProxySettings(
+        host=host,
+        port=port,
+        admin_host=admin_host,
+        admin_port=admin_port,
+        admin_token=token,
+        max_concurrency=t.integer("max_concurrency", 1, lo=1),
+        max_queue=t.integer("max_queue", 256, lo=0),
+        max_body_bytes=t.integer("max_body_bytes", 4 * 1024 * 1024, lo=1024),
+        retry_after_s=t.integer("retry_after_s", 1, lo=1),
+        drain_timeout_s=t.number("drain_timeout_s", 30.0, lo=0.0),
+        default_type=default_type,
+        log_content=bool(log_content),
+    )
+    t.close()
+    return out
+
+
+def load_settings(path: str | Path, data: Mapping[str, Any] | None = None) -> Settings:
+    """Read a full ``thinkcap serve`` config: model, ``[backend]`` (required) and ``[proxy]``."""
+    raw = read_toml(path) if data is None else data
+    model = load_model(path, raw)
+    root = Table(path, "", raw)
+    if "backend" not in root.data:
+        raise ConfigError(path, "backend", "a [backend] table with at least url is required")
+    backend = _backend(root.table("backend"))
+    proxy = _proxy(root.table("proxy"), [t.task.name for t in model.types])
+    return Settings(model=model, backend=backend, proxy=proxy)

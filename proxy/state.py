@@ -1,0 +1,98 @@
+"""Everything one running proxy holds: settings, classifier, caps, admission, estimators."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from estimators import AccuracyCurve, Estimators
+from proxy.admission import Admission
+from proxy.caps import CapStore, CapTable
+from proxy.classify import Classifier
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.solve_cmd import allocate
+
+#: How many finished requests are remembered for graded feedback.
+RECENT_REQUESTS = 10_000
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What feedback on a request needs to know."""
+
+    type: str
+    reasoning_tokens: int | None
+
+
+@dataclass
+class ProxyState:
+    """The mutable heart of a proxy; created by :func:`build_state`, shared by both listeners."""
+
+    settings: Settings
+    classifier: Classifier
+    caps: CapStore
+    admission: Admission
+    estimators: Estimators
+    accuracy: dict[str, AccuracyCurve]
+    metrics: Metrics
+    clock: Callable[[], float] = time.time
+    session: aiohttp.ClientSession | None = None
+    shedding: bool = False
+    probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
+    last_decision: dict[str, Any] | None = None
+    recent: OrderedDict[str, Finished] = field(default_factory=OrderedDict)
+    feedback: int = 0
+
+    def remember(self, request_id: str, item: Finished) -> None:
+        """Keep a finished request for feedback, forgetting the oldest beyond the bound."""
+        self.recent[request_id] = item
+        if len(self.recent) > RECENT_REQUESTS:
+            self.recent.popitem(last=False)
+
+    def http(self) -> aiohttp.ClientSession:
+        """The upstream client session (open while the app runs)."""
+        if self.session is None:
+            raise RuntimeError("the upstream session is not open")
+        return self.session
+
+
+def initial_caps(settings: Settings) -> CapTable:
+    """The caps before the control loop speaks: the solve at ``[workload] arrival_rate``."""
+    a = allocate(settings.model.problem())
+    caps = {name: int(c) for name, c in zip(a.problem.names, a.rounded.caps, strict=True)}
+    return CapTable(caps, f"solve at arrival_rate {settings.model.arrival_rate:g} ({a.result.status.name.lower()})")
+
+
+def build_state(settings: Settings, *, clock: Callable[[], float] = time.time) -> ProxyState:
+    """A fresh state for ``settings`` (nothing started yet)."""
+    types = settings.model.types
+    defaults = {t.task.name: (t.task.prior, t.task.overhead_s, t.task.per_token_s, t.task.variance_s2) for t in types}
+    accuracy = {
+        t.task.name: AccuracyCurve(
+            t.task.accuracy_base, t.task.accuracy_gain, t.task.accuracy_rate, max_tokens=max(t.task.max_tokens, 1)
+        )
+        for t in types
+    }
+    table = initial_caps(settings)
+    metrics = Metrics(table.caps)
+    metrics.set_caps(table.caps)
+    return ProxyState(
+        settings=settings,
+        classifier=Classifier(types, settings.proxy.default_type),
+        caps=CapStore(table),
+        admission=Admission(settings.proxy.max_concurrency, settings.proxy.max_queue),
+        estimators=Estimators(defaults),
+        accuracy=accuracy,
+        metrics=metrics,
+        clock=clock,
+    )
+
+
+STATE_KEY = web.AppKey("thinkcap_state", ProxyState)

@@ -1,0 +1,124 @@
+"""A proxy in front of the simulated server, both real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.admin import create_admin_app
+from proxy.app import create_app
+from proxy.settings import Settings, load_settings
+from proxy.state import ProxyState, build_state
+from sim.backend import create_app as create_sim
+from tests.sim.conftest import make_scenario
+
+CONFIG = """
+[objective]
+latency_penalty = 0.05
+
+[workload]
+arrival_rate = 1.0
+
+[backend]
+url = "{url}"
+dialect = "{dialect}"
+{backend_extra}
+
+[proxy]
+default_type = "easy"
+{proxy_extra}
+
+[[types]]
+name = "hard"
+prior = 0.5
+min_tokens = 0
+max_tokens = 4096
+keywords = ["prove"]
+patterns = ["(?i)\\\\bintegral\\\\b"]
+examples = ["solve this equation for x", "compute the derivative of the function", "find all roots of the polynomial"]
+accuracy = {{ base = 0.2, gain = 0.7, rate = 0.005 }}
+service = {{ overhead_s = 0.1, per_token_s = 0.001 }}
+
+[[types]]
+name = "easy"
+prior = 0.5
+min_tokens = 0
+max_tokens = 1024
+examples = ["say hello to my friend", "tell me a joke about cats", "what a lovely day it is"]
+accuracy = {{ base = 0.6, gain = 0.3, rate = 0.05 }}
+service = {{ overhead_s = 0.1, per_token_s = 0.001 }}
+"""
+
+
+def write_config(tmp: Path, url: str, *, dialect: str = "vllm", backend: str = "", proxy: str = "") -> Path:
+    path = tmp / "thinkcap.toml"
+    path.write_text(CONFIG.format(url=url, dialect=dialect, backend_extra=backend, proxy_extra=proxy))
+    return path
+
+
+@dataclass
+class Stack:
+    """A running simulated server, proxy and admin listener."""
+
+    sim: TestServer
+    proxy: TestServer
+    admin: TestServer
+    state: ProxyState
+
+    @property
+    def url(self) -> str:
+        return str(self.proxy.make_url("/v1"))
+
+    async def upstream_bodies(self) -> list[dict[str, Any]]:
+        return [item["body"] for item in await self.upstream_seen()]
+
+    async def upstream_seen(self) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as s, s.get(self.sim.make_url("/sim/requests")) as r:
+            items: list[dict[str, Any]] = await r.json()
+            return items
+
+    async def sim_state(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.get(self.sim.make_url("/sim/state")) as r:
+            out: dict[str, Any] = await r.json()
+            return out
+
+
+StackFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
+    """``await stack(dialect=..., backend=..., proxy=..., upstream=None, **scenario_changes)``."""
+    servers: list[TestServer] = []
+
+    async def start(
+        *,
+        dialect: str = "vllm",
+        backend: str = "probe = false",
+        proxy: str = "",
+        upstream: str | None = None,
+        **scenario: Any,
+    ) -> Stack:
+        sim = TestServer(create_sim(make_scenario(**scenario)), host="127.0.0.1")
+        await sim.start_server()
+        servers.append(sim)
+        settings: Settings = load_settings(
+            write_config(tmp_path, upstream or str(sim.make_url("/v1")), dialect=dialect, backend=backend, proxy=proxy)
+        )
+        state = build_state(settings)
+        front = TestServer(create_app(state), host="127.0.0.1")
+        await front.start_server()
+        admin = TestServer(create_admin_app(state), host="127.0.0.1")
+        await admin.start_server()
+        servers.extend([front, admin])
+        return Stack(sim, front, admin, state)
+
+    yield start
+    for s in reversed(servers):
+        await s.close()

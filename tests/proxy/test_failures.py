@@ -1,0 +1,215 @@
+"""Every failure behaviour of the proxy, each against a real misbehaving upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+from structlog.testing import capture_logs
+
+from proxy.app import create_app
+from proxy.serve_cmd import start
+from proxy.settings import load_settings
+from proxy.state import build_state
+from tests.proxy.conftest import Stack, StackFactory, write_config
+from tests.sim.conftest import sim_type
+
+HARD = [{"role": "user", "content": "<hard> prove it"}]
+
+
+async def post(s: Stack, body: dict[str, Any], **headers: str) -> tuple[int, CIMultiDict[str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{s.url}/chat/completions", json=body, headers=headers) as r,
+    ):
+        return r.status, CIMultiDict(r.headers), await r.read()
+
+
+def last_request(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    events = [e for e in logs if e["event"] == "request"]
+    assert len(events) == 1
+    return events[0]
+
+
+async def test_refused_connection_is_502(stack: StackFactory) -> None:
+    """An upstream that refuses connections gives 502 upstream_unreachable."""
+    s = await stack(upstream="http://127.0.0.1:9/v1")
+    with capture_logs() as logs:
+        status, headers, raw = await post(s, {"messages": HARD})
+    err = json.loads(raw)["error"]
+    assert status == 502 and err["code"] == "upstream_unreachable" and err["request_id"] == headers["X-Request-Id"]
+    assert last_request(logs)["error_kind"] == "upstream_unreachable"
+    assert s.state.admission.in_flight == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_silence_beyond_the_read_timeout_is_504(stack: StackFactory, stream: bool) -> None:
+    """A stall longer than read_timeout_s: 504 before any byte, or an error event mid-stream."""
+    s = await stack(backend="probe = false\nread_timeout_s = 0.3")
+    with capture_logs() as logs:
+        status, _, raw = await post(s, {"messages": HARD, "stream": stream}, **{"X-Sim-Fault": "stall"})
+    ev = last_request(logs)
+    assert ev["status"] == 504 and ev["error_kind"] == "upstream_timeout"
+    if stream:
+        assert status == 200 and b'"code": "upstream_timeout"' in raw and raw.startswith(b"data: ")
+    else:
+        assert status == 504 and json.loads(raw)["error"]["code"] == "upstream_timeout"
+
+
+async def test_total_timeout_when_configured(stack: StackFactory) -> None:
+    """A configured total limit cuts a slow answer with 504."""
+    s = await stack(
+        backend="probe = false\ntotal_timeout_s = 0.2", time_scale=1.0, types=(sim_type("hard", natural=2000),)
+    )
+    status, _, raw = await post(s, {"messages": HARD})
+    assert status == 504 and json.loads(raw)["error"]["code"] == "upstream_timeout"
+
+
+async def test_upstream_errors_pass_through_with_their_body(stack: StackFactory) -> None:
+    """An upstream 500 (and 400) reaches the client with the upstream's status and body."""
+    s = await stack()
+    with capture_logs() as logs:
+        status, _, raw = await post(s, {"messages": HARD}, **{"X-Sim-Fault": "error"})
+    assert status == 500 and json.loads(raw)["error"]["message"] == "simulated internal error"
+    assert last_request(logs)["error_kind"] == "upstream_status"
+    status, _, raw = await post(s, {"messages": []})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_malformed_upstream_answers_are_502(stack: StackFactory, stream: bool) -> None:
+    """Unparsable JSON is 502; an unparsable SSE event ends the stream with an error event."""
+    s = await stack()
+    with capture_logs() as logs:
+        status, _, raw = await post(s, {"messages": HARD, "stream": stream}, **{"X-Sim-Fault": "malformed"})
+    ev = last_request(logs)
+    assert ev["status"] == 502 and ev["error_kind"] == "upstream_malformed"
+    if stream:
+        assert status == 200 and b'"code": "upstream_malformed"' in raw.split(b"\n\n")[-2]
+    else:
+        assert status == 502 and "not a JSON object" in json.loads(raw)["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_dropped_upstream_connection_is_502(stack: StackFactory, stream: bool) -> None:
+    """An upstream that hangs up mid-answer gives 502 (or an error event once streaming)."""
+    s = await stack()
+    with capture_logs() as logs:
+        status, _, raw = await post(s, {"messages": HARD, "stream": stream}, **{"X-Sim-Fault": "drop"})
+    ev = last_request(logs)
+    assert ev["status"] == 502 and ev["error_kind"] == "upstream_disconnected"
+    assert (status == 200 and b"upstream_disconnected" in raw) if stream else status == 502
+
+
+async def test_client_disconnect_cancels_upstream_and_frees_the_slot(stack: StackFactory) -> None:
+    """A client leaving mid-stream cancels the upstream request and frees the admission slot at once."""
+    s = await stack(time_scale=1.0, types=(sim_type("hard", natural=4000), sim_type("easy", natural=10)))
+    s.state.caps.pin({"hard": 4000})
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(f"{s.url}/chat/completions", json={"messages": HARD, "stream": True})
+            assert (await resp.content.readline()).startswith(b"data: ")
+            resp.close()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3.0)) as session:
+            easy = {"messages": [{"role": "user", "content": "<easy> hi"}]}
+            async with session.post(f"{s.url}/chat/completions", json=easy) as r:
+                assert r.status == 200
+    sim = await s.sim_state()
+    assert sim["cancelled"] == 1 and sim["in_service"] == 0
+    first = next(e for e in logs if e["event"] == "request")
+    assert first["status"] == 499 and first["error_kind"] == "client_disconnected"
+    assert s.state.admission.in_flight == 0
+
+
+async def test_full_queue_is_429_and_shedding_is_503_with_retry_after(stack: StackFactory) -> None:
+    """Beyond max_queue waiting requests the proxy answers 429; while shedding, 503; both say when to retry."""
+    s = await stack(
+        proxy="max_queue = 1\nretry_after_s = 3",
+        time_scale=1.0,
+        types=(sim_type("hard", natural=300), sim_type("easy")),
+    )
+    s.state.caps.pin({"hard": 300})
+    results = await asyncio.gather(*(post(s, {"messages": HARD}) for _ in range(3)))
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 200, 429]
+    rejected = next(r for r in results if r[0] == 429)
+    assert rejected[1]["Retry-After"] == "3" and json.loads(rejected[2])["error"]["code"] == "queue_full"
+    s.state.shedding = True
+    status, headers, raw = await post(s, {"messages": HARD})
+    assert status == 503 and headers["Retry-After"] == "3" and json.loads(raw)["error"]["code"] == "overloaded"
+
+
+async def test_graceful_shutdown_drains_in_flight_requests(stack: StackFactory) -> None:
+    """Stopping the server lets an answer in progress finish before the listener goes away."""
+    s = await stack(time_scale=1.0, types=(sim_type("hard", natural=500), sim_type("easy")))
+    settings = s.state.settings.with_proxy(port=0, admin_port=0, drain_timeout_s=10.0)
+    state = build_state(settings)
+    state.caps.pin({"hard": 500})  # 0.1 + 0.506 s of service
+    runner, admin, port, _ = await start(state)
+    try:
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.create_task(
+                session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": HARD})
+            )
+            while state.admission.in_flight == 0:
+                await asyncio.sleep(0.01)
+            await admin.cleanup()
+            await runner.cleanup()
+            resp = await task
+            assert resp.status == 200
+            assert (await resp.json())["usage"]["completion_tokens_details"]["reasoning_tokens"] == 500
+    finally:
+        await admin.cleanup()
+        await runner.cleanup()
+
+
+async def test_probe_warns_when_the_backend_ignores_the_cap() -> None:
+    """A backend that ignores the cap makes the start-up probe warn and /readyz report it."""
+
+    async def ignore_caps(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "completion_tokens": 500,
+                    "completion_tokens_details": {"reasoning_tokens": 480},
+                },
+            }
+        )
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "stubborn"}]})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", ignore_caps)
+    upstream.router.add_get("/v1/models", models)
+    up = TestServer(upstream, host="127.0.0.1")
+    await up.start_server()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1")), backend="probe = true"))
+    state = build_state(settings)
+    front = TestServer(create_app(state), host="127.0.0.1")
+    with capture_logs() as logs:
+        await front.start_server()
+        for _ in range(200):
+            if state.probe["status"] != "pending":
+                break
+            await asyncio.sleep(0.01)
+    try:
+        assert state.probe["status"] == "not_honoured" and state.probe["reasoning_tokens"] == 480
+        warn = [e for e in logs if e["event"] == "probe"]
+        assert warn and warn[0]["log_level"] == "warning"
+        async with aiohttp.ClientSession() as session, session.get(front.make_url("/readyz")) as r:
+            assert r.status == 200 and (await r.json())["probe"]["status"] == "not_honoured"
+    finally:
+        await front.close()
+        await up.close()

