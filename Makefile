@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "thinkcap needs Python >= 3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
 	touch $(STAMP)
 
 # The real backend of the proxy tests: llama.cpp's OpenAI server (built from source by pip,
@@ -35,14 +35,14 @@ test: lint $(BACKEND_STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/thinkcap solve examples/thinkcap.toml
-	$(BIN)/thinkcap solve examples/thinkcap.toml --sweep-arrival-rate 0.05:1.5:12
+	$(BIN)/thinkcap demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/solver.py
 	$(BIN)/python bench/estimators.py
 	$(BIN)/python bench/detector.py
 	$(BIN)/python bench/sim.py
+	$(BIN)/python bench/proxy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis thinkcap-demo

@@ -8,9 +8,10 @@ admission never waits, request logs to /dev/null) pinned to CPU 1, and this clie
 keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask for 64 tokens (``max_tokens``;
 the proxy's dialect is ``llamacpp`` with every cap >= 64, so both paths generate the same
 answer). For each rate, the same seeded open-loop Poisson schedule is sent first direct, then
-through the proxy; latency is from the scheduled send time to the last byte (and, streaming,
-to the first body byte). Added latency = proxy percentile - direct percentile. The highest
-sustained rate is measured closed-loop with 64 connections, non-streaming.
+through the proxy, three rounds (seeds 0-2); each cell is the median over rounds. Latency is
+from the scheduled send time to the last byte (and, streaming, to the first body byte).
+Added latency = proxy percentile - direct percentile. The highest sustained rate is
+measured closed-loop with 64 connections, non-streaming.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "examples" / "scenario.toml"
 TOKENS = 64
+ROUNDS = 3
 
 CONFIG = """
 [objective]
@@ -136,7 +138,11 @@ async def open_loop(port: int, rate: float, seconds: float, stream: bool, seed: 
 
     async def one(i: int) -> None:
         conn = idle.pop() if idle else await open_conn(port)
-        fb = await conn.exchange(payload)
+        try:
+            fb = await conn.exchange(payload)
+        except (ConnectionError, RuntimeError, asyncio.IncompleteReadError):
+            conn.writer.close()
+            return  # counted as an error: its latency stays NaN
         end = loop.time()
         total[i] = end - (start + times[i])
         first[i] = (fb if fb is not None else end) - (start + times[i])
@@ -203,18 +209,33 @@ def main() -> None:
             wait_ready(f"http://127.0.0.1:{proxy_port}/healthz")
             print(
                 "| rate | mode | direct p50 / p99 ms | proxy p50 / p99 ms | added p50 / p99 ms "
-                "| first byte added p50 ms |"
+                "| first byte added p50 ms | errors direct / proxy |"
             )
-            print("|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             for rate in (200.0, 1000.0):
                 for stream in (False, True):
-                    d, df = asyncio.run(open_loop(sim_port, rate, args.seconds, stream, seed=1))
-                    p, pf = asyncio.run(open_loop(proxy_port, rate, args.seconds, stream, seed=1))
-                    fb = f"{ms(pf, 50) - ms(df, 50):.2f}" if stream else "-"
+                    rows = []
+                    for seed in range(ROUNDS):  # direct and proxied alternate, same schedule per round
+                        d, df = asyncio.run(open_loop(sim_port, rate, args.seconds, stream, seed))
+                        p, pf = asyncio.run(open_loop(proxy_port, rate, args.seconds, stream, seed))
+                        rows.append(
+                            (
+                                ms(d, 50),
+                                ms(d, 99),
+                                ms(p, 50),
+                                ms(p, 99),
+                                ms(df, 50),
+                                ms(pf, 50),
+                                int(np.isnan(d).sum()),
+                                int(np.isnan(p).sum()),
+                            )
+                        )
+                    m = np.median(np.array(rows), axis=0)
+                    fb = f"{m[5] - m[4]:.2f}" if stream else "-"
                     print(
-                        f"| {rate:.0f}/s | {'stream 64 chunks' if stream else 'plain'} | "
-                        f"{ms(d, 50):.2f} / {ms(d, 99):.2f} | {ms(p, 50):.2f} / {ms(p, 99):.2f} | "
-                        f"{ms(p, 50) - ms(d, 50):.2f} / {ms(p, 99) - ms(d, 99):.2f} | {fb} |"
+                        f"| {rate:.0f}/s | {'stream 64 chunks' if stream else 'plain'} | {m[0]:.2f} / {m[1]:.2f} | "
+                        f"{m[2]:.2f} / {m[3]:.2f} | {m[2] - m[0]:.2f} / {m[3] - m[1]:.2f} | {fb} | "
+                        f"{sum(r[6] for r in rows)} / {sum(r[7] for r in rows)} |"
                     )
             direct = asyncio.run(closed_loop(sim_port, 5.0, 64))
             proxied = asyncio.run(closed_loop(proxy_port, 5.0, 64))

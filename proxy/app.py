@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.dialects import apply_cap, honoured
 from proxy.forward import SHAPED, ProxyError, error_response, passthrough, request_id, shaped
 from proxy.logs import logger
+from proxy.loop import ControlLoop
 from proxy.state import STATE_KEY, ProxyState
 
 #: The cap the start-up probe asks for.
@@ -119,7 +120,9 @@ async def _run_probe(state: ProxyState) -> None:
 def _session_ctx(state: ProxyState) -> Any:
     async def ctx(_: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0)
-        state.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        state.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
+        )
         task = asyncio.create_task(_run_probe(state)) if state.settings.backend.probe else None
         s = state.settings
         logger().info(
@@ -134,7 +137,16 @@ def _session_ctx(state: ProxyState) -> Any:
             classifier_cv_accuracy=state.classifier.cv_accuracy,
             classifier_rules=len(state.classifier.rules),
         )
+        control = None
+        if s.controller.enabled:
+            state.controller = ControlLoop(state, s.controller)
+            control = asyncio.create_task(state.controller.run())
         yield
+        if control is not None:
+            control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control
+            state.controller = None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

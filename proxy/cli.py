@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy import fit_cmd, serve_cmd, sim_cmds, solve_cmd
+from proxy import audit_cmd, demo_cmd, fit_cmd, serve_cmd, sim_cmds, solve_cmd
 from proxy.config import ConfigError
 
 
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_parser(sub)
     sim_cmds.add_parsers(sub)
     serve_cmd.add_parser(sub)
+    audit_cmd.add_parser(sub)
+    demo_cmd.add_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import uuid
 from typing import Any
@@ -21,7 +22,7 @@ from proxy.admission import QueueFullError
 from proxy.classify import Decision, UnknownTypeError, prompt_text
 from proxy.dialects import ClientLimitError, apply_cap
 from proxy.logs import logger
-from proxy.state import STATE_KEY, Finished, ProxyState
+from proxy.state import REASONING_DIALECTS, STATE_KEY, Finished, ProxyState
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -173,8 +174,8 @@ class Exchange:
         self.event.update(type=decision.type, type_source=decision.source, stream=body.get("stream") is True)
         if st.settings.proxy.log_content:
             self.event["prompt"] = prompt_text(body)
-        st.estimators.arrived(decision.type, now=self.event["arrival_time"])
-        if st.shedding:
+        st.arrived(decision.type, self.event["arrival_time"])
+        if st.shedding and random.random() >= st.admit_fraction:
             raise ProxyError(503, "the server is overloaded; retry later", "server_error", code="overloaded")
         try:
             await st.admission.enter()
@@ -278,6 +279,8 @@ class Exchange:
                         await resp.prepare(self.request)
                         self.event["first_byte_s"] = self.loop.time() - self.t_arrival
                     await resp.write(b"".join(events))
+                if tally.error is not None:
+                    raise tally.error
         except (MalformedStreamError, aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, MalformedStreamError):
                 err = ProxyError(502, str(exc), "upstream_error", code="upstream_malformed")
@@ -334,14 +337,10 @@ class Exchange:
             )
         name = ev["type"]
         status = ev["status"]
-        label = name or "unclassified"
-        st.metrics.requests.labels(label, str(status)).inc()
-        st.metrics.system_time.labels(label).observe(ev["system_time_s"])
         ok = status == 200 and ev["error_kind"] is None
+        counted = {"prompt": t.prompt, "reasoning": t.reasoning, "completion": t.completion} if ok and t else {}
+        st.metrics.finished(name or "unclassified", str(status), ev["system_time_s"], counted)
         if ok and name is not None and t is not None:
-            for kind, value in (("prompt", t.prompt), ("reasoning", t.reasoning), ("completion", t.completion)):
-                if value:
-                    st.metrics.tokens.labels(name, kind).inc(value)
             if t.completion is not None and self.t_dispatch is not None:
                 st.estimators.served(
                     name,
@@ -350,9 +349,14 @@ class Exchange:
                     service_time=ev["service_time_s"],
                     cached_tokens=t.cached,
                 )
-            st.remember(self.rid, Finished(name, t.reasoning if t.reasoning is not None else t.completion))
-        level = "info" if status is not None and status < 500 else "warning"
-        getattr(logger(), level)("request", **ev)
+            reasoning_dialect = st.settings.backend.dialect in REASONING_DIALECTS
+            used = t.reasoning if reasoning_dialect else t.completion
+            st.remember(self.rid, Finished(name, used))
+            if reasoning_dialect and t.completion is not None and t.reasoning is not None:
+                st.saw_answer(name, t.completion - t.reasoning)
+        if st.log_requests:
+            level = "info" if status is not None and status < 500 else "warning"
+            getattr(logger(), level)("request", **ev)
 
 
 async def shaped(request: web.Request) -> web.StreamResponse:
@@ -369,7 +373,8 @@ async def shaped(request: web.Request) -> web.StreamResponse:
         ex.event.update(status=499, error_kind="client_disconnected")
         raise
     finally:
-        ex.finish()
+        # Accounting and the log line run just after the response is written, off its path.
+        ex.loop.call_soon(ex.finish)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:

@@ -18,14 +18,16 @@ def configure(*, json_lines: bool | None = None, stream: TextIO | None = None, l
         return
     out = stream if stream is not None else sys.stdout
     as_json = json_lines if json_lines is not None else not out.isatty()
-    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
+    processors: list[Any] = [structlog.processors.add_log_level]
+    if as_json:  # machines: a unix timestamp is cheap to write and to read back
+        processors += [structlog.processors.TimeStamper(fmt=None, key="ts"), structlog.processors.JSONRenderer()]
+    else:
+        processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+            structlog.dev.ConsoleRenderer(colors=False),
+        ]
+    structlog.configure(
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
@@ -36,3 +38,10 @@ def configure(*, json_lines: bool | None = None, stream: TextIO | None = None, l
 def logger(name: str = "thinkcap") -> Any:
     """The project's logger."""
     return structlog.get_logger(name)
+
+
+def reset() -> None:
+    """Back to structlog's defaults (after a run that logged to a file it has closed)."""
+    global _configured  # noqa: PLW0603
+    structlog.reset_defaults()
+    _configured = False

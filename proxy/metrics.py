@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -43,8 +44,29 @@ class Metrics:
             "thinkcap_predicted_system_time_seconds", "Predicted mean system time", registry=r
         )
         self.solve_time = Gauge("thinkcap_solve_time_seconds", "Duration of the last solve", registry=r)
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._system: dict[str, Any] = {}
+        self._tokens: dict[tuple[str, str], Any] = {}
         for name in type_names:
             self.caps.labels(name)
+
+    def finished(self, name: str, status: str, system_time: float, tokens: Mapping[str, int | None]) -> None:
+        """Count one finished request (label children are cached: this runs on every request)."""
+        key = (name, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(name, status)
+        child.inc()
+        hist = self._system.get(name)
+        if hist is None:
+            hist = self._system[name] = self.system_time.labels(name)
+        hist.observe(system_time)
+        for kind, value in tokens.items():
+            if value:
+                counter = self._tokens.get((name, kind))
+                if counter is None:
+                    counter = self._tokens[name, kind] = self.tokens.labels(name, kind)
+                counter.inc(value)
 
     def set_caps(self, caps: Mapping[str, int]) -> None:
         """Show the caps in force."""

@@ -12,6 +12,8 @@ from aiohttp import web
 from proxy.admin import create_admin_app
 from proxy.app import create_app
 from proxy.logs import configure, logger
+from proxy.runtime import LOOPS
+from proxy.runtime import run as run_loop
 from proxy.settings import Settings, load_settings
 from proxy.state import ProxyState, build_state
 
@@ -23,18 +25,11 @@ async def start(state: ProxyState) -> tuple[web.AppRunner, web.AppRunner, int, i
         create_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=p.drain_timeout_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, p.host, p.port)
-    await site.start()
+    await web.TCPSite(runner, p.host, p.port).start()
     admin = web.AppRunner(create_admin_app(state), access_log=None)
     await admin.setup()
-    admin_site = web.TCPSite(admin, p.admin_host, p.admin_port)
-    await admin_site.start()
-    return runner, admin, _port(site), _port(admin_site)
-
-
-def _port(site: web.TCPSite) -> int:
-    server: Any = site._server  # aiohttp keeps the asyncio server here; it is how to learn port 0's choice
-    return int(server.sockets[0].getsockname()[1])
+    await web.TCPSite(admin, p.admin_host, p.admin_port).start()
+    return runner, admin, int(runner.addresses[0][1]), int(admin.addresses[0][1])
 
 
 async def serve(settings: Settings) -> None:
@@ -67,6 +62,7 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--config", required=True, help="thinkcap TOML config with a [backend] table")
     sp.add_argument("--listen", help='override [proxy] listen, "host:port"')
     sp.add_argument("--backend", help="override [backend] url")
+    sp.add_argument("--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop when installed)")
     sp.set_defaults(run=run)
 
 
@@ -83,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f'--listen: must be "host:port", got {args.listen!r}')
         settings = settings.with_proxy(host=host, port=int(port))
     configure()
-    asyncio.run(serve(settings))
+    run_loop(serve(settings), args.loop)
     return 0

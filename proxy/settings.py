@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from controller import METHODS
 from proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
 
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens")
@@ -73,12 +74,46 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class ControllerSettings:
+    """The ``[controller]`` table.
+
+    A cap is republished when it moves by more than ``max(hysteresis_tokens,
+    hysteresis_relative x old cap)``. Overload (no stable allocation even at the minimum caps)
+    sheds the share of arrivals the server cannot take; shedding stops once the load at the
+    minimum caps falls below ``shed_release x rho_max``. The estimated arrival rate replaces
+    ``[workload] arrival_rate`` once ``min_arrivals`` requests have arrived.
+    """
+
+    enabled: bool = True
+    interval_s: float = 2.0
+    method: str = "exact"
+    hysteresis_tokens: int = 8
+    hysteresis_relative: float = 0.05
+    shed_release: float = 0.9
+    min_arrivals: int = 20
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """The ``[estimators]`` table: time constants of the online estimators."""
+
+    arrival_half_life_s: float = 30.0
+    detector_window_s: float = 2.5
+    detector_reference_s: float = 300.0
+    mix_half_life_s: float = 300.0
+    service_min_samples: int = 30
+    service_forgetting: float = 0.999
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything ``thinkcap serve`` reads from its config file."""
 
     model: ModelConfig
     backend: BackendSettings
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
+    estimators: EstimatorSettings = field(default_factory=EstimatorSettings)
 
     def with_backend(self, **changes: Any) -> Settings:
         """A copy with some backend settings changed."""
@@ -87,6 +122,10 @@ class Settings:
     def with_proxy(self, **changes: Any) -> Settings:
         """A copy with some proxy settings changed."""
         return replace(self, proxy=replace(self.proxy, **changes))
+
+    def with_controller(self, **changes: Any) -> Settings:
+        """A copy with some controller settings changed."""
+        return replace(self, controller=replace(self.controller, **changes))
 
 
 def _optional_timeout(t: Table, name: str, default: float | None) -> float | None:
@@ -156,6 +195,38 @@ def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
     return out
 
 
+def _controller(t: Table) -> ControllerSettings:
+    enabled = t.raw("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise t.error("enabled", f"must be true or false, got {enabled!r}")
+    out = ControllerSettings(
+        enabled=True if enabled is None else enabled,
+        interval_s=t.number("interval_s", 2.0, lo=0.0, lo_open=True),
+        method=t.string("method", "exact", choices=tuple(sorted(METHODS))),
+        hysteresis_tokens=t.integer("hysteresis_tokens", 8, lo=0),
+        hysteresis_relative=t.number("hysteresis_relative", 0.05, lo=0.0),
+        shed_release=t.number("shed_release", 0.9, lo=0.0, lo_open=True, hi=1.0),
+        min_arrivals=t.integer("min_arrivals", 20, lo=0),
+    )
+    t.close()
+    return out
+
+
+def _estimators(t: Table) -> EstimatorSettings:
+    out = EstimatorSettings(
+        arrival_half_life_s=t.number("arrival_half_life_s", 30.0, lo=0.0, lo_open=True),
+        detector_window_s=t.number("detector_window_s", 2.5, lo=0.0, lo_open=True),
+        detector_reference_s=t.number("detector_reference_s", 300.0, lo=0.0, lo_open=True),
+        mix_half_life_s=t.number("mix_half_life_s", 300.0, lo=0.0, lo_open=True),
+        service_min_samples=t.integer("service_min_samples", 30, lo=0),
+        service_forgetting=t.number("service_forgetting", 0.999, lo=0.0, lo_open=True, hi=1.0),
+    )
+    if out.detector_window_s >= out.detector_reference_s:
+        raise t.error("detector_window_s", "must be shorter than detector_reference_s")
+    t.close()
+    return out
+
+
 def load_settings(path: str | Path, data: Mapping[str, Any] | None = None) -> Settings:
     """Read a full ``thinkcap serve`` config: model, ``[backend]`` (required) and ``[proxy]``."""
     raw = read_toml(path) if data is None else data
@@ -165,4 +236,6 @@ def load_settings(path: str | Path, data: Mapping[str, Any] | None = None) -> Se
         raise ConfigError(path, "backend", "a [backend] table with at least url is required")
     backend = _backend(root.table("backend"))
     proxy = _proxy(root.table("proxy"), [t.task.name for t in model.types])
-    return Settings(model=model, backend=backend, proxy=proxy)
+    controller = _controller(root.table("controller"))
+    estimators = _estimators(root.table("estimators"))
+    return Settings(model=model, backend=backend, proxy=proxy, controller=controller, estimators=estimators)

@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from typing import IO, Any
 
+from proxy.runtime import run as run_loop
 from proxy.scenario_config import load_scenario
 from sim.backend import serve
 from sim.loadgen import LoadSettings, Record, run_load
@@ -92,7 +93,7 @@ def run_mock_backend(args: argparse.Namespace) -> int:
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    run_loop(main())
     return 0
 
 

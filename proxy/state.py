@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from estimators import AccuracyCurve, Estimators
+from estimators import AccuracyCurve, ArrivalRate, Estimators
 from proxy.admission import Admission
 from proxy.caps import CapStore, CapTable
 from proxy.classify import Classifier
@@ -19,6 +19,10 @@ from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.solve_cmd import allocate
 
+#: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
+REASONING_DIALECTS = ("vllm", "sglang")
+#: Weight of each new answer in the per-type mean answer length.
+ANSWER_DECAY = 0.05
 #: How many finished requests are remembered for graded feedback.
 RECENT_REQUESTS = 10_000
 
@@ -45,16 +49,38 @@ class ProxyState:
     clock: Callable[[], float] = time.time
     session: aiohttp.ClientSession | None = None
     shedding: bool = False
+    admit_fraction: float = 1.0
+    controller: Any = None
+    answer: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
     last_decision: dict[str, Any] | None = None
     recent: OrderedDict[str, Finished] = field(default_factory=OrderedDict)
     feedback: int = 0
+    log_requests: bool = True
+    arrivals: int = 0
 
     def remember(self, request_id: str, item: Finished) -> None:
         """Keep a finished request for feedback, forgetting the oldest beyond the bound."""
         self.recent[request_id] = item
         if len(self.recent) > RECENT_REQUESTS:
             self.recent.popitem(last=False)
+
+    def arrived(self, name: str, now: float) -> None:
+        """Count an arrival, feed the estimators, and wake the control loop on a rate change."""
+        self.arrivals += 1
+        self.estimators.arrived(name, now=now)
+        ctl = self.controller
+        if ctl is not None and ctl.changed():
+            ctl.wake.set()
+
+    def saw_answer(self, name: str, tokens: int) -> None:
+        """Track the mean answer length per type (tokens after the reasoning), decayed."""
+        old = self.answer.get(name)
+        self.answer[name] = float(tokens) if old is None else old + ANSWER_DECAY * (tokens - old)
+
+    def answer_offsets(self) -> dict[str, float]:
+        """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
+        return dict(self.answer) if self.settings.backend.dialect in REASONING_DIALECTS else {}
 
     def http(self) -> aiohttp.ClientSession:
         """The upstream client session (open while the app runs)."""
@@ -80,6 +106,7 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.time) -
         )
         for t in types
     }
+    e = settings.estimators
     table = initial_caps(settings)
     metrics = Metrics(table.caps)
     metrics.set_caps(table.caps)
@@ -88,7 +115,17 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.time) -
         classifier=Classifier(types, settings.proxy.default_type),
         caps=CapStore(table),
         admission=Admission(settings.proxy.max_concurrency, settings.proxy.max_queue),
-        estimators=Estimators(defaults),
+        estimators=Estimators(
+            defaults,
+            arrival=ArrivalRate(
+                half_life_s=e.arrival_half_life_s,
+                fast_half_life_s=e.detector_window_s,
+                reference_half_life_s=e.detector_reference_s,
+            ),
+            mix_half_life_s=e.mix_half_life_s,
+            min_samples=e.service_min_samples,
+            forgetting=e.service_forgetting,
+        ),
         accuracy=accuracy,
         metrics=metrics,
         clock=clock,

@@ -250,14 +250,12 @@ class Pacer:
         self.head = task.overhead_s / nominal if nominal > 0 else 0.0
         self.per_token = task.per_token_s / nominal if nominal > 0 else 0.0
 
-    async def until(self, tokens_done: int) -> None:
-        """Wait until ``tokens_done`` tokens are due."""
+    def delay(self, tokens_done: int) -> float:
+        """Seconds until ``tokens_done`` tokens are due (<= 0 when they already are)."""
         if self.total <= 0:
-            return
+            return 0.0
         due = self.start + self.total * min(1.0, self.head + self.per_token * tokens_done)
-        delay = due - asyncio.get_running_loop().time()
-        if delay >= MIN_SLEEP_S:
-            await asyncio.sleep(delay)
+        return due - asyncio.get_running_loop().time()
 
 
 def _chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -272,19 +270,28 @@ def _chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: st
 
 
 async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str) -> web.StreamResponse:
+    """Chunks due within ``MIN_SLEEP_S`` of each other leave in one write; a pause flushes them."""
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_truth_headers(plan)}
     )
     await resp.prepare(request)
     created, model, field_name = int(time.time()), scenario.model, scenario.reasoning_field
     pacer = Pacer(plan)
-    await resp.write(_chunk(rid, created, model, {"role": "assistant", "content": ""}))
+    pending = [_chunk(rid, created, model, {"role": "assistant", "content": ""})]
+
+    async def flush() -> None:
+        if pending:
+            await resp.write(b"".join(pending))
+            pending.clear()
+
     step = scenario.chunk_tokens
     n = plan.completion_tokens
     trouble_at = n // 2
     done = 0
+    made: dict[tuple[bool, int], bytes] = {}  # identical chunks are serialised once
     while done < n:
         if plan.fault is not None and done >= trouble_at:
+            await flush()
             if plan.fault == "drop":
                 if request.transport is not None:
                     request.transport.close()
@@ -292,15 +299,25 @@ async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str
             if plan.fault == "stall":
                 await asyncio.sleep(scenario.faults.stall_s)
             elif plan.fault == "malformed":
-                await resp.write(b'data: {"choices": [{"delta": \n\n')
+                pending.append(b'data: {"choices": [{"delta": \n\n')
             trouble_at = n + 1
-        k = min(step, (plan.reasoning - done) if done < plan.reasoning else n - done)
-        await pacer.until(done + k)
-        delta = {field_name: "hmm " * k} if done < plan.reasoning else {"content": "yes " * k}
-        await resp.write(_chunk(rid, created, model, delta))
+        thinking = done < plan.reasoning
+        k = min(step, (plan.reasoning - done) if thinking else n - done)
+        delay = pacer.delay(done + k)
+        if delay >= MIN_SLEEP_S:
+            await flush()
+            await asyncio.sleep(delay)
+        chunk = made.get((thinking, k))
+        if chunk is None:
+            delta = {field_name: "hmm " * k} if thinking else {"content": "yes " * k}
+            chunk = made[thinking, k] = _chunk(rid, created, model, delta)
+        pending.append(chunk)
         done += k
-    await pacer.until(n)
-    await resp.write(_chunk(rid, created, model, {}, plan.finish_reason))
+    delay = pacer.delay(n)
+    if delay >= MIN_SLEEP_S:
+        await flush()
+        await asyncio.sleep(delay)
+    pending.append(_chunk(rid, created, model, {}, plan.finish_reason))
     if plan.include_usage:
         usage = {
             "id": rid,
@@ -310,8 +327,9 @@ async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str
             "choices": [],
             "usage": _usage(plan),
         }
-        await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
+        pending.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
+    pending.append(b"data: [DONE]\n\n")
+    await flush()
     await resp.write_eof()
     return resp
 

@@ -34,6 +34,9 @@ dialect = "{dialect}"
 default_type = "easy"
 {proxy_extra}
 
+[controller]
+{controller_extra}
+
 [[types]]
 name = "hard"
 prior = 0.5
@@ -56,9 +59,19 @@ service = {{ overhead_s = 0.1, per_token_s = 0.001 }}
 """
 
 
-def write_config(tmp: Path, url: str, *, dialect: str = "vllm", backend: str = "", proxy: str = "") -> Path:
+def write_config(
+    tmp: Path,
+    url: str,
+    *,
+    dialect: str = "vllm",
+    backend: str = "",
+    proxy: str = "",
+    controller: str = "enabled = false",
+) -> Path:
     path = tmp / "thinkcap.toml"
-    path.write_text(CONFIG.format(url=url, dialect=dialect, backend_extra=backend, proxy_extra=proxy))
+    path.write_text(
+        CONFIG.format(url=url, dialect=dialect, backend_extra=backend, proxy_extra=proxy, controller_extra=controller)
+    )
     return path
 
 
@@ -103,13 +116,21 @@ async def stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         backend: str = "probe = false",
         proxy: str = "",
         upstream: str | None = None,
+        controller: str = "enabled = false",
         **scenario: Any,
     ) -> Stack:
         sim = TestServer(create_sim(make_scenario(**scenario)), host="127.0.0.1")
         await sim.start_server()
         servers.append(sim)
         settings: Settings = load_settings(
-            write_config(tmp_path, upstream or str(sim.make_url("/v1")), dialect=dialect, backend=backend, proxy=proxy)
+            write_config(
+                tmp_path,
+                upstream or str(sim.make_url("/v1")),
+                dialect=dialect,
+                backend=backend,
+                proxy=proxy,
+                controller=controller,
+            )
         )
         state = build_state(settings)
         front = TestServer(create_app(state), host="127.0.0.1")

@@ -142,7 +142,7 @@ async def test_full_queue_is_429_and_shedding_is_503_with_retry_after(stack: Sta
     assert statuses == [200, 200, 429]
     rejected = next(r for r in results if r[0] == 429)
     assert rejected[1]["Retry-After"] == "3" and json.loads(rejected[2])["error"]["code"] == "queue_full"
-    s.state.shedding = True
+    s.state.shedding, s.state.admit_fraction = True, 0.0
     status, headers, raw = await post(s, {"messages": HARD})
     assert status == 503 and headers["Retry-After"] == "3" and json.loads(raw)["error"]["code"] == "overloaded"
 

@@ -133,6 +133,7 @@ def test_serve_config_errors_name_the_key(
 ) -> None:
     """``thinkcap serve`` with a bad [backend] or [proxy] exits 2 naming file and key."""
     example = (Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml").read_text()
+    example = example[: example.index("[backend]")] + example[example.index("[objective]") :]
     cfg = tmp_path / "c.toml"
     cfg.write_text(extra + "\n" + example)
     assert main(["serve", "--config", str(cfg)]) == 2

@@ -176,5 +176,7 @@ def test_stream_tally_splits_counts_and_strips_usage() -> None:
     counted = StreamTally(strip_usage=False)
     counted.feed(stream.replace(stream.split(b"\n\n")[3] + b"\n\n", b""))
     assert (counted.tokens().reasoning, counted.tokens().completion, counted.tokens().source) == (2, 3, "stream")
-    with pytest.raises(MalformedStreamError):
-        StreamTally(strip_usage=False).feed(b"data: {oops\n\n")
+    broken = StreamTally(strip_usage=False)
+    good = sse({"choices": [{"delta": {"content": "c"}}]})
+    assert broken.feed(good + b"data: {oops\n\n" + good) == [good]
+    assert isinstance(broken.error, MalformedStreamError) and broken.feed(good) == []

@@ -1,0 +1,220 @@
+"""The control loop: estimators -> problem -> solve -> integer caps -> publish, every interval.
+
+:meth:`ControlLoop.step` is one decision at a given time (tests drive it with a fake clock);
+:meth:`ControlLoop.run` is the supervised background task that calls it every
+``interval_s`` seconds, or at once when the arrival-rate change detector fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+
+from controller import Problem, SolveResult, Status, round_caps, solve
+from estimators import Snapshot
+from proxy.config import ModelConfig
+from proxy.logs import logger
+from proxy.settings import ControllerSettings
+from proxy.state import ProxyState
+
+#: Fields of a task type written into each decision event (enough to rebuild the problem).
+TYPE_FIELDS = (
+    "name",
+    "prior",
+    "weight",
+    "accuracy_base",
+    "accuracy_gain",
+    "accuracy_rate",
+    "overhead_s",
+    "per_token_s",
+    "variance_s2",
+    "min_tokens",
+    "max_tokens",
+)
+
+
+def build_problem(
+    model: ModelConfig, snap: Snapshot, answer_tokens: Mapping[str, float], arrival_rate: float
+) -> Problem:
+    """The allocation problem from the configured curves and weights and the estimates.
+
+    Priors and service parameters come from the snapshot (which holds the configured values
+    until enough samples exist); the service time of the answer that follows the reasoning
+    (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead.
+    """
+    tasks = []
+    for cfg, est in zip(model.types, snap.types, strict=True):
+        values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"type {est.name!r}: non-finite estimate {values}")
+        per_token = max(est.per_token_s, 0.0)
+        overhead = max(est.overhead_s + per_token * answer_tokens.get(est.name, 0.0), 0.0)
+        tasks.append(
+            replace(
+                cfg.task,
+                prior=est.prior,
+                overhead_s=overhead,
+                per_token_s=per_token,
+                variance_s2=max(est.variance_s2, 0.0),
+            )
+        )
+    total = sum(t.prior for t in tasks)
+    tasks = [replace(t, prior=t.prior / total) for t in tasks]
+    return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max)
+
+
+def problem_inputs(p: Problem) -> dict[str, Any]:
+    """Every input of ``p``, as JSON (floats round-trip exactly)."""
+    return {
+        "arrival_rate": p.arrival_rate,
+        "latency_penalty": p.latency_penalty,
+        "rho_max": p.rho_max,
+        "types": [{k: getattr(t, k) for k in TYPE_FIELDS} for t in p.types],
+    }
+
+
+def decide(p: Problem, method: str, x0: np.ndarray[Any, Any] | None) -> tuple[SolveResult, dict[str, int]]:
+    """Solve and round (the exact computation :func:`proxy.audit` replays)."""
+    result = solve(p, method=method, x0=x0)
+    caps = p.lo.copy() if result.status == Status.OVERLOAD else round_caps(p, result.x).caps
+    return result, {name: int(c) for name, c in zip(p.names, caps, strict=True)}
+
+
+class ControlLoop:
+    """Re-solves the allocation from the proxy's estimators and publishes integer caps."""
+
+    def __init__(self, state: ProxyState, settings: ControllerSettings, *, clock: Callable[[], float] | None = None):
+        self.state = state
+        self.settings = settings
+        self.clock = clock or state.clock
+        self.x0: np.ndarray[Any, Any] | None = None
+        self.decisions = 0
+        self.failures = 0
+        self.wake = asyncio.Event()
+        self._seen_changes = 0
+
+    def changed(self) -> bool:
+        """Whether the change detector flagged since the last decision (then wake the loop)."""
+        return self.state.estimators.arrival.changes != self._seen_changes
+
+    def _moved(self, new: Mapping[str, int]) -> bool:
+        old = self.state.caps.table.caps
+        s = self.settings
+        return any(abs(new[n] - old[n]) > max(s.hysteresis_tokens, s.hysteresis_relative * old[n]) for n in new)
+
+    def step(self, now: float | None = None) -> dict[str, Any] | None:
+        """One decision at ``now``; returns its event (``None`` if it failed: caps kept)."""
+        st, s = self.state, self.settings
+        now = self.clock() if now is None else now
+        self.decisions += 1
+        decision_id = f"{self.decisions:06d}-{uuid.uuid4().hex[:8]}"
+        self._seen_changes = st.estimators.arrival.changes
+        log = logger()
+        try:
+            snap = st.estimators.snapshot(now)
+            use_estimate = st.arrivals >= s.min_arrivals
+            rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
+            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate)
+            x0 = self.x0
+            started = time.perf_counter()
+            result, caps = decide(problem, s.method, x0)
+            solve_time = time.perf_counter() - started
+            if result.status == Status.FAILED or not np.all(np.isfinite(result.x)):
+                raise RuntimeError(f"solver {s.method} failed: {result.message}")
+        except Exception as exc:  # fail-static: any failure keeps the last good caps
+            self.failures += 1
+            log.error(
+                "decision_failed",
+                decision_id=decision_id,
+                time=now,
+                error=f"{type(exc).__name__}: {exc}",
+                caps_kept=st.caps.effective(),
+            )
+            return None
+        overload = result.status == Status.OVERLOAD
+        self._shedding(problem, overload, decision_id, now)
+        if not overload:
+            self.x0 = result.x
+        publish = self._moved(caps)
+        if publish:
+            table = st.caps.publish(caps, "controller", decision_id=decision_id, now=now)
+            st.metrics.set_caps(st.caps.effective())
+            log.info(
+                "caps_published",
+                decision_id=decision_id,
+                time=now,
+                version=table.version,
+                caps=caps,
+                in_force=st.caps.effective(),
+            )
+        q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
+        st.metrics.rho.set(q.rho if math.isfinite(q.rho) else -1)
+        st.metrics.predicted_system_time.set(q.mean_system_time if math.isfinite(q.mean_system_time) else -1)
+        st.metrics.solve_time.set(solve_time)
+        event = {
+            "decision_id": decision_id,
+            "time": now,
+            "method": s.method,
+            "x0": None if x0 is None else [float(v) for v in x0],
+            "inputs": problem_inputs(problem),
+            "arrival_source": "estimate" if use_estimate else "config",
+            "status": result.status.name.lower(),
+            "message": result.message,
+            "iterations": result.nit,
+            "function_evaluations": result.nfev,
+            "residual": result.residual if math.isfinite(result.residual) else None,
+            "caps_continuous": {n: float(x) for n, x in zip(problem.names, result.x, strict=True)},
+            "caps": caps,
+            "predicted_rho": q.rho if math.isfinite(q.rho) else None,
+            "predicted_mean_system_time": q.mean_system_time if math.isfinite(q.mean_system_time) else None,
+            "published": publish,
+            "caps_in_force": st.caps.effective(),
+            "pinned": dict(st.caps.pins),
+            "shedding": st.shedding,
+            "admit_fraction": st.admit_fraction,
+            "solve_time_s": solve_time,
+        }
+        st.last_decision = event
+        log.info("decision", **event)
+        return event
+
+    def _shedding(self, p: Problem, overload: bool, decision_id: str, now: float) -> None:
+        st = self.state
+        load_at_min = p.arrival_rate * float(p.prior @ (p.t0 + p.c * p.lo))
+        was = st.shedding
+        if overload:
+            st.shedding = True
+            st.admit_fraction = min(1.0, self.settings.shed_release * p.rho_max / load_at_min)
+        elif was and load_at_min <= self.settings.shed_release * p.rho_max:
+            st.shedding = False
+            st.admit_fraction = 1.0
+        if st.shedding != was:
+            logger().warning(
+                "overload",
+                decision_id=decision_id,
+                time=now,
+                on=st.shedding,
+                load_at_min_caps=load_at_min,
+                admit_fraction=st.admit_fraction,
+            )
+
+    async def run(self) -> None:
+        """Decide every ``interval_s`` (or at once when the change detector fires) until cancelled."""
+        log = logger()
+        log.info("control_loop", settings=asdict(self.settings))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=self.settings.interval_s)
+            self.wake.clear()
+            try:
+                self.step()
+            except Exception as exc:  # a crash is logged at once and the loop goes on
+                log.error("control_loop_crash", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,46 @@
+"""``thinkcap demo`` in its short mode: the report adds up and the caps follow the load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+POLICIES = ("adaptive", "static", "maximal")
+
+
+def test_short_demo_report_is_consistent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every request is answered, shed or errored; heavy-load caps are below light-load caps; the log audits clean."""
+    log_dir = tmp_path / "logs"
+    report_path = tmp_path / "report.json"
+    assert main(["demo", "--duration", "16", "--log-dir", str(log_dir), "--report", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "whole run" in out and "adaptive" in out
+    rep = json.loads(report_path.read_text())
+    phases = rep["phases"]
+    assert [p["name"] for p in phases] == ["light", "heavy", "overload", "light"]
+    for p in phases:
+        sent = {pol: p["policies"][pol]["sent"] for pol in POLICIES}
+        assert len(set(sent.values())) == 1, sent  # one arrival sequence for every policy
+        for pol in POLICIES:
+            r = p["policies"][pol]
+            assert r["sent"] == r["answered"] + r["shed"] + r["errored"]
+    for pol in POLICIES:
+        t = rep["totals"][pol]
+        assert t["sent"] == sum(p["policies"][pol]["sent"] for p in phases) > 0
+        assert t["sent"] == t["answered"] + t["shed"] + t["errored"]
+        records = (log_dir / f"requests-{pol}.jsonl").read_text().splitlines()
+        assert len(records) == t["sent"]
+    light, overload = phases[0]["policies"]["adaptive"], phases[2]["policies"]["adaptive"]
+    assert all(overload["caps_mean"][n] < light["caps_mean"][n] for n in light["caps_mean"]), (light, overload)
+    static = phases[0]["policies"]["static"]["caps"]
+    maximal = phases[0]["policies"]["maximal"]["caps"]
+    assert all(static[n] <= maximal[n] for n in static)
+    assert main(["audit", str(log_dir / "thinkcap.jsonl"), "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert audit["decisions"] >= 8 and audit["mismatches"] == [] and audit["bad_lines"] == []
+    adaptive = rep["totals"]["adaptive"]
+    assert audit["requests"] >= adaptive["answered"] + adaptive["shed"]

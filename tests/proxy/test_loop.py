@@ -1,0 +1,191 @@
+"""The control loop, driven by a fake clock: publish, hysteresis, fail-static, overload, pins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+import proxy.loop as loop_module
+from controller import SolveResult, Status
+from proxy.cli import main
+from proxy.loop import ControlLoop
+from proxy.settings import ControllerSettings, load_settings
+from proxy.state import ProxyState, build_state
+from tests.proxy.conftest import write_config
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> ProxyState:
+    return build_state(load_settings(write_config(tmp_path, "http://127.0.0.1:9/v1")))
+
+
+def feed(state: ProxyState, rate: float, start: float, seconds: float, seed: int = 0) -> float:
+    """Poisson arrivals of both types at ``rate`` from ``start``; returns the end time."""
+    rng = np.random.default_rng(seed)
+    t = start
+    while True:
+        t += float(rng.exponential(1 / rate))
+        if t > start + seconds:
+            return start + seconds
+        state.arrived("hard" if rng.random() < 0.5 else "easy", t)
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+def test_caps_shrink_when_load_grows_and_are_published(state: ProxyState) -> None:
+    """A busier server gets smaller caps; each change is one caps_published event."""
+    ctl = ControlLoop(state, ControllerSettings())
+    with capture_logs() as logs:
+        t = feed(state, 1.0, 0.0, 400.0)
+        light = ctl.step(t)
+        t = feed(state, 8.0, t, 400.0, seed=1)
+        heavy = ctl.step(t)
+    assert light is not None and heavy is not None
+    assert light["arrival_source"] == "estimate" and heavy["inputs"]["arrival_rate"] > 5
+    assert all(heavy["caps"][n] < light["caps"][n] for n in ("hard", "easy") if light["caps"][n] > 0)
+    assert state.caps.effective() == heavy["caps"] and state.caps.table.decision_id == heavy["decision_id"]
+    assert len(events(logs, "caps_published")) == sum(e["published"] for e in events(logs, "decision"))
+
+
+def test_hysteresis_keeps_caps_that_barely_move(state: ProxyState) -> None:
+    """A re-solve that moves no cap beyond the threshold publishes nothing."""
+    ctl = ControlLoop(state, ControllerSettings(hysteresis_tokens=10_000))
+    t = feed(state, 2.0, 0.0, 200.0)
+    before = dict(state.caps.table.caps)
+    event = ctl.step(t)
+    assert event is not None and event["published"] is False and dict(state.caps.table.caps) == before
+    ctl.settings = ControllerSettings(hysteresis_tokens=0, hysteresis_relative=0.0)
+    again = ctl.step(t)
+    assert again is not None and again["published"] == (again["caps"] != before)
+
+
+def test_configured_rate_is_used_until_enough_arrivals(state: ProxyState) -> None:
+    """Before min_arrivals the [workload] rate stands in for the estimate."""
+    ctl = ControlLoop(state, ControllerSettings(min_arrivals=1000))
+    t = feed(state, 3.0, 0.0, 30.0)
+    event = ctl.step(t)
+    assert event is not None and event["arrival_source"] == "config" and event["inputs"]["arrival_rate"] == 1.0
+
+
+def test_solver_failure_keeps_the_last_caps(state: ProxyState, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed solve (or a crash) is logged and the caps in force stay."""
+    ctl = ControlLoop(state, ControllerSettings())
+    before = state.caps.effective()
+
+    def broken(p: Any, **_: Any) -> SolveResult:
+        x = np.full(p.n, np.nan)
+        return SolveResult(x=x, fun=np.nan, status=Status.FAILED, nit=1, nfev=1, residual=np.nan, method="exact")
+
+    monkeypatch.setattr(loop_module, "solve", broken)
+    with capture_logs() as logs:
+        assert ctl.step(feed(state, 5.0, 0.0, 100.0)) is None
+    assert state.caps.effective() == before and ctl.failures == 1
+    assert events(logs, "decision_failed") and not events(logs, "decision")
+
+
+def test_nan_estimates_are_fail_static(state: ProxyState) -> None:
+    """A non-finite estimate never reaches the solver; the caps stay."""
+    ctl = ControlLoop(state, ControllerSettings())
+    before = state.caps.effective()
+    state.answer["hard"] = float("nan")
+    with capture_logs() as logs:
+        assert ctl.step(feed(state, 5.0, 0.0, 100.0)) is None
+    assert state.caps.effective() == before
+    assert "finite" in events(logs, "decision_failed")[0]["error"]
+
+
+def test_overload_sheds_and_recovers(state: ProxyState) -> None:
+    """No stable allocation: minimum caps and partial shedding; when load falls, shedding stops."""
+    ctl = ControlLoop(state, ControllerSettings())
+    with capture_logs() as logs:
+        t = feed(state, 40.0, 0.0, 300.0)  # minimum caps need 0.1 s each: 40/s is 4x the capacity
+        over = ctl.step(t)
+        assert over is not None and over["status"] == "overload"
+        assert state.shedding and 0.15 < state.admit_fraction < 0.3
+        assert state.caps.effective() == {"hard": 0, "easy": 0}
+        t = feed(state, 1.0, t, 1200.0, seed=2)
+        calm = ctl.step(t)
+    assert calm is not None and calm["status"] == "converged" and not state.shedding and state.admit_fraction == 1.0
+    assert [e["on"] for e in events(logs, "overload")] == [True, False]
+
+
+def test_pinned_caps_win_until_unpinned(state: ProxyState) -> None:
+    """The controller's table changes underneath a pin without overriding it."""
+    ctl = ControlLoop(state, ControllerSettings(hysteresis_tokens=0, hysteresis_relative=0.0))
+    state.caps.pin({"hard": 5})
+    event = ctl.step(feed(state, 4.0, 0.0, 300.0))
+    assert event is not None and event["pinned"] == {"hard": 5} and state.caps.cap("hard") == 5
+    state.caps.unpin()
+    assert state.caps.cap("hard") == event["caps"]["hard"]
+
+
+async def test_run_wakes_early_when_the_change_detector_fires(state: ProxyState) -> None:
+    """With a long interval, a flagged rate change still triggers a decision at once."""
+    ctl = ControlLoop(state, ControllerSettings(interval_s=3600.0))
+    task = asyncio.create_task(ctl.run())
+    try:
+        await asyncio.sleep(0)
+        assert ctl.decisions == 0
+        t = feed(state, 1.0, 0.0, 600.0)
+        feed(state, 20.0, t, 10.0, seed=3)
+        assert ctl.changed()
+        ctl.wake.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert ctl.decisions == 1 and not ctl.changed()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def record(state: ProxyState, path: Path) -> list[dict[str, Any]]:
+    """Run a few decisions over a load step and write their events as a JSON-lines log."""
+    ctl = ControlLoop(state, ControllerSettings())
+    with capture_logs() as logs:
+        t = 0.0
+        for k, rate in enumerate((1.0, 1.0, 6.0, 6.0, 40.0, 1.0)):
+            t = feed(state, rate, t, 120.0 if rate < 40 else 60.0, seed=k)
+            ctl.step(t)
+    path.write_text("".join(json.dumps(e) + "\n" for e in logs))
+    return logs
+
+
+def test_audit_replays_every_decision_without_mismatch(state: ProxyState, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The proxy's own decision log replays exactly; the summary shows the overload period."""
+    log = tmp_path / "thinkcap.jsonl"
+    logged = record(state, log)
+    assert main(["audit", str(log), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["decisions"] == len(events(logged, "decision")) == 6 and report["mismatches"] == []
+    assert len(report["overload_periods"]) == 1 and report["overload_periods"][0]["end"] is not None
+    assert [iv["status"] for iv in report["intervals"]].count("overload") == 1
+    assert main(["audit", str(log)]) == 0 and "mismatches 0" in capsys.readouterr().out
+
+
+def test_audit_reports_tampering_and_corrupt_lines(state: ProxyState, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A changed cap is a mismatch (exit 1); a truncated line is reported by number, not fatal."""
+    log = tmp_path / "thinkcap.jsonl"
+    record(state, log)
+    lines = log.read_text().splitlines()
+    target = next(i for i, ln in enumerate(lines) if json.loads(ln)["event"] == "decision")
+    event = json.loads(lines[target])
+    event["caps"]["hard"] += 1
+    lines[target] = json.dumps(event)
+    lines.insert(2, lines[3][: len(lines[3]) // 2])
+    log.write_text("\n".join(lines) + "\n")
+    assert main(["audit", str(log), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["mismatches"]) == 1 and "integer caps" in report["mismatches"][0]["why"]
+    assert report["bad_lines"][0]["line"] == 3
+    assert main(["audit", str(tmp_path / "missing.jsonl")]) == 2
