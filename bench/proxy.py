@@ -7,8 +7,8 @@ streamed chunk) pinned to CPU 0, the proxy (``thinkcap serve``, ``max_concurrenc
 admission never waits, request logs to /dev/null) pinned to CPU 1, and this client, a raw
 keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask for 64 tokens (``max_tokens``;
 the proxy's dialect is ``llamacpp`` with every cap >= 64, so both paths generate the same
-answer). For each rate, the same seeded open-loop Poisson schedule is sent first direct, then
-through the proxy, three rounds (seeds 0-2); each cell is the median over rounds. Latency is
+answer; the control loop is off, so the caps and admission never change). For each rate,
+the same seeded open-loop Poisson schedule is sent first direct, then through the proxy, three rounds (seeds 0-2); each cell is the median over rounds. Latency is
 from the scheduled send time to the last byte (and, streaming, to the first body byte).
 Added latency = proxy percentile - direct percentile. The highest sustained rate is
 measured closed-loop with 64 connections, non-streaming.
@@ -49,6 +49,8 @@ listen = "127.0.0.1:{proxy_port}"
 admin_listen = "127.0.0.1:0"
 max_concurrency = 256
 max_queue = 4096
+[controller]
+enabled = false
 [[types]]
 name = "chat"
 prior = 1.0

@@ -16,6 +16,7 @@ from proxy.forward import SHAPED, ProxyError, error_response, passthrough, reque
 from proxy.logs import logger
 from proxy.loop import ControlLoop
 from proxy.state import STATE_KEY, ProxyState
+from proxy.upstream import Upstream
 
 #: The cap the start-up probe asks for.
 PROBE_CAP = 8
@@ -123,6 +124,8 @@ def _session_ctx(state: ProxyState) -> Any:
         state.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
         )
+        b = state.settings.backend
+        state.upstream = Upstream(b.base, connect_timeout_s=b.connect_timeout_s, read_timeout_s=b.read_timeout_s)
         task = asyncio.create_task(_run_probe(state)) if state.settings.backend.probe else None
         s = state.settings
         logger().info(
@@ -153,6 +156,8 @@ def _session_ctx(state: ProxyState) -> Any:
                 await task
         await state.session.close()
         state.session = None
+        await state.upstream.close()
+        state.upstream = None
 
     return ctx
 

@@ -23,6 +23,7 @@ from proxy.classify import Decision, UnknownTypeError, prompt_text
 from proxy.dialects import ClientLimitError, apply_cap
 from proxy.logs import logger
 from proxy.state import REASONING_DIALECTS, STATE_KEY, Finished, ProxyState
+from proxy.upstream import Response, UpstreamError
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -40,8 +41,10 @@ HOP_BY_HOP = frozenset(
         "Content-Length",
     )
 )
-#: Response headers not copied back: aiohttp decompresses and re-frames the body itself.
-NOT_RETURNED = HOP_BY_HOP | {"content-encoding", "date", "server"}
+#: Response headers not copied back (the body is re-framed; aiohttp's client, used for the
+#: pass-through routes, also decompresses it).
+NOT_RETURNED = HOP_BY_HOP | {"date", "server"}
+NOT_RETURNED_DECODED = NOT_RETURNED | {"content-encoding"}
 TYPE_HEADER = "X-Thinkcap-Type"
 REQUEST_ID = "X-Request-Id"
 GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -87,9 +90,12 @@ def upstream_headers(incoming: CIMultiDictProxy[str], api_key: str | None) -> CI
     return out
 
 
-def returned_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
+def returned_headers(
+    upstream: CIMultiDict[str] | CIMultiDictProxy[str], rid: str, *, decoded: bool = False
+) -> CIMultiDict[str]:
     """Upstream response headers to send back, plus the request id."""
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in NOT_RETURNED)
+    drop = NOT_RETURNED_DECODED if decoded else NOT_RETURNED
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
     out[REQUEST_ID] = rid
     return out
 
@@ -160,6 +166,7 @@ class Exchange:
             "error_kind": None,
         }
         self.tokens: Tokens | None = None
+        self.stream: web.StreamResponse | None = None
 
     def fail(self, exc: ProxyError) -> web.Response:
         self.event["status"] = exc.status
@@ -214,40 +221,33 @@ class Exchange:
             asked_usage = isinstance(options, dict) and options.get("include_usage") is True
             if not asked_usage:
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        url = backend.base + self.request.path_qs
         headers = upstream_headers(self.request.headers, backend.api_key)
         headers["Content-Type"] = "application/json"
+        headers["Accept-Encoding"] = "identity"
+        data = json.dumps(body).encode()
         self.t_dispatch = self.loop.time()
         st.metrics.in_flight.inc()
         try:
-            async with st.http().post(
-                url, data=json.dumps(body).encode(), headers=headers, timeout=client_timeout(st)
-            ) as up:
-                self.event["upstream_status"] = up.status
-                is_sse = up.content_type == "text/event-stream"
-                if stream and up.status == 200 and is_sse:
-                    return await self.relay_stream(up, strip_usage=not asked_usage)
-                return await self.relay_body(up)
-        except aiohttp.ClientConnectorError as exc:
-            raise ProxyError(
-                502,
-                f"cannot connect to the upstream server: {exc.os_error}",
-                "upstream_error",
-                code="upstream_unreachable",
-            ) from None
+            async with asyncio.timeout(backend.total_timeout_s):
+                async with await st.lean().request("POST", self.request.path_qs, headers, data) as up:
+                    self.event["upstream_status"] = up.status
+                    if stream and up.status == 200 and up.content_type == "text/event-stream":
+                        return await self.relay_stream(up, strip_usage=not asked_usage)
+                    return await self.relay_body(up)
+        except UpstreamError as exc:
+            code = {"unreachable": "upstream_unreachable", "malformed": "upstream_malformed"}.get(
+                exc.kind, "upstream_disconnected"
+            )
+            raise ProxyError(502, str(exc), "upstream_error", code=code) from None
         except TimeoutError:
-            raise ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise ProxyError(
-                502,
-                f"the upstream connection failed: {type(exc).__name__}",
-                "upstream_error",
-                code="upstream_disconnected",
-            ) from None
+            err = ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
+            if self.stream is not None and self.stream.prepared:  # the total limit struck mid-stream
+                return await self.end_stream(self.stream, err)
+            raise err from None
         finally:
             st.metrics.in_flight.dec()
 
-    async def relay_body(self, up: aiohttp.ClientResponse) -> web.Response:
+    async def relay_body(self, up: Response) -> web.Response:
         raw = await up.read()
         if up.status == 200:
             try:
@@ -267,12 +267,20 @@ class Exchange:
         self.event["status"] = up.status
         return web.Response(body=raw, status=up.status, headers=returned_headers(up.headers, self.rid))
 
-    async def relay_stream(self, up: aiohttp.ClientResponse, *, strip_usage: bool) -> web.StreamResponse:
+    async def end_stream(self, resp: web.StreamResponse, err: ProxyError) -> web.StreamResponse:
+        """End a stream already under way with an ``error`` event (its status line is sent)."""
+        self.event.update(status=err.status, error_kind=err.code)
+        body = {"message": err.message, "type": err.kind, "param": None, "code": err.code, "request_id": self.rid}
+        await resp.write(b"data: " + json.dumps({"error": body}).encode() + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def relay_stream(self, up: Response, *, strip_usage: bool) -> web.StreamResponse:
         tally = StreamTally(strip_usage=strip_usage)
-        resp = web.StreamResponse(status=200, headers=returned_headers(up.headers, self.rid))
+        resp = self.stream = web.StreamResponse(status=200, headers=returned_headers(up.headers, self.rid))
         resp.enable_chunked_encoding()
         try:
-            async for data in up.content.iter_any():
+            async for data in up.iter_chunks():
                 events = tally.feed(data)
                 if events:
                     if not resp.prepared:
@@ -281,7 +289,7 @@ class Exchange:
                     await resp.write(b"".join(events))
                 if tally.error is not None:
                     raise tally.error
-        except (MalformedStreamError, aiohttp.ClientError, TimeoutError) as exc:
+        except (MalformedStreamError, UpstreamError, TimeoutError) as exc:
             if isinstance(exc, MalformedStreamError):
                 err = ProxyError(502, str(exc), "upstream_error", code="upstream_malformed")
             elif isinstance(exc, TimeoutError):
@@ -294,19 +302,7 @@ class Exchange:
                 )
             if not resp.prepared:
                 raise err from None
-            self.event.update(status=err.status, error_kind=err.code)
-            payload = {
-                "error": {
-                    "message": err.message,
-                    "type": err.kind,
-                    "param": None,
-                    "code": err.code,
-                    "request_id": self.rid,
-                }
-            }
-            await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-            await resp.write_eof()
-            return resp
+            return await self.end_stream(resp, err)
         tail = tally.flush()
         if not resp.prepared:
             await resp.prepare(self.request)
@@ -388,7 +384,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         async with st.http().request(
             request.method, url, data=raw or None, headers=headers, timeout=client_timeout(st)
         ) as up:
-            resp = web.StreamResponse(status=up.status, headers=returned_headers(up.headers, rid))
+            resp = web.StreamResponse(status=up.status, headers=returned_headers(up.headers, rid, decoded=True))
             await resp.prepare(request)
             async for data in up.content.iter_any():
                 await resp.write(data)

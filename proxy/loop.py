@@ -84,6 +84,8 @@ def problem_inputs(p: Problem) -> dict[str, Any]:
 def decide(p: Problem, method: str, x0: np.ndarray[Any, Any] | None) -> tuple[SolveResult, dict[str, int]]:
     """Solve and round (the exact computation :func:`proxy.audit` replays)."""
     result = solve(p, method=method, x0=x0)
+    if result.status == Status.FAILED or not np.all(np.isfinite(result.x)):
+        raise RuntimeError(f"solver {method} failed: {result.message}")
     caps = p.lo.copy() if result.status == Status.OVERLOAD else round_caps(p, result.x).caps
     return result, {name: int(c) for name, c in zip(p.names, caps, strict=True)}
 
@@ -127,8 +129,6 @@ class ControlLoop:
             started = time.perf_counter()
             result, caps = decide(problem, s.method, x0)
             solve_time = time.perf_counter() - started
-            if result.status == Status.FAILED or not np.all(np.isfinite(result.x)):
-                raise RuntimeError(f"solver {s.method} failed: {result.message}")
         except Exception as exc:  # fail-static: any failure keeps the last good caps
             self.failures += 1
             log.error(

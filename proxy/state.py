@@ -18,6 +18,7 @@ from proxy.classify import Classifier
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.solve_cmd import allocate
+from proxy.upstream import Upstream
 
 #: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
 REASONING_DIALECTS = ("vllm", "sglang")
@@ -48,6 +49,7 @@ class ProxyState:
     metrics: Metrics
     clock: Callable[[], float] = time.time
     session: aiohttp.ClientSession | None = None
+    upstream: Upstream | None = None
     shedding: bool = False
     admit_fraction: float = 1.0
     controller: Any = None
@@ -81,6 +83,12 @@ class ProxyState:
     def answer_offsets(self) -> dict[str, float]:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
         return dict(self.answer) if self.settings.backend.dialect in REASONING_DIALECTS else {}
+
+    def lean(self) -> Upstream:
+        """The keep-alive client of the shaped routes (open while the app runs)."""
+        if self.upstream is None:
+            raise RuntimeError("the upstream pool is not open")
+        return self.upstream
 
     def http(self) -> aiohttp.ClientSession:
         """The upstream client session (open while the app runs)."""

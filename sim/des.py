@@ -93,6 +93,12 @@ def simulate(problem: Problem, caps: Array | NDArray[np.int64], work: Workload) 
     """
     table: Array = np.asarray(caps, dtype=float)
     tokens: Array = table[work.phase, work.type] if table.ndim == 2 else table[work.type]
+    return serve(problem, tokens, work)
+
+
+def serve(problem: Problem, tokens: Array, work: Workload) -> Outcome:
+    """Serve ``work`` FIFO where request ``i`` reasons for ``tokens[i]`` tokens (any policy,
+    e.g. caps that change while the queue runs)."""
     k = work.type
     service = np.maximum(0.0, problem.t0[k] + problem.c[k] * tokens + np.sqrt(problem.v[k]) * work.noise)
     wait = lindley(work.arrival, service)

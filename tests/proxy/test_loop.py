@@ -81,14 +81,15 @@ def test_solver_failure_keeps_the_last_caps(state: ProxyState, monkeypatch: pyte
     before = state.caps.effective()
 
     def broken(p: Any, **_: Any) -> SolveResult:
-        x = np.full(p.n, np.nan)
+        x = np.full(len(p.types), np.nan)
         return SolveResult(x=x, fun=np.nan, status=Status.FAILED, nit=1, nfev=1, residual=np.nan, method="exact")
 
     monkeypatch.setattr(loop_module, "solve", broken)
     with capture_logs() as logs:
         assert ctl.step(feed(state, 5.0, 0.0, 100.0)) is None
     assert state.caps.effective() == before and ctl.failures == 1
-    assert events(logs, "decision_failed") and not events(logs, "decision")
+    (failed,) = events(logs, "decision_failed")
+    assert "solver exact failed" in failed["error"] and not events(logs, "decision")
 
 
 def test_nan_estimates_are_fail_static(state: ProxyState) -> None:

@@ -1,0 +1,180 @@
+"""The proxy's keep-alive HTTP/1.1 client against raw loopback servers that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.upstream import Upstream, UpstreamError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[int]]]]]:
+    """Start a raw TCP server; yields its base URL and a list counting its connections."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> tuple[str, list[int]]:
+        connections = [0]
+
+        async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            connections[0] += 1
+            try:
+                await handler(r, w)
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1", connections
+
+    yield start
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+async def read_request(r: asyncio.StreamReader) -> bytes:
+    head = await r.readuntil(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
+    return head + await r.readexactly(length)
+
+
+def hdrs() -> CIMultiDict[str]:
+    return CIMultiDict({"Content-Type": "application/json"})
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_the_prefix(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """Three requests share one connection; the base URL's path prefixes the route; Host is set."""
+    seen: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                seen.append(await read_request(r))
+            except asyncio.IncompleteReadError:
+                return
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+
+    url, conns = await raw_server(handler)
+    up = Upstream(url)
+    for _ in range(3):
+        async with await up.request("POST", "/chat/completions?x=1", hdrs(), b'{"a": 1}') as resp:
+            assert resp.status == 200 and await resp.read() == b"{}" and resp.content_type == "application/json"
+    await up.close()
+    assert conns[0] == 1 and len(seen) == 3
+    assert seen[0].startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert seen[0].endswith(b'Content-Length: 8\r\n\r\n{"a": 1}')
+
+
+async def test_chunked_and_read_to_close_bodies(raw_server: Callable[..., Awaitable[tuple[str, list[int]]]]) -> None:
+    """Chunked bodies (with extensions and trailers) arrive chunk by chunk; a body without length reads to close."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_request(r)
+        if b"/chunked" in req:
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n")  # fmt: skip
+            await w.drain()
+            await read_request(r)  # the connection was reused for a second request
+            w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        else:
+            w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        await w.drain()
+
+    url, conns = await raw_server(handler)
+    up = Upstream(url)
+    async with await up.request("POST", "/chunked", hdrs(), b"") as resp:
+        assert [c async for c in resp.iter_chunks()] == [b"hello", b" world"]
+    async with await up.request("POST", "/chunked", hdrs(), b"") as resp:
+        assert resp.status == 204 and await resp.read() == b""
+    async with await up.request("POST", "/close", hdrs(), b"") as resp:
+        assert await resp.read() == b"until the end"
+    await up.close()
+    assert conns[0] == 2
+
+
+async def test_a_connection_closed_while_idle_is_retried_once(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """The server drops a pooled connection; the next request goes out again on a fresh one."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        # then close without Connection: close, as a keep-alive timeout does
+
+    url, conns = await raw_server(handler)
+    up = Upstream(url)
+    for _ in range(2):
+        async with await up.request("POST", "/x", hdrs(), b"") as resp:
+            assert await resp.read() == b"ok"
+        await asyncio.sleep(0.05)
+    await up.close()
+    assert conns[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        (b"SPDY/9 200 OK\r\n\r\n", "malformed"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "disconnected"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "malformed"),
+        (b"HTTP/1.1 200", "disconnected"),
+    ],
+)
+async def test_broken_answers_are_named(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]], reply: bytes, kind: str
+) -> None:
+    """Bad status lines, header lines, chunk sizes and short bodies raise UpstreamError of the right kind."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(reply)
+        await w.drain()
+
+    url, _ = await raw_server(handler)
+    up = Upstream(url)
+    with pytest.raises(UpstreamError) as err:
+        async with await up.request("POST", "/x", hdrs(), b"") as resp:
+            await resp.read()
+    assert err.value.kind == kind
+    await up.close()
+
+
+async def test_unreachable_and_read_timeout() -> None:
+    """A refused connection is ``unreachable``; silence beyond the read timeout is a TimeoutError."""
+    up = Upstream("http://127.0.0.1:9")
+    with pytest.raises(UpstreamError) as err:
+        await up.request("POST", "/x", hdrs(), b"")
+    assert err.value.kind == "unreachable"
+
+    release = asyncio.Event()
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await release.wait()
+        w.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        slow = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", read_timeout_s=0.2)
+        with pytest.raises(TimeoutError):
+            await slow.request("POST", "/x", hdrs(), b"")
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+    with pytest.raises(ValueError, match="http"):
+        Upstream("ftp://example.org")
