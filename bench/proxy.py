@@ -8,8 +8,9 @@ admission never waits, request logs to /dev/null) pinned to CPU 1, and this clie
 keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask for 64 tokens (``max_tokens``;
 the proxy's dialect is ``llamacpp`` with every cap >= 64, so both paths generate the same
 answer; the control loop is off, so the caps and admission never change). For each rate,
-the same seeded open-loop Poisson schedule is sent first direct, then through the proxy, three rounds (seeds 0-2); each cell is the median over rounds. Latency is
-from the scheduled send time to the last byte (and, streaming, to the first body byte).
+the same seeded open-loop Poisson schedule is sent first direct, then through the proxy,
+three rounds (seeds 0-2); each cell is the median over rounds. Latency is from the
+scheduled send time to the last byte (and, streaming, to the first body byte).
 Added latency = proxy percentile - direct percentile. The highest sustained rate is
 measured closed-loop with 64 connections, non-streaming.
 """
