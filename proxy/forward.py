@@ -348,6 +348,9 @@ class Exchange:
             reasoning_dialect = st.settings.backend.dialect in REASONING_DIALECTS
             used = t.reasoning if reasoning_dialect else t.completion
             st.remember(self.rid, Finished(name, used))
+            limit = ev.get("effective_limit")
+            if used is not None and isinstance(limit, int) and ev.get("client_limit") is None:
+                st.saw_usage(name, used, limit)
             if reasoning_dialect and t.completion is not None and t.reasoning is not None:
                 st.saw_answer(name, t.completion - t.reasoning)
         if st.log_requests:

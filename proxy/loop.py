@@ -42,21 +42,29 @@ TYPE_FIELDS = (
 
 
 def build_problem(
-    model: ModelConfig, snap: Snapshot, answer_tokens: Mapping[str, float], arrival_rate: float
+    model: ModelConfig,
+    snap: Snapshot,
+    answer_tokens: Mapping[str, float],
+    arrival_rate: float,
+    used_share: Mapping[str, float] | None = None,
 ) -> Problem:
     """The allocation problem from the configured curves and weights and the estimates.
 
     Priors and service parameters come from the snapshot (which holds the configured values
     until enough samples exist); the service time of the answer that follows the reasoning
-    (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead.
+    (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead. When
+    a type's answers stop before their cap (they use a share ``u < 1`` of it on average),
+    a cap token costs ``u x per_token_s``.
     """
+    used_share = used_share or {}
     tasks = []
     for cfg, est in zip(model.types, snap.types, strict=True):
         values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"type {est.name!r}: non-finite estimate {values}")
-        per_token = max(est.per_token_s, 0.0)
-        overhead = max(est.overhead_s + per_token * answer_tokens.get(est.name, 0.0), 0.0)
+        raw = max(est.per_token_s, 0.0)
+        per_token = raw * used_share.get(est.name, 1.0)
+        overhead = max(est.overhead_s + raw * answer_tokens.get(est.name, 0.0), 0.0)
         tasks.append(
             replace(
                 cfg.task,
@@ -124,7 +132,7 @@ class ControlLoop:
             snap = st.estimators.snapshot(now)
             use_estimate = st.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
-            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate)
+            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used)
             x0 = self.x0
             started = time.perf_counter()
             result, caps = decide(problem, s.method, x0)

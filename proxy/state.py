@@ -24,6 +24,8 @@ from proxy.upstream import Upstream
 REASONING_DIALECTS = ("vllm", "sglang")
 #: Weight of each new answer in the per-type mean answer length.
 ANSWER_DECAY = 0.05
+#: Floor of the tracked share of a cap that answers use.
+MIN_USED_SHARE = 0.05
 #: How many finished requests are remembered for graded feedback.
 RECENT_REQUESTS = 10_000
 
@@ -54,6 +56,7 @@ class ProxyState:
     admit_fraction: float = 1.0
     controller: Any = None
     answer: dict[str, float] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
     last_decision: dict[str, Any] | None = None
     recent: OrderedDict[str, Finished] = field(default_factory=OrderedDict)
@@ -79,6 +82,12 @@ class ProxyState:
         """Track the mean answer length per type (tokens after the reasoning), decayed."""
         old = self.answer.get(name)
         self.answer[name] = float(tokens) if old is None else old + ANSWER_DECAY * (tokens - old)
+
+    def saw_usage(self, name: str, used: int, limit: int) -> None:
+        """Track the share of its limit a type's answers use (decayed), between 5 % and 1."""
+        share = min(1.0, max(MIN_USED_SHARE, used / limit)) if limit > 0 else 1.0
+        old = self.used.get(name)
+        self.used[name] = share if old is None else old + ANSWER_DECAY * (share - old)
 
     def answer_offsets(self) -> dict[str, float]:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""

