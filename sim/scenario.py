@@ -197,13 +197,8 @@ class Scenario:
             k = t.task
             hi = min(k.max_tokens, t.natural_tokens)
             tasks.append(
-                TaskType(
-                    name=k.name,
-                    prior=k.prior,
-                    weight=k.weight,
-                    accuracy_base=k.accuracy_base,
-                    accuracy_gain=k.accuracy_gain,
-                    accuracy_rate=k.accuracy_rate,
+                replace(
+                    k,
                     overhead_s=s * (k.overhead_s + k.per_token_s * t.answer_tokens),
                     per_token_s=s * k.per_token_s,
                     variance_s2=s * s * k.variance_s2,

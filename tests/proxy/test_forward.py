@@ -190,3 +190,23 @@ async def test_authorization_is_forwarded_or_replaced_and_never_logged(stack: St
                     assert r.status == 200
         assert (await s.upstream_seen())[-1]["authorization"] == want
         assert "secret" not in json.dumps(logs) and "backend-key" not in json.dumps(logs)
+
+
+async def test_sync_stream_and_async_plain_clients(stack: StackFactory) -> None:
+    """The sync client streams and the async client reads a plain answer, both with the table's cap."""
+    s = await stack()
+
+    def sync_stream() -> list[Any]:
+        with openai.OpenAI(base_url=s.url, api_key="k", max_retries=0) as c:
+            return list(c.chat.completions.create(model="m", messages=HARD, stream=True))
+
+    chunks = await asyncio.get_running_loop().run_in_executor(None, sync_stream)
+    reasoning = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning") or "" for ch in chunks if ch.choices)
+    cap = s.state.caps.cap("hard")
+    assert len(reasoning.split()) == min(400, cap)
+    async with openai.AsyncOpenAI(base_url=s.url, api_key="k", max_retries=0) as c:
+        r = await c.chat.completions.create(model="m", messages=EASY)
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    assert r.usage.completion_tokens_details.reasoning_tokens == min(50, s.state.caps.cap("easy"))
+    bodies = await s.upstream_bodies()
+    assert [b["thinking_token_budget"] for b in bodies[-2:]] == [cap, s.state.caps.cap("easy")]
