@@ -21,6 +21,8 @@ from proxy.upstream import Upstream
 #: The cap the start-up probe asks for.
 PROBE_CAP = 8
 PROBE_TIMEOUT_S = 60.0
+PROBE_RETRY_FIRST_S = 1.0
+PROBE_RETRY_MAX_S = 30.0
 READY_TIMEOUT_S = 2.0
 
 
@@ -106,8 +108,18 @@ async def probe(state: ProxyState) -> dict[str, Any]:
 
 
 async def _run_probe(state: ProxyState) -> None:
-    state.probe = await probe(state)
+    """Probe until the backend answers (backing off up to ``PROBE_RETRY_MAX_S``), then log the verdict."""
     log = logger()
+    delay = PROBE_RETRY_FIRST_S
+    while True:
+        state.probe = await probe(state)
+        if state.probe["status"] != "error":
+            break
+        log.warning(
+            "probe", warning=f"the backend did not answer the cap probe; retrying in {delay:g} s", **state.probe
+        )
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, PROBE_RETRY_MAX_S)
     if state.probe["status"] == "honoured":
         log.info("probe", **state.probe)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from proxy.app import create_app
 from proxy.serve_cmd import start
 from proxy.settings import load_settings
 from proxy.state import build_state
+from sim.backend import create_app as create_sim
 from tests.proxy.conftest import Stack, StackFactory, write_config
-from tests.sim.conftest import sim_type
+from tests.sim.conftest import make_scenario, sim_type
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
 
@@ -213,3 +215,30 @@ async def test_probe_warns_when_the_backend_ignores_the_cap() -> None:
     finally:
         await front.close()
         await up.close()
+
+
+async def test_probe_retries_until_the_backend_comes_up(tmp_path: Path) -> None:
+    """A backend that starts after the proxy is probed once it answers; the verdict replaces the error."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = load_settings(write_config(tmp_path, f"http://127.0.0.1:{port}/v1", backend="probe = true"))
+    state = build_state(settings)
+    front = TestServer(create_app(state), host="127.0.0.1")
+    await front.start_server()
+    sim = TestServer(create_sim(make_scenario()), host="127.0.0.1", port=port)
+    try:
+        for _ in range(200):
+            if state.probe["status"] == "error":
+                break
+            await asyncio.sleep(0.01)
+        assert state.probe["status"] == "error"
+        await sim.start_server()
+        for _ in range(500):
+            if state.probe["status"] != "error":
+                break
+            await asyncio.sleep(0.01)
+        assert state.probe["status"] == "honoured" and state.probe["field"] == "thinking_token_budget"
+    finally:
+        await front.close()
+        await sim.close()
