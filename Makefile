@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/detector.py
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/control.py --e2e
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis thinkcap-demo
