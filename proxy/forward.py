@@ -376,10 +376,30 @@ async def shaped(request: web.Request) -> web.StreamResponse:
         ex.loop.call_soon(ex.finish)
 
 
+def _upstream_failure(exc: BaseException) -> ProxyError:
+    """The proxy's answer to an aiohttp client failure on a pass-through route."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProxyError(
+            502, f"cannot connect to the upstream server: {exc.os_error}", "upstream_error", code="upstream_unreachable"
+        )
+    if isinstance(exc, TimeoutError):
+        return ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
+    return ProxyError(
+        502, f"the upstream connection failed: {type(exc).__name__}", "upstream_error", code="upstream_disconnected"
+    )
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Any other ``/v1/`` route: method, path, query, body and end-to-end headers, as they are."""
+    """Any other ``/v1/`` route: method, path, query, body and end-to-end headers, as they are.
+
+    A failure before the upstream answers is an OpenAI-style error; one after the answer
+    started cuts the connection, so that the client sees an incomplete body, not a short one.
+    """
     st = request.app[STATE_KEY]
     rid = request_id(request)
+    resp: web.StreamResponse | None = None
     try:
         raw = await read_body(request)
         url = st.settings.backend.base + request.path_qs
@@ -393,29 +413,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 await resp.write(data)
             await resp.write_eof()
             return resp
-    except ProxyError as exc:
-        return error_response(exc, rid)
-    except aiohttp.ClientConnectorError as exc:
-        return error_response(
-            ProxyError(
-                502,
-                f"cannot connect to the upstream server: {exc.os_error}",
-                "upstream_error",
-                code="upstream_unreachable",
-            ),
-            rid,
-        )
-    except TimeoutError:
-        return error_response(
-            ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout"), rid
-        )
-    except aiohttp.ClientError as exc:
-        return error_response(
-            ProxyError(
-                502,
-                f"the upstream connection failed: {type(exc).__name__}",
-                "upstream_error",
-                code="upstream_disconnected",
-            ),
-            rid,
-        )
+    except (ProxyError, aiohttp.ClientError, TimeoutError) as exc:
+        if resp is not None and resp.prepared:
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        return error_response(_upstream_failure(exc), rid)

@@ -242,3 +242,25 @@ async def test_probe_retries_until_the_backend_comes_up(tmp_path: Path) -> None:
     finally:
         await front.close()
         await sim.close()
+
+
+async def test_passthrough_cut_mid_body_reaches_the_client_as_a_cut(stack: StackFactory) -> None:
+    """An upstream that drops a pass-through answer halfway makes the client see a broken body."""
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\n{\"dat\r\n")  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    try:
+        s = await stack(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+        async with aiohttp.ClientSession() as session, session.get(f"{s.url}/models") as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    finally:
+        server.close()
+        await server.wait_closed()
