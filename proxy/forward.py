@@ -191,7 +191,7 @@ class Exchange:
                 429, "too many requests are waiting; retry later", "rate_limit_error", code="queue_full"
             ) from None
         self.event["queue_wait_s"] = self.loop.time() - self.t_arrival
-        st.metrics.queue_wait.labels(decision.type).observe(self.event["queue_wait_s"])
+        st.metrics.waited(decision.type, self.event["queue_wait_s"])
         try:
             return await self.dispatch(body, decision.type)
         finally:

@@ -46,6 +46,7 @@ class Metrics:
         self.solve_time = Gauge("thinkcap_solve_time_seconds", "Duration of the last solve", registry=r)
         self._requests: dict[tuple[str, str], Any] = {}
         self._system: dict[str, Any] = {}
+        self._wait: dict[str, Any] = {}
         self._tokens: dict[tuple[str, str], Any] = {}
         for name in type_names:
             self.caps.labels(name)
@@ -67,6 +68,13 @@ class Metrics:
                 if counter is None:
                     counter = self._tokens[name, kind] = self.tokens.labels(name, kind)
                 counter.inc(value)
+
+    def waited(self, name: str, seconds: float) -> None:
+        """Observe one admission wait (the label child is cached)."""
+        hist = self._wait.get(name)
+        if hist is None:
+            hist = self._wait[name] = self.queue_wait.labels(name)
+        hist.observe(seconds)
 
     def set_caps(self, caps: Mapping[str, int]) -> None:
         """Show the caps in force."""

@@ -36,7 +36,6 @@ class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.used = False
 
     def close(self) -> None:
         self.writer.close()
@@ -160,7 +159,6 @@ class Upstream:
     def put(self, conn: _Conn) -> None:
         """Return a healthy connection to the pool."""
         if len(self._idle) < self.max_idle and not conn.writer.is_closing():
-            conn.used = True
             self._idle.append(conn)
         else:
             conn.close()
