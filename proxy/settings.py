@@ -123,10 +123,6 @@ class Settings:
         """A copy with some proxy settings changed."""
         return replace(self, proxy=replace(self.proxy, **changes))
 
-    def with_controller(self, **changes: Any) -> Settings:
-        """A copy with some controller settings changed."""
-        return replace(self, controller=replace(self.controller, **changes))
-
 
 def _optional_timeout(t: Table, name: str, default: float | None) -> float | None:
     value = t.raw(name)

@@ -150,7 +150,6 @@ class LoadResult:
     """Everything a run produced."""
 
     records: list[Record]
-    phases: tuple[LoadPhase, ...]
     feedback_sent: int = 0
     feedback_errors: int = 0
 
@@ -163,7 +162,7 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         self.t0 = self.loop.time()
         self.in_flight = 0
-        self.result = LoadResult([], scenario.phases)
+        self.result = LoadResult([])
 
     def now(self) -> float:
         return self.loop.time() - self.t0
