@@ -76,10 +76,12 @@ def uniform(p: Problem) -> np.ndarray[Any, Any]:
 
 
 def online(
-    scenario: Scenario, work: Workload, truth: list[Problem]
+    scenario: Scenario, work: Workload, truth: list[Problem], half_life_s: float | None = None
 ) -> tuple[np.ndarray[Any, Any], list[tuple[float, np.ndarray[Any, Any]]]]:
     """Caps per request under thinkcap's control loop, and the caps over time."""
     settings = demo_settings(scenario, "http://127.0.0.1:9/v1", "adaptive", INTERVAL_S)
+    if half_life_s is not None:
+        settings = replace(settings, estimators=replace(settings.estimators, arrival_half_life_s=half_life_s))
     wrong = tuple(replace(t, task=replace(t.task, overhead_s=1.5 * t.task.overhead_s,
                                            per_token_s=0.7 * t.task.per_token_s))
                   for t in settings.model.types)  # fmt: skip
@@ -135,7 +137,7 @@ def measured(
     return float(np.mean(w[mask] * out.correct[mask]) - penalty * np.mean(out.system[mask]))
 
 
-def run_des(phase_s: float, seeds: int) -> None:
+def run_des(phase_s: float, seeds: int, half_life_s: float | None = None) -> None:
     scenario = load_scenario(str(files("sim") / "demo_scenario.toml"))
     phases = [Phase(phase_s, r) for r in RATES]
     truth = [scenario.problem(r) for r in RATES]
@@ -151,7 +153,7 @@ def run_des(phase_s: float, seeds: int) -> None:
     for seed in range(seeds):
         work = sample_workload(phases, truth[0].prior, np.random.default_rng(seed))
         steady = work.arrival - work.phase * phase_s >= SETTLE_S
-        online_caps, history = online(scenario, work, truth)
+        online_caps, history = online(scenario, work, truth, half_life_s)
         table = {
             "online": online_caps,
             "oracle": np.stack([optimum(p) for p in truth])[work.phase, work.type],
@@ -228,10 +230,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase-s", type=float, default=300.0, help="seconds per phase of the DES schedule")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arrival-half-life", type=float, help="override the demo's arrival-rate half-life, s")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end comparison (about 90 s)")
     args = ap.parse_args()
     configure(json_lines=True, stream=io.StringIO())
-    run_des(args.phase_s, args.seeds)
+    run_des(args.phase_s, args.seeds, args.arrival_half_life)
     if args.e2e:
         print()
         run_e2e(None)

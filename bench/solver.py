@@ -1,6 +1,6 @@
 """Solver benchmark: median solve time per method and size, against scipy's SLSQP.
 
-Run: .venv/bin/python bench/solver.py [--quick]
+Run: .venv/bin/python bench/solver.py [--quick] [--kernels]
 
 Random instances (sim.instances.random_problem) at three loads: light, heavy and
 margin-active. Times are medians over instances of the median over repeats of one cold
@@ -8,7 +8,9 @@ solve (no warm start). SLSQP (analytic gradient, variables scaled by max_tokens)
 the same process on the same instances for N <= 64; the objective gap is
 U(method) - U(SLSQP), positive when the method is better. A second table is the rounding
 study: relative loss (U(x*) - U(caps)) / |U(x*)| of nearest rounding and of the
-neighbour search over many instances.
+neighbour search over many instances. ``--kernels`` instead times the exact method with
+each of its per-type kernels (Python floats, numpy) forced, to place
+``controller.sweep.SCALAR_MAX_TYPES``.
 """
 
 from __future__ import annotations
@@ -135,13 +137,33 @@ def rounding_table(count: int) -> None:
                   f" | {over[method]} |")  # fmt: skip
 
 
+def kernel_table(sizes: list[int], instances: int, repeats: int) -> None:
+    """Median exact solve time with each per-type kernel forced: where the scalar one stops paying."""
+    print("| N | load | scalar kernel | numpy kernel | numpy / scalar |")
+    print("|---|---|---|---|---|")
+    for n in sizes:
+        for regime in REGIMES:
+            problems = [random_problem(7000 * n + k, n, regime) for k in range(instances)]
+            med = {}
+            for kernel in ("scalar", "array"):
+                ts = [timed(lambda p=p, kernel=kernel: exact(p, kernel=kernel), repeats)[0] for p in problems]  # type: ignore[misc]
+                med[kernel] = statistics.median(ts)
+            ratio = med["array"] / med["scalar"]
+            print(f"| {n} | {regime} | {fmt_time(med['scalar'])} | {fmt_time(med['array'])} | {ratio:.2f} |")
+            sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer instances and sizes (a smoke run)")
     ap.add_argument("--sizes", default="8,64,1024,16384", help="comma-separated N")
     ap.add_argument("--only", help="comma-separated methods (default: all)")
     ap.add_argument("--no-rounding", action="store_true", help="skip the rounding study")
+    ap.add_argument("--kernels", action="store_true", help="only compare the exact method's two kernels")
     args = ap.parse_args()
+    if args.kernels:
+        kernel_table([1, 4, 8, 16, 24, 32, 48, 64], instances=10, repeats=21)
+        return
     only = args.only.split(",") if args.only else None
     if args.quick:
         speed_table([8, 64], instances=3, repeats=3, only=only)

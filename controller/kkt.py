@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from controller.problem import Array, Problem
+from controller.sweep import Kernel, use_scalar
 
 
 def _worst_point(p: Problem, upper: Array) -> tuple[float, Array, float]:
@@ -93,7 +94,7 @@ def local_contraction(p: Problem, x: Array) -> float:
     return float(rows.max())
 
 
-def certify(p: Problem, x: Array, multiplier: float) -> tuple[float, float]:
+def certify(p: Problem, x: Array, multiplier: float, *, kernel: Kernel = "auto") -> tuple[float, float]:
     """The objective U(x) and the optimality residual of ``x`` (tokens), computed together.
 
     Notes
@@ -105,6 +106,11 @@ def certify(p: Problem, x: Array, multiplier: float) -> tuple[float, float]:
     margin adds its violation, and its complementarity gap when ``mu > 0``, converted to
     tokens through ``d rho / d l = lambda pi c``. At an unstable point: (-inf, +inf).
     """
+    if use_scalar(p.size, kernel):
+        try:
+            return _certify_scalar(p, x, multiplier)
+        except OverflowError:  # exp of a far negative cap: numpy's inf is the right answer
+            pass
     lam, gamma = p.arrival_rate, p.latency_penalty
     prior, c = p.prior, p.c
     pc = prior * c
@@ -127,6 +133,45 @@ def certify(p: Problem, x: Array, multiplier: float) -> tuple[float, float]:
     h = np.maximum(marginal * p.rate + gamma * pc * dphi, 1e-300)
     res = float(np.max(np.abs(np.minimum(np.maximum(x + g / h, p.lo), p.hi) - x)))
     rate_per_token = lam * float(pc.sum())
+    if rate_per_token > 0:
+        gap = rho - p.rho_max
+        margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)
+        res = max(res, margin / rate_per_token)
+    return fun, res
+
+
+def _certify_scalar(p: Problem, x: Array, multiplier: float) -> tuple[float, float]:
+    """:func:`certify` over Python floats: the same sums, faster for a handful of types."""
+    lam, gamma = p.arrival_rate, p.latency_penalty
+    prior, c, xs = p.prior.tolist(), p.c.tolist(), x.tolist()
+    ts = [t0 + ck * xk for t0, ck, xk in zip(p.t0.tolist(), c, xs, strict=True)]
+    m1 = m2 = 0.0
+    for pk, t, v in zip(prior, ts, p.v.tolist(), strict=True):
+        m1 += pk * t
+        m2 += pk * (t * t + v)
+    rho = lam * m1
+    if rho >= 1.0:
+        return -math.inf, math.inf
+    s = 1.0 - rho
+    a, b2 = lam / s, lam * lam / (s * s)
+    b2am2 = b2 * a * m2
+    accuracy = res = pc_sum = 0.0
+    rows = zip(prior, p.weight.tolist(), p.base.tolist(), p.gain.tolist(), p.rate.tolist(), c, ts, xs,
+               p.lo.tolist(), p.hi.tolist(), strict=True)  # fmt: skip
+    for pk, w, base, gain, b, ck, t, xk, lo, hi in rows:
+        decay = math.exp(-b * xk)
+        pwa = pk * w * gain
+        accuracy += pwa * (1.0 - decay) + pk * w * base
+        marginal = pwa * b * decay
+        pc = pk * ck
+        pc_sum += pc
+        phi = 1.0 + a * t + 0.5 * b2 * m2
+        dphi = a * ck + 2.0 * b2 * pc * t + b2am2 * pc
+        g = marginal - pc * (gamma * phi + multiplier * lam)
+        h = max(marginal * b + gamma * pc * dphi, 1e-300)
+        res = max(res, abs(min(max(xk + g / h, lo), hi) - xk))
+    fun = accuracy - gamma * (m1 + lam * m2 / (2.0 * s))
+    rate_per_token = lam * pc_sum
     if rate_per_token > 0:
         gap = rho - p.rho_max
         margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)

@@ -32,6 +32,7 @@ from scipy.optimize import brentq
 from controller.kkt import certify
 from controller.problem import Array, Problem
 from controller.result import SolveResult, Status
+from controller.sweep import ArraySweep, Kernel, ScalarSweep, make_sweep, use_scalar
 
 #: Absolute tolerance on the per-type Newton step, tokens.
 CAP_XTOL = 1e-9
@@ -164,26 +165,20 @@ def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float
 
 
 def _joint_newton(
-    p: Problem, caps: _Caps, rho_lo: float, rho_cap: float, st: _State
+    p: Problem, sw: ArraySweep | ScalarSweep, rho_lo: float, rho_cap: float, st: _State
 ) -> tuple[float, float, Array, float, int] | None:
     """Newton's method on caps and prices together: one pass over the types per iteration.
 
     Each iteration takes one projected Newton step of every type's equation at the current
-    prices, linearises the caps in the prices (``dl/dtheta``, ``dl/dsigma``) and solves the
-    2x2 system for the price step: Newton on the whole KKT system through its Schur
-    complement. When ``rho`` presses against ``rho_cap = rho_max`` with load to spare the
-    margin binds and the iteration continues in ``theta`` alone. Returns
+    prices (``sw.newton``), linearises the caps in the prices (``dl/dtheta``, ``dl/dsigma``)
+    and solves the 2x2 system for the price step: Newton on the whole KKT system through its
+    Schur complement. When ``rho`` presses against ``rho_cap = rho_max`` with load to spare
+    the margin binds and the iteration continues in ``theta`` alone. Returns
     ``(rho, theta, x, mu, nit)``, or ``None`` if it does not converge (the caller then falls
     back to the bracketing method).
     """
     lam, gamma = p.arrival_rate, p.latency_penalty
-    pc, t0, c, v, prior, rate, lo, hi = caps.pc, p.t0, p.c, p.v, p.prior, p.rate, p.lo, p.hi
-    log_k, fix = caps.log_k_safe, caps.fix
-    pv = float(prior.dot(v))
-    lower, upper = (np.where(fix, caps.fix_to, lo), np.where(fix, caps.fix_to, hi)) if fix.any() else (lo, hi)
-    clip_lo, clip_hi, vmax = np.maximum, np.minimum, np.maximum.reduce
-    x = st.x
-    m1, m2 = p.moments(x)
+    m1, m2 = sw.moments()
     rho = min(max(lam * m1, rho_lo), rho_cap)
     sigma = lam / (1.0 - rho)
     theta = gamma * (1.0 + 0.5 * sigma * sigma * m2)
@@ -196,21 +191,13 @@ def _joint_newton(
         st.nfev += 1
         sigma = lam / (1.0 - rho)
         dsig = sigma * sigma / lam
-        gs = gamma * sigma
-        beta = gs * c
-        arg = theta + gs * t0 + beta * x
-        den = rate * arg + beta
-        f = rate * x + np.log(arg) - log_k
-        xn = clip_hi(clip_lo(x - f * arg / den, lower), upper)
-        d_th = ((xn > lower) & (xn < upper)) / -den
-        t = t0 + c * xn
-        m1 = float(prior.dot(t))
+        m1, m2, j, jt, jtt, step = sw.newton(theta, gamma * sigma, full=not margin)
         g1 = lam * m1 - rho
-        j12 = lam * float(pc.dot(d_th))
+        j12 = lam * j
         if margin:
-            if abs(g1) <= RHO_TOL and float(vmax(np.abs(xn - x))) <= CAP_XTOL:
-                x = xn
-                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * (float(prior.dot(t * t)) + pv))) / lam
+            if abs(g1) <= RHO_TOL and step <= CAP_XTOL:
+                sw.accept()
+                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * sw.moments()[1])) / lam
                 if mu >= -1e-9 * theta / lam:
                     break
                 margin = can_bind = False  # a negative price: the margin does not bind after all
@@ -233,19 +220,16 @@ def _joint_newton(
             d_theta = target - theta
             d_rho = raw_step = 0.0
         else:
-            tt = t * t
-            m2 = float(prior.dot(tt)) + pv
+            m2 += sw.pv
             g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
-            if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and float(vmax(np.abs(xn - x))) <= CAP_XTOL:
-                x = xn
+            if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and step <= CAP_XTOL:
+                sw.accept()
                 break
-            # dl/dsigma = gamma t dl/dtheta, so every Jacobian entry is a dot with d_th.
-            s_t = float((pc * t).dot(d_th))
-            s_tt = float((pc * tt).dot(d_th))
+            # dl/dsigma = gamma t dl/dtheta, so every Jacobian entry is a dot with dl/dtheta.
             half = gamma * sigma * sigma
-            j11 = lam * gamma * s_t * dsig - 1.0
-            j21 = gamma * sigma * dsig * m2 + half * gamma * s_tt * dsig
-            j22 = half * s_t - 1.0
+            j11 = lam * gamma * jt * dsig - 1.0
+            j21 = gamma * sigma * dsig * m2 + half * gamma * jtt * dsig
+            j22 = half * jt - 1.0
             det = j11 * j22 - j12 * j21
             if det == 0.0 or not math.isfinite(det):
                 return None
@@ -259,21 +243,17 @@ def _joint_newton(
             else:
                 d_rho, rho = new_rho - rho, new_rho
         new_theta = theta + d_theta if margin else max(theta + d_theta, 0.1 * theta)
-        x_prev = x
-        move = new_theta - theta if d_rho == 0.0 else (new_theta - theta) + (gamma * dsig * d_rho) * t
-        x = clip_hi(clip_lo(xn + d_th * move, lower), upper)
+        sw.advance(new_theta - theta, gamma * dsig * d_rho)
         # Quadratic convergence: once the step is this small the next residual is below
         # machine precision, so take it without another verifying pass.
-        if (
-            raw_step <= FINAL_PRICE_STEP
-            and abs(new_theta - theta) <= FINAL_PRICE_STEP * theta
-            and float(vmax(np.abs(xn - x_prev))) <= FINAL_CAP_STEP
-        ):
+        small_price_step = raw_step <= FINAL_PRICE_STEP and abs(new_theta - theta) <= FINAL_PRICE_STEP * theta
+        if small_price_step and step <= FINAL_CAP_STEP:
             theta = new_theta
             break
         theta = new_theta
     else:
         return None
+    x = sw.caps()
     st.x = x
     it = st.nfev - first
     if not margin:
@@ -285,7 +265,7 @@ def _joint_newton(
     return rho, theta, x, max(mu, 0.0), it
 
 
-def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
+def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> SolveResult:
     """Maximise U over F by the structured reduction to two scalars (the default method).
 
     Parameters
@@ -294,6 +274,9 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
         The problem.
     x0
         Optional warm start (e.g. the previous solution); only used as a starting point.
+    kernel
+        The per-type pass: ``"auto"`` (Python floats up to ``SCALAR_MAX_TYPES`` types,
+        numpy above), ``"scalar"`` or ``"array"``. The answer is the same up to rounding.
 
     Returns
     -------
@@ -314,23 +297,24 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
     >>> r.success, round(float(r.x[0]), 1)
     (True, 173.6)
     """
+    use_scalar(p.size, kernel)  # reject an unknown kernel before any work
     lam, gamma = p.arrival_rate, p.latency_penalty
     start = p.lo.copy() if x0 is None else np.clip(np.asarray(x0, dtype=float), p.lo, p.hi)
     st = _State(x=start)
     rho_lo = lam * float(p.prior.dot(p.t0 + p.c * p.lo))
     if rho_lo > p.rho_max:
-        return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st)
-    caps = _Caps(p)
+        return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st, kernel=kernel)
     if lam == 0.0:
-        x = caps.solve(gamma, 0.0, st)[0]
-        return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st)
+        x = _Caps(p).solve(gamma, 0.0, st)[0]
+        return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st, kernel=kernel)
     rho_top = lam * float(p.prior.dot(p.t0 + p.c * p.hi))
     if gamma > 0.0:
-        fast = _joint_newton(p, caps, rho_lo, min(rho_top, p.rho_max), st)
+        fast = _joint_newton(p, make_sweep(p, start, kernel), rho_lo, min(rho_top, p.rho_max), st)
         if fast is not None:
             _, _, x, mu, it = fast
-            return _finish(p, x, mu, Status.CONVERGED, nit=it, st=st)
+            return _finish(p, x, mu, Status.CONVERGED, nit=it, st=st, kernel=kernel)
         st.x = start
+    caps = _Caps(p)
     nit = 0
     if rho_top > p.rho_max:
         # Does the unconstrained optimum lie beyond the margin? Check the sign of G1 there.
@@ -341,25 +325,27 @@ def exact(p: Problem, *, x0: Array | None = None) -> SolveResult:
             theta, x, it = _margin(p, caps, theta_m, st)
             m2 = p.moments(x)[1]
             mu = max(0.0, (theta - gamma * (1.0 + 0.5 * sigma_m**2 * m2)) / lam)
-            return _finish(p, x, mu, Status.CONVERGED, nit=nit + it, st=st)
+            return _finish(p, x, mu, Status.CONVERGED, nit=nit + it, st=st, kernel=kernel)
         rho_hi = p.rho_max
     else:
         rho_hi = rho_top
     if gamma == 0.0:  # latency is free and the margin is slack: theta = 0, caps at hi
-        return _finish(p, caps.solve(0.0, 0.0, st)[0], 0.0, Status.CONVERGED, nit=nit + 1, st=st)
+        return _finish(p, caps.solve(0.0, 0.0, st)[0], 0.0, Status.CONVERGED, nit=nit + 1, st=st, kernel=kernel)
     if rho_hi - rho_lo <= RHO_TOL:
         x = caps.solve(_theta_for_load(p, caps, rho_hi, st), lam / (1.0 - rho_hi), st)[0]
-        return _finish(p, x, 0.0, Status.CONVERGED, nit=nit + 1, st=st)
+        return _finish(p, x, 0.0, Status.CONVERGED, nit=nit + 1, st=st, kernel=kernel)
     rho, theta = _bracketed(p, caps, rho_lo, rho_hi, st)
     x = caps.solve(theta, lam / (1.0 - rho), st)[0]
-    return _finish(p, x, 0.0, Status.CONVERGED, nit=nit, st=st)
+    return _finish(p, x, 0.0, Status.CONVERGED, nit=nit, st=st, kernel=kernel)
 
 
-def _finish(p: Problem, x: Array, mu: float, status: Status, *, nit: int, st: _State) -> SolveResult:
+def _finish(
+    p: Problem, x: Array, mu: float, status: Status, *, nit: int, st: _State, kernel: Kernel = "auto"
+) -> SolveResult:
     if status is Status.OVERLOAD:
         fun, res = p.objective(x), math.nan
     else:
-        fun, res = certify(p, x, mu)
+        fun, res = certify(p, x, mu, kernel=kernel)
     return SolveResult(
         x=x,
         fun=fun,

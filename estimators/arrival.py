@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from estimators._decay import check_half_life, check_time
@@ -22,6 +24,10 @@ class RateEstimate:
 FALL_WINDOW_FACTOR = 4.0
 #: Share of its exposure the reference keeps after a flagged change.
 REFERENCE_KEEP = 0.1
+#: Recent arrivals kept to locate a flagged change (a few seconds' worth at high rates).
+RECENT_EVENTS = 512
+#: Arrivals a located segment must hold (fewer would let noise place the change).
+MIN_SEGMENT_EVENTS = 5
 
 
 class _Decayed:
@@ -96,10 +102,14 @@ class ArrivalRate:
     the equivalent Poisson count (scale ``s = E / E2``):
     ``z = 2 (sqrt(N s + 3/8) - sqrt(r E s + 3/8)) / sqrt(1 + E^2 E2_r / (E2 E_r^2))``, the
     divisor accounting for the reference's own uncertainty. A change is flagged when the fast
-    window's ``z > threshold`` or the fall window's ``z < -threshold_down``. An alarm restarts the
-    reported estimate from the fast window; the reference keeps its level but forgets most of
-    its exposure (``REFERENCE_KEEP``). A fall is scored on a window ``FALL_WINDOW_FACTOR``
-    times longer than the fast one.
+    window's ``z > threshold`` or the fall window's ``z < -threshold_down``. A fall is scored on
+    a window ``FALL_WINDOW_FACTOR`` times longer than the fast one. An alarm locates the change
+    among the last ``RECENT_EVENTS`` arrivals, at the time ``tau`` that maximises the Poisson
+    log-likelihood ratio of the segment ``[tau, now]`` (``n`` arrivals over ``T`` seconds)
+    against the reference rate, ``n ln(n / (r T)) - n + r T``, taken in the alarm's direction,
+    and restarts the reported estimate from that segment alone: after a step it holds no
+    arrival from before the step. The reference keeps its level but forgets most of its
+    exposure (``REFERENCE_KEEP``).
 
     Examples
     --------
@@ -137,6 +147,7 @@ class ArrivalRate:
         self._ref = _Decayed(self.reference_half_life_s)
         self._windows = (self._main, self._fast, self._slow_fall, self._ref)
         self._last: float | None = None
+        self._recent: deque[tuple[float, int]] = deque(maxlen=RECENT_EVENTS)
         self._changes = 0
         self._since_change = 0
         self._last_change: float | None = None
@@ -155,6 +166,7 @@ class ArrivalRate:
             window.advance(dt, count)
         if count == 0:
             return
+        self._recent.append((now, count))
         self._since_change += count
         if ref > 0.0 and self._since_change > self.warmup_events and self._ref.exposure > 0.0:
             self._detect(ref, now)
@@ -187,14 +199,54 @@ class ArrivalRate:
             self._changes += 1
             self._last_change = now
             self._since_change = 0
-            # The reported rate restarts from the recent window. The reference keeps its level
-            # (the window that raised a false alarm is biased) but forgets most of its
-            # exposure, so that after a true change it relearns within a few dozen arrivals.
-            fast, main, slow = self._fast, self._main, self._ref
-            main.count, main.exposure, main.exposure2 = fast.count, fast.exposure, fast.exposure2
+            # The reported rate restarts from the arrivals since the located change. The
+            # reference keeps its level (the window that raised a false alarm is biased) but
+            # forgets most of its exposure, so that after a true change it relearns within a
+            # few dozen arrivals.
+            self._main = self._since(self._change_point(now), now)
+            self._windows = (self._main, self._fast, self._slow_fall, self._ref)
+            slow = self._ref
             slow.count *= REFERENCE_KEEP
             slow.exposure *= REFERENCE_KEEP
             slow.exposure2 *= REFERENCE_KEEP
+
+    def _change_point(self, now: float) -> float:
+        """The most likely time of one rate change among the kept arrivals.
+
+        Two Poisson segments, before and after a kept arrival ``tau`` (from the oldest kept
+        arrival to ``now``), each at its own best rate; ``tau`` maximises their log-likelihood
+        ``n1 ln(n1 / T1) + n2 ln(n2 / T2)``. Each segment holds at least ``MIN_SEGMENT_EVENTS``
+        arrivals, except a later segment slower than the earlier one (after a fall to almost
+        nothing it may hold none). Falls back to the oldest kept arrival.
+        """
+        recent = self._recent
+        origin = recent[0][0]
+        total = sum(count for _, count in recent) - recent[0][1]
+        best, best_ll = origin, -math.inf
+        n1 = 0
+        for t, count in itertools.islice(recent, 1, None):
+            n1 += count
+            n2 = total - n1
+            t1, t2 = t - origin, now - t
+            if n1 < MIN_SEGMENT_EVENTS or t1 <= 0.0 or t2 <= 0.0:
+                continue
+            if n2 < MIN_SEGMENT_EVENTS and n2 * t1 >= n1 * t2:
+                continue
+            ll = n1 * math.log(n1 / t1) + (n2 * math.log(n2 / t2) if n2 else 0.0)
+            if ll > best_ll:
+                best, best_ll = t, ll
+        return best
+
+    def _since(self, start: float, now: float) -> _Decayed:
+        """A fresh estimate that has seen only the kept arrivals after ``start``."""
+        out = _Decayed(self.half_life_s)
+        last = start
+        for t, count in self._recent:
+            if t > start:
+                out.advance(t - last, count)
+                last = t
+        out.advance(now - last)
+        return out
 
     def get(self, now: float | None = None) -> RateEstimate:
         """The rate (1/s) and its standard error at ``now`` (default: the last update)."""

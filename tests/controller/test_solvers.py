@@ -10,18 +10,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller import METHODS, Problem, SolveResult, Status, TaskType, exact, fixed_point, projected_gradient, solve
-from controller.kkt import contraction_factor
+from controller.kkt import certify, contraction_factor
 from sim.instances import random_problem
 from tests.controller.referee import referee
 
 REL = 1e-9
+#: Every method, and the exact method with each of its two per-type kernels forced.
+VARIANTS = [*sorted(METHODS), "exact/array", "exact/scalar"]
 #: Residual tolerance per method, tokens: the gradient method stops at 1e-3 tokens by default.
-RESIDUAL = {"exact": 1e-6, "fixed_point": 1e-5, "projected_gradient": 1e-2}
+RESIDUAL = {"exact": 1e-6, "exact/array": 1e-6, "exact/scalar": 1e-6, "fixed_point": 1e-5, "projected_gradient": 1e-2}
 #: The gradient method is slow by nature; hypothesis gives it smaller instances.
-MAX_TYPES = {"exact": 50, "fixed_point": 50, "projected_gradient": 12}
+MAX_TYPES = {"exact": 50, "exact/array": 50, "exact/scalar": 50, "fixed_point": 50, "projected_gradient": 12}
 
 
 def run(method: str, p: Problem) -> SolveResult:
+    if method.startswith("exact/"):
+        return exact(p, kernel=method.removeprefix("exact/"))  # type: ignore[arg-type]
     return solve(p, method=method)
 
 
@@ -39,7 +43,7 @@ def assert_optimal(method: str, p: Problem, r: SolveResult) -> None:
     assert r.fun >= u_ref - REL * scale
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -53,7 +57,7 @@ def test_every_method_reaches_the_optimum(method: str, seed: int, n: int, regime
     assert_optimal(method, p, run(method, p))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50))
 def test_overload_returns_minimal_caps(method: str, seed: int, n: int) -> None:
@@ -79,7 +83,7 @@ def _pair(gain_b: float = 0.6, c_b: float = 0.003) -> tuple[TaskType, TaskType]:
     return a, b
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_margin_constraint_binds(method: str) -> None:
     """With a tiny latency penalty the optimum sits on the margin with a positive price."""
     p = Problem(_pair(), arrival_rate=0.5, latency_penalty=1e-5, rho_max=0.8)
@@ -90,7 +94,7 @@ def test_margin_constraint_binds(method: str) -> None:
     assert r.multiplier > 0
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_zero_gain_type_gets_its_minimum(method: str) -> None:
     """A type whose accuracy does not improve (w A = 0) is capped at min_tokens."""
     p = Problem(_pair(gain_b=0.0), arrival_rate=0.5, latency_penalty=0.05)
@@ -101,7 +105,7 @@ def test_zero_gain_type_gets_its_minimum(method: str) -> None:
     assert np.all(np.isfinite(r.x))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_zero_weight_type_gets_its_minimum(method: str) -> None:
     """A type with weight 0 is capped at min_tokens."""
     a, b = _pair()
@@ -110,7 +114,7 @@ def test_zero_weight_type_gets_its_minimum(method: str) -> None:
     assert r.x[1] == b.min_tokens
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_no_latency_penalty_with_slack_margin_gives_maximum(method: str) -> None:
     """gamma = 0 and a slack margin: every type thinks as long as allowed."""
     p = Problem(_pair(), arrival_rate=0.05, latency_penalty=0.0)
@@ -120,7 +124,7 @@ def test_no_latency_penalty_with_slack_margin_gives_maximum(method: str) -> None
     np.testing.assert_allclose(r.x, p.hi, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_no_latency_penalty_with_binding_margin_fills_the_margin(method: str) -> None:
     """gamma = 0 and a binding margin: the load sits exactly at rho_max, no NaN."""
     p = Problem(_pair(), arrival_rate=0.5, latency_penalty=0.0, rho_max=0.8)
@@ -129,7 +133,7 @@ def test_no_latency_penalty_with_binding_margin_fills_the_margin(method: str) ->
     assert p.metrics(r.x).rho == pytest.approx(0.8, abs=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_no_traffic_means_no_queue(method: str) -> None:
     """lambda = 0: the optimum trades accuracy against the service time alone."""
     p = Problem(_pair(), arrival_rate=0.0, latency_penalty=0.05)
@@ -141,7 +145,7 @@ def test_no_traffic_means_no_queue(method: str) -> None:
     assert r.x[0] == pytest.approx(expect, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VARIANTS)
 def test_free_tokens_get_the_maximum(method: str) -> None:
     """A type whose tokens cost no time (c = 0) gets max_tokens."""
     p = Problem(_pair(c_b=0.0), arrival_rate=0.5, latency_penalty=0.05)
@@ -201,3 +205,40 @@ def test_unknown_method_is_rejected() -> None:
     """solve() names the bad method."""
     with pytest.raises(ValueError, match="method"):
         solve(Problem(_pair(), arrival_rate=0.5, latency_penalty=0.05), method="newton")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 60),
+    regime=st.sampled_from(["light", "heavy", "margin", "overloaded"]),
+    variance=st.booleans(),
+)
+def test_both_kernels_give_the_same_caps(seed: int, n: int, regime: str, variance: bool) -> None:
+    """The scalar and the numpy pass are the same algorithm: same caps, objective and work."""
+    p = random_problem(seed, n, regime, variance=variance)
+    a, s = exact(p, kernel="array"), exact(p, kernel="scalar")
+    assert a.status is s.status
+    np.testing.assert_allclose(s.x, a.x, rtol=1e-9, atol=1e-7)
+    assert s.fun == pytest.approx(a.fun, rel=1e-12, abs=1e-12)
+    assert abs(s.nit - a.nit) <= 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), frac=st.floats(0.0, 1.0), mu=st.floats(0.0, 1.0))
+def test_both_certificates_agree_at_any_feasible_point(seed: int, n: int, frac: float, mu: float) -> None:
+    """The scalar certificate equals the numpy one anywhere in the box, optimal or not."""
+    p = random_problem(seed, n, "heavy")
+    x = p.lo + frac * (p.hi - p.lo)
+    fa, ra = certify(p, x, mu, kernel="array")
+    fs, rs = certify(p, x, mu, kernel="scalar")
+    assert fs == pytest.approx(fa, rel=1e-12, abs=1e-12)
+    assert rs == pytest.approx(ra, rel=1e-9, abs=1e-9)
+
+
+def test_an_unknown_kernel_is_rejected() -> None:
+    p = random_problem(1, 3, "light")
+    with pytest.raises(ValueError, match="kernel"):
+        exact(p, kernel="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kernel"):
+        certify(p, p.lo, 0.0, kernel="gpu")  # type: ignore[arg-type]

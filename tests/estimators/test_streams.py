@@ -229,6 +229,38 @@ def test_rate_follows_the_step_after_the_flag() -> None:
     assert est.get(now=LEAD_IN_S + 15.0).rate > 4.5
 
 
+def _after_step(seed: int, before: float, after: float, at: float) -> float:
+    """The reported rate ``at`` seconds after a step that follows a 10-minute lead-in, over ``after``."""
+    rng = np.random.default_rng(seed)
+    est = ArrivalRate()
+    for t in poisson_times(rng, before, 0.0, LEAD_IN_S):
+        est.update(now=t)
+    for t in poisson_times(rng, after, LEAD_IN_S, LEAD_IN_S + at):
+        est.update(now=t)
+    return est.get(now=LEAD_IN_S + at).rate / after
+
+
+@pytest.mark.parametrize(("before", "after", "at"), [(1.0, 6.0, 5.0), (6.0, 12.0, 8.0), (12.0, 3.0, 10.0)])
+def test_after_a_flag_the_rate_rests_on_arrivals_since_the_step(before: float, after: float, at: float) -> None:
+    """The restart locates the step: a few seconds later the estimate is unbiased (median
+    within 6 % of the new rate over 40 runs) although its half-life (30 s) is far longer."""
+    ratios = [_after_step(seed, before, after, at) for seed in range(40)]
+    assert abs(float(np.median(ratios)) - 1.0) < 0.06
+
+
+def test_the_located_change_is_the_step() -> None:
+    """Regular arrivals, 1/s then 10/s: once flagged, the estimate is the new spacing's rate."""
+    est = ArrivalRate()
+    for k in range(1, 301):
+        est.update(now=float(k))
+    t = 300.0
+    while est.changes == 0:
+        t += 0.1
+        est.update(now=t)
+    assert t < 303.0
+    assert est.get(now=t).rate == pytest.approx(10.0, rel=0.05)
+
+
 def test_per_type_slopes_when_a_type_has_enough_samples() -> None:
     """With per_type_slopes a type with its own per-token cost gets it; pooled otherwise."""
     rng = np.random.default_rng(8)

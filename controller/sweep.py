@@ -1,0 +1,201 @@
+"""The per-type pass of the structured solver's joint Newton method, in two kernels.
+
+One pass takes every type's projected Newton step at the current prices (DESIGN.md 1,
+solver 3) and returns the sums that the 2x2 price system needs; a second call moves the
+caps along their linearisation in the price step. :class:`ArraySweep` does this with numpy
+and suits any N; :class:`ScalarSweep` does it with Python floats, which is several times
+faster for a handful of types, where numpy's cost per call dominates. Both compute the same
+quantities, up to rounding.
+
+With ``gs = gamma sigma``, type k's step is the Newton step of
+``f(l) = b l + ln(theta + gs (t0 + c l)) - ln K`` projected onto its box, and
+``dl/dtheta = -1 / (b (theta + gs t) + gs c)`` inside the box (zero on a bound). A type with
+no gain (``w A b = 0``) is fixed at its minimum, one with free tokens (``c = 0``) at its
+maximum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from controller.problem import Array, Problem
+
+#: Up to this many types the solver uses :class:`ScalarSweep`; measured in
+#: ``bench/solver.py --kernels``.
+SCALAR_MAX_TYPES = 20
+
+#: Which kernel to use: ``"auto"`` picks by size, the others force one (for tests and benches).
+Kernel = Literal["auto", "scalar", "array"]
+KERNELS: tuple[Kernel, ...] = ("auto", "scalar", "array")
+
+#: ``(m1, m2, j, jt, jtt, step)`` after a pass: ``m1 = pi . t`` and ``m2 = pi . t^2`` at the
+#: new caps (``m2`` without the variance term), ``j``, ``jt`` and ``jtt`` the dot products of
+#: ``pi c``, ``pi c t`` and ``pi c t^2`` with ``dl/dtheta``, and ``step`` the largest change
+#: of a cap in the pass, in tokens.
+Sums = tuple[float, float, float, float, float, float]
+
+
+def _fixed_caps(p: Problem) -> tuple[NDArray[np.bool_], Array, Array]:
+    """``(fixed, fixed_to, log_k)`` per type: which caps are fixed in closed form, where, and
+    ``ln K = ln(w A b / c)`` (0 where fixed)."""
+    wab = p.weight * p.gain * p.rate
+    no_gain = wab <= 0
+    fixed = no_gain | ((p.c <= 0) & ~no_gain)
+    log_k = np.zeros(p.size)
+    ok = ~fixed
+    log_k[ok] = np.log(wab[ok] / p.c[ok])
+    fixed_to: Array = np.where(no_gain, p.lo, p.hi)
+    return fixed, fixed_to, log_k
+
+
+class ArraySweep:
+    """The pass over numpy arrays."""
+
+    def __init__(self, p: Problem, x: Array) -> None:
+        fixed, fixed_to, self.log_k = _fixed_caps(p)
+        if fixed.any():
+            self.lower, self.upper = np.where(fixed, fixed_to, p.lo), np.where(fixed, fixed_to, p.hi)
+        else:
+            self.lower, self.upper = p.lo, p.hi
+        self.p = p
+        self.pc = p.prior * p.c
+        self.pv = float(p.prior.dot(p.v))
+        self.x = np.clip(x, self.lower, self.upper)
+        self.xn = self.d_th = self.t = self.x
+
+    def moments(self) -> tuple[float, float]:
+        """``(m1, m2)`` of the current caps, ``m2`` with the variance term."""
+        return self.p.moments(self.x)
+
+    def newton(self, theta: float, gs: float, *, full: bool = True) -> Sums:
+        """One projected Newton step of every type at the prices; ``full=False`` skips ``m2``,
+        ``jt`` and ``jtt`` (returned as 0)."""
+        p, x = self.p, self.x
+        beta = gs * p.c
+        arg = theta + gs * p.t0 + beta * x
+        den = p.rate * arg + beta
+        f = p.rate * x + np.log(arg) - self.log_k
+        xn = np.minimum(np.maximum(x - f * arg / den, self.lower), self.upper)
+        d_th = ((xn > self.lower) & (xn < self.upper)) / -den
+        t = p.t0 + p.c * xn
+        self.xn, self.d_th, self.t = xn, d_th, t
+        m1 = float(p.prior.dot(t))
+        j = float(self.pc.dot(d_th))
+        step = float(np.maximum.reduce(np.abs(xn - x)))
+        if not full:
+            return m1, 0.0, j, 0.0, 0.0, step
+        tt = t * t
+        return m1, float(p.prior.dot(tt)), j, float((self.pc * t).dot(d_th)), float((self.pc * tt).dot(d_th)), step
+
+    def advance(self, d_theta: float, d_t: float) -> None:
+        """Caps after the price step: ``x = clip(xn + dl/dtheta (d_theta + d_t t))``."""
+        move = d_theta if d_t == 0.0 else d_theta + d_t * self.t
+        self.x = np.minimum(np.maximum(self.xn + self.d_th * move, self.lower), self.upper)
+
+    def accept(self) -> None:
+        """Keep the caps of the last pass."""
+        self.x = self.xn
+
+    def caps(self) -> Array:
+        return self.x
+
+
+class ScalarSweep:
+    """The same pass over Python floats, for small N."""
+
+    def __init__(self, p: Problem, x: Array) -> None:
+        self.n = p.size
+        self.prior, self.t0, self.c, self.rate = p.prior.tolist(), p.t0.tolist(), p.c.tolist(), p.rate.tolist()
+        self.pv = math.fsum(a * b for a, b in zip(self.prior, p.v.tolist(), strict=True))
+        self.lower, self.upper = p.lo.tolist(), p.hi.tolist()
+        self.fixed = [False] * self.n
+        self.log_k = [0.0] * self.n
+        for k, (w, a, b, c) in enumerate(zip(p.weight.tolist(), p.gain.tolist(), self.rate, self.c, strict=True)):
+            wab = w * a * b
+            if wab <= 0.0:  # no gain: fixed at the minimum
+                self.fixed[k], self.upper[k] = True, self.lower[k]
+            elif c <= 0.0:  # free tokens: fixed at the maximum
+                self.fixed[k], self.lower[k] = True, self.upper[k]
+            else:
+                self.log_k[k] = math.log(wab / c)
+        lo, hi = self.lower, self.upper
+        self.pc = [a * b for a, b in zip(self.prior, self.c, strict=True)]
+        self.x = [min(max(v, lo[k]), hi[k]) for k, v in enumerate(x.tolist())]
+        self.xn, self.d_th, self.t = list(self.x), [0.0] * self.n, [0.0] * self.n
+
+    def moments(self) -> tuple[float, float]:
+        """``(m1, m2)`` of the current caps, ``m2`` with the variance term."""
+        m1 = m2 = 0.0
+        for pk, t0, c, x in zip(self.prior, self.t0, self.c, self.x, strict=True):
+            t = t0 + c * x
+            m1 += pk * t
+            m2 += pk * t * t
+        return m1, m2 + self.pv
+
+    def newton(self, theta: float, gs: float, *, full: bool = True) -> Sums:
+        """See :meth:`ArraySweep.newton`; every sum is computed whatever ``full`` says."""
+        log = math.log
+        xn: list[float] = []
+        d_th: list[float] = []
+        ts: list[float] = []
+        m1 = m2 = j = jt = jtt = step = 0.0
+        per_type = (self.lower, self.upper, self.log_k, self.fixed, self.t0, self.c, self.rate, self.prior, self.pc)
+        for xk, lo, hi, log_k, fixed, t0, c, b, pk, pc in zip(self.x, *per_type, strict=True):
+            if fixed:
+                new, d = lo, 0.0
+            else:
+                beta = gs * c
+                arg = theta + gs * t0 + beta * xk
+                den = b * arg + beta
+                new = xk - (b * xk + log(arg) - log_k) * arg / den
+                if new <= lo:
+                    new, d = lo, 0.0
+                elif new >= hi:
+                    new, d = hi, 0.0
+                else:
+                    d = -1.0 / den
+            xn.append(new)
+            d_th.append(d)
+            t = t0 + c * new
+            ts.append(t)
+            tt = t * t
+            m1 += pk * t
+            m2 += pk * tt
+            q = pc * d
+            j += q
+            jt += q * t
+            jtt += q * tt
+            dx = new - xk if new > xk else xk - new
+            step = max(step, dx)
+        self.xn, self.d_th, self.t = xn, d_th, ts
+        return m1, m2, j, jt, jtt, step
+
+    def advance(self, d_theta: float, d_t: float) -> None:
+        """See :meth:`ArraySweep.advance`."""
+        x = []
+        for xn, d, t, lo, hi in zip(self.xn, self.d_th, self.t, self.lower, self.upper, strict=True):
+            new = xn + d * (d_theta + d_t * t)
+            x.append(lo if new < lo else hi if new > hi else new)
+        self.x = x
+
+    def accept(self) -> None:
+        self.x = self.xn
+
+    def caps(self) -> Array:
+        return np.array(self.x)
+
+
+def use_scalar(n: int, kernel: Kernel = "auto") -> bool:
+    """Whether ``kernel`` means the scalar kernel for ``n`` types."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    return kernel == "scalar" or (kernel == "auto" and n <= SCALAR_MAX_TYPES)
+
+
+def make_sweep(p: Problem, x: Array, kernel: Kernel = "auto") -> ArraySweep | ScalarSweep:
+    """The pass for the problem (by default the faster kernel for its size), started at ``x``."""
+    return ScalarSweep(p, x) if use_scalar(p.size, kernel) else ArraySweep(p, x)
