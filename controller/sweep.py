@@ -105,7 +105,11 @@ class ArraySweep:
 
 
 class ScalarSweep:
-    """The same pass over Python floats, for small N."""
+    """The same pass over Python floats, for small N.
+
+    :meth:`advance` only records the price step; the next pass (or :meth:`caps`) moves each
+    cap along its linearisation as it reaches it, which saves a loop over the types.
+    """
 
     def __init__(self, p: Problem, x: Array) -> None:
         self.n = p.size
@@ -124,13 +128,23 @@ class ScalarSweep:
                 self.log_k[k] = math.log(wab / c)
         lo, hi = self.lower, self.upper
         self.pc = [a * b for a, b in zip(self.prior, self.c, strict=True)]
-        self.x = [min(max(v, lo[k]), hi[k]) for k, v in enumerate(x.tolist())]
-        self.xn, self.d_th, self.t = list(self.x), [0.0] * self.n, [0.0] * self.n
+        # The caps are xn + dl/dtheta (d_theta + d_t t), clipped: no move yet.
+        self.xn = [min(max(v, lo[k]), hi[k]) for k, v in enumerate(x.tolist())]
+        self.d_th, self.t = [0.0] * self.n, [0.0] * self.n
+        self.move = (0.0, 0.0)
+
+    def _caps(self) -> list[float]:
+        a, b = self.move
+        x = []
+        for xn, d, t, lo, hi in zip(self.xn, self.d_th, self.t, self.lower, self.upper, strict=True):
+            new = xn + d * (a + b * t)
+            x.append(lo if new < lo else hi if new > hi else new)
+        return x
 
     def moments(self) -> tuple[float, float]:
         """``(m1, m2)`` of the current caps, ``m2`` with the variance term."""
         m1 = m2 = 0.0
-        for pk, t0, c, x in zip(self.prior, self.t0, self.c, self.x, strict=True):
+        for pk, t0, c, x in zip(self.prior, self.t0, self.c, self._caps(), strict=True):
             t = t0 + c * x
             m1 += pk * t
             m2 += pk * t * t
@@ -139,12 +153,19 @@ class ScalarSweep:
     def newton(self, theta: float, gs: float, *, full: bool = True) -> Sums:
         """See :meth:`ArraySweep.newton`; every sum is computed whatever ``full`` says."""
         log = math.log
+        move_th, move_t = self.move
         xn: list[float] = []
         d_th: list[float] = []
         ts: list[float] = []
         m1 = m2 = j = jt = jtt = step = 0.0
+        last = (self.xn, self.d_th, self.t)
         per_type = (self.lower, self.upper, self.log_k, self.fixed, self.t0, self.c, self.rate, self.prior, self.pc)
-        for xk, lo, hi, log_k, fixed, t0, c, b, pk, pc in zip(self.x, *per_type, strict=True):
+        for x0, d0, t_0, lo, hi, log_k, fixed, t0, c, b, pk, pc in zip(*last, *per_type, strict=True):
+            xk = x0 + d0 * (move_th + move_t * t_0)  # the cap after the last price step
+            if xk < lo:
+                xk = lo
+            elif xk > hi:
+                xk = hi
             if fixed:
                 new, d = lo, 0.0
             else:
@@ -170,23 +191,21 @@ class ScalarSweep:
             jt += q * t
             jtt += q * tt
             dx = new - xk if new > xk else xk - new
-            step = max(step, dx)
+            if dx > step:  # noqa: PLR1730 - cheaper than a call to max() in this loop
+                step = dx
         self.xn, self.d_th, self.t = xn, d_th, ts
+        self.move = (0.0, 0.0)
         return m1, m2, j, jt, jtt, step
 
     def advance(self, d_theta: float, d_t: float) -> None:
-        """See :meth:`ArraySweep.advance`."""
-        x = []
-        for xn, d, t, lo, hi in zip(self.xn, self.d_th, self.t, self.lower, self.upper, strict=True):
-            new = xn + d * (d_theta + d_t * t)
-            x.append(lo if new < lo else hi if new > hi else new)
-        self.x = x
+        """See :meth:`ArraySweep.advance` (applied lazily)."""
+        self.move = (d_theta, d_t)
 
     def accept(self) -> None:
-        self.x = self.xn
+        self.move = (0.0, 0.0)
 
     def caps(self) -> Array:
-        return np.array(self.x)
+        return np.array(self._caps())
 
 
 def use_scalar(n: int, kernel: Kernel = "auto") -> bool:
