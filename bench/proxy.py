@@ -1,6 +1,6 @@
 """Proxy overhead: the simulated server (time scale 0) direct vs through ``thinkcap serve``.
 
-Run: .venv/bin/python bench/proxy.py [--seconds S] [--same-cpu]
+Run: .venv/bin/python bench/proxy.py [--seconds S] [--same-cpu | --sequential N]
 
 Three processes: the simulated server (``thinkcap mock-backend --time-scale 0``, one token per
 streamed chunk) pinned to CPU 0, the proxy (``thinkcap serve``, ``max_concurrency`` 256 so
@@ -15,6 +15,8 @@ Added latency = proxy percentile - direct percentile. The highest sustained rate
 measured closed-loop with 64 connections, non-streaming. ``--same-cpu`` pins the proxy to
 CPU 0 too and runs the open-loop part at 200/s only: on a virtual machine, a request that crosses to
 an idle CPU waits for it to wake up, and this separates that wait from the proxy's own work.
+``--sequential N`` sends N requests one at a time instead, plain then streaming, and reports
+the added median latency with the proxy process's CPU time per request (from /proc).
 """
 
 from __future__ import annotations
@@ -165,6 +167,40 @@ async def open_loop(port: int, rate: float, seconds: float, stream: bool, seed: 
     return total, first
 
 
+async def one_at_a_time(port: int, stream: bool, count: int) -> np.ndarray:
+    """Latencies of ``count`` requests sent one after another on one connection."""
+    conn = await open_conn(port)
+    payload = request_bytes(port, stream)
+    loop = asyncio.get_running_loop()
+    out = np.empty(count)
+    for i in range(count):
+        start = loop.time()
+        await conn.exchange(payload)
+        out[i] = loop.time() - start
+    conn.writer.close()
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sequential(sim_port: int, proxy_port: int, proxy_pid: int, count: int) -> None:
+    """The proxy's CPU time and added latency per request when requests come one at a time."""
+    print("| mode | direct p50 ms | proxy p50 ms | added p50 ms | proxy CPU per request |")
+    print("|---|---|---|---|---|")
+    for stream in (False, True):
+        direct = asyncio.run(one_at_a_time(sim_port, stream, count))
+        before = cpu_seconds(proxy_pid)
+        proxied = asyncio.run(one_at_a_time(proxy_port, stream, count))
+        cpu = (cpu_seconds(proxy_pid) - before) / count
+        d, p = ms(direct, 50), ms(proxied, 50)
+        mode = "stream 64 chunks" if stream else "plain"
+        print(f"| {mode} | {d:.2f} | {p:.2f} | {p - d:.2f} | {cpu * 1e6:.0f} µs |")
+
+
 async def closed_loop(port: int, seconds: float, connections: int) -> float:
     """Requests per second with ``connections`` connections each sending back to back."""
     payload = request_bytes(port, False)
@@ -197,6 +233,12 @@ def main() -> None:
         help="pin the proxy to the client's and the server's CPU as well (open loop at 200/s only): no request "
         "then waits for another CPU to wake up",
     )
+    ap.add_argument(
+        "--sequential",
+        type=int,
+        metavar="N",
+        help="instead, send N requests one at a time (plain, then streaming); report the proxy CPU time per request",
+    )
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     sim_cpu, proxy_cpu = cpus[0], cpus[0] if args.same_cpu else cpus[-1]
@@ -218,6 +260,9 @@ def main() -> None:
             os.sched_setaffinity(0, {sim_cpu})
             wait_ready(f"http://127.0.0.1:{sim_port}/health")
             wait_ready(f"http://127.0.0.1:{proxy_port}/healthz")
+            if args.sequential:
+                sequential(sim_port, proxy_port, prox.pid, args.sequential)
+                return
             print(
                 "| rate | mode | direct p50 / p99 ms | proxy p50 / p99 ms | added p50 / p99 ms "
                 "| first byte added p50 ms | errors direct / proxy |"

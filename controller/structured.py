@@ -240,6 +240,9 @@ def _joint_newton(
             pressed = pressed + 1 if can_bind and new_rho == rho_cap and g1 > 0 else 0
             if pressed >= PRESSED_ITERATIONS:  # the unconstrained optimum lies beyond the margin
                 margin, rho, d_rho = True, rho_cap, 0.0
+                guess = sw.margin_price(rho_cap / lam - float(p.prior.dot(p.t0)))
+                if math.isfinite(guess) and guess > theta:
+                    d_theta = guess - theta
             else:
                 d_rho, rho = new_rho - rho, new_rho
         new_theta = theta + d_theta if margin else max(theta + d_theta, 0.1 * theta)

@@ -100,6 +100,19 @@ class ArraySweep:
         """Keep the caps of the last pass."""
         self.x = self.xn
 
+    def margin_price(self, time_budget: float) -> float:
+        """A first guess of the price at which the caps fill the margin.
+
+        With a small latency penalty (the margin binds) each cap's condition is nearly
+        ``b l + ln(theta) = ln K``; returns the ``theta`` at which these caps, clipped to
+        their boxes, give ``sum pi c l = time_budget`` (``nan`` if none).
+        """
+        p = self.p
+        free = self.lower < self.upper
+        rows = list(zip(self.log_k[free].tolist(), p.rate[free].tolist(), self.pc[free].tolist(),
+                        self.lower[free].tolist(), self.upper[free].tolist(), strict=True))  # fmt: skip
+        return _margin_price(rows, time_budget - float(self.pc[~free].dot(self.lower[~free])))
+
     def caps(self) -> Array:
         return self.x
 
@@ -206,6 +219,47 @@ class ScalarSweep:
 
     def caps(self) -> Array:
         return np.array(self._caps())
+
+    def margin_price(self, time_budget: float) -> float:
+        """See :meth:`ArraySweep.margin_price`."""
+        per_type = zip(self.log_k, self.rate, self.pc, self.lower, self.upper, self.fixed, strict=True)
+        rows = [(a, b, pc, lo, hi) for a, b, pc, lo, hi, fixed in per_type if not fixed]
+        budget = time_budget - sum(pc * lo for pc, lo, f in zip(self.pc, self.lower, self.fixed, strict=True) if f)
+        return _margin_price(rows, budget)
+
+
+def _margin_price(rows: list[tuple[float, float, float, float, float]], budget: float) -> float:
+    """Solve ``sum pc clip((ln K - u) / b, lo, hi) = budget`` for ``u`` and return ``e^u``.
+
+    The left side falls piecewise linearly in ``u``; Newton's method on it, kept inside a
+    bracket, ends on the exact root once it reaches the right piece. ``nan`` if there is none.
+    """
+    if not rows:
+        return math.nan
+    u_lo = min(a - b * hi for a, b, _, _, hi in rows)  # every cap at its maximum
+    u_hi = max(a - b * lo for a, b, _, lo, _ in rows)  # every cap at its minimum
+    u = 0.5 * (u_lo + u_hi)
+    for _ in range(40):
+        total = slope = 0.0
+        for a, b, pc, lo, hi in rows:
+            cap = (a - u) / b
+            if cap <= lo:
+                total += pc * lo
+            elif cap >= hi:
+                total += pc * hi
+            else:
+                total += pc * cap
+                slope -= pc / b
+        gap = total - budget
+        if gap > 0.0:
+            u_lo = u
+        else:
+            u_hi = u
+        if abs(gap) <= 1e-12 * max(abs(budget), 1e-300):
+            break
+        nxt = u - gap / slope if slope < 0.0 else math.nan
+        u = nxt if u_lo < nxt < u_hi else 0.5 * (u_lo + u_hi)
+    return math.exp(u) if -700.0 < u < 700.0 else math.nan
 
 
 def use_scalar(n: int, kernel: Kernel = "auto") -> bool:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from controller import METHODS, Problem, SolveResult, Status, TaskType, exact, fixed_point, projected_gradient, solve
 from controller.kkt import certify, contraction_factor
+from controller.sweep import make_sweep
 from sim.instances import random_problem
 from tests.controller.referee import referee
 
@@ -242,3 +243,18 @@ def test_an_unknown_kernel_is_rejected() -> None:
         exact(p, kernel="gpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kernel"):
         certify(p, p.lo, 0.0, kernel="gpu")  # type: ignore[arg-type]
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), share=st.floats(0.0, 1.0))
+def test_the_margin_price_guess_solves_its_clipped_log_equation(seed: int, n: int, share: float) -> None:
+    """The margin-mode first guess: caps (ln K - ln theta) / b clipped to their boxes spend the budget."""
+    p = random_problem(seed, n, "margin")
+    for kernel in ("scalar", "array"):
+        sw = make_sweep(p, p.lo, kernel)  # type: ignore[arg-type]
+        pc = p.prior * p.c
+        budget = float(pc.dot(p.lo) + share * pc.dot(p.hi - p.lo))
+        theta = sw.margin_price(budget)
+        wab = p.weight * p.gain * p.rate
+        caps = np.clip((np.log(wab / p.c) - math.log(theta)) / p.rate, p.lo, p.hi)
+        assert float(pc.dot(caps)) == pytest.approx(budget, rel=1e-9, abs=1e-12)
