@@ -104,12 +104,11 @@ class ArrivalRate:
     divisor accounting for the reference's own uncertainty. A change is flagged when the fast
     window's ``z > threshold`` or the fall window's ``z < -threshold_down``. A fall is scored on
     a window ``FALL_WINDOW_FACTOR`` times longer than the fast one. An alarm locates the change
-    among the last ``RECENT_EVENTS`` arrivals, at the time ``tau`` that maximises the Poisson
-    log-likelihood ratio of the segment ``[tau, now]`` (``n`` arrivals over ``T`` seconds)
-    against the reference rate, ``n ln(n / (r T)) - n + r T``, taken in the alarm's direction,
-    and restarts the reported estimate from that segment alone: after a step it holds no
-    arrival from before the step. The reference keeps its level but forgets most of its
-    exposure (``REFERENCE_KEEP``).
+    among the last ``RECENT_EVENTS`` arrivals, at the arrival ``tau`` that best splits them
+    into two Poisson segments of their own rates (the largest ``n1 ln(n1 / T1) + n2 ln(n2 /
+    T2)``, ``n`` arrivals over ``T`` seconds), and restarts the reported estimate from the
+    arrivals after ``tau`` alone: after a step it holds none from before the step. The
+    reference keeps its level but forgets most of its exposure (``REFERENCE_KEEP``).
 
     Examples
     --------
