@@ -229,7 +229,7 @@ def run_e2e(seconds: float | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase-s", type=float, default=300.0, help="seconds per phase of the DES schedule")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--arrival-half-life", type=float, help="override the demo's arrival-rate half-life, s")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end comparison (about 90 s)")
     args = ap.parse_args()
