@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 
 
+@pytest.mark.timeout(1200)  # three 90-s phases and 24 direct requests: about 6 minutes
 def test_caps_follow_the_load_on_a_real_backend() -> None:
     """Every request is answered (or shed while overloaded), the cap probe passes, the service model fitted from live
     traffic is within 15 % of the direct measurement, the heavy phase gets smaller caps than the moderate one, and the
