@@ -32,7 +32,7 @@ from scipy.optimize import brentq
 from controller.kkt import certify
 from controller.problem import Array, Problem
 from controller.result import SolveResult, Status
-from controller.sweep import ArraySweep, Kernel, ScalarSweep, make_sweep, use_scalar
+from controller.sweep import ArraySweep, Kernel, ScalarSweep, fixed_caps, make_sweep, use_scalar
 
 #: Absolute tolerance on the per-type Newton step, tokens.
 CAP_XTOL = 1e-9
@@ -63,19 +63,11 @@ class _Caps:
 
     def __init__(self, p: Problem) -> None:
         self.p = p
-        wab = p.weight * p.gain * p.rate
-        self.pc = p.prior * p.c
-        self.no_gain = wab <= 0
-        self.free_tokens = (p.c <= 0) & ~self.no_gain
-        self.fix = self.no_gain | self.free_tokens
-        if self.fix.any():
-            ok = ~self.fix
-            self.log_k = np.where(self.no_gain, -np.inf, np.inf)
-            self.log_k[ok] = np.log(wab[ok] / p.c[ok])
-            self.log_k_safe = np.where(ok, self.log_k, 0.0)
-        else:  # the common case: no degenerate type
-            self.log_k = self.log_k_safe = np.log(wab / p.c)
-        self.fix_to = np.where(self.no_gain, p.lo, p.hi)
+        fixed, _, self.log_k_safe = fixed_caps(p)
+        self.no_gain = p.weight * p.gain * p.rate <= 0
+        self.free_tokens = fixed & ~self.no_gain
+        # ln K, with -inf for a type without gain and +inf for one with free tokens.
+        self.log_k = np.where(fixed, np.where(self.no_gain, -np.inf, np.inf), self.log_k_safe)
 
     def solve(self, theta: float, sigma: float, st: _State) -> tuple[Array, Array]:
         """Caps at the prices and dl/dtheta, zero where a bound is active."""

@@ -39,7 +39,7 @@ KERNELS: tuple[Kernel, ...] = ("auto", "scalar", "array")
 Sums = tuple[float, float, float, float, float, float]
 
 
-def _fixed_caps(p: Problem) -> tuple[NDArray[np.bool_], Array, Array]:
+def fixed_caps(p: Problem) -> tuple[NDArray[np.bool_], Array, Array]:
     """``(fixed, fixed_to, log_k)`` per type: which caps are fixed in closed form, where, and
     ``ln K = ln(w A b / c)`` (0 where fixed)."""
     wab = p.weight * p.gain * p.rate
@@ -56,7 +56,7 @@ class ArraySweep:
     """The pass over numpy arrays."""
 
     def __init__(self, p: Problem, x: Array) -> None:
-        fixed, fixed_to, self.log_k = _fixed_caps(p)
+        fixed, fixed_to, self.log_k = fixed_caps(p)
         if fixed.any():
             self.lower, self.upper = np.where(fixed, fixed_to, p.lo), np.where(fixed, fixed_to, p.hi)
         else:
