@@ -296,15 +296,16 @@ def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> So
     lam, gamma = p.arrival_rate, p.latency_penalty
     start = p.lo.copy() if x0 is None else np.clip(np.asarray(x0, dtype=float), p.lo, p.hi)
     st = _State(x=start)
-    rho_lo = lam * float(p.prior.dot(p.t0 + p.c * p.lo))
+    sw = make_sweep(p, start, kernel)
+    rho_lo = lam * sw.m1_lo
     if rho_lo > p.rho_max:
         return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st, kernel=kernel)
     if lam == 0.0:
         x = _Caps(p).solve(gamma, 0.0, st)[0]
         return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st, kernel=kernel)
-    rho_top = lam * float(p.prior.dot(p.t0 + p.c * p.hi))
+    rho_top = lam * sw.m1_hi
     if gamma > 0.0:
-        fast = _joint_newton(p, make_sweep(p, start, kernel), rho_lo, min(rho_top, p.rho_max), st)
+        fast = _joint_newton(p, sw, rho_lo, min(rho_top, p.rho_max), st)
         if fast is not None:
             _, _, x, mu, it = fast
             return _finish(p, x, mu, Status.CONVERGED, nit=it, st=st, kernel=kernel)

@@ -64,6 +64,8 @@ class ArraySweep:
         self.p = p
         self.pc = p.prior * p.c
         self.pv = float(p.prior.dot(p.v))
+        #: ``m1`` with every cap at its minimum and at its maximum (the boxes before fixing).
+        self.m1_lo, self.m1_hi = float(p.prior.dot(p.t0 + p.c * p.lo)), float(p.prior.dot(p.t0 + p.c * p.hi))
         self.x = np.clip(x, self.lower, self.upper)
         self.xn = self.d_th = self.t = self.x
 
@@ -139,31 +141,48 @@ class ScalarSweep:
     """
 
     def __init__(self, p: Problem, x: Array) -> None:
-        self.n = p.size
         self.prior, self.t0, self.c, self.rate = p.prior.tolist(), p.t0.tolist(), p.c.tolist(), p.rate.tolist()
         self.pv = math.fsum(a * b for a, b in zip(self.prior, p.v.tolist(), strict=True))
-        self.lower, self.upper = p.lo.tolist(), p.hi.tolist()
-        self.fixed = [False] * self.n
-        self.log_k = [0.0] * self.n
-        for k, (w, a, b, c) in enumerate(zip(p.weight.tolist(), p.gain.tolist(), self.rate, self.c, strict=True)):
+        lower: list[float] = []
+        upper: list[float] = []
+        fixed: list[bool] = []
+        log_k: list[float] = []
+        pc: list[float] = []
+        last: list[tuple[float, float, float]] = []
+        m1_lo = m1_hi = 0.0
+        rows = zip(p.weight.tolist(), p.gain.tolist(), self.rate, self.c, self.prior, self.t0, p.lo.tolist(),
+                   p.hi.tolist(), x.tolist(), strict=True)  # fmt: skip
+        for w, a, b, c, pk, t0, box_lo, box_hi, x0 in rows:
+            m1_lo += pk * (t0 + c * box_lo)
+            m1_hi += pk * (t0 + c * box_hi)
             wab = w * a * b
+            lo, hi, k = box_lo, box_hi, 0.0
             if wab <= 0.0:  # no gain: fixed at the minimum
-                self.fixed[k], self.upper[k] = True, self.lower[k]
+                hi = lo
             elif c <= 0.0:  # free tokens: fixed at the maximum
-                self.fixed[k], self.lower[k] = True, self.upper[k]
+                lo = hi
             else:
-                self.log_k[k] = math.log(wab / c)
-        lo, hi = self.lower, self.upper
-        self.pc = [a * b for a, b in zip(self.prior, self.c, strict=True)]
-        # The caps are xn + dl/dtheta (d_theta + d_t t), clipped: no move yet.
-        self.xn = [min(max(v, lo[k]), hi[k]) for k, v in enumerate(x.tolist())]
-        self.d_th, self.t = [0.0] * self.n, [0.0] * self.n
+                k = math.log(wab / c)
+            fixed.append(wab <= 0.0 or c <= 0.0)
+            log_k.append(k)
+            lower.append(lo)
+            upper.append(hi)
+            pc.append(pk * c)
+            last.append((lo if x0 < lo else hi if x0 > hi else x0, 0.0, 0.0))
+        self.fixed, self.log_k, self.pc, self.lower, self.upper = fixed, log_k, pc, lower, upper
+        #: ``m1`` with every cap at its minimum and at its maximum (the boxes before fixing).
+        self.m1_lo, self.m1_hi = m1_lo, m1_hi
+        #: The constants of each type, in the order :meth:`newton` unpacks them.
+        self.rows = list(zip(lower, upper, log_k, fixed, self.t0, self.c, self.rate, self.prior, pc, strict=True))
+        #: Per type after the last pass: ``(xn, dl/dtheta, t)``. The caps are
+        #: ``xn + dl/dtheta (d_theta + d_t t)``, clipped, with ``(d_theta, d_t) = self.move``.
+        self.last = last
         self.move = (0.0, 0.0)
 
     def _caps(self) -> list[float]:
         a, b = self.move
         x = []
-        for xn, d, t, lo, hi in zip(self.xn, self.d_th, self.t, self.lower, self.upper, strict=True):
+        for (xn, d, t), lo, hi in zip(self.last, self.lower, self.upper, strict=True):
             new = xn + d * (a + b * t)
             x.append(lo if new < lo else hi if new > hi else new)
         return x
@@ -181,13 +200,9 @@ class ScalarSweep:
         """See :meth:`ArraySweep.newton`; every sum is computed whatever ``full`` says."""
         log = math.log
         move_th, move_t = self.move
-        xn: list[float] = []
-        d_th: list[float] = []
-        ts: list[float] = []
+        out: list[tuple[float, float, float]] = []
         m1 = m2 = j = jt = jtt = step = 0.0
-        last = (self.xn, self.d_th, self.t)
-        per_type = (self.lower, self.upper, self.log_k, self.fixed, self.t0, self.c, self.rate, self.prior, self.pc)
-        for x0, d0, t_0, lo, hi, log_k, fixed, t0, c, b, pk, pc in zip(*last, *per_type, strict=True):
+        for (x0, d0, t_0), (lo, hi, log_k, fixed, t0, c, b, pk, pc) in zip(self.last, self.rows, strict=True):
             xk = x0 + d0 * (move_th + move_t * t_0)  # the cap after the last price step
             if xk < lo:
                 xk = lo
@@ -206,10 +221,8 @@ class ScalarSweep:
                     new, d = hi, 0.0
                 else:
                     d = -1.0 / den
-            xn.append(new)
-            d_th.append(d)
             t = t0 + c * new
-            ts.append(t)
+            out.append((new, d, t))
             tt = t * t
             m1 += pk * t
             m2 += pk * tt
@@ -220,7 +233,7 @@ class ScalarSweep:
             dx = new - xk if new > xk else xk - new
             if dx > step:  # noqa: PLR1730 - cheaper than a call to max() in this loop
                 step = dx
-        self.xn, self.d_th, self.t = xn, d_th, ts
+        self.last = out
         self.move = (0.0, 0.0)
         return m1, m2, j, jt, jtt, step
 
