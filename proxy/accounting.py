@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +30,12 @@ def _int(value: Any) -> int | None:
 
 def from_usage(usage: Any) -> Tokens | None:
     """Counts from an OpenAI ``usage`` object (``None`` if it is not one)."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):  # parsed JSON: a dict, never another mapping
         return None
     details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
-    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, Mapping) else None
-    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, Mapping) else None
+    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
     completion = _int(usage.get("completion_tokens"))
     return Tokens(
         _int(usage.get("prompt_tokens")), completion, reasoning if reasoning is not None else 0, cached or 0, "usage"

@@ -1,21 +1,22 @@
-"""The proxy's two aiohttp applications: the data plane and the admin listener."""
+"""The data plane's routes, start-up and shutdown (the admin listener is in ``proxy.admin``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from yarl import URL
 
 from proxy.dialects import apply_cap, honoured
-from proxy.forward import SHAPED, ProxyError, error_response, passthrough, request_id, shaped
+from proxy.forward import SHAPED, ProxyError, error_response, new_request_id, passthrough, request_id, shaped
+from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 from proxy.logs import logger
 from proxy.loop import ControlLoop
-from proxy.state import STATE_KEY, ProxyState
+from proxy.state import ProxyState
 from proxy.upstream import Upstream
 
 #: The cap the start-up probe asks for.
@@ -26,9 +27,9 @@ PROBE_RETRY_MAX_S = 30.0
 READY_TIMEOUT_S = 2.0
 
 
-async def healthz(_: web.Request) -> web.Response:
+async def healthz(_: ProxyState, __: HttpRequest) -> Reply:
     """The process is up."""
-    return web.json_response({"status": "ok"})
+    return json_reply({"status": "ok"})
 
 
 async def upstream_reachable(state: ProxyState) -> tuple[bool, str]:
@@ -43,24 +44,22 @@ async def upstream_reachable(state: ProxyState) -> tuple[bool, str]:
         return False, f"GET /v1/models failed: {type(exc).__name__}"
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
     """Upstream reachable and caps loaded; the probe's verdict is in the body."""
-    st = request.app[STATE_KEY]
     ok, detail = await upstream_reachable(st)
     body = {"ready": ok, "upstream": detail, "caps": st.caps.effective(), "probe": st.probe, "shedding": st.shedding}
-    return web.json_response(body, status=200 if ok else 503)
+    return json_reply(body, status=200 if ok else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(st: ProxyState, _: HttpRequest) -> Reply:
     """Prometheus text; estimator gauges are refreshed at each scrape."""
-    st = request.app[STATE_KEY]
     st.metrics.set_estimates(st.estimators.snapshot(st.clock()))
     st.metrics.queue_length.set(st.admission.queued)
     st.metrics.set_caps(st.caps.effective())
-    return web.Response(body=st.metrics.render(), content_type="text/plain", charset="utf-8")
+    return Reply(st.metrics.render(), content_type="text/plain; charset=utf-8")
 
 
-async def not_found(request: web.Request) -> web.Response:
+async def not_found(_: ProxyState, request: HttpRequest) -> Reply:
     """Routes outside ``/v1/`` and the operations endpoints."""
     exc = ProxyError(
         404, f"no route {request.method} {request.path} on this proxy", "invalid_request_error", code="not_found"
@@ -130,21 +129,68 @@ async def _run_probe(state: ProxyState) -> None:
         )
 
 
-def _session_ctx(state: ProxyState) -> Any:
-    async def ctx(_: web.Application) -> AsyncIterator[None]:
+Route = Callable[[ProxyState, HttpRequest], Awaitable[Reply | StreamReply]]
+#: Fixed routes of the data plane, by (method, path); other ``/v1/`` routes pass through.
+ROUTES: dict[tuple[str, str], Route] = {
+    **{("POST", path): shaped for path in SHAPED},
+    ("GET", "/healthz"): healthz,
+    ("GET", "/readyz"): readyz,
+    ("GET", "/metrics"): metrics,
+}
+
+
+class DataPlane:
+    """The proxy's listener: ``/v1/*`` plus ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    :meth:`start` opens the upstream clients, starts the probe and the control loop, and
+    listens; :meth:`close` stops accepting, drains the requests in progress (up to
+    ``drain_timeout_s``) and then stops the rest. ``handle`` is the request handler.
+    """
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        self.server = HttpServer(
+            self.handle,
+            max_body_bytes=state.settings.proxy.max_body_bytes,
+            error_reply=self._protocol_error,
+            on_failure=self._failed,
+        )
+        self.port = 0
+        self.host = "127.0.0.1"
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def handle(self, request: HttpRequest) -> Reply | StreamReply:
+        """Route one request."""
+        route = ROUTES.get((request.method, request.path))
+        if route is None:
+            route = passthrough if request.path.startswith("/v1/") else not_found
+        return await route(self.state, request)
+
+    def _protocol_error(self, status: int, message: str, code: str) -> Reply:
+        return error_response(ProxyError(status, message, "invalid_request_error", code=code), new_request_id())
+
+    def _failed(self, request: HttpRequest, exc: Exception) -> None:
+        logger().error("unhandled", path=request.path, error=f"{type(exc).__name__}: {exc}")
+
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        """Open the clients, start the background tasks, listen; returns the bound port."""
+        state = self.state
+        s = state.settings
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0)
         state.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
         )
-        b = state.settings.backend
+        b = s.backend
         state.upstream = Upstream(b.base, connect_timeout_s=b.connect_timeout_s, read_timeout_s=b.read_timeout_s)
-        task = asyncio.create_task(_run_probe(state)) if state.settings.backend.probe else None
-        s = state.settings
+        if b.probe:
+            self._tasks.append(asyncio.create_task(_run_probe(state)))
+        self.host = s.proxy.host if host is None else host
+        self.port = await self.server.start(self.host, s.proxy.port if port is None else port)
         logger().info(
             "startup",
-            listen=f"{s.proxy.host}:{s.proxy.port}",
-            upstream=s.backend.base,
-            dialect=s.backend.dialect,
+            listen=f"{self.host}:{self.port}",
+            upstream=b.base,
+            dialect=b.dialect,
             caps=dict(state.caps.table.caps),
             caps_source=state.caps.table.source,
             max_concurrency=s.proxy.max_concurrency,
@@ -152,38 +198,34 @@ def _session_ctx(state: ProxyState) -> Any:
             classifier_cv_accuracy=state.classifier.cv_accuracy,
             classifier_rules=len(state.classifier.rules),
         )
-        control = None
         if s.controller.enabled:
             state.controller = ControlLoop(state, s.controller)
-            control = asyncio.create_task(state.controller.run())
-        yield
-        if control is not None:
-            control.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await control
-            state.controller = None
-        if task is not None:
+            self._tasks.append(asyncio.create_task(state.controller.run()))
+        return self.port
+
+    async def close(self) -> None:
+        """Stop accepting, drain, stop the background tasks and close the clients (idempotent)."""
+        state = self.state
+        await self.server.shutdown(state.settings.proxy.drain_timeout_s)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await state.session.close()
-        state.session = None
-        await state.upstream.close()
-        state.upstream = None
+        state.controller = None
+        if state.session is not None:
+            await state.session.close()
+            state.session = None
+        if state.upstream is not None:
+            await state.upstream.close()
+            state.upstream = None
 
-    return ctx
+    def make_url(self, path: str = "") -> URL:
+        """The URL of ``path`` on this listener."""
+        return URL.build(scheme="http", host=self.host, port=self.port, encoded=True).join(URL(path))
 
 
-def create_app(state: ProxyState) -> web.Application:
-    """The data plane: ``/v1/*`` plus ``/healthz``, ``/readyz`` and ``/metrics``."""
-    app = web.Application(client_max_size=state.settings.proxy.max_body_bytes)
-    app[STATE_KEY] = state
-    app.cleanup_ctx.append(_session_ctx(state))
-    for path in SHAPED:
-        app.router.add_post(path, shaped)
-    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/{tail:.*}", not_found)
-    return app
+def create_app(state: ProxyState) -> DataPlane:
+    """The data plane for ``state`` (not yet listening: see :meth:`DataPlane.start`)."""
+    return DataPlane(state)

@@ -30,6 +30,7 @@ import numpy as np
 from aiohttp import web
 
 from controller import Problem, Status, round_caps, solve
+from proxy.app import DataPlane
 from proxy.config import ModelConfig, TypeConfig
 from proxy.logs import configure
 from proxy.logs import reset as reset_logging
@@ -102,11 +103,13 @@ class Stack:
 
     policy: str
     state: ProxyState
+    plane: DataPlane
     runners: list[web.AppRunner]
     url: str
     records: list[Record] = field(default_factory=list)
 
     async def close(self) -> None:
+        await self.plane.close()
         for r in self.runners:
             await r.cleanup()
 
@@ -122,7 +125,7 @@ async def open_stack(scenario: Scenario, policy: str, interval_s: float) -> Stac
     if caps is not None:
         state.caps.pin(caps)
     proxy, admin, proxy_port, _ = await start(state)
-    return Stack(policy, state, [proxy, admin, sim], f"http://127.0.0.1:{proxy_port}/v1")
+    return Stack(policy, state, proxy, [admin, sim], f"http://127.0.0.1:{proxy_port}/v1")
 
 
 def _window(records: list[Record], now: float, span: float) -> tuple[float | None, float | None]:

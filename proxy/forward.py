@@ -7,22 +7,23 @@ passed through unchanged. Each shaped request ends in exactly one ``request`` ev
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import random
 import re
-import uuid
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.accounting import MalformedStreamError, StreamTally, Tokens, from_usage
 from proxy.admission import QueueFullError
 from proxy.classify import Decision, UnknownTypeError, prompt_text
 from proxy.dialects import ClientLimitError, apply_cap
+from proxy.http1 import BodyTooLargeError, HttpRequest, Reply, StreamReply, json_reply
 from proxy.logs import logger
-from proxy.state import REASONING_DIALECTS, STATE_KEY, Finished, ProxyState
+from proxy.state import REASONING_DIALECTS, Finished, ProxyState
 from proxy.upstream import Response, UpstreamError
 
 HOP_BY_HOP = frozenset(
@@ -59,13 +60,26 @@ class ProxyError(Exception):
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
-def request_id(request: web.Request) -> str:
+#: New request ids: a random prefix per process and a counter, 32 hex digits in all (unique
+#: without a system call per request, which a fresh UUID costs).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id made here."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def request_id(request: HttpRequest) -> str:
     """The client's ``X-Request-Id`` if it is sane, else a new one."""
-    given = request.headers.get(REQUEST_ID, "")
-    return given if GOOD_ID.fullmatch(given) else uuid.uuid4().hex
+    given = request.headers.get(REQUEST_ID)
+    if given is not None and GOOD_ID.fullmatch(given):
+        return given
+    return new_request_id()
 
 
-def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None) -> web.Response:
+def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None) -> Reply:
     """An OpenAI-style error body carrying the request id."""
     body = {
         "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code, "request_id": rid}
@@ -73,7 +87,7 @@ def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None)
     headers = {REQUEST_ID: rid}
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return web.json_response(body, status=exc.status, headers=headers)
+    return json_reply(body, status=exc.status, headers=headers)
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], api_key: str | None) -> CIMultiDict[str]:
@@ -106,12 +120,11 @@ def client_timeout(state: ProxyState) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=b.total_timeout_s, connect=b.connect_timeout_s, sock_read=b.read_timeout_s)
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The raw body, 413 beyond ``max_body_bytes``."""
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The raw body, 413 beyond ``max_body_bytes`` (``limit``)."""
     try:
         return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[STATE_KEY].settings.proxy.max_body_bytes
+    except BodyTooLargeError:
         raise ProxyError(
             413, f"request body larger than {limit} bytes", "invalid_request_error", code="body_too_large"
         ) from None
@@ -130,7 +143,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def classify(state: ProxyState, request: web.Request, body: dict[str, Any]) -> Decision:
+def classify(state: ProxyState, request: HttpRequest, body: dict[str, Any]) -> Decision:
     """Header, then the body's ``thinkcap`` object (removed), then rules, classifier, default."""
     extra = body.pop("thinkcap", None)
     try:
@@ -148,7 +161,7 @@ def classify(state: ProxyState, request: web.Request, body: dict[str, Any]) -> D
 class Exchange:
     """One shaped request on its way through; collects the fields of its ``request`` event."""
 
-    def __init__(self, state: ProxyState, request: web.Request) -> None:
+    def __init__(self, state: ProxyState, request: HttpRequest) -> None:
         self.state = state
         self.request = request
         self.rid = request_id(request)
@@ -166,17 +179,17 @@ class Exchange:
             "error_kind": None,
         }
         self.tokens: Tokens | None = None
-        self.stream: web.StreamResponse | None = None
+        self.stream: StreamReply | None = None
 
-    def fail(self, exc: ProxyError) -> web.Response:
+    def fail(self, exc: ProxyError) -> Reply:
         self.event["status"] = exc.status
         self.event["error_kind"] = self.event["error_kind"] or exc.code
         retry = self.state.settings.proxy.retry_after_s if exc.status in (429, 503) else None
         return error_response(exc, self.rid, retry_after=retry)
 
-    async def run(self) -> web.StreamResponse:
+    async def run(self) -> Reply | StreamReply:
         st = self.state
-        body = parse_json(await read_body(self.request))
+        body = parse_json(await read_body(self.request, st.settings.proxy.max_body_bytes))
         decision = classify(st, self.request, body)
         self.event.update(type=decision.type, type_source=decision.source, stream=body.get("stream") is True)
         if st.settings.proxy.log_content:
@@ -197,7 +210,7 @@ class Exchange:
         finally:
             st.admission.leave()
 
-    async def dispatch(self, body: dict[str, Any], type_name: str) -> web.StreamResponse:
+    async def dispatch(self, body: dict[str, Any], type_name: str) -> Reply | StreamReply:
         st = self.state
         backend = st.settings.backend
         cap = st.caps.cap(type_name)
@@ -247,7 +260,7 @@ class Exchange:
         finally:
             st.metrics.in_flight.dec()
 
-    async def relay_body(self, up: Response) -> web.Response:
+    async def relay_body(self, up: Response) -> Reply:
         raw = await up.read()
         if up.status == 200:
             try:
@@ -265,9 +278,9 @@ class Exchange:
         else:
             self.event["error_kind"] = "upstream_status"
         self.event["status"] = up.status
-        return web.Response(body=raw, status=up.status, headers=returned_headers(up.headers, self.rid))
+        return Reply(raw, status=up.status, headers=returned_headers(up.headers, self.rid))
 
-    async def end_stream(self, resp: web.StreamResponse, err: ProxyError) -> web.StreamResponse:
+    async def end_stream(self, resp: StreamReply, err: ProxyError) -> StreamReply:
         """End a stream already under way with an ``error`` event (its status line is sent)."""
         self.event.update(status=err.status, error_kind=err.code)
         body = {"message": err.message, "type": err.kind, "param": None, "code": err.code, "request_id": self.rid}
@@ -275,10 +288,9 @@ class Exchange:
         await resp.write_eof()
         return resp
 
-    async def relay_stream(self, up: Response, *, strip_usage: bool) -> web.StreamResponse:
+    async def relay_stream(self, up: Response, *, strip_usage: bool) -> StreamReply:
         tally = StreamTally(strip_usage=strip_usage)
-        resp = self.stream = web.StreamResponse(status=200, headers=returned_headers(up.headers, self.rid))
-        resp.enable_chunked_encoding()
+        resp = self.stream = StreamReply(status=200, headers=returned_headers(up.headers, self.rid))
         try:
             async for data in up.iter_chunks():
                 events = tally.feed(data)
@@ -358,9 +370,9 @@ class Exchange:
             getattr(logger(), level)("request", **ev)
 
 
-async def shaped(request: web.Request) -> web.StreamResponse:
+async def shaped(state: ProxyState, request: HttpRequest) -> Reply | StreamReply:
     """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
-    ex = Exchange(request.app[STATE_KEY], request)
+    ex = Exchange(state, request)
     try:
         return await ex.run()
     except ProxyError as exc:
@@ -391,23 +403,22 @@ def _upstream_failure(exc: BaseException) -> ProxyError:
     )
 
 
-async def passthrough(request: web.Request) -> web.StreamResponse:
+async def passthrough(st: ProxyState, request: HttpRequest) -> Reply | StreamReply:
     """Any other ``/v1/`` route: method, path, query, body and end-to-end headers, as they are.
 
     A failure before the upstream answers is an OpenAI-style error; one after the answer
     started cuts the connection, so that the client sees an incomplete body, not a short one.
     """
-    st = request.app[STATE_KEY]
     rid = request_id(request)
-    resp: web.StreamResponse | None = None
+    resp: StreamReply | None = None
     try:
-        raw = await read_body(request)
+        raw = await read_body(request, st.settings.proxy.max_body_bytes)
         url = st.settings.backend.base + request.path_qs
         headers = upstream_headers(request.headers, st.settings.backend.api_key)
         async with st.http().request(
             request.method, url, data=raw or None, headers=headers, timeout=client_timeout(st)
         ) as up:
-            resp = web.StreamResponse(status=up.status, headers=returned_headers(up.headers, rid, decoded=True))
+            resp = StreamReply(status=up.status, headers=returned_headers(up.headers, rid, decoded=True))
             await resp.prepare(request)
             async for data in up.content.iter_any():
                 await resp.write(data)
@@ -415,7 +426,6 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             return resp
     except (ProxyError, aiohttp.ClientError, TimeoutError) as exc:
         if resp is not None and resp.prepared:
-            if request.transport is not None:
-                request.transport.close()
+            request.abort()
             return resp
         return error_response(_upstream_failure(exc), rid)

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin import create_admin_app
-from proxy.app import create_app
+from proxy.app import DataPlane, create_app
 from proxy.logs import configure, logger
 from proxy.runtime import LOOPS
 from proxy.runtime import run as run_loop
@@ -18,24 +18,21 @@ from proxy.settings import Settings, load_settings
 from proxy.state import ProxyState, build_state
 
 
-async def start(state: ProxyState) -> tuple[web.AppRunner, web.AppRunner, int, int]:
-    """Start both listeners; returns their runners and the bound ports."""
+async def start(state: ProxyState) -> tuple[DataPlane, web.AppRunner, int, int]:
+    """Start both listeners; returns the data plane, the admin runner and the bound ports."""
     p = state.settings.proxy
-    runner = web.AppRunner(
-        create_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=p.drain_timeout_s
-    )
-    await runner.setup()
-    await web.TCPSite(runner, p.host, p.port).start()
+    plane = create_app(state)
+    port = await plane.start()
     admin = web.AppRunner(create_admin_app(state), access_log=None)
     await admin.setup()
     await web.TCPSite(admin, p.admin_host, p.admin_port).start()
-    return runner, admin, int(runner.addresses[0][1]), int(admin.addresses[0][1])
+    return plane, admin, port, int(admin.addresses[0][1])
 
 
 async def serve(settings: Settings) -> None:
     """Run until a signal; then stop accepting, drain in-flight requests (up to the timeout), exit."""
     state = build_state(settings)
-    runner, admin, port, admin_port = await start(state)
+    plane, admin, port, admin_port = await start(state)
     logger().info(
         "listening",
         url=f"http://{settings.proxy.host}:{port}",
@@ -53,7 +50,7 @@ async def serve(settings: Settings) -> None:
         drain_timeout_s=settings.proxy.drain_timeout_s,
     )
     await admin.cleanup()
-    await runner.cleanup()
+    await plane.close()
 
 
 def add_parser(sub: Any) -> None:

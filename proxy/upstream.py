@@ -73,36 +73,37 @@ class Response:
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives."""
         r = self._conn.reader
-        timeout = self._pool.read_timeout_s
+        wait = _ReadDeadline(self._pool.read_timeout_s)
         try:
             if self._chunked:
                 while True:
-                    async with asyncio.timeout(timeout):
-                        line = await r.readuntil(b"\r\n")
+                    wait.start()
+                    line = await r.readuntil(b"\r\n")
                     try:
                         size = int(line.split(b";", 1)[0].strip(), 16)
                     except ValueError:
                         raise UpstreamError("malformed", f"bad chunk size line {line[:40]!r}") from None
                     if size == 0:
-                        async with asyncio.timeout(timeout):
-                            while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                                pass
+                        while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                            pass
                         break
-                    async with asyncio.timeout(timeout):
-                        data = await r.readexactly(size + 2)
+                    data = await r.readexactly(size + 2)
+                    wait.stop()
                     yield data[:-2]
             elif self._remaining is not None:
                 while self._remaining > 0:
-                    async with asyncio.timeout(timeout):
-                        data = await r.read(min(READ_SIZE, self._remaining))
+                    wait.start()
+                    data = await r.read(min(READ_SIZE, self._remaining))
+                    wait.stop()
                     if not data:
                         raise UpstreamError("disconnected", "the upstream closed the connection mid-body")
                     self._remaining -= len(data)
                     yield data
             else:
                 while True:
-                    async with asyncio.timeout(timeout):
-                        data = await r.read(READ_SIZE)
+                    wait.start()
+                    data = await r.read(READ_SIZE)
+                    wait.stop()
                     if not data:
                         break
                     yield data
@@ -110,6 +111,12 @@ class Response:
             raise UpstreamError("disconnected", f"the upstream connection broke: {type(exc).__name__}") from None
         except asyncio.LimitOverrunError:
             raise UpstreamError("malformed", "an upstream chunk header is too long") from None
+        except asyncio.CancelledError:
+            if wait.expired():
+                raise TimeoutError("no byte from the upstream within the read timeout") from None
+            raise
+        finally:
+            wait.close()
         self._done = True
 
     async def read(self) -> bytes:
@@ -126,6 +133,59 @@ class Response:
             self._pool.put(self._conn)
         else:
             self._conn.close()
+
+
+class _ReadDeadline:
+    """The read timeout of one response body: no byte for ``limit`` seconds cancels the reader.
+
+    ``start()`` before a read and ``stop()`` after it cost a clock read; one timer per body
+    checks them and re-arms itself while bytes keep coming. A timer per read (``asyncio.timeout``)
+    costs more than relaying the read's bytes on a stream of one-token chunks. The time the
+    consumer spends between reads (writing to a slow client) does not count.
+    """
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.since: float | None = None
+        self.fired = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self.limit is None:
+            return
+        self.since = now = self.loop.time()
+        if self.timer is None:
+            self.timer = self.loop.call_at(now + self.limit, self._check)
+
+    def stop(self) -> None:
+        self.since = None
+        if self.fired and self.expired():  # it struck just as the read completed
+            raise TimeoutError("no byte from the upstream within the read timeout")
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.since is None or self.limit is None or self.task is None:
+            return  # not reading now: the next start() arms a new timer
+        due = self.since + self.limit
+        if self.loop.time() >= due:
+            self.fired = True
+            self.task.cancel()
+        else:
+            self.timer = self.loop.call_at(due, self._check)
+
+    def expired(self) -> bool:
+        """Whether this deadline cancelled the reader (and the cancellation is then withdrawn)."""
+        if self.fired and self.task is not None:
+            self.fired = False
+            return self.task.uncancel() == 0
+        return False
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class Upstream:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.admin import create_admin_app
-from proxy.app import create_app
+from proxy.app import DataPlane, create_app
 from proxy.settings import Settings, load_settings
 from proxy.state import ProxyState, build_state
 from sim.backend import create_app as create_sim
@@ -80,7 +80,7 @@ class Stack:
     """A running simulated server, proxy and admin listener."""
 
     sim: TestServer
-    proxy: TestServer
+    proxy: DataPlane
     admin: TestServer
     state: ProxyState
 
@@ -108,7 +108,7 @@ StackFactory = Callable[..., Any]
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
     """``await stack(dialect=..., backend=..., proxy=..., upstream=None, **scenario_changes)``."""
-    servers: list[TestServer] = []
+    servers: list[TestServer | DataPlane] = []
 
     async def start(
         *,
@@ -133,8 +133,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
             )
         )
         state = build_state(settings)
-        front = TestServer(create_app(state), host="127.0.0.1")
-        await front.start_server()
+        front = create_app(state)
+        await front.start("127.0.0.1", 0)
         admin = TestServer(create_admin_app(state), host="127.0.0.1")
         await admin.start_server()
         servers.extend([front, admin])

@@ -155,7 +155,7 @@ async def test_graceful_shutdown_drains_in_flight_requests(stack: StackFactory) 
     settings = s.state.settings.with_proxy(port=0, admin_port=0, drain_timeout_s=10.0)
     state = build_state(settings)
     state.caps.pin({"hard": 500})  # 0.1 + 0.506 s of service
-    runner, admin, port, _ = await start(state)
+    plane, admin, port, _ = await start(state)
     try:
         async with aiohttp.ClientSession() as session:
             task = asyncio.create_task(
@@ -164,13 +164,13 @@ async def test_graceful_shutdown_drains_in_flight_requests(stack: StackFactory) 
             while state.admission.in_flight == 0:
                 await asyncio.sleep(0.01)
             await admin.cleanup()
-            await runner.cleanup()
+            await plane.close()
             resp = await task
             assert resp.status == 200
             assert (await resp.json())["usage"]["completion_tokens_details"]["reasoning_tokens"] == 500
     finally:
         await admin.cleanup()
-        await runner.cleanup()
+        await plane.close()
 
 
 async def test_probe_warns_when_the_backend_ignores_the_cap() -> None:
@@ -199,9 +199,9 @@ async def test_probe_warns_when_the_backend_ignores_the_cap() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1")), backend="probe = true"))
     state = build_state(settings)
-    front = TestServer(create_app(state), host="127.0.0.1")
+    front = create_app(state)
     with capture_logs() as logs:
-        await front.start_server()
+        await front.start("127.0.0.1", 0)
         for _ in range(200):
             if state.probe["status"] != "pending":
                 break
@@ -224,8 +224,8 @@ async def test_probe_retries_until_the_backend_comes_up(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     settings = load_settings(write_config(tmp_path, f"http://127.0.0.1:{port}/v1", backend="probe = true"))
     state = build_state(settings)
-    front = TestServer(create_app(state), host="127.0.0.1")
-    await front.start_server()
+    front = create_app(state)
+    await front.start("127.0.0.1", 0)
     sim = TestServer(create_sim(make_scenario()), host="127.0.0.1", port=port)
     try:
         for _ in range(200):

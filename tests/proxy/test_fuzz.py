@@ -67,8 +67,8 @@ def proxy_port(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         path: Path = write_config(
             tmp_path_factory.mktemp("fuzz"), str(sim.make_url("/v1")), dialect=request.param, backend="probe = false"
         )
-        front = TestServer(create_app(build_state(load_settings(path))), host="127.0.0.1")
-        await front.start_server()
+        front = create_app(build_state(load_settings(path)))
+        await front.start("127.0.0.1", 0)
         box.update(sim=sim, front=front)
 
     thread = threading.Thread(target=lambda: (loop.run_until_complete(up()), ready.set(), loop.run_forever()))

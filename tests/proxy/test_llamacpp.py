@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from proxy.app import create_app, probe
@@ -97,8 +96,8 @@ async def proxied(llama_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Pr
     """thinkcap (dialect llamacpp, every cap pinned to CAP) in front of the llama.cpp server."""
     state = build_state(load_settings(write_config(tmp_path, llama_url + "/v1", dialect="llamacpp")))
     state.caps.pin(dict.fromkeys(state.caps.table.caps, CAP))
-    front = TestServer(create_app(state), host="127.0.0.1")
-    await front.start_server()
+    front = create_app(state)
+    await front.start("127.0.0.1", 0)
     try:
         yield str(front.make_url("/v1")), state
     finally:

@@ -1,0 +1,536 @@
+"""A lean HTTP/1.1 server for the data plane.
+
+The data plane's work per request is small, and on it a general-purpose server's machinery
+is a large share of the added latency: measured against a zero-delay upstream at 200 req/s,
+a bare forwarder on aiohttp's server added about twice the median latency of the same
+forwarder on this one (``docs/BENCHMARKS.md``). So the data plane serves HTTP/1.1 itself,
+doing what a JSON API gateway needs and no more:
+
+- keep-alive, and pipelined requests answered in order; HTTP/1.0 closes after each answer;
+- request bodies framed by ``Content-Length`` or chunked, read whole up to a limit (a
+  larger one is handed to the handler as :attr:`HttpRequest.too_large` and the connection
+  closes after the answer); ``Expect: 100-continue`` is honoured;
+- whole answers (:class:`Reply`) and streamed ones (:class:`StreamReply`, chunked), with
+  write back-pressure;
+- the handler is cancelled when its client goes away, an idle keep-alive connection closes
+  after a timeout, and :meth:`HttpServer.shutdown` stops accepting, lets requests in
+  progress finish up to a deadline, then closes everything.
+
+Malformed requests (bad request line, header or framing; both ``Content-Length`` and
+``Transfer-Encoding``; a head over 64 KiB) get a 400 or 431 from ``error_reply`` and the
+connection closes. The admin listener stays on aiohttp: it is not on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import json
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
+from urllib.parse import unquote
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+MAX_HEAD_BYTES = 64 * 1024
+#: An idle keep-alive connection is closed after this long.
+KEEPALIVE_TIMEOUT_S = 75.0
+#: Pipelined requests parsed ahead of the one being answered before reading pauses.
+MAX_PIPELINED = 16
+#: Response framing is the server's: handlers' values for these are ignored.
+FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+class HttpRequest:
+    """One request, its body read whole (see :attr:`too_large`)."""
+
+    __slots__ = ("_conn", "body", "headers", "keep_alive", "method", "path", "path_qs", "query_string", "too_large")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        *,
+        keep_alive: bool,
+        too_large: bool = False,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.path_qs = path_qs
+        raw_path, _, self.query_string = path_qs.partition("?")
+        self.path = unquote(raw_path)
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        #: The body exceeded the server's limit and was not read; the connection closes after the answer.
+        self.too_large = too_large
+
+    async def read(self) -> bytes:
+        """The body (it is already in memory); :class:`BodyTooLargeError` past the limit."""
+        if self.too_large:
+            raise BodyTooLargeError
+        return self.body
+
+    def abort(self) -> None:
+        """Close the client connection at once (an answer cut short must not look complete)."""
+        self._conn.close()
+
+
+class BodyTooLargeError(Exception):
+    """The request body is over the server's limit."""
+
+
+def _head(status: int, headers: Mapping[str, str] | CIMultiDict[str] | None, framing: str, *, close: bool) -> bytes:
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    lines = [f"HTTP/1.1 {status} {reason}", f"Date: {_date()}"]
+    if headers:
+        lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in FRAMING]
+    if framing:
+        lines.append(framing)
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date() -> str:
+    global _date_cache  # noqa: PLW0603 - one formatted date per second, shared by every answer
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class Reply:
+    """A whole answer: status, headers and body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        *,
+        status: int = 200,
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        self.body = body
+        self.status = status
+        #: Taken as it is when it is a ``CIMultiDict`` (the reply then owns it).
+        self.headers: CIMultiDict[str] = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
+        if content_type is not None:
+            self.headers["Content-Type"] = content_type
+
+
+def json_reply(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
+    """A JSON answer."""
+    return Reply(json.dumps(data).encode(), status=status, headers=headers, content_type="application/json")
+
+
+class StreamReply:
+    """An answer sent as it is produced, in chunked encoding: ``prepare``, ``write``..., ``write_eof``."""
+
+    def __init__(self, *, status: int = 200, headers: Mapping[str, str] | CIMultiDict[str] | None = None) -> None:
+        self.status = status
+        self.headers: CIMultiDict[str] = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
+        self.prepared = False
+        self.finished = False
+        self._conn: _Connection | None = None
+        self._body = True
+
+    async def prepare(self, request: HttpRequest) -> None:
+        """Send the status line and headers."""
+        if self.prepared:
+            return
+        conn = self._conn = request._conn
+        self._body = request.method != "HEAD" and self.status not in NO_BODY_STATUS
+        framing = "Transfer-Encoding: chunked" if self._body else ""
+        conn.send(_head(self.status, self.headers, framing, close=conn.closing_after(request)))
+        self.prepared = True
+        await conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        """Send one chunk (waits while the client reads slowly); ConnectionResetError if it left."""
+        if self._conn is None:
+            raise RuntimeError("prepare() the reply before writing to it")
+        if data and self._body:
+            self._conn.send(b"%x\r\n%b\r\n" % (len(data), data))
+            await self._conn.drain()
+
+    async def write_eof(self) -> None:
+        """End the answer."""
+        if self._conn is None:
+            raise RuntimeError("prepare() the reply before ending it")
+        if not self.finished:
+            self.finished = True
+            if self._body:
+                self._conn.send(b"0\r\n\r\n")
+            await self._conn.drain()
+
+
+Handler = Callable[[HttpRequest], Awaitable[Reply | StreamReply]]
+#: Builds the answer to a malformed request: ``(status, message, code)``.
+ErrorReply = Callable[[int, str, str], Reply]
+
+
+def _plain_error(status: int, message: str, code: str) -> Reply:
+    return json_reply({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status=status)
+
+
+class _BadRequestError(Exception):
+    def __init__(self, status: int, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests, answers them one at a time, in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.queue: deque[HttpRequest] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self.paused_reading = False
+        self.paused_writing = False
+        self.drained: asyncio.Future[None] | None = None
+        self.closed = False
+        self.stop_parsing = False  # after a request whose body was not read, or a malformed one
+        # Parse state of the request under way: its head, then its body.
+        self.pending: tuple[str, str, CIMultiDictProxy[str], bool] | None = None
+        self.length = 0
+        self.chunked: bytearray | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+        self._start_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.stop_parsing:
+            return
+        self.buf += data
+        try:
+            self._parse()
+        except _BadRequestError as exc:
+            self.stop_parsing = True
+            self.buf.clear()
+            reply = self.server.error_reply(exc.status, exc.message, exc.code)
+            if self.task is None and not self.queue:
+                self._send_reply(reply, close=True)
+            else:  # answer the requests before it first
+                self.queue.append(_Rejected(self, reply))
+        if self.task is None:
+            if self.queue:
+                self._next()
+            elif not self.closed:  # part of a request: the idle clock restarts
+                if self.idle is not None:
+                    self.idle.cancel()
+                self._start_idle()
+        if len(self.queue) >= MAX_PIPELINED and not self.paused_reading and self.transport is not None:
+            self.paused_reading = True
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        self.queue.clear()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the client went away: stop its request (and free its slot)
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        self._wake_writer()
+
+    # -- writing --------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the client closed the connection")
+        if self.paused_writing:
+            self.drained = self.loop.create_future()
+            await self.drained
+            if self.closed:
+                raise ConnectionResetError("the client closed the connection")
+
+    def _wake_writer(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def closing_after(self, request: HttpRequest) -> bool:
+        return not request.keep_alive or (self.stop_parsing and not self.queue) or self.server.stopping
+
+    def _send_reply(self, reply: Reply, *, close: bool, head_only: bool = False) -> None:
+        body = b"" if reply.status in NO_BODY_STATUS or 100 <= reply.status < 200 else reply.body
+        framing = f"Content-Length: {len(body)}"
+        with contextlib.suppress(ConnectionResetError):
+            self.send(_head(reply.status, reply.headers, framing, close=close) + (b"" if head_only else body))
+        if close:
+            self.close()
+
+    # -- parsing --------------------------------------------------------------------------
+    def _parse(self) -> None:
+        while not self.stop_parsing:
+            if self.pending is None:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD_BYTES:
+                        raise _BadRequestError(431, "the request head is over 64 KiB", "head_too_large")
+                    return
+                if end > MAX_HEAD_BYTES:
+                    raise _BadRequestError(431, "the request head is over 64 KiB", "head_too_large")
+                head = bytes(self.buf[:end])
+                del self.buf[: end + 4]
+                if not head.strip():
+                    continue  # stray empty lines between requests are allowed
+                self._start_request(head)
+                if self.pending is None:
+                    continue
+            if self.chunked is not None:
+                if not self._read_chunks():
+                    return
+                body = bytes(self.chunked)
+                self.chunked = None
+            else:
+                if len(self.buf) < self.length:
+                    return
+                body = bytes(self.buf[: self.length])
+                del self.buf[: self.length]
+            method, target, headers, keep_alive = self.pending
+            self.pending = None
+            self.queue.append(HttpRequest(self, method, target, headers, body, keep_alive=keep_alive))
+
+    def _start_request(self, head: bytes) -> None:
+        lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
+            raise _BadRequestError(400, f"bad request line {lines[0][:60]!r}")
+        method, target, version = parts
+        if target.startswith(("http://", "https://")):  # absolute form: keep the path and query
+            slash = target.find("/", target.find("//") + 2)
+            target = target[slash:] if slash >= 0 else "/"
+        if not target.startswith("/") and target != "*":
+            raise _BadRequestError(400, f"bad request target {target[:60]!r}")
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip() or " " in name:
+                raise _BadRequestError(400, f"bad header line {line[:60]!r}")
+            headers.add(name, value.strip())
+        tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+        keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+        te = headers.get("Transfer-Encoding")
+        lengths = headers.getall("Content-Length", [])
+        if te is not None:
+            if lengths:
+                raise _BadRequestError(400, "both Content-Length and Transfer-Encoding are set")
+            if te.split(",")[-1].strip().lower() != "chunked":
+                raise _BadRequestError(400, f"unsupported Transfer-Encoding {te[:40]!r}")
+            length = -1
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit():
+                raise _BadRequestError(400, f"bad Content-Length {','.join(lengths)[:40]!r}")
+            length = int(lengths[0])
+        else:
+            length = 0
+        frozen = CIMultiDictProxy(headers)
+        if length > self.server.max_body_bytes:
+            # Not read: the handler answers 413 and the connection closes after it.
+            self.stop_parsing = True
+            self.buf.clear()
+            self.queue.append(HttpRequest(self, method, target, frozen, b"", keep_alive=False, too_large=True))
+            return
+        if length != 0 and headers.get("Expect", "").lower() == "100-continue":
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.pending = (method, target, frozen, keep_alive)
+        self.length = max(length, 0)
+        self.chunked = bytearray() if length < 0 else None
+
+    def _read_chunks(self) -> bool:
+        """Move whole chunks from the buffer into the body; True once the last one is in (False
+        while more must arrive, or when the body outgrew the limit and was handed over unread)."""
+        assert self.chunked is not None
+        buf = self.buf
+        while True:
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise _BadRequestError(400, "a chunk size line is too long")
+                return False
+            try:
+                size = int(bytes(buf[:eol]).split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BadRequestError(400, "bad chunk size line") from None
+            if size < 0:
+                raise _BadRequestError(400, "bad chunk size line")
+            if size == 0:
+                end = buf.find(b"\r\n\r\n", eol)  # the trailer section ends with an empty line
+                if end < 0:
+                    return False
+                del buf[: end + 4]
+                return True
+            if len(buf) < eol + 2 + size + 2:
+                return False
+            if buf[eol + 2 + size : eol + 4 + size] != b"\r\n":
+                raise _BadRequestError(400, "a chunk is not followed by CRLF")
+            if len(self.chunked) + size > self.server.max_body_bytes:
+                self.chunked = None
+                assert self.pending is not None
+                method, target, headers, _ = self.pending
+                self.pending = None
+                self.stop_parsing = True
+                self.buf.clear()
+                self.queue.append(HttpRequest(self, method, target, headers, b"", keep_alive=False, too_large=True))
+                return False  # handed over unread: parsing stops
+            self.chunked += buf[eol + 2 : eol + 2 + size]
+            del buf[: eol + 4 + size]
+
+    # -- answering ------------------------------------------------------------------------
+    def _next(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        request = self.queue.popleft()
+        self.task = self.loop.create_task(self._answer(request))
+        self.server.tasks.add(self.task)
+        self.task.add_done_callback(self._answered)
+        if self.paused_reading and len(self.queue) < MAX_PIPELINED // 2 and self.transport is not None:
+            self.paused_reading = False
+            self.transport.resume_reading()
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self.server.tasks.discard(task)
+        self.task = None
+        if self.closed:
+            return
+        if self.queue:
+            self._next()
+        elif self.stop_parsing or self.server.stopping:
+            self.close()
+        else:
+            self._start_idle()
+
+    def _start_idle(self) -> None:
+        self.idle = self.loop.call_later(self.server.keepalive_timeout_s, self.close)
+
+    async def _answer(self, request: HttpRequest) -> None:
+        if isinstance(request, _Rejected):
+            self._send_reply(request.reply, close=True)
+            return
+        try:
+            reply = await self.server.handler(request)
+        except ConnectionResetError:
+            self.close()
+            return
+        except Exception as exc:  # a handler bug must not take the connection's other requests with it
+            self.server.failures += 1
+            reply = self.server.error_reply(500, "internal error in the proxy", "internal_error")
+            if self.server.on_failure is not None:
+                self.server.on_failure(request, exc)
+        close = self.closing_after(request)
+        if isinstance(reply, StreamReply):
+            try:
+                if not reply.prepared:
+                    await reply.prepare(request)
+                if not reply.finished:
+                    await reply.write_eof()
+            except ConnectionResetError:
+                close = True
+            if close:
+                self.close()
+            return
+        self._send_reply(reply, close=close, head_only=request.method == "HEAD")
+
+
+class _Rejected(HttpRequest):
+    """A malformed request's place in the pipeline: answered with ``reply``, then the connection closes."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, conn: _Connection, reply: Reply) -> None:
+        super().__init__(conn, "GET", "/", CIMultiDictProxy(CIMultiDict()), b"", keep_alive=False)
+        self.reply = reply
+
+
+class HttpServer:
+    """Serves ``handler`` on one listening socket."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        error_reply: ErrorReply = _plain_error,
+        on_failure: Callable[[HttpRequest, Exception], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.error_reply = error_reply
+        self.on_failure = on_failure
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.failures = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Stop accepting; let requests in progress finish (up to ``timeout_s``); close every connection."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.task is None and not conn.queue:
+                conn.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout_s)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
+        for conn in list(self.connections):
+            conn.close()

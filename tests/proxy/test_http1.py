@@ -1,0 +1,338 @@
+"""The data plane's HTTP/1.1 server, spoken to over a raw socket, on asyncio and on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
+from proxy.runtime import run
+
+LOOPS = ["asyncio", "uvloop"]
+LIMIT = 1000
+
+
+class Recorder:
+    """A handler that echoes method, path, query and body; ``/slow`` waits, ``/stream`` streams."""
+
+    def __init__(self) -> None:
+        self.seen: list[HttpRequest] = []
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: HttpRequest) -> Reply | StreamReply:
+        self.seen.append(request)
+        if request.path == "/boom":
+            raise RuntimeError("a bug")
+        if request.path == "/slow":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if request.path == "/stream":
+            resp = StreamReply(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b"first")
+            self.started.set()
+            await self.release.wait()
+            await resp.write(b"second")
+            await resp.write_eof()
+            return resp
+        body = b"" if request.too_large else await request.read()
+        return json_reply(
+            {"method": request.method, "path": request.path, "query": request.query_string,
+             "body": body.decode(), "too_large": request.too_large},
+        )  # fmt: skip
+
+
+@asynccontextmanager
+async def serving(handler: Callable[[HttpRequest], Awaitable[Reply | StreamReply]], **kw: Any) -> AsyncIterator[Any]:
+    server = HttpServer(handler, max_body_bytes=LIMIT, **kw)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield server, port
+    finally:
+        await server.shutdown(1.0)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer: status, headers (lower-case names), body (de-chunked)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ")[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readuntil(b"\r\n")
+        return status, headers, body
+    return status, headers, await reader.readexactly(int(headers.get("content-length", "0")))
+
+
+def post(path: str, body: bytes, *extra: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def on(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    run(scenario(), loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_keep_alive_and_pipelined_requests_are_answered_in_order(loop: str) -> None:
+    """Three requests in one write on one connection: three answers, in order, connection kept."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post("/a?x=1", b"one") + post("/b", b"two") + post("/c%20d", b""))
+            answers = [await read_answer(reader) for _ in range(3)]
+            assert [json.loads(a[2])["path"] for a in answers] == ["/a", "/b", "/c d"]
+            assert json.loads(answers[0][2])["query"] == "x=1" and json.loads(answers[1][2])["body"] == "two"
+            assert all(a[0] == 200 and "connection" not in a[1] for a in answers)
+            writer.write(post("/again", b""))
+            assert (await read_answer(reader))[0] == 200
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_http10_and_connection_close_end_the_connection(loop: str) -> None:
+    """HTTP/1.0 without keep-alive, or ``Connection: close``, closes after the answer."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            for request in (b"GET /x HTTP/1.0\r\n\r\n", post("/y", b"", "Connection: close")):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                status, headers, _ = await read_answer(reader)
+                assert status == 200 and headers["connection"] == "close"
+                assert await reader.read() == b""
+                writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_chunked_bodies_and_expect_continue(loop: str) -> None:
+    """A chunked body arrives whole; ``Expect: 100-continue`` gets its interim answer first."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n")
+            await asyncio.sleep(0.05)
+            writer.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+            assert json.loads((await read_answer(reader))[2])["body"] == "abcde"
+            writer.write(post("/e", b"", "Expect: 100-continue").replace(b"Content-Length: 0", b"Content-Length: 4"))
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"body")
+            assert json.loads((await read_answer(reader))[2])["body"] == "body"
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_is_handed_over_unread_and_the_connection_closes(loop: str, chunked: bool) -> None:
+    """Past ``max_body_bytes`` the handler sees ``too_large`` (and read() raises); then the connection ends."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            big = b"x" * (LIMIT + 1)
+            if chunked:
+                writer.write(b"POST /big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(big), big))
+            else:
+                writer.write(post("/big", big))
+            status, headers, body = await read_answer(reader)
+            assert status == 200 and json.loads(body)["too_large"] is True and headers["connection"] == "close"
+            assert await reader.read() == b""
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NONSENSE\r\n\r\n", 400),
+        (b"GET nopath HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: " + b"y" * (70 * 1024) + b"\r\n\r\n", 431),
+    ],
+)
+def test_malformed_requests_get_an_error_and_the_connection_closes(
+    loop: str, request_bytes: bytes, status: int
+) -> None:
+    """A bad request line, header, framing or an oversized head: an error answer, then the end."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with serving(recorder) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_bytes)
+            got, headers, body = await read_answer(reader)
+            assert got == status and headers["connection"] == "close" and json.loads(body)["error"]["message"]
+            assert await reader.read() == b""
+            assert recorder.seen == []
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_request_before_a_malformed_one_is_still_answered(loop: str) -> None:
+    """Pipelined good-then-bad: the good one's answer, then the error, then the end."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post("/good", b"") + b"BAD\r\n\r\n")
+            assert (await read_answer(reader))[0] == 200
+            assert (await read_answer(reader))[0] == 400
+            assert await reader.read() == b""
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_streamed_answer_arrives_before_the_handler_ends(loop: str) -> None:
+    """The first chunk reaches the client while the handler still waits to send the second."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with serving(recorder) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post("/stream", b""))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head and b"Content-Type: text/event-stream" in head
+            assert await reader.readuntil(b"first\r\n") == b"5\r\nfirst\r\n"
+            recorder.release.set()
+            assert await reader.readuntil(b"0\r\n\r\n") == b"6\r\nsecond\r\n0\r\n\r\n"
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("path", ["/slow", "/stream"])
+def test_the_handler_ends_when_the_client_goes_away(loop: str, path: str) -> None:
+    """Closing the connection cancels a waiting handler at once; a streaming one ends at its next write."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with serving(recorder) as (server, port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(path, b""))
+            await asyncio.wait_for(recorder.started.wait(), 5)
+            assert len(server.tasks) == 1
+            writer.close()
+            if path == "/slow":
+                await asyncio.wait_for(recorder.cancelled.wait(), 5)
+            else:
+                await asyncio.sleep(0.05)
+                recorder.release.set()
+            for _ in range(500):
+                if not server.tasks:
+                    break
+                await asyncio.sleep(0.01)
+            assert not server.tasks
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_handler_bug_is_a_500_and_the_connection_goes_on(loop: str) -> None:
+    """An exception in the handler answers 500 (and is reported); the next request is served."""
+
+    async def scenario() -> None:
+        failures: list[str] = []
+        async with serving(Recorder(), on_failure=lambda req, exc: failures.append(f"{req.path} {exc}")) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post("/boom", b"") + post("/ok", b""))
+            assert (await read_answer(reader))[0] == 500
+            assert (await read_answer(reader))[0] == 200
+            assert failures == ["/boom a bug"]
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_head_answers_carry_no_body(loop: str) -> None:
+    """A HEAD request gets the headers (with the length) and no body; the connection stays usable."""
+
+    async def scenario() -> None:
+        async def handler(_: HttpRequest) -> Reply:
+            return Reply(b"12345", content_type="text/plain")
+
+        async with serving(handler) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"HEAD / HTTP/1.1\r\n\r\n" + post("/", b""))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"Content-Length: 5" in head
+            assert (await read_answer(reader))[2] == b"12345"
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_shutdown_drains_a_request_in_progress_and_closes_idle_connections(loop: str) -> None:
+    """Shutdown: idle keep-alive connections close at once, the one in progress gets its answer."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        server = HttpServer(recorder, max_body_bytes=LIMIT)
+        port = await server.start("127.0.0.1", 0)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_writer.write(post("/warm", b""))
+        await read_answer(idle_reader)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/slow", b""))
+        await asyncio.wait_for(recorder.started.wait(), 5)
+        stopping = asyncio.create_task(server.shutdown(5.0))
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+        recorder.release.set()
+        status, headers, _ = await read_answer(reader)
+        assert status == 200 and headers["connection"] == "close"
+        await stopping
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        idle_writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_idle_keep_alive_connection_times_out(loop: str) -> None:
+    """With no request for ``keepalive_timeout_s`` the server closes the connection."""
+
+    async def scenario() -> None:
+        async with serving(Recorder(), keepalive_timeout_s=0.1) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post("/x", b""))
+            await read_answer(reader)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+
+    on(loop, scenario)
