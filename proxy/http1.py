@@ -45,6 +45,10 @@ MAX_PIPELINED = 16
 #: Response framing is the server's: handlers' values for these are ignored.
 FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 NO_BODY_STATUS = frozenset({204, 304})
+#: A connection that the server ends after an answer keeps reading (and discarding) for up
+#: to this long, so that a client still sending a body it will not have read gets the
+#: answer instead of a reset.
+LINGER_S = 2.0
 
 
 class HttpRequest:
@@ -212,6 +216,7 @@ class _Connection(asyncio.Protocol):
         self.paused_writing = False
         self.drained: asyncio.Future[None] | None = None
         self.closed = False
+        self.ending = False
         self.stop_parsing = False  # after a request whose body was not read, or a malformed one
         # Parse state of the request under way: its head, then its body.
         self.pending: tuple[str, str, CIMultiDictProxy[str], bool] | None = None
@@ -291,8 +296,25 @@ class _Connection(asyncio.Protocol):
         self.drained = None
 
     def close(self) -> None:
+        """Close at once."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def end(self) -> None:
+        """Close after the answers sent so far: half-close now, discard what still comes, close
+        when the client does (or after ``LINGER_S``)."""
+        self.stop_parsing = True
+        self.buf.clear()
+        if self.ending or self.closed or self.transport is None or self.transport.is_closing():
+            return
+        self.ending = True
+        if not self.transport.can_write_eof():
+            self.close()
+            return
+        self.transport.write_eof()
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = self.loop.call_later(LINGER_S, self.close)
 
     def closing_after(self, request: HttpRequest) -> bool:
         return not request.keep_alive or (self.stop_parsing and not self.queue) or self.server.stopping
@@ -303,7 +325,7 @@ class _Connection(asyncio.Protocol):
         with contextlib.suppress(ConnectionResetError):
             self.send(_head(reply.status, reply.headers, framing, close=close) + (b"" if head_only else body))
         if close:
-            self.close()
+            self.end()
 
     # -- parsing --------------------------------------------------------------------------
     def _parse(self) -> None:
@@ -443,8 +465,8 @@ class _Connection(asyncio.Protocol):
         if self.queue:
             self._next()
         elif self.stop_parsing or self.server.stopping:
-            self.close()
-        else:
+            self.end()
+        elif not self.ending:
             self._start_idle()
 
     def _start_idle(self) -> None:
@@ -472,9 +494,10 @@ class _Connection(asyncio.Protocol):
                 if not reply.finished:
                     await reply.write_eof()
             except ConnectionResetError:
-                close = True
-            if close:
                 self.close()
+                return
+            if close:
+                self.end()
             return
         self._send_reply(reply, close=close, head_only=request.method == "HEAD")
 

@@ -164,6 +164,27 @@ def test_a_body_over_the_limit_is_handed_over_unread_and_the_connection_closes(l
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset(loop: str) -> None:
+    """The answer to a too-large body is sent early; the server reads on until the client is done."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            size = 4 * 1024 * 1024
+            writer.write(f"POST /big HTTP/1.1\r\nContent-Length: {size}\r\n\r\n".encode())
+            piece = b"x" * 65536
+            for _ in range(size // len(piece)):  # the whole body, as clients send it before reading
+                writer.write(piece)
+                await writer.drain()
+            status, headers, body = await read_answer(reader)
+            assert status == 200 and json.loads(body)["too_large"] is True and headers["connection"] == "close"
+            assert await reader.read() == b""
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
