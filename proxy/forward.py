@@ -194,7 +194,8 @@ class Exchange:
         self.event.update(type=decision.type, type_source=decision.source, stream=body.get("stream") is True)
         if st.settings.proxy.log_content:
             self.event["prompt"] = prompt_text(body)
-        st.arrived(decision.type, self.event["arrival_time"])
+        # Bookkeeping that no answer waits for runs while the upstream works on this request.
+        self.loop.call_soon(st.arrived, decision.type, self.event["arrival_time"])
         if st.shedding and random.random() >= st.admit_fraction:
             raise ProxyError(503, "the server is overloaded; retry later", "server_error", code="overloaded")
         try:
@@ -204,7 +205,7 @@ class Exchange:
                 429, "too many requests are waiting; retry later", "rate_limit_error", code="queue_full"
             ) from None
         self.event["queue_wait_s"] = self.loop.time() - self.t_arrival
-        st.metrics.waited(decision.type, self.event["queue_wait_s"])
+        self.loop.call_soon(st.metrics.waited, decision.type, self.event["queue_wait_s"])
         try:
             return await self.dispatch(body, decision.type)
         finally:
