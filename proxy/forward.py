@@ -297,9 +297,10 @@ class Exchange:
                 events = tally.feed(data)
                 if events:
                     if not resp.prepared:
-                        await resp.prepare(self.request)
                         self.event["first_byte_s"] = self.loop.time() - self.t_arrival
-                    await resp.write(b"".join(events))
+                        await resp.prepare(self.request, b"".join(events))
+                    else:
+                        await resp.write(b"".join(events))
                 if tally.error is not None:
                     raise tally.error
         except (MalformedStreamError, UpstreamError, TimeoutError) as exc:

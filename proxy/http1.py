@@ -156,14 +156,18 @@ class StreamReply:
         self._conn: _Connection | None = None
         self._body = True
 
-    async def prepare(self, request: HttpRequest) -> None:
-        """Send the status line and headers."""
+    async def prepare(self, request: HttpRequest, first: bytes = b"") -> None:
+        """Send the status line and headers, with the ``first`` chunk of the body if given (one
+        packet, so the client reads the answer's start in one go)."""
         if self.prepared:
             return
         conn = self._conn = request._conn
         self._body = request.method != "HEAD" and self.status not in NO_BODY_STATUS
         framing = "Transfer-Encoding: chunked" if self._body else ""
-        conn.send(_head(self.status, self.headers, framing, close=conn.closing_after(request)))
+        head = _head(self.status, self.headers, framing, close=conn.closing_after(request))
+        if first and self._body:
+            head += b"%x\r\n%b\r\n" % (len(first), first)
+        conn.send(head)
         self.prepared = True
         await conn.drain()
 

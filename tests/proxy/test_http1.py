@@ -39,8 +39,7 @@ class Recorder:
                 raise
         if request.path == "/stream":
             resp = StreamReply(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await resp.write(b"first")
+            await resp.prepare(request, b"first")  # the head and the first chunk in one packet
             self.started.set()
             await self.release.wait()
             await resp.write(b"second")
