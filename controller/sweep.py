@@ -118,7 +118,7 @@ class ArraySweep:
             return math.nan
         budget = time_budget - float(self.pc[~free].dot(self.lower[~free]))
         u_lo, u_hi = float(np.min(a - b * hi)), float(np.max(a - b * lo))
-        u = 0.5 * (u_lo + u_hi)
+        u = _interior_start(float(pc.dot(a / b)), float(pc.dot(1.0 / b)), budget, u_lo, u_hi)
         for _ in range(MARGIN_PRICE_MAXITER):
             raw = (a - u) / b
             inside = (raw > lo) & (raw < hi)
@@ -249,10 +249,18 @@ class ScalarSweep:
 
     def margin_price(self, time_budget: float) -> float:
         """See :meth:`ArraySweep.margin_price`."""
-        per_type = zip(self.log_k, self.rate, self.pc, self.lower, self.upper, self.fixed, strict=True)
-        rows = [(a, b, pc, lo, hi) for a, b, pc, lo, hi, fixed in per_type if not fixed]
-        budget = time_budget - sum(pc * lo for pc, lo, f in zip(self.pc, self.lower, self.fixed, strict=True) if f)
-        return _margin_price(rows, budget)
+        rows = []
+        budget, sum_pca_b, sum_pc_b = time_budget, 0.0, 0.0
+        for a, b, pc, lo, hi, fixed in zip(
+            self.log_k, self.rate, self.pc, self.lower, self.upper, self.fixed, strict=True
+        ):
+            if fixed:
+                budget -= pc * lo
+            else:
+                rows.append((a, b, pc, lo, hi))
+                sum_pca_b += pc * a / b
+                sum_pc_b += pc / b
+        return _margin_price(rows, budget, sum_pca_b, sum_pc_b)
 
 
 #: Iteration limit of the margin-price guess (it ends in a few on the right linear piece).
@@ -276,17 +284,28 @@ def _margin_step(
     return nxt, u_lo, u_hi, abs(nxt - u) <= 1e-12 * max(1.0, abs(u))
 
 
-def _margin_price(rows: list[tuple[float, float, float, float, float]], budget: float) -> float:
+def _interior_start(sum_pca_b: float, sum_pc_b: float, budget: float, u_lo: float, u_hi: float) -> float:
+    """Where ``S(u) = budget`` if no cap sat on a bound (``S`` is then ``sum pc a / b - u sum pc / b``),
+    or the bracket's midpoint if that lies outside it."""
+    u = (sum_pca_b - budget) / sum_pc_b if sum_pc_b > 0.0 else math.nan
+    return u if u_lo < u < u_hi else 0.5 * (u_lo + u_hi)
+
+
+def _margin_price(
+    rows: list[tuple[float, float, float, float, float]], budget: float, sum_pca_b: float, sum_pc_b: float
+) -> float:
     """Solve ``sum pc clip((ln K - u) / b, lo, hi) = budget`` for ``u`` and return ``e^u``.
 
     The left side falls piecewise linearly in ``u``; Newton's method on it, kept inside a
-    bracket, ends on the exact root once it reaches the right piece. ``nan`` if there is none.
+    bracket and started where no cap would sit on a bound (``sum_pca_b = sum pc ln K / b``,
+    ``sum_pc_b = sum pc / b``), ends on the exact root once it reaches the right piece. ``nan``
+    if there is none.
     """
     if not rows:
         return math.nan
     u_lo = min(a - b * hi for a, b, _, _, hi in rows)  # every cap at its maximum
     u_hi = max(a - b * lo for a, b, _, lo, _ in rows)  # every cap at its minimum
-    u = 0.5 * (u_lo + u_hi)
+    u = _interior_start(sum_pca_b, sum_pc_b, budget, u_lo, u_hi)
     for _ in range(MARGIN_PRICE_MAXITER):
         total = slope = 0.0
         for a, b, pc, lo, hi in rows:
