@@ -81,6 +81,19 @@ def post(path: str, body: bytes, *extra: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+async def refused_then_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The handler's answer saw ``too_large``; the connection then ends."""
+    status, headers, body = await read_answer(reader)
+    assert status == 200 and json.loads(body)["too_large"] is True and headers["connection"] == "close"
+    await closed(reader, writer)
+
+
+async def closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The server ended the connection."""
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
 def on(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
     run(scenario(), loop)
 
@@ -115,8 +128,7 @@ def test_http10_and_connection_close_end_the_connection(loop: str) -> None:
                 writer.write(request)
                 status, headers, _ = await read_answer(reader)
                 assert status == 200 and headers["connection"] == "close"
-                assert await reader.read() == b""
-                writer.close()
+                await closed(reader, writer)
 
     on(loop, scenario)
 
@@ -154,10 +166,7 @@ def test_a_body_over_the_limit_is_handed_over_unread_and_the_connection_closes(l
                 writer.write(b"POST /big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(big), big))
             else:
                 writer.write(post("/big", big))
-            status, headers, body = await read_answer(reader)
-            assert status == 200 and json.loads(body)["too_large"] is True and headers["connection"] == "close"
-            assert await reader.read() == b""
-            writer.close()
+            await refused_then_closed(reader, writer)
 
     on(loop, scenario)
 
@@ -175,10 +184,7 @@ def test_a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset(loop:
             for _ in range(size // len(piece)):  # the whole body, as clients send it before reading
                 writer.write(piece)
                 await writer.drain()
-            status, headers, body = await read_answer(reader)
-            assert status == 200 and json.loads(body)["too_large"] is True and headers["connection"] == "close"
-            assert await reader.read() == b""
-            writer.close()
+            await refused_then_closed(reader, writer)
 
     on(loop, scenario)
 
@@ -210,9 +216,8 @@ def test_malformed_requests_get_an_error_and_the_connection_closes(
             writer.write(request_bytes)
             got, headers, body = await read_answer(reader)
             assert got == status and headers["connection"] == "close" and json.loads(body)["error"]["message"]
-            assert await reader.read() == b""
+            await closed(reader, writer)
             assert recorder.seen == []
-            writer.close()
 
     on(loop, scenario)
 
@@ -227,8 +232,7 @@ def test_a_request_before_a_malformed_one_is_still_answered(loop: str) -> None:
             writer.write(post("/good", b"") + b"BAD\r\n\r\n")
             assert (await read_answer(reader))[0] == 200
             assert (await read_answer(reader))[0] == 400
-            assert await reader.read() == b""
-            writer.close()
+            await closed(reader, writer)
 
     on(loop, scenario)
 
@@ -352,7 +356,6 @@ def test_an_idle_keep_alive_connection_times_out(loop: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(post("/x", b""))
             await read_answer(reader)
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            writer.close()
+            await closed(reader, writer)
 
     on(loop, scenario)
