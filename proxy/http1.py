@@ -199,6 +199,20 @@ def _plain_error(status: int, message: str, code: str) -> Reply:
     return json_reply({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status=status)
 
 
+DIGITS = frozenset("0123456789")
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_number(text: str, digits: frozenset[str]) -> bool:
+    """Only digits (``int()`` alone would also take signs, underscores, ``0x`` and non-ASCII digits)."""
+    return 0 < len(text) <= 16 and all(ch in digits for ch in text)
+
+
+def _is_token(text: str) -> bool:
+    """A method name: ASCII letters only."""
+    return text.isascii() and text.isalpha()
+
+
 class _BadRequestError(Exception):
     def __init__(self, status: int, message: str, code: str = "bad_request") -> None:
         super().__init__(message)
@@ -254,7 +268,7 @@ class _Connection(asyncio.Protocol):
         if self.task is None:
             if self.queue:
                 self._next()
-            elif not self.closed:  # part of a request: the idle clock restarts
+            elif not self.closed and not self.ending:  # part of a request: the idle clock restarts
                 if self.idle is not None:
                     self.idle.cancel()
                 self._start_idle()
@@ -366,7 +380,7 @@ class _Connection(asyncio.Protocol):
     def _start_request(self, head: bytes) -> None:
         lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
         parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
+        if len(parts) != 3 or not _is_token(parts[0]) or not parts[2].startswith("HTTP/1."):
             raise _BadRequestError(400, f"bad request line {lines[0][:60]!r}")
         method, target, version = parts
         if target.startswith(("http://", "https://")):  # absolute form: keep the path and query
@@ -391,7 +405,7 @@ class _Connection(asyncio.Protocol):
                 raise _BadRequestError(400, f"unsupported Transfer-Encoding {te[:40]!r}")
             length = -1
         elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit():
+            if len(set(lengths)) != 1 or not _is_number(lengths[0], DIGITS):
                 raise _BadRequestError(400, f"bad Content-Length {','.join(lengths)[:40]!r}")
             length = int(lengths[0])
         else:
@@ -420,12 +434,10 @@ class _Connection(asyncio.Protocol):
                 if len(buf) > MAX_HEAD_BYTES:
                     raise _BadRequestError(400, "a chunk size line is too long")
                 return False
-            try:
-                size = int(bytes(buf[:eol]).split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _BadRequestError(400, "bad chunk size line") from None
-            if size < 0:
+            digits = bytes(buf[:eol]).split(b";", 1)[0].strip().decode("latin-1")
+            if not _is_number(digits, HEX_DIGITS):
                 raise _BadRequestError(400, "bad chunk size line")
+            size = int(digits, 16)
             if size == 0:
                 end = buf.find(b"\r\n\r\n", eol)  # the trailer section ends with an empty line
                 if end < 0:

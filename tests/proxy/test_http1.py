@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 from proxy.runtime import run
@@ -201,6 +203,11 @@ def test_a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset(loop:
         (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc", 400),
+        ("POST / HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\nab".encode("latin-1"), 400),
+        ("G\u00c9T / HTTP/1.1\r\n\r\n".encode("latin-1"), 400),
         (b"GET / HTTP/1.1\r\nX: " + b"y" * (70 * 1024) + b"\r\n\r\n", 431),
     ],
 )
@@ -359,3 +366,31 @@ def test_an_idle_keep_alive_connection_times_out(loop: str) -> None:
             await closed(reader, writer)
 
     on(loop, scenario)
+
+
+#: Pieces that make the random input look like requests more often than random bytes do.
+FRAGMENTS = [b"\r\n", b"\r\n\r\n", b"POST / HTTP/1.1\r\n", b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n",
+             b"Expect: 100-continue\r\n", b"5\r\nhello\r\n", b"0\r\n"]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=64), st.sampled_from(FRAGMENTS)), max_size=12))
+def test_no_byte_sequence_breaks_the_server(pieces: list[bytes]) -> None:
+    """Whatever arrives, the server raises nothing into the event loop and keeps serving others."""
+
+    async def scenario() -> None:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        async with serving(Recorder()) as (server, port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"".join(pieces))
+            await asyncio.sleep(0.01)
+            writer.close()
+            reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+            writer2.write(post("/after", b"ok"))
+            assert json.loads((await read_answer(reader2))[2])["body"] == "ok"
+            writer2.close()
+            assert server.failures == 0
+        assert errors == []
+
+    on("asyncio", scenario)
