@@ -185,7 +185,11 @@ class DataPlane:
         if b.probe:
             self._tasks.append(asyncio.create_task(_run_probe(state)))
         self.host = s.proxy.host if host is None else host
-        self.port = await self.server.start(self.host, s.proxy.port if port is None else port)
+        try:
+            self.port = await self.server.start(self.host, s.proxy.port if port is None else port)
+        except BaseException:  # e.g. the port is taken: leave nothing open behind
+            await self.close()
+            raise
         logger().info(
             "startup",
             listen=f"{self.host}:{self.port}",

@@ -24,15 +24,25 @@ async def start(state: ProxyState) -> tuple[DataPlane, web.AppRunner, int, int]:
     plane = create_app(state)
     port = await plane.start()
     admin = web.AppRunner(create_admin_app(state), access_log=None)
-    await admin.setup()
-    await web.TCPSite(admin, p.admin_host, p.admin_port).start()
+    try:
+        await admin.setup()
+        await web.TCPSite(admin, p.admin_host, p.admin_port).start()
+    except BaseException:
+        await admin.cleanup()
+        await plane.close()
+        raise
     return plane, admin, port, int(admin.addresses[0][1])
 
 
 async def serve(settings: Settings) -> None:
     """Run until a signal; then stop accepting, drain in-flight requests (up to the timeout), exit."""
     state = build_state(settings)
-    plane, admin, port, admin_port = await start(state)
+    try:
+        plane, admin, port, admin_port = await start(state)
+    except OSError as exc:  # the address is taken or not ours
+        p = settings.proxy
+        where = f"{p.host}:{p.port} or {p.admin_host}:{p.admin_port}"
+        raise ValueError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     logger().info(
         "listening",
         url=f"http://{settings.proxy.host}:{port}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,17 @@ def test_serve_config_errors_name_the_key(
     assert main(["serve", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"{cfg}: {key}:" in err and "Traceback" not in err
+
+
+def test_serve_on_a_taken_port_exits_2_with_one_line(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``thinkcap serve`` whose listen address is in use says so in one line and exits 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        example = (Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml").read_text()
+        cfg.write_text(example)
+        assert main(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--loop", "asyncio"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
