@@ -2,9 +2,10 @@
 
 The data plane's work per request is small, and on it a general-purpose server's machinery
 is a large share of the added latency: measured against a zero-delay upstream at 200 req/s,
-a bare forwarder on aiohttp's server added about twice the median latency of the same
-forwarder on this one (``docs/BENCHMARKS.md``). So the data plane serves HTTP/1.1 itself,
-doing what a JSON API gateway needs and no more:
+a bare forwarder on aiohttp's server added 1.3-2.5 times the median latency of the same
+forwarder on a plain asyncio protocol, and thinkcap itself adds about a fifth less on this
+server than it did on aiohttp's (``docs/BENCHMARKS.md``). So the data plane serves HTTP/1.1
+itself, doing what a JSON API gateway needs and no more:
 
 - keep-alive, and pipelined requests answered in order; HTTP/1.0 closes after each answer;
 - request bodies framed by ``Content-Length`` or chunked, read whole up to a limit (a
