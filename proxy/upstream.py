@@ -136,7 +136,8 @@ class Response:
 
 
 class _ReadDeadline:
-    """The read timeout of one response body: no byte for ``limit`` seconds cancels the reader.
+    """The read timeout of one response body: a read (one chunk, or one buffer) that takes longer
+    than ``limit`` seconds cancels the reader, which then raises ``TimeoutError``.
 
     ``start()`` before a read and ``stop()`` after it cost a clock read; one timer per body
     checks them and re-arms itself while bytes keep coming. A timer per read (``asyncio.timeout``)
