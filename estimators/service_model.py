@@ -53,7 +53,8 @@ class ServiceModel:
     min_samples
         Observations before fitted values replace the defaults.
     per_type_slopes
-        Give a type its own regression once it has ``min_samples`` observations.
+        Give a type its own regression once it has ``min_samples`` observations (set at
+        construction: the per-type regressions are fitted only then).
     forgetting
         Forgetting factor of every regression and prompt statistic.
 
@@ -80,7 +81,8 @@ class ServiceModel:
         self.per_type_slopes = bool(per_type_slopes)
         self.forgetting = forgetting
         self._pooled = ServiceRLS(forgetting=forgetting)
-        self._own = {name: ServiceRLS(forgetting=forgetting) for name in self.defaults}
+        # Per-type fits cost as much as the pooled one on every request: kept only when used.
+        self._own = {name: ServiceRLS(forgetting=forgetting) for name in self.defaults} if self.per_type_slopes else {}
         self._prompt = {name: _Moments() for name in self.defaults}
 
     @property
@@ -107,7 +109,9 @@ class ServiceModel:
         evaluated = prompt_tokens - cached_tokens
         kw = {"completion_tokens": completion_tokens, "prompt_tokens": evaluated, "service_time": service_time}
         self._pooled.update(**kw)  # validates everything before any state changes
-        self._own[name].update(**kw)
+        own = self._own.get(name)
+        if own is not None:
+            own.update(**kw)
         self._prompt[name].update(float(evaluated), self.forgetting)
 
     def params(self, name: str) -> ServiceParams:
@@ -126,8 +130,8 @@ class ServiceModel:
             if not pooled_ready or stats.n == 0:
                 out[name] = ServiceParams(t0, c, v, stats.n, False)
                 continue
-            if self.per_type_slopes and stats.n >= self.min_samples:
-                own = self._own[name]
+            own = self._own.get(name)
+            if own is not None and stats.n >= self.min_samples:
                 b0, b_out, b_in, resid = (*own.coefficients, own.residual_variance)
             else:
                 b0, b_out, b_in, resid = pooled

@@ -54,7 +54,6 @@ async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
 async def metrics(st: ProxyState, _: HttpRequest) -> Reply:
     """Prometheus text; estimator gauges are refreshed at each scrape."""
     st.metrics.set_estimates(st.estimators.snapshot(st.clock()))
-    st.metrics.queue_length.set(st.admission.queued)
     st.metrics.set_caps(st.caps.effective())
     return Reply(st.metrics.render(), content_type="text/plain; charset=utf-8")
 

@@ -90,15 +90,20 @@ def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None)
     return json_reply(body, status=exc.status, headers=headers)
 
 
+#: Request headers never sent upstream (the proxy asks for an unencoded answer itself).
+NOT_FORWARDED = HOP_BY_HOP | {TYPE_HEADER.lower(), "accept-encoding"}
+
+
 def upstream_headers(incoming: CIMultiDictProxy[str], api_key: str | None) -> CIMultiDict[str]:
     """End-to-end request headers for the upstream; the backend key replaces the client's."""
-    connection = {h.strip().lower() for h in incoming.get("Connection", "").split(",") if h.strip()}
+    drop = NOT_FORWARDED
+    connection = incoming.get("Connection")
+    if connection is not None:  # and the headers it names as hop-by-hop
+        drop = drop | {h.strip().lower() for h in connection.split(",") if h.strip()}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in incoming.items():
-        lk = k.lower()
-        if lk in HOP_BY_HOP or lk in connection or lk == TYPE_HEADER.lower() or lk == "accept-encoding":
-            continue
-        out.add(k, v)
+        if k.lower() not in drop:
+            out.add(k, v)
     if api_key is not None:
         out["Authorization"] = f"Bearer {api_key}"
     return out
@@ -240,14 +245,11 @@ class Exchange:
         headers["Accept-Encoding"] = "identity"
         data = json.dumps(body).encode()
         self.t_dispatch = self.loop.time()
-        st.metrics.in_flight.inc()
         try:
+            if backend.total_timeout_s is None:  # the default: no timer to set and cancel
+                return await self.relay(headers, data, stream=stream, asked_usage=asked_usage)
             async with asyncio.timeout(backend.total_timeout_s):
-                async with await st.lean().request("POST", self.request.path_qs, headers, data) as up:
-                    self.event["upstream_status"] = up.status
-                    if stream and up.status == 200 and up.content_type == "text/event-stream":
-                        return await self.relay_stream(up, strip_usage=not asked_usage)
-                    return await self.relay_body(up)
+                return await self.relay(headers, data, stream=stream, asked_usage=asked_usage)
         except UpstreamError as exc:
             code = {"unreachable": "upstream_unreachable", "malformed": "upstream_malformed"}.get(
                 exc.kind, "upstream_disconnected"
@@ -258,8 +260,16 @@ class Exchange:
             if self.stream is not None and self.stream.prepared:  # the total limit struck mid-stream
                 return await self.end_stream(self.stream, err)
             raise err from None
-        finally:
-            st.metrics.in_flight.dec()
+
+    async def relay(
+        self, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
+    ) -> Reply | StreamReply:
+        """Send the shaped request upstream and relay the answer, streamed or whole."""
+        async with await self.state.lean().request("POST", self.request.path_qs, headers, data) as up:
+            self.event["upstream_status"] = up.status
+            if stream and up.status == 200 and up.content_type == "text/event-stream":
+                return await self.relay_stream(up, strip_usage=not asked_usage)
+            return await self.relay_body(up)
 
     async def relay_body(self, up: Response) -> Reply:
         raw = await up.read()

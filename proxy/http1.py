@@ -94,12 +94,11 @@ class BodyTooLargeError(Exception):
     """The request body is over the server's limit."""
 
 
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+
+
 def _head(status: int, headers: Mapping[str, str] | CIMultiDict[str] | None, framing: str, *, close: bool) -> bytes:
-    try:
-        reason = http.HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Unknown"
-    lines = [f"HTTP/1.1 {status} {reason}", f"Date: {_date()}"]
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", f"Date: {_date()}"]
     if headers:
         lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in FRAMING]
     if framing:
@@ -206,7 +205,7 @@ HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 def _is_number(text: str, digits: frozenset[str]) -> bool:
     """Only digits (``int()`` alone would also take signs, underscores, ``0x`` and non-ASCII digits)."""
-    return 0 < len(text) <= 16 and all(ch in digits for ch in text)
+    return 0 < len(text) <= 16 and digits.issuperset(text)
 
 
 def _is_token(text: str) -> bool:
@@ -230,7 +229,11 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.queue: deque[HttpRequest] = deque()
         self.task: asyncio.Task[None] | None = None
+        # The keep-alive clock: when it last restarted (None while a request is answered), and one
+        # timer that re-arms itself instead of being cancelled and set again on every request.
+        self.idle_since: float | None = None
         self.idle: asyncio.TimerHandle | None = None
+        self.linger: asyncio.TimerHandle | None = None
         self.paused_reading = False
         self.paused_writing = False
         self.drained: asyncio.Future[None] | None = None
@@ -270,8 +273,6 @@ class _Connection(asyncio.Protocol):
             if self.queue:
                 self._next()
             elif not self.closed and not self.ending:  # part of a request: the idle clock restarts
-                if self.idle is not None:
-                    self.idle.cancel()
                 self._start_idle()
         if len(self.queue) >= MAX_PIPELINED and not self.paused_reading and self.transport is not None:
             self.paused_reading = True
@@ -280,8 +281,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
+        for timer in (self.idle, self.linger):
+            if timer is not None:
+                timer.cancel()
         self.queue.clear()
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client went away: stop its request (and free its slot)
@@ -331,9 +333,11 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.transport.write_eof()
+        self.idle_since = None
         if self.idle is not None:
             self.idle.cancel()
-        self.idle = self.loop.call_later(LINGER_S, self.close)
+            self.idle = None
+        self.linger = self.loop.call_later(LINGER_S, self.close)
 
     def closing_after(self, request: HttpRequest) -> bool:
         return not request.keep_alive or (self.stop_parsing and not self.queue) or self.server.stopping
@@ -395,8 +399,12 @@ class _Connection(asyncio.Protocol):
             if not sep or not name or name != name.strip() or " " in name:
                 raise _BadRequestError(400, f"bad header line {line[:60]!r}")
             headers.add(name, value.strip())
-        tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
-        keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+        connection = headers.get("Connection")
+        if connection is None:
+            keep_alive = version != "HTTP/1.0"
+        else:
+            tokens = {t.strip().lower() for t in connection.split(",")}
+            keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
         te = headers.get("Transfer-Encoding")
         lengths = headers.getall("Content-Length", [])
         if te is not None:
@@ -406,7 +414,7 @@ class _Connection(asyncio.Protocol):
                 raise _BadRequestError(400, f"unsupported Transfer-Encoding {te[:40]!r}")
             length = -1
         elif lengths:
-            if len(set(lengths)) != 1 or not _is_number(lengths[0], DIGITS):
+            if (len(lengths) > 1 and len(set(lengths)) != 1) or not _is_number(lengths[0], DIGITS):
                 raise _BadRequestError(400, f"bad Content-Length {','.join(lengths)[:40]!r}")
             length = int(lengths[0])
         else:
@@ -463,9 +471,7 @@ class _Connection(asyncio.Protocol):
 
     # -- answering ------------------------------------------------------------------------
     def _next(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
+        self.idle_since = None
         request = self.queue.popleft()
         self.task = self.loop.create_task(self._answer(request))
         self.server.tasks.add(self.task)
@@ -487,7 +493,20 @@ class _Connection(asyncio.Protocol):
             self._start_idle()
 
     def _start_idle(self) -> None:
-        self.idle = self.loop.call_later(self.server.keepalive_timeout_s, self.close)
+        """(Re)start the keep-alive clock."""
+        self.idle_since = self.loop.time()
+        if self.idle is None:
+            self.idle = self.loop.call_at(self.idle_since + self.server.keepalive_timeout_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle = None
+        if self.idle_since is None or self.closed:
+            return  # answering: the next _start_idle arms a new timer
+        due = self.idle_since + self.server.keepalive_timeout_s
+        if self.loop.time() >= due:
+            self.close()
+        else:
+            self.idle = self.loop.call_at(due, self._idle_check)
 
     async def _answer(self, request: HttpRequest) -> None:
         if isinstance(request, _Rejected):

@@ -9,6 +9,9 @@ from typing import Any, TextIO
 import structlog
 
 _configured = False
+#: Loggers bound once per configuration, by name: binding costs about as much as rendering a
+#: line, and every request logs one.
+_bound: dict[str, Any] = {}
 
 
 def configure(*, json_lines: bool | None = None, stream: TextIO | None = None, level: int = logging.INFO) -> None:
@@ -29,19 +32,31 @@ def configure(*, json_lines: bool | None = None, stream: TextIO | None = None, l
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(out),  # one write per line (print makes two)
         cache_logger_on_first_use=False,
     )
+    _bound.clear()
     _configured = True
 
 
 def logger(name: str = "thinkcap") -> Any:
-    """The project's logger."""
-    return structlog.get_logger(name)
+    """The project's logger; after :func:`configure`, bound once to that configuration.
+
+    ``structlog.testing.capture_logs`` edits the configured processor list in place, so a
+    logger bound before it still reaches the capture. Unconfigured, structlog's default
+    writes to whatever ``sys.stdout`` is at each call, so nothing is bound then.
+    """
+    if not _configured:
+        return structlog.get_logger(name)
+    bound = _bound.get(name)
+    if bound is None:
+        bound = _bound[name] = structlog.get_logger(name).bind()
+    return bound
 
 
 def reset() -> None:
     """Back to structlog's defaults (after a run that logged to a file it has closed)."""
     global _configured  # noqa: PLW0603
     structlog.reset_defaults()
+    _bound.clear()
     _configured = False

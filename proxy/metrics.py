@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from estimators import Snapshot
+from proxy.admission import Admission
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
@@ -30,7 +31,9 @@ class Metrics:
         self.tokens = Counter("thinkcap_tokens", "Tokens by type and kind", ["type", "kind"], registry=r)
         self.caps = Gauge("thinkcap_cap_tokens", "Reasoning-token cap in force", ["type"], registry=r)
         self.queue_length = Gauge("thinkcap_queue_length", "Requests waiting for admission", registry=r)
-        self.in_flight = Gauge("thinkcap_in_flight", "Requests being served upstream", registry=r)
+        self.in_flight = Gauge(
+            "thinkcap_in_flight", "Requests holding an admission slot (being served upstream)", registry=r
+        )
         self.arrival_rate = Gauge("thinkcap_arrival_rate", "Estimated arrival rate, requests/s", registry=r)
         self.prior = Gauge("thinkcap_type_prior", "Estimated share of requests by type", ["type"], registry=r)
         self.overhead = Gauge(
@@ -75,6 +78,12 @@ class Metrics:
         if hist is None:
             hist = self._wait[name] = self.queue_wait.labels(name)
         hist.observe(seconds)
+
+    def watch(self, admission: Admission) -> None:
+        """Read the queue length and the requests in flight from ``admission`` at each scrape
+        (nothing to update on the request path)."""
+        self.queue_length.set_function(lambda: admission.queued)
+        self.in_flight.set_function(lambda: admission.in_flight)
 
     def set_caps(self, caps: Mapping[str, int]) -> None:
         """Show the caps in force."""

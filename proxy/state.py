@@ -127,11 +127,13 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.time) -
     table = initial_caps(settings)
     metrics = Metrics(table.caps)
     metrics.set_caps(table.caps)
+    admission = Admission(settings.proxy.max_concurrency, settings.proxy.max_queue)
+    metrics.watch(admission)
     return ProxyState(
         settings=settings,
         classifier=Classifier(types, settings.proxy.default_type),
         caps=CapStore(table),
-        admission=Admission(settings.proxy.max_concurrency, settings.proxy.max_queue),
+        admission=admission,
         estimators=Estimators(
             defaults,
             arrival=ArrivalRate(

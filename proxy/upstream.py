@@ -44,9 +44,12 @@ class _Conn:
 class Response:
     """An upstream answer; read it with :meth:`read` or :meth:`iter_chunks`, inside ``async with``."""
 
-    def __init__(self, pool: Upstream, conn: _Conn, status: int, headers: CIMultiDict[str], method: str) -> None:
+    def __init__(
+        self, pool: Upstream, conn: _Conn, status: int, headers: CIMultiDict[str], method: str, *, wait: _ReadDeadline
+    ) -> None:
         self._pool = pool
         self._conn = conn
+        self._wait = wait
         self.status = status
         self.headers = headers
         self._done = False
@@ -73,7 +76,7 @@ class Response:
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives."""
         r = self._conn.reader
-        wait = _ReadDeadline(self._pool.read_timeout_s)
+        wait = self._wait
         try:
             if self._chunked:
                 while True:
@@ -115,8 +118,6 @@ class Response:
             if wait.expired():
                 raise TimeoutError("no byte from the upstream within the read timeout") from None
             raise
-        finally:
-            wait.close()
         self._done = True
 
     async def read(self) -> bytes:
@@ -129,6 +130,7 @@ class Response:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._wait.close()
         if self._done and self._reuse and exc is None:
             self._pool.put(self._conn)
         else:
@@ -136,10 +138,10 @@ class Response:
 
 
 class _ReadDeadline:
-    """The read timeout of one response body: a read (one chunk, or one buffer) that takes longer
-    than ``limit`` seconds cancels the reader, which then raises ``TimeoutError``.
+    """The read timeout of one response: a read (the head, one chunk, or one buffer) that takes
+    longer than ``limit`` seconds cancels the reader, which then raises ``TimeoutError``.
 
-    ``start()`` before a read and ``stop()`` after it cost a clock read; one timer per body
+    ``start()`` before a read and ``stop()`` after it cost a clock read; one timer per response
     checks them and re-arms itself while bytes keep coming. A timer per read (``asyncio.timeout``)
     costs more than relaying the read's bytes on a stream of one-token chunks. The time the
     consumer spends between reads (writing to a slow client) does not count.
@@ -259,12 +261,18 @@ class Upstream:
 
     async def _exchange(self, conn: _Conn, payload: bytes, method: str, *, fresh: bool = False) -> Response:
         r, w = conn.reader, conn.writer
+        wait = _ReadDeadline(self.read_timeout_s)
+        response: Response | None = None
         try:
             w.write(payload)
             if w.transport.get_write_buffer_size() > READ_SIZE:
                 await w.drain()
-            async with asyncio.timeout(self.read_timeout_s):
-                head = await r.readuntil(b"\r\n\r\n")
+            wait.start()
+            head = await r.readuntil(b"\r\n\r\n")
+            wait.stop()
+            status, headers = _parse_head(head)
+            response = Response(self, conn, status, headers, method, wait=wait)  # it closes the deadline
+            return response
         except asyncio.IncompleteReadError as exc:
             conn.close()
             if not exc.partial and not fresh:
@@ -278,15 +286,17 @@ class Upstream:
         except asyncio.LimitOverrunError:
             conn.close()
             raise UpstreamError("malformed", "the upstream response head is too long") from None
+        except asyncio.CancelledError:
+            conn.close()
+            if wait.expired():
+                raise TimeoutError("no response from the upstream within the read timeout") from None
+            raise
         except BaseException:
             conn.close()
             raise
-        try:
-            status, headers = _parse_head(head)
-            return Response(self, conn, status, headers, method)
-        except UpstreamError:
-            conn.close()
-            raise
+        finally:
+            if response is None:
+                wait.close()
 
     async def close(self) -> None:
         """Close every pooled connection."""

@@ -368,6 +368,32 @@ def test_an_idle_keep_alive_connection_times_out(loop: str) -> None:
     on(loop, scenario)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_keep_alive_clock_restarts_after_each_answer_and_with_a_partial_request(loop: str) -> None:
+    """Requests (or part of one) inside the timeout keep the connection open past the first
+    deadline; it closes a timeout after the last activity, not before."""
+
+    async def scenario() -> None:
+        timeout = 0.3
+        async with serving(Recorder(), keepalive_timeout_s=timeout) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            loop_ = asyncio.get_running_loop()
+            for _ in range(3):
+                writer.write(post("/x", b""))
+                await read_answer(reader)
+                await asyncio.sleep(0.2)
+            request = post("/x", b"hello")
+            writer.write(request[:10])  # part of a request restarts the clock too
+            await asyncio.sleep(0.2)
+            writer.write(request[10:])
+            assert (await read_answer(reader))[0] == 200
+            last = loop_.time()
+            await closed(reader, writer)
+            assert loop_.time() - last >= timeout * 0.9
+
+    on(loop, scenario)
+
+
 #: Pieces that make the random input look like requests more often than random bytes do.
 FRAGMENTS = [b"\r\n", b"\r\n\r\n", b"POST / HTTP/1.1\r\n", b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n",
              b"Expect: 100-continue\r\n", b"5\r\nhello\r\n", b"0\r\n"]  # fmt: skip

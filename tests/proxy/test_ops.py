@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from proxy.cli import main
 from tests.proxy.conftest import Stack, StackFactory
+from tests.sim.conftest import sim_type
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
 
@@ -60,6 +62,26 @@ async def test_metrics_expose_requests_latency_caps_tokens_and_estimates(stack: 
     assert value("thinkcap_arrival_rate ") > 0
     assert value('thinkcap_type_prior{type="hard"}') > 0.5
     assert value("thinkcap_queue_length ") == 0
+    assert value("thinkcap_in_flight ") == 0
+
+
+async def test_metrics_show_the_requests_in_flight_and_waiting_at_the_scrape(stack: StackFactory) -> None:
+    """With one slot, one slow request in flight and two behind it read as 1 and 2."""
+    s = await stack(proxy="max_concurrency = 1", time_scale=1.0, types=(sim_type("hard", natural=300),))
+    s.state.caps.pin({"hard": 300})  # 0.1 + 0.3 s of service each
+
+    def gauge(text: str, name: str) -> float:
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+        return float(line.rsplit(" ", 1)[1])
+
+    tasks = [asyncio.create_task(send(s)) for _ in range(3)]
+    while s.state.admission.queued < 2:
+        await asyncio.sleep(0.01)
+    _, text = await get(s.proxy.make_url("/metrics"))
+    assert gauge(text, "thinkcap_in_flight") == 1 and gauge(text, "thinkcap_queue_length") == 2
+    await asyncio.gather(*tasks)
+    _, text = await get(s.proxy.make_url("/metrics"))
+    assert gauge(text, "thinkcap_in_flight") == 0 and gauge(text, "thinkcap_queue_length") == 0
 
 
 async def test_admin_pins_and_unpins_caps_that_the_upstream_then_sees(stack: StackFactory) -> None:

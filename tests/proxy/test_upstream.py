@@ -178,3 +178,44 @@ async def test_unreachable_and_read_timeout() -> None:
         await server.wait_closed()
     with pytest.raises(ValueError, match="http"):
         Upstream("ftp://example.org")
+
+
+async def test_a_read_timeout_covers_the_head_and_each_body_read_and_then_lets_go(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """One deadline per response: a slow head or a slow body read times out, and after a
+    response is done its deadline never cancels the task that read it."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            path = (await read_request(r)).split(b" ")[1]
+            if path.endswith(b"/slow-head"):
+                await asyncio.sleep(1.0)
+                return
+            if path.endswith(b"/empty"):
+                w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                continue
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+            await w.drain()
+            if path.endswith(b"/slow-body"):
+                await asyncio.sleep(1.0)
+                return
+            w.write(b"cd")
+
+    base, _ = await raw_server(handler)
+    up = Upstream(base, read_timeout_s=0.2)
+    async with await up.request("POST", "/fine", hdrs(), b"") as resp:
+        assert await resp.read() == b"abcd"
+    await asyncio.sleep(0.5)  # past the deadline: the finished response's timer must be gone
+    async with await up.request("POST", "/empty", hdrs(), b"") as resp:
+        assert resp.status == 204 and await resp.read() == b""
+        await asyncio.sleep(0.5)  # held open with nothing left to read: no read is timed
+    with pytest.raises(TimeoutError):
+        await up.request("POST", "/slow-head", hdrs(), b"")
+    with pytest.raises(TimeoutError):
+        async with await up.request("POST", "/slow-body", hdrs(), b"") as resp:
+            await resp.read()
+    await asyncio.sleep(0.5)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await up.close()
