@@ -2,17 +2,21 @@
 
 Run: .venv/bin/python bench/proxy.py [--seconds S] [--same-cpu | --sequential N]
 
-Three processes: the simulated server (``thinkcap mock-backend --time-scale 0``, one token per
+Four processes: the simulated server (``thinkcap mock-backend --time-scale 0``, one token per
 streamed chunk) pinned to CPU 0, the proxy (``thinkcap serve``, ``max_concurrency`` 256 so
-admission never waits, request logs to /dev/null) pinned to CPU 1, and this client, a raw
-keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask for 64 tokens (``max_tokens``;
-the proxy's dialect is ``llamacpp`` with every cap >= 64, so both paths generate the same
-answer; the control loop is off, so the caps and admission never change). For each rate,
-the same seeded open-loop Poisson schedule is sent first direct, then through the proxy,
-three rounds (seeds 0-2); each cell is the median over rounds. Latency is from the
-scheduled send time to the last byte (and, streaming, to the first body byte).
-Added latency = proxy percentile - direct percentile. The highest sustained rate is
-measured closed-loop with 64 connections, non-streaming. ``--same-cpu`` pins the proxy to
+admission never waits, request logs to /dev/null) and a bare forwarder
+(``bench/bare_forwarder.py``: read, forward with thinkcap's upstream client, relay; nothing
+else) pinned to CPU 1, and this client, a raw keep-alive HTTP/1.1 client, pinned to CPU 0.
+All requests ask for 64 tokens (``max_tokens``; the proxy's dialect is ``llamacpp`` with
+every cap >= 64, so every path generates the same answer; the control loop is off, so the
+caps and admission never change). For each rate, the same seeded open-loop Poisson schedule
+is sent direct, through the bare forwarder and through the proxy, in turn, three rounds
+(seeds 0-2); each cell is the median over rounds. Latency is from the scheduled send time to
+the last byte (and, streaming, to the first body byte). Added latency = percentile through a
+forwarder - direct percentile. The bare forwarder's row is the share that any Python
+forwarder pays on the machine at the time of the run; the difference between the two rows
+is thinkcap's own. The highest sustained rate is measured closed-loop with 64 connections,
+non-streaming. ``--same-cpu`` pins the proxy to
 CPU 0 too and runs the open-loop part at 200/s only: on a virtual machine, a request that crosses to
 an idle CPU waits for it to wake up, and this separates that wait from the proxy's own work.
 ``--sequential N`` sends N requests one at a time instead, plain then streaming, and reports
@@ -70,6 +74,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def wait_ready(url: str) -> None:
@@ -242,7 +256,7 @@ def main() -> None:
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     sim_cpu, proxy_cpu = cpus[0], cpus[0] if args.same_cpu else cpus[-1]
-    sim_port, proxy_port = free_port(), free_port()
+    sim_port, proxy_port, bare_port = free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         scenario = Path(tmp) / "scenario.toml"
         scenario.write_text(SCENARIO.read_text().replace("chunk_tokens = 8", "chunk_tokens = 1"))
@@ -254,56 +268,66 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         prox = subprocess.Popen([*exe, "serve", "--config", str(config)], stdout=subprocess.DEVNULL)
+        forwarder = Path(__file__).with_name("bare_forwarder.py")
+        # -P: the script's directory holds this file, which would shadow the ``proxy`` package.
+        bare = subprocess.Popen([sys.executable, "-P", str(forwarder), str(bare_port), str(sim_port)])
         try:
             os.sched_setaffinity(sim.pid, {sim_cpu})
             os.sched_setaffinity(prox.pid, {proxy_cpu})
+            os.sched_setaffinity(bare.pid, {proxy_cpu})
             os.sched_setaffinity(0, {sim_cpu})
             wait_ready(f"http://127.0.0.1:{sim_port}/health")
             wait_ready(f"http://127.0.0.1:{proxy_port}/healthz")
+            wait_listening(bare_port)
             if args.sequential:
                 sequential(sim_port, proxy_port, prox.pid, args.sequential)
                 return
             print(
-                "| rate | mode | direct p50 / p99 ms | proxy p50 / p99 ms | added p50 / p99 ms "
-                "| first byte added p50 ms | errors direct / proxy |"
+                "| rate | mode | through | direct p50 / p99 ms | through p50 / p99 ms | added p50 / p99 ms "
+                "| first byte added p50 ms | errors direct / through |"
             )
-            print("|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|")
+            paths = (("bare forwarder", bare_port), ("thinkcap", proxy_port))
             for rate in (200.0,) if args.same_cpu else (200.0, 1000.0):
                 for stream in (False, True):
-                    rows = []
-                    for seed in range(ROUNDS):  # direct and proxied alternate, same schedule per round
+                    rows: dict[str, list[tuple[float, ...]]] = {name: [] for name, _ in paths}
+                    for seed in range(ROUNDS):  # direct and each forwarder in turn, same schedule per round
                         d, df = asyncio.run(open_loop(sim_port, rate, args.seconds, stream, seed))
-                        p, pf = asyncio.run(open_loop(proxy_port, rate, args.seconds, stream, seed))
-                        rows.append(
-                            (
-                                ms(d, 50),
-                                ms(d, 99),
-                                ms(p, 50),
-                                ms(p, 99),
-                                ms(df, 50),
-                                ms(pf, 50),
-                                int(np.isnan(d).sum()),
-                                int(np.isnan(p).sum()),
+                        for name, port in paths:
+                            p, pf = asyncio.run(open_loop(port, rate, args.seconds, stream, seed))
+                            rows[name].append(
+                                (
+                                    ms(d, 50),
+                                    ms(d, 99),
+                                    ms(p, 50),
+                                    ms(p, 99),
+                                    ms(df, 50),
+                                    ms(pf, 50),
+                                    int(np.isnan(d).sum()),
+                                    int(np.isnan(p).sum()),
+                                )
                             )
+                    mode = "stream 64 chunks" if stream else "plain"
+                    for name, _ in paths:
+                        m = np.median(np.array(rows[name]), axis=0)
+                        fb = f"{m[5] - m[4]:.2f}" if stream else "-"
+                        print(
+                            f"| {rate:.0f}/s | {mode} | {name} | {m[0]:.2f} / {m[1]:.2f} | "
+                            f"{m[2]:.2f} / {m[3]:.2f} | {m[2] - m[0]:.2f} / {m[3] - m[1]:.2f} | {fb} | "
+                            f"{sum(r[6] for r in rows[name])} / {sum(r[7] for r in rows[name])} |"
                         )
-                    m = np.median(np.array(rows), axis=0)
-                    fb = f"{m[5] - m[4]:.2f}" if stream else "-"
-                    print(
-                        f"| {rate:.0f}/s | {'stream 64 chunks' if stream else 'plain'} | {m[0]:.2f} / {m[1]:.2f} | "
-                        f"{m[2]:.2f} / {m[3]:.2f} | {m[2] - m[0]:.2f} / {m[3] - m[1]:.2f} | {fb} | "
-                        f"{sum(r[6] for r in rows)} / {sum(r[7] for r in rows)} |"
-                    )
             if args.same_cpu:
                 return
             direct = asyncio.run(closed_loop(sim_port, 5.0, 64))
-            proxied = asyncio.run(closed_loop(proxy_port, 5.0, 64))
+            through = {name: asyncio.run(closed_loop(port, 5.0, 64)) for name, port in paths}
             print()
             print("| closed loop, 64 connections, plain | req/s |")
             print("|---|---|")
             print(f"| direct to the simulated server | {direct:,.0f} |")
-            print(f"| through thinkcap (one process, one CPU) | {proxied:,.0f} |")
+            print(f"| through the bare forwarder (one process, one CPU) | {through['bare forwarder']:,.0f} |")
+            print(f"| through thinkcap (one process, one CPU) | {through['thinkcap']:,.0f} |")
         finally:
-            for proc in (prox, sim):
+            for proc in (bare, prox, sim):
                 proc.terminate()
                 proc.wait()
 
