@@ -74,25 +74,24 @@ class Response:
         return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives."""
+        """The body as it arrives: each piece is what one read brought (for a chunked body, the
+        payloads of the whole chunks it completed, joined; one read often holds many)."""
         r = self._conn.reader
         wait = self._wait
         try:
             if self._chunked:
-                while True:
+                body = _Dechunker()
+                while not body.done:
                     wait.start()
-                    line = await r.readuntil(b"\r\n")
-                    try:
-                        size = int(line.split(b";", 1)[0].strip(), 16)
-                    except ValueError:
-                        raise UpstreamError("malformed", f"bad chunk size line {line[:40]!r}") from None
-                    if size == 0:
-                        while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                            pass
-                        break
-                    data = await r.readexactly(size + 2)
+                    data = await r.read(READ_SIZE)
                     wait.stop()
-                    yield data[:-2]
+                    if not data:
+                        raise UpstreamError("disconnected", "the upstream closed the connection mid-body")
+                    payload = body.feed(data)
+                    if payload:
+                        yield payload
+                if body.extra:
+                    self._reuse = False  # bytes after the body: the connection is not trusted again
             elif self._remaining is not None:
                 while self._remaining > 0:
                     wait.start()
@@ -110,10 +109,8 @@ class Response:
                     if not data:
                         break
                     yield data
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        except ConnectionError as exc:
             raise UpstreamError("disconnected", f"the upstream connection broke: {type(exc).__name__}") from None
-        except asyncio.LimitOverrunError:
-            raise UpstreamError("malformed", "an upstream chunk header is too long") from None
         except asyncio.CancelledError:
             if wait.expired():
                 raise TimeoutError("no byte from the upstream within the read timeout") from None
@@ -135,6 +132,59 @@ class Response:
             self._pool.put(self._conn)
         else:
             self._conn.close()
+
+
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+class _Dechunker:
+    """Takes a chunked body apart as its bytes arrive: ``feed`` returns the payload of every
+    chunk that the bytes so far complete (joined), ``done`` is set after the last chunk and
+    its trailers, and ``extra`` holds anything the upstream sent after them."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.done = False
+        self.extra = b""
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.buf
+        buf += data
+        out = []
+        pos = 0
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                if len(buf) - pos > MAX_HEAD_BYTES:
+                    raise UpstreamError("malformed", "an upstream chunk header is too long")
+                break
+            digits = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+            if not 0 < len(digits) <= 16 or not HEX_DIGITS.issuperset(digits):
+                raise UpstreamError("malformed", f"bad chunk size line {bytes(buf[pos:eol])[:40]!r}")
+            size = int(digits, 16)
+            if size == 0:  # the last chunk; then trailer lines, ended by an empty line
+                if buf.startswith(b"\r\n", eol + 2):
+                    end = eol + 4
+                else:
+                    end = buf.find(b"\r\n\r\n", eol + 2)
+                    if end < 0:
+                        if len(buf) - eol > MAX_HEAD_BYTES:
+                            raise UpstreamError("malformed", "the upstream's trailers are too long")
+                        break
+                    end += 4
+                self.done = True
+                self.extra = bytes(buf[end:])
+                pos = len(buf)
+                break
+            start = eol + 2
+            if len(buf) < start + size + 2:
+                break
+            if buf[start + size : start + size + 2] != b"\r\n":
+                raise UpstreamError("malformed", "an upstream chunk is not followed by CRLF")
+            out.append(buf[start : start + size])
+            pos = start + size + 2
+        del buf[:pos]
+        return b"".join(out)
 
 
 class _ReadDeadline:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from multidict import CIMultiDict
 
-from proxy.upstream import Upstream, UpstreamError
+from proxy.upstream import Upstream, UpstreamError, _Dechunker
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -77,13 +77,15 @@ async def test_keep_alive_reuses_one_connection_and_sends_the_prefix(
 
 
 async def test_chunked_and_read_to_close_bodies(raw_server: Callable[..., Awaitable[tuple[str, list[int]]]]) -> None:
-    """Chunked bodies (with extensions and trailers) arrive chunk by chunk; a body without length reads to close."""
+    """Chunked bodies (with extensions and trailers) arrive as they are sent; a body without length reads to close."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         req = await read_request(r)
         if b"/chunked" in req:
-            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n")  # fmt: skip
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)  # the second chunk comes later: the first is not held back
+            w.write(b"6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n")
             await w.drain()
             await read_request(r)  # the connection was reused for a second request
             w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -219,3 +221,37 @@ async def test_a_read_timeout_covers_the_head_and_each_body_read_and_then_lets_g
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await up.close()
+
+
+CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n1a\r\n" + b"z" * 26 + b"\r\n0\r\nX-Trailer: 1\r\nY: 2\r\n\r\n"
+
+
+def dechunk(pieces: list[bytes]) -> tuple[bytes, _Dechunker]:
+    body = _Dechunker()
+    out = b"".join(body.feed(p) for p in pieces)
+    return out, body
+
+
+def test_a_chunked_body_comes_apart_the_same_however_its_bytes_are_split() -> None:
+    """Every split point, and one byte at a time: the same payload, done after the trailers."""
+    whole = b"hello world" + b"z" * 26
+    for i in range(len(CHUNKED) + 1):
+        out, body = dechunk([CHUNKED[:i], CHUNKED[i:]])
+        assert out == whole and body.done and body.extra == b"", i
+        if i < len(CHUNKED):
+            assert not dechunk([CHUNKED[:i]])[1].done
+    out, body = dechunk([CHUNKED[i : i + 1] for i in range(len(CHUNKED))])
+    assert out == whole and body.done
+    out, body = dechunk([b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200"])
+    assert out == b"abc" and body.done and body.extra == b"HTTP/1.1 200"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"zz\r\n", b"0x3\r\nabc\r\n", b"+3\r\nabc\r\n", b"1_0\r\n", b"\r\n", b"3\r\nabcXY", b"1" * 17 + b"\r\n"],
+)
+def test_bad_chunk_framing_is_malformed(raw: bytes) -> None:
+    """Sizes must be plain hex digits; a chunk must end in CRLF."""
+    with pytest.raises(UpstreamError) as err:
+        dechunk([raw])
+    assert err.value.kind == "malformed"
