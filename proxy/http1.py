@@ -38,6 +38,8 @@ from urllib.parse import unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.chunked import BodyLimitError, ChunkError, take_chunks
+
 MAX_HEAD_BYTES = 64 * 1024
 #: An idle keep-alive connection is closed after this long.
 KEEPALIVE_TIMEOUT_S = 75.0
@@ -200,7 +202,6 @@ def _plain_error(status: int, message: str, code: str) -> Reply:
 
 
 DIGITS = frozenset("0123456789")
-HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 def _is_number(text: str, digits: frozenset[str]) -> bool:
@@ -436,38 +437,19 @@ class _Connection(asyncio.Protocol):
         """Move whole chunks from the buffer into the body; True once the last one is in (False
         while more must arrive, or when the body outgrew the limit and was handed over unread)."""
         assert self.chunked is not None
-        buf = self.buf
-        while True:
-            eol = buf.find(b"\r\n")
-            if eol < 0:
-                if len(buf) > MAX_HEAD_BYTES:
-                    raise _BadRequestError(400, "a chunk size line is too long")
-                return False
-            digits = bytes(buf[:eol]).split(b";", 1)[0].strip().decode("latin-1")
-            if not _is_number(digits, HEX_DIGITS):
-                raise _BadRequestError(400, "bad chunk size line")
-            size = int(digits, 16)
-            if size == 0:
-                end = buf.find(b"\r\n\r\n", eol)  # the trailer section ends with an empty line
-                if end < 0:
-                    return False
-                del buf[: end + 4]
-                return True
-            if len(buf) < eol + 2 + size + 2:
-                return False
-            if buf[eol + 2 + size : eol + 4 + size] != b"\r\n":
-                raise _BadRequestError(400, "a chunk is not followed by CRLF")
-            if len(self.chunked) + size > self.server.max_body_bytes:
-                self.chunked = None
-                assert self.pending is not None
-                method, target, headers, _ = self.pending
-                self.pending = None
-                self.stop_parsing = True
-                self.buf.clear()
-                self.queue.append(HttpRequest(self, method, target, headers, b"", keep_alive=False, too_large=True))
-                return False  # handed over unread: parsing stops
-            self.chunked += buf[eol + 2 : eol + 2 + size]
-            del buf[: eol + 4 + size]
+        try:
+            return take_chunks(self.buf, self.chunked, self.server.max_body_bytes)
+        except ChunkError as exc:
+            raise _BadRequestError(400, str(exc)) from None
+        except BodyLimitError:
+            self.chunked = None
+            assert self.pending is not None
+            method, target, headers, _ = self.pending
+            self.pending = None
+            self.stop_parsing = True
+            self.buf.clear()
+            self.queue.append(HttpRequest(self, method, target, headers, b"", keep_alive=False, too_large=True))
+            return False  # handed over unread: parsing stops
 
     # -- answering ------------------------------------------------------------------------
     def _next(self) -> None:

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
+from proxy.chunked import ChunkError, take_chunks
+
 MAX_HEAD_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
 
@@ -80,17 +82,22 @@ class Response:
         wait = self._wait
         try:
             if self._chunked:
-                body = _Dechunker()
-                while not body.done:
+                buf, done = bytearray(), False
+                while not done:
                     wait.start()
                     data = await r.read(READ_SIZE)
                     wait.stop()
                     if not data:
                         raise UpstreamError("disconnected", "the upstream closed the connection mid-body")
-                    payload = body.feed(data)
+                    buf += data
+                    payload = bytearray()
+                    try:
+                        done = take_chunks(buf, payload)
+                    except ChunkError as exc:
+                        raise UpstreamError("malformed", f"the upstream's chunked body: {exc}") from None
                     if payload:
-                        yield payload
-                if body.extra:
+                        yield bytes(payload)
+                if buf:
                     self._reuse = False  # bytes after the body: the connection is not trusted again
             elif self._remaining is not None:
                 while self._remaining > 0:
@@ -132,59 +139,6 @@ class Response:
             self._pool.put(self._conn)
         else:
             self._conn.close()
-
-
-HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
-
-
-class _Dechunker:
-    """Takes a chunked body apart as its bytes arrive: ``feed`` returns the payload of every
-    chunk that the bytes so far complete (joined), ``done`` is set after the last chunk and
-    its trailers, and ``extra`` holds anything the upstream sent after them."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.done = False
-        self.extra = b""
-
-    def feed(self, data: bytes) -> bytes:
-        buf = self.buf
-        buf += data
-        out = []
-        pos = 0
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                if len(buf) - pos > MAX_HEAD_BYTES:
-                    raise UpstreamError("malformed", "an upstream chunk header is too long")
-                break
-            digits = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
-            if not 0 < len(digits) <= 16 or not HEX_DIGITS.issuperset(digits):
-                raise UpstreamError("malformed", f"bad chunk size line {bytes(buf[pos:eol])[:40]!r}")
-            size = int(digits, 16)
-            if size == 0:  # the last chunk; then trailer lines, ended by an empty line
-                if buf.startswith(b"\r\n", eol + 2):
-                    end = eol + 4
-                else:
-                    end = buf.find(b"\r\n\r\n", eol + 2)
-                    if end < 0:
-                        if len(buf) - eol > MAX_HEAD_BYTES:
-                            raise UpstreamError("malformed", "the upstream's trailers are too long")
-                        break
-                    end += 4
-                self.done = True
-                self.extra = bytes(buf[end:])
-                pos = len(buf)
-                break
-            start = eol + 2
-            if len(buf) < start + size + 2:
-                break
-            if buf[start + size : start + size + 2] != b"\r\n":
-                raise UpstreamError("malformed", "an upstream chunk is not followed by CRLF")
-            out.append(buf[start : start + size])
-            pos = start + size + 2
-        del buf[:pos]
-        return b"".join(out)
 
 
 class _ReadDeadline:
