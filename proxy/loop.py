@@ -115,10 +115,17 @@ class ControlLoop:
         """Whether the change detector flagged since the last decision (then wake the loop)."""
         return self.state.estimators.arrival.changes != self._seen_changes
 
-    def _moved(self, new: Mapping[str, int]) -> bool:
+    def _moved(self, new: Mapping[str, int], problem: Problem, rho_new: float) -> bool:
+        """Publish when some cap moves by more than the hysteresis, or when the caps in force
+        would load the server more than ``hysteresis_relative`` beyond the stability margin
+        under the current estimates and the new caps load it less: hysteresis only spares
+        needless churn; it never holds caps that the model says build a queue."""
         old = self.state.caps.table.caps
         s = self.settings
-        return any(abs(new[n] - old[n]) > max(s.hysteresis_tokens, s.hysteresis_relative * old[n]) for n in new)
+        if any(abs(new[n] - old[n]) > max(s.hysteresis_tokens, s.hysteresis_relative * old[n]) for n in new):
+            return True
+        rho_old = problem.metrics(np.array([old[n] for n in problem.names], dtype=float)).rho
+        return rho_old > problem.rho_max * (1 + s.hysteresis_relative) and rho_new < rho_old
 
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """One decision at ``now``; returns its event (``None`` if it failed: caps kept)."""
@@ -151,7 +158,8 @@ class ControlLoop:
         self._shedding(problem, overload, decision_id, now)
         if not overload:
             self.x0 = result.x
-        publish = self._moved(caps)
+        q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
+        publish = self._moved(caps, problem, q.rho)
         if publish:
             table = st.caps.publish(caps, "controller", decision_id=decision_id, now=now)
             st.metrics.set_caps(st.caps.effective())
@@ -163,7 +171,6 @@ class ControlLoop:
                 caps=caps,
                 in_force=st.caps.effective(),
             )
-        q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
         st.metrics.rho.set(q.rho if math.isfinite(q.rho) else -1)
         st.metrics.predicted_system_time.set(q.mean_system_time if math.isfinite(q.mean_system_time) else -1)
         st.metrics.solve_time.set(solve_time)

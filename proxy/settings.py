@@ -78,7 +78,9 @@ class ControllerSettings:
     """The ``[controller]`` table.
 
     A cap is republished when it moves by more than ``max(hysteresis_tokens,
-    hysteresis_relative x old cap)``. Overload (no stable allocation even at the minimum caps)
+    hysteresis_relative x old cap)``, and the caps always when those in force would load the
+    server more than ``hysteresis_relative`` beyond ``rho_max`` under the current estimates
+    (and the new ones load it less). Overload (no stable allocation even at the minimum caps)
     sheds the share of arrivals the server cannot take; shedding stops once the load at the
     minimum caps falls below ``shed_release x rho_max``. The estimated arrival rate replaces
     ``[workload] arrival_rate`` once ``min_arrivals`` requests have arrived.

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 import proxy.loop as loop_module
 from controller import SolveResult, Status
+from proxy.audit_cmd import problem_of
 from proxy.cli import main
 from proxy.loop import ControlLoop
 from proxy.settings import ControllerSettings, load_settings
@@ -65,6 +66,22 @@ def test_hysteresis_keeps_caps_that_barely_move(state: ProxyState) -> None:
     ctl.settings = ControllerSettings(hysteresis_tokens=0, hysteresis_relative=0.0)
     again = ctl.step(t)
     assert again is not None and again["published"] == (again["caps"] != before)
+
+
+def test_hysteresis_never_keeps_caps_under_which_the_server_falls_behind(state: ProxyState) -> None:
+    """However wide the hysteresis, caps that load the server beyond its stability margin under
+    the current estimates are replaced at the next decision; the replacements are then kept."""
+    ctl = ControlLoop(state, ControllerSettings(hysteresis_tokens=10_000))
+    before = dict(state.caps.table.caps)
+    t = feed(state, 4.0, 0.0, 200.0)
+    event = ctl.step(t)
+    assert event is not None
+    p = problem_of(event)
+    assert p.metrics(np.array([before[n] for n in p.names], dtype=float)).rho > 1.05 * p.rho_max
+    assert event["published"] is True and state.caps.effective() == event["caps"] != before
+    assert event["predicted_rho"] <= p.rho_max
+    again = ctl.step(feed(state, 4.0, t, 10.0, seed=1))
+    assert again is not None and again["published"] is False and state.caps.effective() == event["caps"]
 
 
 def test_configured_rate_is_used_until_enough_arrivals(state: ProxyState) -> None:
