@@ -16,7 +16,11 @@ the last byte (and, streaming, to the first body byte). Added latency = percenti
 forwarder - direct percentile. The bare forwarder's row is the share that any Python
 forwarder pays on the machine at the time of the run; the difference between the two rows
 is thinkcap's own. The highest sustained rate is measured closed-loop with 64 connections,
-non-streaming. ``--same-cpu`` pins the proxy to
+non-streaming. The first table, printed before the others, is the machine's own cost of a
+hop: a one-byte loopback round trip from the client's CPU, to a process on the same CPU and to
+one on the proxy's CPU, back to back and with 5 ms of idleness before each (at 200/s a
+request finds the CPUs idle). A forwarder on its own CPU puts two such round trips on every
+request's path. ``--same-cpu`` pins the proxy to
 CPU 0 too and runs the open-loop part at 200/s only: on a virtual machine, a request that crosses to
 an idle CPU waits for it to wake up, and this separates that wait from the proxy's own work.
 ``--sequential N`` sends N requests one at a time instead, plain then streaming, and reports
@@ -195,6 +199,52 @@ async def one_at_a_time(port: int, stream: bool, count: int) -> np.ndarray:
     return out
 
 
+ECHO = """
+import os, socket, sys
+os.sched_setaffinity(0, {int(sys.argv[2])})
+s = socket.socket(fileno=int(sys.argv[1]))
+while data := s.recv(64):
+    s.send(data)
+"""
+
+
+def round_trips(here: int, there: int, gap_s: float, count: int = 400) -> tuple[float, float]:
+    """p50 and p90 µs of a one-byte loopback round trip from a process on CPU ``here`` to an echo
+    process on CPU ``there``, with ``gap_s`` of sleep before each (long enough for both CPUs to
+    go idle) or none (both stay busy)."""
+    mine, theirs = socket.socketpair()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(theirs.fileno()), str(there)], pass_fds=(theirs.fileno(),))
+    theirs.close()
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {here})
+    try:
+        mine.send(b"x")  # the echo process is up (and pinned) once this comes back
+        mine.recv(64)
+        samples = []
+        for _ in range(count):
+            if gap_s:
+                time.sleep(gap_s)
+            start = time.perf_counter_ns()
+            mine.send(b"x")
+            mine.recv(64)
+            samples.append(time.perf_counter_ns() - start)
+    finally:
+        mine.close()
+        echo.wait()
+        os.sched_setaffinity(0, old)
+    return float(np.percentile(samples, 50)) / 1e3, float(np.percentile(samples, 90)) / 1e3
+
+
+def wake_table(client_cpu: int, proxy_cpu: int) -> None:
+    """What a hop between the benchmark's CPUs costs on this machine at the time of the run."""
+    print("| loopback round trip, one byte, µs | back to back p50 / p90 | 5 ms apart (CPUs idle) p50 / p90 |")
+    print("|---|---|---|")
+    for label, there in (("same CPU", client_cpu), ("client's CPU to the proxy's", proxy_cpu)):
+        busy, idle = round_trips(client_cpu, there, 0.0), round_trips(client_cpu, there, 0.005)
+        print(f"| {label} | {busy[0]:.0f} / {busy[1]:.0f} | {idle[0]:.0f} / {idle[1]:.0f} |")
+    print()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -282,6 +332,8 @@ def main() -> None:
             if args.sequential:
                 sequential(sim_port, proxy_port, prox.pid, args.sequential)
                 return
+            if proxy_cpu != sim_cpu:
+                wake_table(sim_cpu, proxy_cpu)
             print(
                 "| rate | mode | through | direct p50 / p99 ms | through p50 / p99 ms | added p50 / p99 ms "
                 "| first byte added p50 ms | errors direct / through |"

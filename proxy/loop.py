@@ -115,17 +115,23 @@ class ControlLoop:
         """Whether the change detector flagged since the last decision (then wake the loop)."""
         return self.state.estimators.arrival.changes != self._seen_changes
 
-    def _moved(self, new: Mapping[str, int], problem: Problem, rho_new: float) -> bool:
-        """Publish when some cap moves by more than the hysteresis, or when the caps in force
-        would load the server more than ``hysteresis_relative`` beyond the stability margin
-        under the current estimates and the new caps load it less: hysteresis only spares
-        needless churn; it never holds caps that the model says build a queue."""
+    def _moved(self, new: Mapping[str, int], problem: Problem, t_new: float, overload: bool) -> bool:
+        """Whether to publish ``new``: some cap moves by more than the hysteresis; or, in
+        overload, the minimum caps differ from those in force; or the caps in force give a
+        predicted mean system time more than ``hysteresis_latency`` above the new caps'.
+
+        The hysteresis spares churn; it must not hold caps under which the model says a queue
+        builds up, as small caps under a rising load do when they move by fewer tokens than
+        the threshold.
+        """
         old = self.state.caps.table.caps
         s = self.settings
         if any(abs(new[n] - old[n]) > max(s.hysteresis_tokens, s.hysteresis_relative * old[n]) for n in new):
             return True
-        rho_old = problem.metrics(np.array([old[n] for n in problem.names], dtype=float)).rho
-        return rho_old > problem.rho_max * (1 + s.hysteresis_relative) and rho_new < rho_old
+        if overload:
+            return any(new[n] != old[n] for n in new)
+        t_old = problem.metrics(np.array([old[n] for n in problem.names], dtype=float)).mean_system_time
+        return t_old > (1 + s.hysteresis_latency) * t_new
 
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """One decision at ``now``; returns its event (``None`` if it failed: caps kept)."""
@@ -159,7 +165,7 @@ class ControlLoop:
         if not overload:
             self.x0 = result.x
         q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
-        publish = self._moved(caps, problem, q.rho)
+        publish = self._moved(caps, problem, q.mean_system_time, overload)
         if publish:
             table = st.caps.publish(caps, "controller", decision_id=decision_id, now=now)
             st.metrics.set_caps(st.caps.effective())

@@ -78,9 +78,9 @@ class ControllerSettings:
     """The ``[controller]`` table.
 
     A cap is republished when it moves by more than ``max(hysteresis_tokens,
-    hysteresis_relative x old cap)``, and the caps always when those in force would load the
-    server more than ``hysteresis_relative`` beyond ``rho_max`` under the current estimates
-    (and the new ones load it less). Overload (no stable allocation even at the minimum caps)
+    hysteresis_relative x old cap)``, and the caps whenever the predicted mean system time at
+    the caps in force exceeds the new caps' by more than ``hysteresis_latency`` (a fraction),
+    or, in overload, differ from the minimum caps. Overload (no stable allocation even at the minimum caps)
     sheds the share of arrivals the server cannot take; shedding stops once the load at the
     minimum caps falls below ``shed_release x rho_max``. The estimated arrival rate replaces
     ``[workload] arrival_rate`` once ``min_arrivals`` requests have arrived.
@@ -91,6 +91,7 @@ class ControllerSettings:
     method: str = "exact"
     hysteresis_tokens: int = 8
     hysteresis_relative: float = 0.05
+    hysteresis_latency: float = 0.2
     shed_release: float = 0.9
     min_arrivals: int = 20
 
@@ -203,6 +204,7 @@ def _controller(t: Table) -> ControllerSettings:
         method=t.string("method", "exact", choices=tuple(sorted(METHODS))),
         hysteresis_tokens=t.integer("hysteresis_tokens", 8, lo=0),
         hysteresis_relative=t.number("hysteresis_relative", 0.05, lo=0.0),
+        hysteresis_latency=t.number("hysteresis_latency", 0.2, lo=0.0),
         shed_release=t.number("shed_release", 0.9, lo=0.0, lo_open=True, hi=1.0),
         min_arrivals=t.integer("min_arrivals", 20, lo=0),
     )
