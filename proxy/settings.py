@@ -78,11 +78,12 @@ class ControllerSettings:
     """The ``[controller]`` table.
 
     A cap is republished when it moves by more than ``max(hysteresis_tokens,
-    hysteresis_relative x old cap)``, and the caps whenever the predicted mean system time at
-    the caps in force exceeds the new caps' by more than ``hysteresis_latency`` (a fraction),
-    or, in overload, differ from the minimum caps. Overload (no stable allocation even at the minimum caps)
-    sheds the share of arrivals the server cannot take; shedding stops once the load at the
-    minimum caps falls below ``shed_release x rho_max``. The estimated arrival rate replaces
+    hysteresis_relative x old cap)``; all caps are, whatever the hysteresis, when the predicted
+    mean system time at the caps in force exceeds the new caps' by more than
+    ``hysteresis_latency`` (a fraction), and in overload when the caps in force are not the
+    minimum caps. Overload (no stable allocation even at the minimum caps) sheds the share of
+    arrivals the server cannot take; shedding stops once the load at the minimum caps falls
+    below ``shed_release x rho_max``. The estimated arrival rate replaces
     ``[workload] arrival_rate`` once ``min_arrivals`` requests have arrived.
     """
 
