@@ -65,7 +65,8 @@ class StreamTally:
     first chunk and any chunk carrying a ``usage`` object are parsed in full, the others are
     counted by pattern (one token per non-empty ``reasoning``, ``reasoning_content`` or
     ``content`` string), which keeps a 64-chunk stream well under a millisecond. Forwarded
-    events are joined into one write per read.
+    events are joined into one write per read; the read that holds the first event can give
+    that event out alone first (``first_only``).
     """
 
     def __init__(self, *, strip_usage: bool) -> None:
@@ -78,8 +79,13 @@ class StreamTally:
         self.events = 0
         self.error: MalformedStreamError | None = None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add upstream bytes; return the whole events now ready to forward."""
+    def feed(self, data: bytes, *, first_only: bool = False) -> list[bytes]:
+        """Add upstream bytes; return the whole events now ready to forward.
+
+        With ``first_only``, before the first event has been seen, only that event is
+        inspected and returned; the rest stays buffered for the next call (``feed(b"")``), so
+        that the first event can be sent before a long read is looked through.
+        """
         if self.error is not None:
             return []
         buf = self._buf + data
@@ -94,7 +100,10 @@ class StreamTally:
         if self.events == 0:  # the first chunk is parsed in full
             first = block.find(b"\n\n") + 2
             pieces.append(self._slow(block[:first]))
-            block = block[first:]
+            if first_only and self.error is None:
+                block, self._buf = b"", block[first:] + self._buf
+            else:
+                block = block[first:]
         while block and self.error is None:
             usage = USAGE.search(block)
             if usage is None:  # the usual case: no usage chunk in this read

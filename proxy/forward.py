@@ -304,7 +304,16 @@ class Exchange:
         resp = self.stream = StreamReply(status=200, headers=returned_headers(up.headers, self.rid))
         try:
             async for data in up.iter_chunks():
-                events = tally.feed(data)
+                rest = data
+                if not resp.prepared:  # the head and the first event leave before the rest of the read is looked at
+                    events = tally.feed(data, first_only=True)
+                    if events:
+                        self.event["first_byte_s"] = self.loop.time() - self.t_arrival
+                        await resp.prepare(self.request, b"".join(events))
+                    if tally.error is not None:
+                        raise tally.error
+                    rest = b""  # now in the tally's buffer
+                events = tally.feed(rest)
                 if events:
                     if not resp.prepared:
                         self.event["first_byte_s"] = self.loop.time() - self.t_arrival

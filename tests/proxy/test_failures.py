@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from proxy.app import create_app
+from proxy.http1 import StreamReply
 from proxy.serve_cmd import start
 from proxy.settings import load_settings
 from proxy.state import build_state
@@ -264,3 +265,50 @@ async def test_passthrough_cut_mid_body_reaches_the_client_as_a_cut(stack: Stack
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream that sends a whole stream in one chunk: the proxy's first write carries the
+    head and the first event only; the client still gets every event, in order."""
+    events = [b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n']
+    events += [b'data: {"choices": [{"delta": {"content": "t%d"}}]}\n\n' % i for i in range(64)]
+    events.append(b"data: [DONE]\n\n")
+
+    async def all_at_once(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"".join(events))
+        await resp.write_eof()
+        return resp
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", all_at_once)
+    up = TestServer(upstream, host="127.0.0.1")
+    await up.start_server()
+    firsts: list[bytes] = []
+    prepare = StreamReply.prepare
+
+    async def spy(self: StreamReply, request: Any, first: bytes = b"") -> None:
+        firsts.append(first)
+        await prepare(self, request, first)
+
+    monkeypatch.setattr(StreamReply, "prepare", spy)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1"))))
+    front = create_app(build_state(settings))
+    await front.start("127.0.0.1", 0)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(front.make_url("/v1/chat/completions"), json=body) as r,
+        ):
+            assert r.status == 200
+            got = await r.read()
+        assert firsts == [events[0]]
+        assert got == b"".join(events)
+    finally:
+        await front.close()
+        await up.close()

@@ -184,3 +184,27 @@ def test_stream_tally_splits_counts_and_strips_usage() -> None:
     good = sse({"choices": [{"delta": {"content": "c"}}]})
     assert broken.feed(good + b"data: {oops\n\n" + good) == [good]
     assert isinstance(broken.error, MalformedStreamError) and broken.feed(good) == []
+
+
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+@pytest.mark.parametrize("strip_usage", [False, True])
+def test_stream_tally_can_hand_out_the_first_event_before_the_rest(crlf: bool, strip_usage: bool) -> None:
+    """``first_only`` returns the first event alone and keeps the rest of the read for
+    ``feed(b"")``: together they give what one ``feed`` gives, with the same counts."""
+    events = [sse({"choices": [{"delta": {"role": "assistant"}}]})]
+    events += [sse({"choices": [{"delta": {"reasoning_content": f"r{i}"}}]}) for i in range(5)]
+    events += [sse({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}}), b"data: [DONE]\n\n"]
+    stream = b"".join(events)
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    whole = StreamTally(strip_usage=strip_usage)
+    expected = b"".join(whole.feed(stream))
+    split = StreamTally(strip_usage=strip_usage)
+    first = split.feed(stream, first_only=True)
+    assert first == [events[0]]
+    assert b"".join(first + split.feed(b"")) == expected and split.feed(b"") == []
+    assert split.tokens() == whole.tokens() and split.done and split.events == whole.events
+    assert split.feed(events[1], first_only=True) == [events[1]]  # past the first event the flag does nothing
+    broken = StreamTally(strip_usage=strip_usage)
+    assert broken.feed(b"data: {oops\n\n" + events[1], first_only=True) == []
+    assert isinstance(broken.error, MalformedStreamError) and broken.feed(b"") == []
