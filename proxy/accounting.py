@@ -46,10 +46,14 @@ class MalformedStreamError(ValueError):
     """An upstream SSE event whose data is not a JSON object."""
 
 
-#: A non-empty reasoning or content delta inside a chunk's JSON.
-REASONING = re.compile(rb'"(?:reasoning_content|reasoning)":\s*"(?!")')
+#: A non-empty reasoning or content delta inside a chunk's JSON. Each pattern starts with a
+#: literal, which the regex engine looks for before trying the rest.
+REASONING = re.compile(rb'"reasoning(?:_content)?":\s*"(?!")')
 CONTENT = re.compile(rb'"content":\s*"(?!")')
 USAGE = re.compile(rb'"usage":\s*\{')
+#: Events that are each one ``data: {...}`` or ``data: [DONE]`` line.
+PLAIN = re.compile(rb"(?:data: (?:\{[^\n]*\}|\[DONE\])\n\n)*")
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class StreamTally:
@@ -91,32 +95,40 @@ class StreamTally:
         buf = self._buf + data
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
+        pieces = []
+        if self.events == 0:  # the first chunk is parsed in full
+            first = buf.find(b"\n\n") + 2
+            if first == 1:
+                self._buf = buf
+                return []
+            self._buf = buf[first:]  # (emptied if the first event is malformed)
+            pieces.append(self._slow(buf[:first]))
+            if first_only or self.error is not None:
+                return self._counted(pieces)
+            buf, self._buf = self._buf, b""
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self._buf = buf
-            return []
+            return self._counted(pieces)
         block, self._buf = buf[: cut + 2], buf[cut + 2 :]
-        pieces = []
-        if self.events == 0:  # the first chunk is parsed in full
-            first = block.find(b"\n\n") + 2
-            pieces.append(self._slow(block[:first]))
-            if first_only and self.error is None:
-                block, self._buf = b"", block[first:] + self._buf
-            else:
-                block = block[first:]
         while block and self.error is None:
-            usage = USAGE.search(block)
+            usage = USAGE.search(block) if b'"usage"' in block else None
             if usage is None:  # the usual case: no usage chunk in this read
                 pieces.append(block if self._plain(block) else self._slow(block))
                 break
             # the events before the usage chunk, then the usage chunk alone (parsed in full)
-            start = block.rfind(b"\n\n", 0, usage.start()) + 2 if b"\n\n" in block[: usage.start()] else 0
+            before = block.rfind(b"\n\n", 0, usage.start())
+            start = before + 2 if before >= 0 else 0
             end = block.find(b"\n\n", usage.end()) + 2
             head, event, block = block[:start], block[start:end], block[end:]
             if head:
                 pieces.append(head if self._plain(head) else self._slow(head))
             if self.error is None:
                 pieces.append(self._slow(event))
+        return self._counted(pieces)
+
+    def _counted(self, pieces: list[bytes]) -> list[bytes]:
+        """The forwarded pieces as one, their deltas counted."""
         joined = b"".join(pieces)
         if not joined:
             return []
@@ -143,18 +155,12 @@ class StreamTally:
     def _plain(self, block: bytes) -> bool:
         """The fast path: every event is one ``data: {...}`` or ``data: [DONE]`` line (the caller
         has taken out any usage chunk)."""
-        n = block.count(b"\n\n")
-        dones = block.count(b"data: [DONE]\n\n")
-        plain = (
-            block.count(b"\n") == 2 * n
-            and block.count(b"data: {") + dones == n
-            and block.count(b"}\n\n") + dones == n
-            and block.startswith(b"data: ")
-        )
-        if plain:
-            self.events += n - dones
-            self.done = self.done or dones > 0
-        return plain
+        if PLAIN.fullmatch(block) is None:
+            return False
+        dones = block.count(DONE_EVENT)
+        self.events += block.count(b"\n") // 2 - dones  # each event is one line and an empty one
+        self.done = self.done or dones > 0
+        return True
 
     def flush(self) -> bytes:
         """Whatever trails the last complete event (an unterminated tail)."""

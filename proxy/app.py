@@ -186,24 +186,24 @@ class DataPlane:
         self.host = s.proxy.host if host is None else host
         try:
             self.port = await self.server.start(self.host, s.proxy.port if port is None else port)
+            logger().info(
+                "startup",
+                listen=f"{self.host}:{self.port}",
+                upstream=b.base,
+                dialect=b.dialect,
+                caps=dict(state.caps.table.caps),
+                caps_source=state.caps.table.source,
+                max_concurrency=s.proxy.max_concurrency,
+                max_queue=s.proxy.max_queue,
+                classifier_cv_accuracy=state.classifier.cv_accuracy,
+                classifier_rules=len(state.classifier.rules),
+            )
+            if s.controller.enabled:
+                state.controller = ControlLoop(state, s.controller)
+                self._tasks.append(asyncio.create_task(state.controller.run()))
         except BaseException:  # e.g. the port is taken: leave nothing open behind
             await self.close()
             raise
-        logger().info(
-            "startup",
-            listen=f"{self.host}:{self.port}",
-            upstream=b.base,
-            dialect=b.dialect,
-            caps=dict(state.caps.table.caps),
-            caps_source=state.caps.table.source,
-            max_concurrency=s.proxy.max_concurrency,
-            max_queue=s.proxy.max_queue,
-            classifier_cv_accuracy=state.classifier.cv_accuracy,
-            classifier_rules=len(state.classifier.rules),
-        )
-        if s.controller.enabled:
-            state.controller = ControlLoop(state, s.controller)
-            self._tasks.append(asyncio.create_task(state.controller.run()))
         return self.port
 
     async def close(self) -> None:

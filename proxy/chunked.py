@@ -16,8 +16,9 @@ class BodyLimitError(Exception):
     """The next chunk would take the body past its limit."""
 
 
-def take_chunks(buf: bytearray, body: bytearray, limit: int | None = None) -> bool:
-    """Move the whole chunks at the start of ``buf`` into ``body``.
+def take_chunks(buf: bytearray, body: bytearray, limit: int | None = None, *, one: bool = False) -> bool:
+    """Move the whole chunks at the start of ``buf`` into ``body`` (with ``one``, at most one
+    chunk that carries data, and the last chunk if it follows at once).
 
     Returns True once the last chunk and its trailers are consumed (any bytes after them stay
     in ``buf``), False while more must arrive. Chunk sizes must be plain hex digits (``int()``
@@ -43,6 +44,8 @@ def take_chunks(buf: bytearray, body: bytearray, limit: int | None = None) -> bo
                 return False
             del buf[: end + 4]
             return True
+        if one and body:
+            return False
         if len(buf) < eol + 4 + size:
             return False
         if buf[eol + 2 + size : eol + 4 + size] != b"\r\n":

@@ -52,7 +52,8 @@ def _min(*values: int | None) -> int | None:
 
 
 def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance: int = 0, chat: bool = True) -> Applied:
-    """Set the cap in ``body`` (in place) and report the effective limit.
+    """Set the cap in ``body`` (in place) and report the effective limit. Top-level values are
+    replaced, never changed in place (``proxy.upstream_body`` relies on it).
 
     On ``/v1/completions`` (``chat=False``) the ``openai`` dialect writes ``max_tokens``, the
     only limit that API has.
@@ -65,12 +66,12 @@ def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance:
     if dialect == "sglang":
         params = body.get("custom_params")
         if params is None:
-            params = body["custom_params"] = {}
+            params = {}
         elif not isinstance(params, dict):
             raise ClientLimitError("custom_params", params)
         client = _client(params, "thinking_budget", "custom_params.thinking_budget")
         effective = cap if client is None else min(client, cap)
-        params["thinking_budget"] = effective
+        body["custom_params"] = {**params, "thinking_budget": effective}  # a new object: the client's is left as it was
         return Applied("custom_params.thinking_budget", client, effective)
     total = cap + answer_allowance
     if dialect == "openai" and chat:

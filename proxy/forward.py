@@ -25,6 +25,7 @@ from proxy.http1 import BodyTooLargeError, HttpRequest, Reply, StreamReply, json
 from proxy.logs import logger
 from proxy.state import REASONING_DIALECTS, Finished, ProxyState
 from proxy.upstream import Response, UpstreamError
+from proxy.upstream_body import upstream_body
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -194,7 +195,9 @@ class Exchange:
 
     async def run(self) -> Reply | StreamReply:
         st = self.state
-        body = parse_json(await read_body(self.request, st.settings.proxy.max_body_bytes))
+        raw = await read_body(self.request, st.settings.proxy.max_body_bytes)
+        body = parse_json(raw)
+        before = dict(body)  # what the client sent, for upstream_body
         decision = classify(st, self.request, body)
         self.event.update(type=decision.type, type_source=decision.source, stream=body.get("stream") is True)
         if st.settings.proxy.log_content:
@@ -212,11 +215,13 @@ class Exchange:
         self.event["queue_wait_s"] = self.loop.time() - self.t_arrival
         self.loop.call_soon(st.metrics.waited, decision.type, self.event["queue_wait_s"])
         try:
-            return await self.dispatch(body, decision.type)
+            return await self.dispatch(raw, before, body, decision.type)
         finally:
             st.admission.leave()
 
-    async def dispatch(self, body: dict[str, Any], type_name: str) -> Reply | StreamReply:
+    async def dispatch(
+        self, raw: bytes, before: dict[str, Any], body: dict[str, Any], type_name: str
+    ) -> Reply | StreamReply:
         st = self.state
         backend = st.settings.backend
         cap = st.caps.cap(type_name)
@@ -243,7 +248,7 @@ class Exchange:
         headers = upstream_headers(self.request.headers, backend.api_key)
         headers["Content-Type"] = "application/json"
         headers["Accept-Encoding"] = "identity"
-        data = json.dumps(body).encode()
+        data = upstream_body(raw, before, body)
         self.t_dispatch = self.loop.time()
         try:
             if backend.total_timeout_s is None:  # the default: no timer to set and cancel
@@ -302,6 +307,8 @@ class Exchange:
     async def relay_stream(self, up: Response, *, strip_usage: bool) -> StreamReply:
         tally = StreamTally(strip_usage=strip_usage)
         resp = self.stream = StreamReply(status=200, headers=returned_headers(up.headers, self.rid))
+        resp.build_head(self.request)  # while the upstream has yet to send the body, often
+        last = b""
         try:
             async for data in up.iter_chunks():
                 rest = data
@@ -318,6 +325,8 @@ class Exchange:
                     if not resp.prepared:
                         self.event["first_byte_s"] = self.loop.time() - self.t_arrival
                         await resp.prepare(self.request, b"".join(events))
+                    elif up.complete and tally.error is None:
+                        last = b"".join(events)  # the upstream is done: it leaves with the end of the answer
                     else:
                         await resp.write(b"".join(events))
                 if tally.error is not None:
@@ -339,9 +348,7 @@ class Exchange:
         tail = tally.flush()
         if not resp.prepared:
             await resp.prepare(self.request)
-        if tail:
-            await resp.write(tail)
-        await resp.write_eof()
+        await resp.write_eof(last + tail)
         self.tokens = tally.tokens()
         self.event["status"] = 200
         if not tally.done:

@@ -157,6 +157,17 @@ class StreamReply:
         self.finished = False
         self._conn: _Connection | None = None
         self._body = True
+        self._head: tuple[bytes, bool, bool] | None = None
+
+    def build_head(self, request: HttpRequest) -> None:
+        """Make the status line and headers now, so that :meth:`prepare` only has to send them
+        (the headers must not change after this; the connection's keep-alive is checked again)."""
+        self._head = self._make_head(request)
+
+    def _make_head(self, request: HttpRequest) -> tuple[bytes, bool, bool]:
+        body = request.method != "HEAD" and self.status not in NO_BODY_STATUS
+        close = request._conn.closing_after(request)
+        return _head(self.status, self.headers, "Transfer-Encoding: chunked" if body else "", close=close), body, close
 
     async def prepare(self, request: HttpRequest, first: bytes = b"") -> None:
         """Send the status line and headers, with the ``first`` chunk of the body if given (one
@@ -164,9 +175,10 @@ class StreamReply:
         if self.prepared:
             return
         conn = self._conn = request._conn
-        self._body = request.method != "HEAD" and self.status not in NO_BODY_STATUS
-        framing = "Transfer-Encoding: chunked" if self._body else ""
-        head = _head(self.status, self.headers, framing, close=conn.closing_after(request))
+        made = self._head
+        if made is None or made[2] != conn.closing_after(request):
+            made = self._make_head(request)
+        head, self._body, _ = made
         if first and self._body:
             head += b"%x\r\n%b\r\n" % (len(first), first)
         conn.send(head)
@@ -181,14 +193,14 @@ class StreamReply:
             self._conn.send(b"%x\r\n%b\r\n" % (len(data), data))
             await self._conn.drain()
 
-    async def write_eof(self) -> None:
-        """End the answer."""
+    async def write_eof(self, last: bytes = b"") -> None:
+        """End the answer, after a ``last`` chunk if given (one packet)."""
         if self._conn is None:
             raise RuntimeError("prepare() the reply before ending it")
         if not self.finished:
             self.finished = True
             if self._body:
-                self._conn.send(b"0\r\n\r\n")
+                self._conn.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
             await self._conn.drain()
 
 

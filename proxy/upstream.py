@@ -55,6 +55,8 @@ class Response:
         self.status = status
         self.headers = headers
         self._done = False
+        #: Whether the body's last byte has been read (set before the piece it ends is handed out).
+        self.complete = False
         self._reuse = headers.get("Connection", "").lower() != "close"
         te = headers.get("Transfer-Encoding", "").lower()
         self._chunked = "chunked" in te
@@ -82,20 +84,25 @@ class Response:
         wait = self._wait
         try:
             if self._chunked:
-                buf, done = bytearray(), False
+                # The first piece is the first chunk alone, handed out before the rest of its read
+                # is taken apart; after it, each piece is every whole chunk that a read completed.
+                buf, done, first, buffered = bytearray(), False, True, False
                 while not done:
-                    wait.start()
-                    data = await r.read(READ_SIZE)
-                    wait.stop()
-                    if not data:
-                        raise UpstreamError("disconnected", "the upstream closed the connection mid-body")
-                    buf += data
+                    if not buffered:
+                        wait.start()
+                        data = await r.read(READ_SIZE)
+                        wait.stop()
+                        if not data:
+                            raise UpstreamError("disconnected", "the upstream closed the connection mid-body")
+                        buf += data
                     payload = bytearray()
                     try:
-                        done = take_chunks(buf, payload)
+                        done = self.complete = take_chunks(buf, payload, one=first)
                     except ChunkError as exc:
                         raise UpstreamError("malformed", f"the upstream's chunked body: {exc}") from None
+                    buffered = first and bool(payload) and bool(buf)
                     if payload:
+                        first = False
                         yield bytes(payload)
                 if buf:
                     self._reuse = False  # bytes after the body: the connection is not trusted again
@@ -107,6 +114,7 @@ class Response:
                     if not data:
                         raise UpstreamError("disconnected", "the upstream closed the connection mid-body")
                     self._remaining -= len(data)
+                    self.complete = self._remaining <= 0
                     yield data
             else:
                 while True:
@@ -122,7 +130,7 @@ class Response:
             if wait.expired():
                 raise TimeoutError("no byte from the upstream within the read timeout") from None
             raise
-        self._done = True
+        self._done = self.complete = True
 
     async def read(self) -> bytes:
         """The whole body."""

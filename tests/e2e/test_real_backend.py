@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from sim.des import lindley
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 
@@ -23,7 +26,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 def test_caps_follow_the_load_on_a_real_backend() -> None:
     """Every request is answered (or shed while overloaded), the cap probe passes, the service model fitted from live
     traffic is within 15 % of the direct measurement, the heavy phase gets smaller caps than the moderate one, and the
-    predicted mean system time at the moderate load is within 25 % of the observed one."""
+    predicted mean system time at the moderate load is within MODERATE_BAND of the observed one."""
     out = subprocess.run([sys.executable, str(SCRIPT), "--phase-s", "90", "--json"], capture_output=True, text=True,
                          timeout=1200, check=True)  # fmt: skip
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -38,4 +41,38 @@ def test_caps_follow_the_load_on_a_real_backend() -> None:
     assert moderate["decisions"] > 0 and heavy["decisions"] > 0
     assert all(heavy["caps_mean"][n] < moderate["caps_mean"][n] for n in moderate["caps_mean"]), report["phases"]
     assert heavy["estimated_rate"] > moderate["estimated_rate"]
-    assert 0.75 <= report["moderate_predicted_over_observed"] <= 1.25, moderate
+    low, high = MODERATE_BAND
+    assert low <= report["moderate_predicted_over_observed"] <= high, moderate
+
+
+#: Bounds of (M/G/1 prediction) / (mean system time observed over the moderate phase). A
+#: 90-s phase at 0.25 requests/s holds 22 requests on average (19 with the walk-through's
+#: seed), too few for a tight bound: see the test below.
+MODERATE_BAND = (0.6, 1.6)
+
+
+def test_the_moderate_band_covers_what_one_phase_of_an_exact_model_reads() -> None:
+    """With the M/G/1 model exactly true (the walk-through's moderate phase: 0.25 requests/s,
+    0.56 s + 14.8 ms per token, caps of 91 and 48 tokens, a 90-s phase after 90 s at the same
+    rate), the ratio of the prediction to one phase's observed mean leaves MODERATE_BAND in
+    under 1 % of phases, and leaves +-25 % in more than 5 % of them: a tight band would fail
+    on sampling noise alone. The median ratio is above 1: one phase's mean is usually below
+    the long-run mean, now and then far above it."""
+    rng = np.random.default_rng(0)
+    rate, overhead, per_token, caps = 0.25, 0.56, 0.0148, np.array([91.0, 48.0])
+    service = overhead + per_token * caps
+    mean, second = service.mean(), (service**2).mean()
+    rho = rate * mean
+    predicted = mean + rate * second / (2 * (1 - rho))  # Pollaczek-Khinchine
+    ratios = []
+    for _ in range(4000):
+        arrival = np.cumsum(rng.exponential(1 / rate, 120))
+        arrival = arrival[arrival < 180.0]
+        s = service[rng.integers(0, 2, arrival.size)] * rng.normal(1.0, 0.05, arrival.size)
+        system = lindley(arrival, s) + s
+        ratios.append(predicted / system[arrival >= 90.0].mean())
+    r = np.array(ratios)
+    low, high = MODERATE_BAND
+    assert np.mean((r < low) | (r > high)) < 0.01
+    assert np.mean((r < 0.75) | (r > 1.25)) > 0.05
+    assert np.median(r) > 1.0

@@ -270,8 +270,9 @@ async def test_passthrough_cut_mid_body_reaches_the_client_as_a_cut(stack: Stack
 async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An upstream that sends a whole stream in one chunk: the proxy's first write carries the
-    head and the first event only; the client still gets every event, in order."""
+    """An upstream that sends a whole stream and its end in one write: the proxy's first write
+    carries the head and the first event only, and the rest leaves with the end of the answer,
+    in one more write; the client gets every event, in order."""
     events = [b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n']
     events += [b'data: {"choices": [{"delta": {"content": "t%d"}}]}\n\n' % i for i in range(64)]
     events.append(b"data: [DONE]\n\n")
@@ -279,22 +280,31 @@ async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspecte
     async def all_at_once(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        await resp.write(b"".join(events))
-        await resp.write_eof()
+        await resp.write_eof(b"".join(events))  # the data and the last chunk in one write
         return resp
 
     upstream = web.Application()
     upstream.router.add_post("/v1/chat/completions", all_at_once)
     up = TestServer(upstream, host="127.0.0.1")
     await up.start_server()
-    firsts: list[bytes] = []
-    prepare = StreamReply.prepare
+    writes: list[tuple[str, bytes]] = []
+    prepare, write, write_eof = StreamReply.prepare, StreamReply.write, StreamReply.write_eof
 
-    async def spy(self: StreamReply, request: Any, first: bytes = b"") -> None:
-        firsts.append(first)
+    async def spy_prepare(self: StreamReply, request: Any, first: bytes = b"") -> None:
+        writes.append(("prepare", first))
         await prepare(self, request, first)
 
-    monkeypatch.setattr(StreamReply, "prepare", spy)
+    async def spy_write(self: StreamReply, data: bytes) -> None:
+        writes.append(("write", data))
+        await write(self, data)
+
+    async def spy_write_eof(self: StreamReply, last: bytes = b"") -> None:
+        writes.append(("write_eof", last))
+        await write_eof(self, last)
+
+    monkeypatch.setattr(StreamReply, "prepare", spy_prepare)
+    monkeypatch.setattr(StreamReply, "write", spy_write)
+    monkeypatch.setattr(StreamReply, "write_eof", spy_write_eof)
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1"))))
     front = create_app(build_state(settings))
@@ -307,7 +317,7 @@ async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspecte
         ):
             assert r.status == 200
             got = await r.read()
-        assert firsts == [events[0]]
+        assert writes == [("prepare", events[0]), ("write_eof", b"".join(events[1:]))]
         assert got == b"".join(events)
     finally:
         await front.close()

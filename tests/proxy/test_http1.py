@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import http1
 from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 from proxy.runtime import run
 
@@ -322,6 +323,56 @@ def test_head_answers_carry_no_body(loop: str) -> None:
             assert b"Content-Length: 5" in head
             assert (await read_answer(reader))[2] == b"12345"
             writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("shutdown", [False, True], ids=["kept-alive", "shutting-down"])
+def test_a_head_built_early_is_sent_as_built_unless_the_connection_must_close_by_then(
+    loop: str, shutdown: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``build_head`` makes the head before the answer starts; ``prepare`` then sends it without
+    building it again, unless the server began to shut down in between: then the head is made
+    again and says that the connection closes."""
+    built: list[int] = []
+    make = http1._head
+
+    def counting(*args: Any, **kw: Any) -> bytes:
+        built.append(1)
+        return make(*args, **kw)
+
+    monkeypatch.setattr(http1, "_head", counting)
+
+    async def scenario() -> None:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def handler(request: HttpRequest) -> StreamReply:
+            resp = StreamReply(headers={"Content-Type": "text/event-stream"})
+            resp.build_head(request)
+            started.set()
+            await release.wait()
+            await resp.prepare(request, b"first")
+            await resp.write_eof(b"last")
+            return resp
+
+        server = HttpServer(handler, max_body_bytes=LIMIT)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/", b""))
+        await asyncio.wait_for(started.wait(), 5)
+        stopping = asyncio.create_task(server.shutdown(5.0)) if shutdown else None
+        await asyncio.sleep(0)
+        release.set()
+        status, headers, body = await read_answer(reader)
+        assert (status, body, headers["content-type"]) == (200, b"firstlast", "text/event-stream")
+        assert (headers.get("connection") == "close") == shutdown
+        assert len(built) == (2 if shutdown else 1)
+        if stopping is not None:
+            await stopping
+        else:
+            await server.shutdown(1.0)
+        writer.close()
 
     on(loop, scenario)
 

@@ -11,8 +11,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import app
 from proxy.cli import main
-from tests.proxy.conftest import Stack, StackFactory
+from proxy.settings import load_settings
+from proxy.state import build_state
+from tests.proxy.conftest import Stack, StackFactory, write_config
 from tests.sim.conftest import sim_type
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
@@ -176,3 +179,26 @@ def test_serve_on_a_taken_port_exits_2_with_one_line(tmp_path: Any, capsys: pyte
         assert main(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--loop", "asyncio"]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+async def test_a_start_that_fails_after_listening_leaves_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure once the listener is up (here, in the start-up log line) closes the listener, the
+    upstream clients and the probe task again before it propagates."""
+
+    class Broken:
+        def info(self, *_: Any, **__: Any) -> None:
+            raise RuntimeError("the log is gone")
+
+        def warning(self, *_: Any, **__: Any) -> None:
+            pass
+
+    monkeypatch.setattr(app, "logger", Broken)
+    state = build_state(load_settings(write_config(tmp_path, "http://127.0.0.1:9/v1", backend="probe = true")))
+    plane = app.create_app(state)
+    with pytest.raises(RuntimeError, match="the log is gone"):
+        await plane.start("127.0.0.1", 0)
+    assert state.session is None and state.upstream is None
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", plane.port)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller import TaskType
 from proxy.accounting import MalformedStreamError, StreamTally
@@ -184,6 +187,60 @@ def test_stream_tally_splits_counts_and_strips_usage() -> None:
     good = sse({"choices": [{"delta": {"content": "c"}}]})
     assert broken.feed(good + b"data: {oops\n\n" + good) == [good]
     assert isinstance(broken.error, MalformedStreamError) and broken.feed(good) == []
+
+
+def delta_event(key: str, text: str, compact: bool) -> bytes:
+    seps = (",", ":") if compact else (", ", ": ")
+    return b"data: " + json.dumps({"choices": [{"delta": {key: text}}]}, separators=seps).encode() + b"\n\n"
+
+
+EVENTS = st.one_of(
+    st.builds(
+        delta_event,
+        st.sampled_from(["reasoning_content", "reasoning", "content", "role"]),
+        st.sampled_from(["", "a", "two words", 'q"uote', "\n"]),
+        st.booleans(),
+    ),
+    st.just(sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})),
+    st.just(b"data: [DONE]\n\n"),
+    st.just(b": keep-alive\n\n"),
+    st.just(b"id: 7\nevent: chunk\n" + delta_event("content", "x", True)),
+)
+
+
+def expected_counts(events: list[bytes]) -> tuple[int, int]:
+    """Non-empty reasoning and content deltas, read from the parsed JSON."""
+    reasoning = content = 0
+    for event in events:
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:]).get("choices", []):
+                    delta = choice["delta"]
+                    reasoning += sum(1 for k in ("reasoning_content", "reasoning") if delta.get(k))
+                    content += 1 if delta.get("content") else 0
+    return reasoning, content
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(EVENTS, max_size=30), cuts=st.lists(st.integers(0, 4000), max_size=6), crlf=st.booleans())
+def test_stream_tally_forwards_and_counts_the_same_however_the_stream_is_cut(
+    events: list[bytes], cuts: list[int], crlf: bool
+) -> None:
+    """Whatever reads the stream arrives in, every event is forwarded once, in order, and the
+    deltas, chunks and end are counted as the events say."""
+    stream = b"".join(events)
+    wire = stream.replace(b"\n", b"\r\n") if crlf else stream
+    points = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
+    tally = StreamTally(strip_usage=False)
+    out = b"".join(
+        b"".join(tally.feed(wire[a:b], first_only=i == 0)) for i, (a, b) in enumerate(itertools.pairwise(points))
+    )
+    out += b"".join(tally.feed(b"")) + tally.flush()
+    assert out == stream and tally.error is None
+    reasoning, content = expected_counts(events)
+    assert (tally.reasoning_chunks, tally.content_chunks) == (reasoning, content)
+    assert tally.done == (b"data: [DONE]\n\n" in events)
+    assert tally.events == sum(e.count(b"data: {") for e in events)
 
 
 @pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])

@@ -107,6 +107,58 @@ async def test_chunked_and_read_to_close_bodies(raw_server: Callable[..., Awaita
     assert conns[0] == 2
 
 
+async def test_the_first_chunk_comes_alone_and_complete_is_set_with_the_piece_that_ends_the_body(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """The first chunk comes alone (with the end of the body if it follows at once), then each
+    piece is what a read completed; ``complete`` turns
+    true as the last piece is handed out when the end of the body came with it, and only after
+    the last piece when the end came later (or is the connection closing)."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for _ in range(5):
+            req = await read_request(r)
+            if b"/many" in req:
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n")
+            elif b"/single" in req:
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n")
+            elif b"/together" in req:
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.write(b"6\r\n world\r\n0\r\n\r\n")
+            elif b"/apart" in req:
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.write(b"0\r\n\r\n")
+            else:
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc")
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.write(b"de")
+            await w.drain()
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end")
+        await w.drain()
+
+    url, _ = await raw_server(handler)
+    up = Upstream(url)
+    for path, expected in (
+        ("/many", [(b"a", False), (b"bc", True)]),
+        ("/single", [(b"a", True)]),  # the end came right after the first chunk
+        ("/together", [(b"hello", False), (b" world", True)]),
+        ("/apart", [(b"hello", False)]),
+        ("/length", [(b"abc", False), (b"de", True)]),
+        ("/close", [(b"to the end", False)]),
+    ):
+        async with await up.request("POST", path, hdrs(), b"") as resp:
+            assert not resp.complete
+            assert [(piece, resp.complete) async for piece in resp.iter_chunks()] == expected, path
+            assert resp.complete
+    await up.close()
+
+
 async def test_a_connection_closed_while_idle_is_retried_once(
     raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
 ) -> None:
@@ -255,6 +307,21 @@ def test_a_chunked_body_comes_apart_the_same_however_its_bytes_are_split() -> No
     assert out == whole and body.done
     out, body = dechunk([b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200"])
     assert out == b"abc" and body.done and body.extra == b"HTTP/1.1 200"
+
+
+def test_one_chunk_at_a_time_gives_each_payload_whole_however_the_bytes_are_split() -> None:
+    """``one=True`` takes at most one chunk with data per call, at every split point."""
+    for i in range(len(CHUNKED) + 1):
+        buf, payloads, done = bytearray(), [], False
+        for piece in (CHUNKED[:i], CHUNKED[i:]):
+            buf += piece
+            while not done:
+                body = bytearray()
+                done = take_chunks(buf, body, one=True)
+                if not body:
+                    break
+                payloads.append(bytes(body))
+        assert payloads == [b"hello", b" world", b"z" * 26] and done and not buf, i
 
 
 @pytest.mark.parametrize(
