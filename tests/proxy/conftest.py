@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.admin import create_admin_app
@@ -143,3 +145,22 @@ async def stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
     yield start
     for s in reversed(servers):
         await s.close()
+
+
+@asynccontextmanager
+async def in_front_of(
+    upstream: web.Application, tmp: Path, *, backend: str = "probe = false"
+) -> AsyncIterator[tuple[ProxyState, DataPlane]]:
+    """A started proxy (the test config) in front of a stub upstream serving ``/v1``."""
+    up = TestServer(upstream, host="127.0.0.1")
+    await up.start_server()
+    try:
+        state = build_state(load_settings(write_config(tmp, str(up.make_url("/v1")), backend=backend)))
+        front = create_app(state)
+        await front.start("127.0.0.1", 0)
+        try:
+            yield state, front
+        finally:
+            await front.close()
+    finally:
+        await up.close()

@@ -22,7 +22,7 @@ from proxy.serve_cmd import start
 from proxy.settings import load_settings
 from proxy.state import build_state
 from sim.backend import create_app as create_sim
-from tests.proxy.conftest import Stack, StackFactory, write_config
+from tests.proxy.conftest import Stack, StackFactory, in_front_of, write_config
 from tests.sim.conftest import make_scenario, sim_type
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
@@ -268,7 +268,7 @@ async def test_passthrough_cut_mid_body_reaches_the_client_as_a_cut(stack: Stack
 
 
 async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspected(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """An upstream that sends a whole stream and its end in one write: the proxy's first write
     carries the head and the first event only, and the rest leaves with the end of the answer,
@@ -285,8 +285,6 @@ async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspecte
 
     upstream = web.Application()
     upstream.router.add_post("/v1/chat/completions", all_at_once)
-    up = TestServer(upstream, host="127.0.0.1")
-    await up.start_server()
     writes: list[tuple[str, bytes]] = []
     prepare, write, write_eof = StreamReply.prepare, StreamReply.write, StreamReply.write_eof
 
@@ -305,11 +303,7 @@ async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspecte
     monkeypatch.setattr(StreamReply, "prepare", spy_prepare)
     monkeypatch.setattr(StreamReply, "write", spy_write)
     monkeypatch.setattr(StreamReply, "write_eof", spy_write_eof)
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1"))))
-    front = create_app(build_state(settings))
-    await front.start("127.0.0.1", 0)
-    try:
+    async with in_front_of(upstream, tmp_path) as (_, front):
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
         async with (
             aiohttp.ClientSession() as session,
@@ -317,8 +311,5 @@ async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspecte
         ):
             assert r.status == 200
             got = await r.read()
-        assert writes == [("prepare", events[0]), ("write_eof", b"".join(events[1:]))]
-        assert got == b"".join(events)
-    finally:
-        await front.close()
-        await up.close()
+    assert writes == [("prepare", events[0]), ("write_eof", b"".join(events[1:]))]
+    assert got == b"".join(events)

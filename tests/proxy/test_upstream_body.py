@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.app import create_app
-from proxy.settings import load_settings
-from proxy.state import build_state
 from proxy.upstream_body import upstream_body
-from tests.proxy.conftest import write_config
+from tests.proxy.conftest import in_front_of
 
 
 def edited(raw: bytes, **changes: Any) -> tuple[bytes, dict[str, Any]]:
@@ -89,7 +84,7 @@ def test_the_upstream_body_always_parses_to_the_edited_object(
         assert out.startswith(raw[: raw.rindex(b"}")])
 
 
-async def test_the_upstream_receives_the_clients_bytes_with_the_cap_added() -> None:
+async def test_the_upstream_receives_the_clients_bytes_with_the_cap_added(tmp_path: Path) -> None:
     """Through the proxy: non-ASCII text arrives unescaped and the client's layout is kept."""
     received: list[bytes] = []
 
@@ -99,14 +94,7 @@ async def test_the_upstream_receives_the_clients_bytes_with_the_cap_added() -> N
 
     upstream = web.Application()
     upstream.router.add_post("/v1/chat/completions", record)
-    up = TestServer(upstream, host="127.0.0.1")
-    await up.start_server()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1")), backend="probe = false"))
-    state = build_state(settings)
-    front = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with in_front_of(upstream, tmp_path) as (state, front):
         sent = '{"model": "m", "messages": [{"role": "user", "content": "prove 定理"}]}'.encode()
         async with (
             aiohttp.ClientSession() as session,
@@ -117,6 +105,3 @@ async def test_the_upstream_receives_the_clients_bytes_with_the_cap_added() -> N
             assert r.status == 200
         cap = state.caps.cap("hard")
         assert received == [sent[:-1] + b',"thinking_token_budget":%d}' % cap]
-    finally:
-        await front.close()
-        await up.close()
