@@ -147,6 +147,15 @@ def json_reply(data: Any, *, status: int = 200, headers: Mapping[str, str] | Non
     return Reply(json.dumps(data).encode(), status=status, headers=headers, content_type="application/json")
 
 
+#: The end of a chunked body (no trailers).
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 class StreamReply:
     """An answer sent as it is produced, in chunked encoding: ``prepare``, ``write``..., ``write_eof``."""
 
@@ -180,7 +189,7 @@ class StreamReply:
             made = self._make_head(request)
         head, self._body, _ = made
         if first and self._body:
-            head += b"%x\r\n%b\r\n" % (len(first), first)
+            head += _chunk(first)
         conn.send(head)
         self.prepared = True
         await conn.drain()
@@ -190,7 +199,7 @@ class StreamReply:
         if self._conn is None:
             raise RuntimeError("prepare() the reply before writing to it")
         if data and self._body:
-            self._conn.send(b"%x\r\n%b\r\n" % (len(data), data))
+            self._conn.send(_chunk(data))
             await self._conn.drain()
 
     async def write_eof(self, last: bytes = b"") -> None:
@@ -200,7 +209,7 @@ class StreamReply:
         if not self.finished:
             self.finished = True
             if self._body:
-                self._conn.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
+                self._conn.send(_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
             await self._conn.drain()
 
 

@@ -111,9 +111,9 @@ async def test_the_first_chunk_comes_alone_and_complete_is_set_with_the_piece_th
     raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
 ) -> None:
     """The first chunk comes alone (with the end of the body if it follows at once), then each
-    piece is what a read completed; ``complete`` turns
-    true as the last piece is handed out when the end of the body came with it, and only after
-    the last piece when the end came later (or is the connection closing)."""
+    piece is what a read completed; ``complete`` turns true as the last piece is handed out
+    when the end of the body came with it, and only after the last piece when the end came
+    later (or is the connection closing)."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         for _ in range(5):
