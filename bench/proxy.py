@@ -24,7 +24,7 @@ request's path. ``--same-cpu`` pins the proxy to
 CPU 0 too and runs the open-loop part at 200/s only: on a virtual machine, a request that crosses to
 an idle CPU waits for it to wake up, and this separates that wait from the proxy's own work.
 ``--sequential N`` sends N requests one at a time instead, plain then streaming, and reports
-the added median latency with the proxy process's CPU time per request (from /proc).
+the added median latency with each forwarder process's CPU time per request (from /proc).
 """
 
 from __future__ import annotations
@@ -251,18 +251,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sequential(sim_port: int, proxy_port: int, proxy_pid: int, count: int) -> None:
-    """The proxy's CPU time and added latency per request when requests come one at a time."""
-    print("| mode | direct p50 ms | proxy p50 ms | added p50 ms | proxy CPU per request |")
-    print("|---|---|---|---|---|")
+def sequential(sim_port: int, paths: list[tuple[str, int, int]], count: int) -> None:
+    """Each forwarder's CPU time and added latency per request when requests come one at a time."""
+    print("| mode | through | direct p50 ms | through p50 ms | added p50 ms | forwarder CPU per request |")
+    print("|---|---|---|---|---|---|")
     for stream in (False, True):
         direct = asyncio.run(one_at_a_time(sim_port, stream, count))
-        before = cpu_seconds(proxy_pid)
-        proxied = asyncio.run(one_at_a_time(proxy_port, stream, count))
-        cpu = (cpu_seconds(proxy_pid) - before) / count
-        d, p = ms(direct, 50), ms(proxied, 50)
-        mode = "stream 64 chunks" if stream else "plain"
-        print(f"| {mode} | {d:.2f} | {p:.2f} | {p - d:.2f} | {cpu * 1e6:.0f} µs |")
+        for name, port, pid in paths:
+            before = cpu_seconds(pid)
+            proxied = asyncio.run(one_at_a_time(port, stream, count))
+            cpu = (cpu_seconds(pid) - before) / count
+            d, p = ms(direct, 50), ms(proxied, 50)
+            mode = "stream 64 chunks" if stream else "plain"
+            print(f"| {mode} | {name} | {d:.2f} | {p:.2f} | {p - d:.2f} | {cpu * 1e6:.0f} µs |")
 
 
 async def closed_loop(port: int, seconds: float, connections: int) -> float:
@@ -301,7 +302,8 @@ def main() -> None:
         "--sequential",
         type=int,
         metavar="N",
-        help="instead, send N requests one at a time (plain, then streaming); report the proxy CPU time per request",
+        help="instead, send N requests one at a time (plain, then streaming); report each forwarder's CPU time "
+        "per request",
     )
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
@@ -330,7 +332,11 @@ def main() -> None:
             wait_ready(f"http://127.0.0.1:{proxy_port}/healthz")
             wait_listening(bare_port)
             if args.sequential:
-                sequential(sim_port, proxy_port, prox.pid, args.sequential)
+                sequential(
+                    sim_port,
+                    [("bare forwarder", bare_port, bare.pid), ("thinkcap", proxy_port, prox.pid)],
+                    args.sequential,
+                )
                 return
             if proxy_cpu != sim_cpu:
                 wake_table(sim_cpu, proxy_cpu)

@@ -51,9 +51,12 @@ class MalformedStreamError(ValueError):
 REASONING = re.compile(rb'"reasoning(?:_content)?":\s*"(?!")')
 CONTENT = re.compile(rb'"content":\s*"(?!")')
 USAGE = re.compile(rb'"usage":\s*\{')
-#: Events that are each one ``data: {...}`` or ``data: [DONE]`` line.
+#: Events that are each one ``data: {...}`` line, and the same with ``data: [DONE]`` lines.
+PLAIN_DATA = re.compile(rb"(?:data: \{[^\n]*\}\n\n)*")
 PLAIN = re.compile(rb"(?:data: (?:\{[^\n]*\}|\[DONE\])\n\n)*")
-DONE_EVENT = b"data: [DONE]\n\n"
+#: Forwarded bytes held back uncounted: their deltas are counted only if no ``usage`` arrives
+#: first. Servers asked for usage send it at the end, and then the counts are never read.
+UNCOUNTED_BYTES = 1 << 16
 
 
 class StreamTally:
@@ -68,7 +71,9 @@ class StreamTally:
     Every ``data:`` payload must be ``[DONE]`` or look like a JSON object (``{...}``); the
     first chunk and any chunk carrying a ``usage`` object are parsed in full, the others are
     counted by pattern (one token per non-empty ``reasoning``, ``reasoning_content`` or
-    ``content`` string), which keeps a 64-chunk stream well under a millisecond. Forwarded
+    ``content`` string). The counts are only read when no ``usage`` object came, so forwarded
+    bytes are counted late: when :data:`UNCOUNTED_BYTES` of them have piled up, or when
+    :meth:`tokens` is called without usage; a usage object drops them uncounted. Forwarded
     events are joined into one write per read; the read that holds the first event can give
     that event out alone first (``first_only``).
     """
@@ -76,11 +81,13 @@ class StreamTally:
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self._buf = b""
-        self.reasoning_chunks = 0
-        self.content_chunks = 0
+        self._reasoning = 0
+        self._content = 0
+        self._uncounted: list[bytes] = []
+        self._uncounted_bytes = 0
         self.usage: Tokens | None = None
         self.done = False
-        self.events = 0
+        self.started = False  # a data event has been seen
         self.error: MalformedStreamError | None = None
 
     def feed(self, data: bytes, *, first_only: bool = False) -> list[bytes]:
@@ -96,7 +103,7 @@ class StreamTally:
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
         pieces = []
-        if self.events == 0:  # the first chunk is parsed in full
+        if not self.started:  # the first data event is parsed in full
             first = buf.find(b"\n\n") + 2
             if first == 1:
                 self._buf = buf
@@ -112,7 +119,8 @@ class StreamTally:
             return self._counted(pieces)
         block, self._buf = buf[: cut + 2], buf[cut + 2 :]
         while block and self.error is None:
-            usage = USAGE.search(block) if b'"usage"' in block else None
+            at = block.find(b'"usage"')
+            usage = USAGE.search(block, at) if at >= 0 else None
             if usage is None:  # the usual case: no usage chunk in this read
                 pieces.append(block if self._plain(block) else self._slow(block))
                 break
@@ -128,13 +136,35 @@ class StreamTally:
         return self._counted(pieces)
 
     def _counted(self, pieces: list[bytes]) -> list[bytes]:
-        """The forwarded pieces as one, their deltas counted."""
+        """The forwarded pieces as one, held back to be counted unless usage has come."""
         joined = b"".join(pieces)
         if not joined:
             return []
-        self.reasoning_chunks += len(REASONING.findall(joined))
-        self.content_chunks += len(CONTENT.findall(joined))
+        if self.usage is None:
+            self._uncounted.append(joined)
+            self._uncounted_bytes += len(joined)
+            if self._uncounted_bytes > UNCOUNTED_BYTES:
+                self._count()
         return [joined]
+
+    def _count(self) -> None:
+        for block in self._uncounted:
+            self._reasoning += len(REASONING.findall(block))
+            self._content += len(CONTENT.findall(block))
+        self._uncounted.clear()
+        self._uncounted_bytes = 0
+
+    @property
+    def reasoning_chunks(self) -> int:
+        """Non-empty reasoning deltas forwarded before any usage object."""
+        self._count()
+        return self._reasoning
+
+    @property
+    def content_chunks(self) -> int:
+        """Non-empty content deltas forwarded before any usage object."""
+        self._count()
+        return self._content
 
     def _slow(self, block: bytes) -> bytes:
         """Inspect event by event; keep what is forwarded, stop at a malformed event."""
@@ -155,11 +185,13 @@ class StreamTally:
     def _plain(self, block: bytes) -> bool:
         """The fast path: every event is one ``data: {...}`` or ``data: [DONE]`` line (the caller
         has taken out any usage chunk)."""
-        if PLAIN.fullmatch(block) is None:
-            return False
-        dones = block.count(DONE_EVENT)
-        self.events += block.count(b"\n") // 2 - dones  # each event is one line and an empty one
-        self.done = self.done or dones > 0
+        data = PLAIN_DATA.match(block)  # (it matches the empty string at least)
+        end = data.end() if data is not None else 0
+        if end < len(block):  # what stopped it must be a ``[DONE]``, and the rest plain too
+            if PLAIN.fullmatch(block, end) is None:
+                return False
+            self.done = True
+        self.started = self.started or end > 0 or b"data: {" in block
         return True
 
     def flush(self) -> bytes:
@@ -184,8 +216,8 @@ class StreamTally:
         return keep
 
     def _chunk(self, payload: bytes) -> bool:
-        self.events += 1
-        if self.events == 1 or (b'"usage"' in payload and USAGE.search(payload)):
+        first, self.started = not self.started, True
+        if first or (b'"usage"' in payload and USAGE.search(payload)):
             return self._parse(payload)
         return True
 
@@ -200,10 +232,13 @@ class StreamTally:
         if usage is None:
             return True
         self.usage = usage
+        self._uncounted.clear()  # the counts will not be read
+        self._uncounted_bytes = 0
         return not (self.strip_usage and not chunk.get("choices"))
 
     def tokens(self) -> Tokens:
         """Usage if the upstream sent it, else counts of streamed deltas (one token per delta)."""
         if self.usage is not None:
             return self.usage
-        return Tokens(None, self.reasoning_chunks + self.content_chunks, self.reasoning_chunks, 0, "stream")
+        reasoning = self.reasoning_chunks
+        return Tokens(None, reasoning + self.content_chunks, reasoning, 0, "stream")

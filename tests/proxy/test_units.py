@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller import TaskType
-from proxy.accounting import MalformedStreamError, StreamTally
+from proxy.accounting import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
 from proxy.admission import Admission, QueueFullError
 from proxy.classify import Classifier, NaiveBayes, UnknownTypeError, prompt_text
 from proxy.config import TypeConfig
@@ -237,10 +237,35 @@ def test_stream_tally_forwards_and_counts_the_same_however_the_stream_is_cut(
     )
     out += b"".join(tally.feed(b"")) + tally.flush()
     assert out == stream and tally.error is None
+    usages = [json.loads(e[6:])["usage"] for e in events if e.startswith(b'data: {"choices": [], "usage"')]
     reasoning, content = expected_counts(events)
-    assert (tally.reasoning_chunks, tally.content_chunks) == (reasoning, content)
+    counted = Tokens(None, reasoning + content, reasoning, 0, "stream")
+    assert tally.tokens() == (from_usage(usages[-1]) if usages else counted)
     assert tally.done == (b"data: [DONE]\n\n" in events)
-    assert tally.events == sum(e.count(b"data: {") for e in events)
+    assert tally.started == any(b"data: {" in e for e in events)
+
+
+@pytest.mark.parametrize("usage_at_end", [False, True], ids=["no-usage", "usage"])
+def test_a_long_stream_is_counted_in_bounded_memory_and_usage_wins(usage_at_end: bool) -> None:
+    """Forwarded bytes wait uncounted only up to the bound; a stream many times longer is counted
+    exactly, and a usage object at its end is what the tally reports."""
+    events = [sse({"choices": [{"delta": {"role": "assistant", "content": ""}}]})]
+    events += [sse({"choices": [{"delta": {"reasoning_content": "hmm " * (i % 3)}}]}) for i in range(3000)]
+    events += [sse({"choices": [{"delta": {"content": f"w{i}"}}]}) for i in range(1000)]
+    usage = {"prompt_tokens": 9, "completion_tokens": 4000, "completion_tokens_details": {"reasoning_tokens": 3000}}
+    if usage_at_end:
+        events.append(sse({"choices": [], "usage": usage}))
+    events.append(b"data: [DONE]\n\n")
+    stream = b"".join(events)
+    assert len(stream) > 3 * UNCOUNTED_BYTES
+    tally = StreamTally(strip_usage=False)
+    out = b""
+    for i in range(0, len(stream), 1000):
+        out += b"".join(tally.feed(stream[i : i + 1000]))
+        assert tally._uncounted_bytes <= UNCOUNTED_BYTES
+    assert out == stream and tally.done
+    expected = from_usage(usage) if usage_at_end else Tokens(None, 2000 + 1000, 2000, 0, "stream")
+    assert tally.tokens() == expected
 
 
 @pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
@@ -260,7 +285,7 @@ def test_stream_tally_can_hand_out_the_first_event_before_the_rest(crlf: bool, s
     first = split.feed(stream, first_only=True)
     assert first == [events[0]]
     assert b"".join(first + split.feed(b"")) == expected and split.feed(b"") == []
-    assert split.tokens() == whole.tokens() and split.done and split.events == whole.events
+    assert split.tokens() == whole.tokens() and split.done
     assert split.feed(events[1], first_only=True) == [events[1]]  # past the first event the flag does nothing
     broken = StreamTally(strip_usage=strip_usage)
     assert broken.feed(b"data: {oops\n\n" + events[1], first_only=True) == []
