@@ -156,13 +156,13 @@ class StreamTally:
 
     @property
     def reasoning_chunks(self) -> int:
-        """Non-empty reasoning deltas forwarded before any usage object."""
+        """Non-empty reasoning deltas forwarded so far (no longer kept once a usage object came)."""
         self._count()
         return self._reasoning
 
     @property
     def content_chunks(self) -> int:
-        """Non-empty content deltas forwarded before any usage object."""
+        """Non-empty content deltas forwarded so far (no longer kept once a usage object came)."""
         self._count()
         return self._content
 
