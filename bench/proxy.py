@@ -256,13 +256,12 @@ def sequential(sim_port: int, paths: list[tuple[str, int, int]], count: int) -> 
     print("| mode | through | direct p50 ms | through p50 ms | added p50 ms | forwarder CPU per request |")
     print("|---|---|---|---|---|---|")
     for stream in (False, True):
-        direct = asyncio.run(one_at_a_time(sim_port, stream, count))
+        mode = "stream 64 chunks" if stream else "plain"
+        d = ms(asyncio.run(one_at_a_time(sim_port, stream, count)), 50)
         for name, port, pid in paths:
             before = cpu_seconds(pid)
-            proxied = asyncio.run(one_at_a_time(port, stream, count))
+            p = ms(asyncio.run(one_at_a_time(port, stream, count)), 50)
             cpu = (cpu_seconds(pid) - before) / count
-            d, p = ms(direct, 50), ms(proxied, 50)
-            mode = "stream 64 chunks" if stream else "plain"
             print(f"| {mode} | {name} | {d:.2f} | {p:.2f} | {p - d:.2f} | {cpu * 1e6:.0f} µs |")
 
 
