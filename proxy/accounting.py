@@ -9,36 +9,61 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
 @dataclass
 class Tokens:
-    """Token counts of one answer and where they came from (``usage`` or ``stream``)."""
+    """Token counts of one answer and where they came from (``usage`` or ``stream``).
+
+    A count the backend did not report is ``None`` (unknown), never 0. ``reasoning_source``
+    says where the reasoning count came from: ``usage``, ``stream`` (streamed reasoning
+    deltas, when the usage object carries no reasoning count) or ``None`` (unknown).
+    """
 
     prompt: int | None = None
     completion: int | None = None
     reasoning: int | None = None
     cached: int = 0
     source: str | None = None
+    reasoning_source: str | None = None
 
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def reasoning_count(usage: dict[str, Any]) -> int | None:
+    """The reasoning tokens a ``usage`` object reports, wherever the server puts them.
+
+    OpenAI and vLLM (from mid-2026) write ``completion_tokens_details.reasoning_tokens``;
+    SGLang writes a top-level ``reasoning_tokens``; older vLLM and llama.cpp write none
+    (``None``: unknown).
+    """
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        found = _int(details.get("reasoning_tokens"))
+        if found is not None:
+            return found
+    return _int(usage.get("reasoning_tokens"))
+
+
 def from_usage(usage: Any) -> Tokens | None:
-    """Counts from an OpenAI ``usage`` object (``None`` if it is not one)."""
+    """Counts from an OpenAI-style ``usage`` object (``None`` if it is not one)."""
     if not isinstance(usage, dict):  # parsed JSON: a dict, never another mapping
         return None
-    details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
-    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    reasoning = reasoning_count(usage)
     cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
     completion = _int(usage.get("completion_tokens"))
     return Tokens(
-        _int(usage.get("prompt_tokens")), completion, reasoning if reasoning is not None else 0, cached or 0, "usage"
+        _int(usage.get("prompt_tokens")),
+        completion,
+        reasoning,
+        cached or 0,
+        "usage",
+        None if reasoning is None else "usage",
     )
 
 
@@ -54,8 +79,9 @@ USAGE = re.compile(rb'"usage":\s*\{')
 #: Events that are each one ``data: {...}`` line, and the same with ``data: [DONE]`` lines.
 PLAIN_DATA = re.compile(rb"(?:data: \{[^\n]*\}\n\n)*")
 PLAIN = re.compile(rb"(?:data: (?:\{[^\n]*\}|\[DONE\])\n\n)*")
-#: Forwarded bytes held back uncounted: their deltas are counted only if no ``usage`` arrives
-#: first. Servers asked for usage send it at the end, and then the counts are never read.
+#: Forwarded bytes held back uncounted: their deltas are counted only if no ``usage`` with a
+#: reasoning count arrives first. Servers asked for usage send it at the end, and then the
+#: counts are never read.
 UNCOUNTED_BYTES = 1 << 16
 
 
@@ -71,11 +97,11 @@ class StreamTally:
     Every ``data:`` payload must be ``[DONE]`` or look like a JSON object (``{...}``); the
     first chunk and any chunk carrying a ``usage`` object are parsed in full, the others are
     counted by pattern (one token per non-empty ``reasoning``, ``reasoning_content`` or
-    ``content`` string). The counts are only read when no ``usage`` object came, so forwarded
-    bytes are counted late: when :data:`UNCOUNTED_BYTES` of them have piled up, or when
-    :meth:`tokens` is called without usage; a usage object drops them uncounted. Forwarded
-    events are joined into one write per read; the read that holds the first event can give
-    that event out alone first (``first_only``).
+    ``content`` string). The counts are only read when no ``usage`` object with a reasoning
+    count came, so forwarded bytes are counted late: when :data:`UNCOUNTED_BYTES` of them
+    have piled up, or when :meth:`tokens` needs them; a usage object with a reasoning count
+    drops them uncounted. Forwarded events are joined into one write per read; the read that
+    holds the first event can give that event out alone first (``first_only``).
     """
 
     def __init__(self, *, strip_usage: bool) -> None:
@@ -136,11 +162,11 @@ class StreamTally:
         return self._counted(pieces)
 
     def _counted(self, pieces: list[bytes]) -> list[bytes]:
-        """The forwarded pieces as one, held back to be counted unless usage has come."""
+        """The forwarded pieces as one, held back to be counted unless a reasoning count has come."""
         joined = b"".join(pieces)
         if not joined:
             return []
-        if self.usage is None:
+        if self.usage is None or self.usage.reasoning is None:
             self._uncounted.append(joined)
             self._uncounted_bytes += len(joined)
             if self._uncounted_bytes > UNCOUNTED_BYTES:
@@ -232,13 +258,24 @@ class StreamTally:
         if usage is None:
             return True
         self.usage = usage
-        self._uncounted.clear()  # the counts will not be read
-        self._uncounted_bytes = 0
+        if usage.reasoning is not None:  # the counts will not be read
+            self._uncounted.clear()
+            self._uncounted_bytes = 0
         return not (self.strip_usage and not chunk.get("choices"))
 
     def tokens(self) -> Tokens:
-        """Usage if the upstream sent it, else counts of streamed deltas (one token per delta)."""
-        if self.usage is not None:
-            return self.usage
-        reasoning = self.reasoning_chunks
-        return Tokens(None, reasoning + self.content_chunks, reasoning, 0, "stream")
+        """Usage if the upstream sent it, else counts of streamed deltas (one token per delta).
+
+        A usage object without a reasoning count has it filled from the streamed reasoning
+        deltas (``reasoning_source`` ``stream``). A stream without a single reasoning delta
+        leaves the reasoning count unknown: its server may write the reasoning into the
+        content (``<think>``), where no delta can be told apart.
+        """
+        deltas = self.reasoning_chunks if self.usage is None or self.usage.reasoning is None else 0
+        reasoning, source = (deltas, "stream") if deltas > 0 else (None, None)
+        usage = self.usage
+        if usage is not None and usage.reasoning is not None:
+            return usage
+        if usage is not None:
+            return replace(usage, reasoning=reasoning, reasoning_source=source)
+        return Tokens(None, deltas + self.content_chunks, reasoning, 0, "stream", source)

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from proxy.accounting import from_usage
 from proxy.dialects import apply_cap, honoured
 from proxy.forward import SHAPED, ProxyError, error_response, new_request_id, passthrough, request_id, shaped
 from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
@@ -47,7 +48,14 @@ async def upstream_reachable(state: ProxyState) -> tuple[bool, str]:
 async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
     """Upstream reachable and caps loaded; the probe's verdict is in the body."""
     ok, detail = await upstream_reachable(st)
-    body = {"ready": ok, "upstream": detail, "caps": st.caps.effective(), "probe": st.probe, "shedding": st.shedding}
+    body = {
+        "ready": ok,
+        "upstream": detail,
+        "caps": st.caps.effective(),
+        "caps_applied": not st.cap_rejected,  # False while the backend rejects the cap field (see probe)
+        "probe": st.probe,
+        "shedding": st.shedding,
+    }
     return json_reply(body, status=200 if ok else 503)
 
 
@@ -66,8 +74,39 @@ async def not_found(_: ProxyState, request: HttpRequest) -> Reply:
     return error_response(exc, request_id(request))
 
 
+#: What to configure when a backend answers 4xx to the cap field alone, by dialect.
+CAP_FIELD_ADVICE = {
+    "vllm": (
+        "vLLM answers 400 to thinking_token_budget unless it knows where reasoning starts and ends: start it "
+        "(vLLM >= 0.19) with a --reasoning-parser that defines reasoning start/end strings, or with "
+        """--reasoning-config '{"think_start_str": "<think>", "think_end_str": "</think>"}'"""
+    ),
+    "sglang": "start SGLang with --reasoning-parser and --enable-strict-thinking so that it takes "
+    "custom_params.thinking_budget",
+}
+#: Characters of a backend's error body kept in the probe's verdict.
+PROBE_ERROR_CHARS = 2000
+
+
+async def _probe_post(state: ProxyState, body: dict[str, Any]) -> tuple[int, bytes]:
+    """POST ``body`` to the chat route; the status and the raw answer."""
+    b = state.settings.backend
+    headers = {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {}
+    async with state.http().post(
+        b.base + SHAPED[0], json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+    ) as r:
+        return r.status, await r.read()
+
+
 async def probe(state: ProxyState) -> dict[str, Any]:
-    """Send one tiny request with a small cap and check the backend honoured it."""
+    """Send one tiny request with a small cap and check the backend honoured it.
+
+    The verdict's ``status``: ``honoured``, ``not_honoured``, ``unknown`` (no count to judge
+    by), ``rejected`` (the backend answers 4xx to the cap field and 200 without it: the field
+    is then left out of requests until a later probe passes; ``backend_error`` and ``advice``
+    say why and what to configure) or ``error`` (no answer, or 4xx/5xx with and without the
+    field; ``backend_error`` holds the body).
+    """
     b = state.settings.backend
     body: dict[str, Any] = {"messages": [{"role": "user", "content": "Count from 1 to 100, one number per line."}]}
     if b.model:
@@ -79,25 +118,35 @@ async def probe(state: ProxyState) -> dict[str, Any]:
                 body["model"] = models[0]["id"] if models else "default"
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             body["model"] = "default"
+    bare = dict(body, max_tokens=2 * PROBE_CAP)  # without the cap field, if it is the trouble
     applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance)
-    headers = {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {}
     try:
-        async with state.http().post(
-            b.base + SHAPED[0], json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
-        ) as r:
-            data = json.loads(await r.read())
-            if r.status != 200:
-                return {"status": "error", "detail": f"probe answered HTTP {r.status}"}
+        status, raw = await _probe_post(state, body)
+        if 400 <= status < 500:
+            error = raw.decode(errors="replace")[:PROBE_ERROR_CHARS]
+            bare_status, _ = await _probe_post(state, bare)
+            if bare_status == 200:
+                return {
+                    "status": "rejected",
+                    "field": applied.field,
+                    "http_status": status,
+                    "backend_error": error,
+                    "advice": CAP_FIELD_ADVICE.get(b.dialect, "check [backend] dialect"),
+                }
+            return {"status": "error", "detail": f"probe answered HTTP {status}", "backend_error": error}
+        if status != 200:
+            error = raw.decode(errors="replace")[:PROBE_ERROR_CHARS]
+            return {"status": "error", "detail": f"probe answered HTTP {status}", "backend_error": error}
+        data = json.loads(raw)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return {"status": "error", "detail": f"probe failed: {type(exc).__name__}"}
-    usage = data.get("usage") if isinstance(data, dict) else None
-    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
-    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    tokens = from_usage(data.get("usage") if isinstance(data, dict) else None)
+    reasoning = None if tokens is None else tokens.reasoning
+    completion = None if tokens is None else tokens.completion
     verdict = honoured(b.dialect, applied.effective, reasoning_tokens=reasoning, completion_tokens=completion)
-    status = {True: "honoured", False: "not_honoured", None: "unknown"}[verdict]
+    status_word = {True: "honoured", False: "not_honoured", None: "unknown"}[verdict]
     return {
-        "status": status,
+        "status": status_word,
         "field": applied.field,
         "limit": applied.effective,
         "reasoning_tokens": reasoning,
@@ -106,18 +155,34 @@ async def probe(state: ProxyState) -> dict[str, Any]:
 
 
 async def _run_probe(state: ProxyState) -> None:
-    """Probe until the backend answers (backing off up to ``PROBE_RETRY_MAX_S``), then log the verdict."""
+    """Probe until the backend answers (backing off up to ``PROBE_RETRY_MAX_S``), then log the verdict.
+
+    A backend that rejects the cap field is probed again every ``PROBE_RETRY_MAX_S``; the
+    field goes back into requests once a probe passes.
+    """
     log = logger()
     delay = PROBE_RETRY_FIRST_S
     while True:
         state.probe = await probe(state)
-        if state.probe["status"] != "error":
+        rejected = state.probe["status"] == "rejected"
+        if rejected != state.cap_rejected:
+            state.cap_rejected = rejected
+            if rejected:
+                log.error(
+                    "probe",
+                    warning="the backend rejects the cap field; requests go upstream without it until fixed",
+                    **state.probe,
+                )
+            else:
+                log.warning("probe", warning="the backend takes the cap field again; caps apply", **state.probe)
+        if state.probe["status"] not in ("error", "rejected"):
             break
-        log.warning(
-            "probe", warning=f"the backend did not answer the cap probe; retrying in {delay:g} s", **state.probe
-        )
+        if state.probe["status"] == "error":
+            log.warning(
+                "probe", warning=f"the backend did not answer the cap probe; retrying in {delay:g} s", **state.probe
+            )
         await asyncio.sleep(delay)
-        delay = min(2 * delay, PROBE_RETRY_MAX_S)
+        delay = PROBE_RETRY_MAX_S if rejected else min(2 * delay, PROBE_RETRY_MAX_S)
     if state.probe["status"] == "honoured":
         log.info("probe", **state.probe)
     else:

@@ -2,7 +2,9 @@
 
 The effective limit is never above one the client set: ``effective = min(client, cap)``.
 
-- ``vllm``: ``thinking_token_budget`` (needs the server's ``--reasoning-parser``);
+- ``vllm``: ``thinking_token_budget`` (vLLM >= 0.19; the server needs reasoning start and end
+  strings, from ``--reasoning-parser`` where the parser defines them, else
+  ``--reasoning-config``; a client's ``-1``, vLLM's "unlimited", is no client limit);
 - ``sglang``: ``custom_params.thinking_budget`` (strict thinking, ``--enable-strict-thinking``);
 - ``openai``: ``max_completion_tokens`` (reasoning and answer together);
 - ``llamacpp`` / ``max_tokens``: ``max_tokens``, at least 1, because llama.cpp reads
@@ -35,9 +37,13 @@ class Applied:
     effective: int
 
 
-def _client(holder: dict[str, Any], key: str, param: str, *, zero_is_unset: bool = False) -> int | None:
+def _client(
+    holder: dict[str, Any], key: str, param: str, *, zero_is_unset: bool = False, minus_one_is_unset: bool = False
+) -> int | None:
     value = holder.get(key)
     if value is None:
+        return None
+    if minus_one_is_unset and value == -1 and not isinstance(value, bool):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ClientLimitError(param, value)
@@ -58,8 +64,8 @@ def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance:
     On ``/v1/completions`` (``chat=False``) the ``openai`` dialect writes ``max_tokens``, the
     only limit that API has.
     """
-    if dialect == "vllm":
-        client = _client(body, "thinking_token_budget", "thinking_token_budget")
+    if dialect == "vllm":  # -1 is vLLM's "unlimited": no client limit, so the cap applies
+        client = _client(body, "thinking_token_budget", "thinking_token_budget", minus_one_is_unset=True)
         effective = cap if client is None else min(client, cap)
         body["thinking_token_budget"] = effective
         return Applied("thinking_token_budget", client, effective)

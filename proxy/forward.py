@@ -225,19 +225,24 @@ class Exchange:
         st = self.state
         backend = st.settings.backend
         cap = st.caps.cap(type_name)
-        try:
-            applied = apply_cap(
-                body,
-                cap,
-                backend.dialect,
-                answer_allowance=backend.answer_allowance,
-                chat=self.request.path == SHAPED[0],
+        if st.cap_rejected:  # the backend rejects the cap field (see the probe): send none
+            self.event.update(cap=cap, effective_limit=None, client_limit=None, limit_field=None, cap_skipped=True)
+        else:
+            try:
+                applied = apply_cap(
+                    body,
+                    cap,
+                    backend.dialect,
+                    answer_allowance=backend.answer_allowance,
+                    chat=self.request.path == SHAPED[0],
+                )
+            except ClientLimitError as exc:
+                raise ProxyError(
+                    400, str(exc), "invalid_request_error", code="invalid_limit", param=exc.param
+                ) from None
+            self.event.update(
+                cap=cap, effective_limit=applied.effective, client_limit=applied.client_limit, limit_field=applied.field
             )
-        except ClientLimitError as exc:
-            raise ProxyError(400, str(exc), "invalid_request_error", code="invalid_limit", param=exc.param) from None
-        self.event.update(
-            cap=cap, effective_limit=applied.effective, client_limit=applied.client_limit, limit_field=applied.field
-        )
         stream = body.get("stream") is True
         asked_usage = False
         if stream:
@@ -370,6 +375,7 @@ class Exchange:
                 reasoning_tokens=t.reasoning,
                 cached_tokens=t.cached,
                 tokens_source=t.source,
+                reasoning_tokens_source=t.reasoning_source,
             )
         name = ev["type"]
         status = ev["status"]

@@ -25,6 +25,9 @@ from proxy.logs import logger
 from proxy.settings import ControllerSettings
 from proxy.state import ProxyState
 
+#: Share of the arrivals whose types need a fitted service model before that model counts as
+#: evidence of an overload.
+FITTED_SHARE = 0.95
 #: Fields of a task type written into each decision event (enough to rebuild the problem).
 TYPE_FIELDS = (
     "name",
@@ -47,8 +50,13 @@ def build_problem(
     answer_tokens: Mapping[str, float],
     arrival_rate: float,
     used_share: Mapping[str, float] | None = None,
+    *,
+    accuracy: Mapping[str, tuple[float, float, float]] | None = None,
 ) -> Problem:
     """The allocation problem from the configured curves and weights and the estimates.
+
+    ``accuracy`` replaces the configured (base, gain, rate) of the types it names (the
+    curves fitted from graded feedback, see :meth:`ControlLoop.curves`).
 
     Priors and service parameters come from the snapshot (which holds the configured values
     until enough samples exist); the service time of the answer that follows the reasoning
@@ -57,6 +65,7 @@ def build_problem(
     a cap token costs ``u x per_token_s``.
     """
     used_share = used_share or {}
+    accuracy = accuracy or {}
     tasks = []
     for cfg, est in zip(model.types, snap.types, strict=True):
         values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
@@ -65,9 +74,13 @@ def build_problem(
         raw = max(est.per_token_s, 0.0)
         per_token = raw * used_share.get(est.name, 1.0)
         overhead = max(est.overhead_s + raw * answer_tokens.get(est.name, 0.0), 0.0)
+        task = cfg.task
+        if est.name in accuracy:
+            base, gain, rate = accuracy[est.name]
+            task = replace(task, accuracy_base=base, accuracy_gain=gain, accuracy_rate=rate)
         tasks.append(
             replace(
-                cfg.task,
+                task,
                 prior=est.prior,
                 overhead_s=overhead,
                 per_token_s=per_token,
@@ -110,6 +123,10 @@ class ControlLoop:
         self.failures = 0
         self.wake = asyncio.Event()
         self._seen_changes = 0
+        self._queued = 0  # the admission queue's length at the decision before
+        self._flipped: float | None = None  # when shedding last started or stopped
+        self._unconfirmed = False  # an overload without evidence has been logged
+        self._last_step: float | None = None
 
     def changed(self) -> bool:
         """Whether the change detector flagged since the last decision (then wake the loop)."""
@@ -133,10 +150,39 @@ class ControlLoop:
         t_old = problem.metrics(np.array([old[n] for n in problem.names], dtype=float)).mean_system_time
         return t_old > (1 + s.hysteresis_latency) * t_new
 
+    def curves(self) -> tuple[dict[str, tuple[float, float, float]], dict[str, Any]]:
+        """The accuracy curves fitted from graded feedback that are pinned down well enough to
+        replace the configured ones (``[estimators] accuracy_*``), and per type what was
+        decided and why (for the ``decision`` event)."""
+        e = self.state.settings.estimators
+        used: dict[str, tuple[float, float, float]] = {}
+        record: dict[str, Any] = {}
+        for name, curve in self.state.accuracy.items():
+            if curve.samples == 0:
+                record[name] = {"source": "configured", "samples": 0}
+                continue
+            ev = curve.evidence()
+            pinned = (
+                ev.samples >= e.accuracy_min_samples
+                and ev.levels >= e.accuracy_min_levels
+                and ev.stderr <= e.accuracy_max_stderr
+            )
+            if pinned:
+                used[name] = (ev.base, ev.gain, ev.rate)
+            record[name] = {
+                "source": "feedback" if pinned else "configured",
+                "samples": ev.samples,
+                "levels": ev.levels,
+                "stderr": ev.stderr if math.isfinite(ev.stderr) else None,
+                "fitted": {"base": ev.base, "gain": ev.gain, "rate": ev.rate},
+            }
+        return used, record
+
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """One decision at ``now``; returns its event (``None`` if it failed: caps kept)."""
         st, s = self.state, self.settings
         now = self.clock() if now is None else now
+        self._last_step = now
         self.decisions += 1
         decision_id = f"{self.decisions:06d}-{uuid.uuid4().hex[:8]}"
         self._seen_changes = st.estimators.arrival.changes
@@ -145,7 +191,8 @@ class ControlLoop:
             snap = st.estimators.snapshot(now)
             use_estimate = st.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
-            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used)
+            curves, accuracy = self.curves()
+            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used, accuracy=curves)
             x0 = self.x0
             started = time.perf_counter()
             result, caps = decide(problem, s.method, x0)
@@ -161,7 +208,7 @@ class ControlLoop:
             )
             return None
         overload = result.status == Status.OVERLOAD
-        self._shedding(problem, overload, decision_id, now)
+        evidence = self._shedding(problem, overload, snap, decision_id, now)
         if not overload:
             self.x0 = result.x
         q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
@@ -201,23 +248,59 @@ class ControlLoop:
             "pinned": dict(st.caps.pins),
             "shedding": st.shedding,
             "admit_fraction": st.admit_fraction,
+            "overload_evidence": evidence,
+            "accuracy": accuracy,
             "solve_time_s": solve_time,
         }
         st.last_decision = event
         log.info("decision", **event)
         return event
 
-    def _shedding(self, p: Problem, overload: bool, decision_id: str, now: float) -> None:
-        st = self.state
+    def _evidence(self, snap: Snapshot) -> str | None:
+        """What shows a predicted overload is real: ``service_fit`` (the types that carry 95 % of
+        the arrivals have a service model fitted from live traffic), ``queue`` (the admission
+        queue grew since the decision before) or ``None`` (only the configured guess says so)."""
+        queued, before = self.state.admission.queued, self._queued
+        self._queued = queued
+        if sum(t.prior for t in snap.types if t.fitted) >= FITTED_SHARE * sum(t.prior for t in snap.types):
+            return "service_fit"
+        if queued > before:
+            return "queue"
+        return None
+
+    def _shedding(self, p: Problem, overload: bool, snap: Snapshot, decision_id: str, now: float) -> str | None:
+        """Start, adjust or stop shedding; returns the evidence for an overload (see :meth:`_evidence`).
+
+        Shedding starts on a predicted overload with evidence only, and neither starts nor
+        stops within ``shed_min_dwell_s`` of its last change.
+        """
+        st, s = self.state, self.settings
         load_at_min = p.arrival_rate * float(p.prior @ (p.t0 + p.c * p.lo))
+        evidence = self._evidence(snap)
         was = st.shedding
+        settled = self._flipped is None or now - self._flipped >= s.shed_min_dwell_s
         if overload:
-            st.shedding = True
-            st.admit_fraction = min(1.0, self.settings.shed_release * p.rho_max / load_at_min)
-        elif was and load_at_min <= self.settings.shed_release * p.rho_max:
-            st.shedding = False
-            st.admit_fraction = 1.0
+            if was or (evidence is not None and settled):
+                st.shedding = True
+                st.admit_fraction = min(1.0, s.shed_release * p.rho_max / load_at_min)
+                self._unconfirmed = False
+            elif evidence is None and not self._unconfirmed:
+                self._unconfirmed = True
+                logger().warning(
+                    "overload_unconfirmed",
+                    decision_id=decision_id,
+                    time=now,
+                    load_at_min_caps=load_at_min,
+                    detail="the configured service model predicts an overload that no fitted model or growing "
+                    "queue confirms; admitting everything",
+                )
+        else:
+            self._unconfirmed = False
+            if was and settled and load_at_min <= s.shed_release * p.rho_max:
+                st.shedding = False
+                st.admit_fraction = 1.0
         if st.shedding != was:
+            self._flipped = now
             logger().warning(
                 "overload",
                 decision_id=decision_id,
@@ -225,7 +308,9 @@ class ControlLoop:
                 on=st.shedding,
                 load_at_min_caps=load_at_min,
                 admit_fraction=st.admit_fraction,
+                evidence=evidence,
             )
+        return evidence if overload else None
 
     async def run(self) -> None:
         """Decide every ``interval_s`` (or at once when the change detector fires) until cancelled."""
@@ -234,6 +319,10 @@ class ControlLoop:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.settings.interval_s)
+            if self._last_step is not None:  # an early wake waits out the minimum gap between decisions
+                gap = self.settings.min_resolve_interval_s - (self.clock() - self._last_step)
+                if gap > 0:
+                    await asyncio.sleep(gap)
             self.wake.clear()
             try:
                 self.step()

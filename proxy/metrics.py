@@ -29,6 +29,12 @@ class Metrics:
             "thinkcap_queue_wait_seconds", "Time in the admission queue", ["type"], buckets=TIME_BUCKETS, registry=r
         )
         self.tokens = Counter("thinkcap_tokens", "Tokens by type and kind", ["type", "kind"], registry=r)
+        self.tokens_unknown = Counter(
+            "thinkcap_token_counts_unknown",
+            "Answered requests whose count of this kind the backend did not report (and no stream gave)",
+            ["type", "kind"],
+            registry=r,
+        )
         self.caps = Gauge("thinkcap_cap_tokens", "Reasoning-token cap in force", ["type"], registry=r)
         self.queue_length = Gauge("thinkcap_queue_length", "Requests waiting for admission", registry=r)
         self.in_flight = Gauge(
@@ -51,11 +57,13 @@ class Metrics:
         self._system: dict[str, Any] = {}
         self._wait: dict[str, Any] = {}
         self._tokens: dict[tuple[str, str], Any] = {}
+        self._unknown: dict[tuple[str, str], Any] = {}
         for name in type_names:
             self.caps.labels(name)
 
     def finished(self, name: str, status: str, system_time: float, tokens: Mapping[str, int | None]) -> None:
-        """Count one finished request (label children are cached: this runs on every request)."""
+        """Count one finished request (label children are cached: this runs on every request); a
+        token count of ``None`` is counted as unknown, not as 0."""
         key = (name, status)
         child = self._requests.get(key)
         if child is None:
@@ -66,7 +74,12 @@ class Metrics:
             hist = self._system[name] = self.system_time.labels(name)
         hist.observe(system_time)
         for kind, value in tokens.items():
-            if value:
+            if value is None:
+                unknown = self._unknown.get((name, kind))
+                if unknown is None:
+                    unknown = self._unknown[name, kind] = self.tokens_unknown.labels(name, kind)
+                unknown.inc()
+            elif value:
                 counter = self._tokens.get((name, kind))
                 if counter is None:
                     counter = self._tokens[name, kind] = self.tokens.labels(name, kind)

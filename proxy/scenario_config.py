@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from proxy.config import ConfigError, Table, check_types, read_task, read_toml, type_tables
-from sim.scenario import REASONING_FIELDS, Faults, LoadPhase, Scenario, SimType
+from sim.scenario import REASONING_FIELDS, USAGE_SHAPES, Faults, LoadPhase, Scenario, SimType
 
 SCENARIO_SECTIONS = ("objective", "server", "faults", "load", "types")
 
@@ -85,6 +85,8 @@ def load_scenario(path: str | Path) -> Scenario:
         chunk_tokens=server.integer("chunk_tokens", 1, lo=1),
         default_type=default_type,
         stream_usage=_flag(server, "stream_usage", True),
+        usage_shape=server.string("usage_shape", "openai", choices=USAGE_SHAPES),
+        thinking_budget_supported=_flag(server, "thinking_budget_supported", True),
         faults=fault_rates,
         phases=read_phases(load),
     )

@@ -83,8 +83,14 @@ class ControllerSettings:
     ``hysteresis_latency`` (a fraction), and in overload when the caps in force are not the
     minimum caps. Overload (no stable allocation even at the minimum caps) sheds the share of
     arrivals the server cannot take; shedding stops once the load at the minimum caps falls
-    below ``shed_release x rho_max``. The estimated arrival rate replaces
-    ``[workload] arrival_rate`` once ``min_arrivals`` requests have arrived.
+    below ``shed_release x rho_max``. Shedding starts only on evidence: a service model fitted
+    from live traffic for the types that carry 95 % of the arrivals, or an admission queue
+    that grew since the decision before; an overload read from the configured guess alone is
+    logged (``overload_unconfirmed``) and everything is admitted. Once shedding starts or
+    stops it holds for ``shed_min_dwell_s`` seconds. The arrival-rate change detector asks for
+    an early decision at most once every ``min_resolve_interval_s`` seconds. The estimated
+    arrival rate replaces ``[workload] arrival_rate`` once ``min_arrivals`` requests have
+    arrived.
     """
 
     enabled: bool = True
@@ -94,12 +100,20 @@ class ControllerSettings:
     hysteresis_relative: float = 0.05
     hysteresis_latency: float = 0.2
     shed_release: float = 0.9
+    shed_min_dwell_s: float = 10.0
+    min_resolve_interval_s: float = 1.0
     min_arrivals: int = 20
 
 
 @dataclass(frozen=True)
 class EstimatorSettings:
-    """The ``[estimators]`` table: time constants of the online estimators."""
+    """The ``[estimators]`` table: time constants of the online estimators, and when graded
+    feedback replaces a type's configured accuracy curve in the solve: once it holds
+    ``accuracy_min_samples`` graded answers in ``accuracy_min_levels`` distinct token levels
+    (five answers each) and the fitted accuracy's standard error is at most
+    ``accuracy_max_stderr`` wherever feedback fell. The fit is the posterior mode with the
+    configured curve worth ``accuracy_prior_strength`` answers, so it is shrunk toward the
+    configured curve while the evidence is thin."""
 
     arrival_half_life_s: float = 30.0
     detector_window_s: float = 2.5
@@ -107,6 +121,10 @@ class EstimatorSettings:
     mix_half_life_s: float = 300.0
     service_min_samples: int = 30
     service_forgetting: float = 0.999
+    accuracy_prior_strength: float = 200.0
+    accuracy_min_samples: int = 50
+    accuracy_min_levels: int = 3
+    accuracy_max_stderr: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -196,31 +214,39 @@ def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
 
 
 def _controller(t: Table) -> ControllerSettings:
+    d = ControllerSettings()
     enabled = t.raw("enabled")
     if enabled is not None and not isinstance(enabled, bool):
         raise t.error("enabled", f"must be true or false, got {enabled!r}")
     out = ControllerSettings(
-        enabled=True if enabled is None else enabled,
-        interval_s=t.number("interval_s", 2.0, lo=0.0, lo_open=True),
-        method=t.string("method", "exact", choices=tuple(sorted(METHODS))),
-        hysteresis_tokens=t.integer("hysteresis_tokens", 8, lo=0),
-        hysteresis_relative=t.number("hysteresis_relative", 0.05, lo=0.0),
-        hysteresis_latency=t.number("hysteresis_latency", 0.2, lo=0.0),
-        shed_release=t.number("shed_release", 0.9, lo=0.0, lo_open=True, hi=1.0),
-        min_arrivals=t.integer("min_arrivals", 20, lo=0),
+        enabled=d.enabled if enabled is None else enabled,
+        interval_s=t.number("interval_s", d.interval_s, lo=0.0, lo_open=True),
+        method=t.string("method", d.method, choices=tuple(sorted(METHODS))),
+        hysteresis_tokens=t.integer("hysteresis_tokens", d.hysteresis_tokens, lo=0),
+        hysteresis_relative=t.number("hysteresis_relative", d.hysteresis_relative, lo=0.0),
+        hysteresis_latency=t.number("hysteresis_latency", d.hysteresis_latency, lo=0.0),
+        shed_release=t.number("shed_release", d.shed_release, lo=0.0, lo_open=True, hi=1.0),
+        shed_min_dwell_s=t.number("shed_min_dwell_s", d.shed_min_dwell_s, lo=0.0),
+        min_resolve_interval_s=t.number("min_resolve_interval_s", d.min_resolve_interval_s, lo=0.0),
+        min_arrivals=t.integer("min_arrivals", d.min_arrivals, lo=0),
     )
     t.close()
     return out
 
 
 def _estimators(t: Table) -> EstimatorSettings:
+    d = EstimatorSettings()
     out = EstimatorSettings(
-        arrival_half_life_s=t.number("arrival_half_life_s", 30.0, lo=0.0, lo_open=True),
-        detector_window_s=t.number("detector_window_s", 2.5, lo=0.0, lo_open=True),
-        detector_reference_s=t.number("detector_reference_s", 300.0, lo=0.0, lo_open=True),
-        mix_half_life_s=t.number("mix_half_life_s", 300.0, lo=0.0, lo_open=True),
-        service_min_samples=t.integer("service_min_samples", 30, lo=0),
-        service_forgetting=t.number("service_forgetting", 0.999, lo=0.0, lo_open=True, hi=1.0),
+        arrival_half_life_s=t.number("arrival_half_life_s", d.arrival_half_life_s, lo=0.0, lo_open=True),
+        detector_window_s=t.number("detector_window_s", d.detector_window_s, lo=0.0, lo_open=True),
+        detector_reference_s=t.number("detector_reference_s", d.detector_reference_s, lo=0.0, lo_open=True),
+        mix_half_life_s=t.number("mix_half_life_s", d.mix_half_life_s, lo=0.0, lo_open=True),
+        service_min_samples=t.integer("service_min_samples", d.service_min_samples, lo=0),
+        service_forgetting=t.number("service_forgetting", d.service_forgetting, lo=0.0, lo_open=True, hi=1.0),
+        accuracy_prior_strength=t.number("accuracy_prior_strength", d.accuracy_prior_strength, lo=0.0, lo_open=True),
+        accuracy_min_samples=t.integer("accuracy_min_samples", d.accuracy_min_samples, lo=0),
+        accuracy_min_levels=t.integer("accuracy_min_levels", d.accuracy_min_levels, lo=1),
+        accuracy_max_stderr=t.number("accuracy_max_stderr", d.accuracy_max_stderr, lo=0.0, lo_open=True),
     )
     if out.detector_window_s >= out.detector_reference_s:
         raise t.error("detector_window_s", "must be shorter than detector_reference_s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,7 +50,7 @@ class ProxyState:
     estimators: Estimators
     accuracy: dict[str, AccuracyCurve]
     metrics: Metrics
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic  # every measurement; the wall clock only stamps log lines
     session: aiohttp.ClientSession | None = None
     upstream: Upstream | None = None
     shedding: bool = False
@@ -58,11 +59,13 @@ class ProxyState:
     answer: dict[str, float] = field(default_factory=dict)
     used: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
+    cap_rejected: bool = False  # the probe saw the backend reject the cap field: requests go without it
     last_decision: dict[str, Any] | None = None
     recent: OrderedDict[str, Finished] = field(default_factory=OrderedDict)
     feedback: int = 0
     log_requests: bool = True
     arrivals: int = 0
+    _last_arrival: float = -math.inf
 
     def remember(self, request_id: str, item: Finished) -> None:
         """Keep a finished request for feedback, forgetting the oldest beyond the bound."""
@@ -71,8 +74,13 @@ class ProxyState:
             self.recent.popitem(last=False)
 
     def arrived(self, name: str, now: float) -> None:
-        """Count an arrival, feed the estimators, and wake the control loop on a rate change."""
+        """Count an arrival, feed the estimators, and wake the control loop on a rate change.
+
+        Arrivals are stamped when their request starts and counted once its body is read, so
+        a later stamp can be counted first: the estimators see the latest stamp so far.
+        """
         self.arrivals += 1
+        self._last_arrival = now = max(now, self._last_arrival)
         self.estimators.arrived(name, now=now)
         ctl = self.controller
         if ctl is not None and ctl.changed():
@@ -113,13 +121,17 @@ def initial_caps(settings: Settings) -> CapTable:
     return CapTable(caps, f"solve at arrival_rate {settings.model.arrival_rate:g} ({a.result.status.name.lower()})")
 
 
-def build_state(settings: Settings, *, clock: Callable[[], float] = time.time) -> ProxyState:
+def build_state(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> ProxyState:
     """A fresh state for ``settings`` (nothing started yet)."""
     types = settings.model.types
     defaults = {t.task.name: (t.task.prior, t.task.overhead_s, t.task.per_token_s, t.task.variance_s2) for t in types}
     accuracy = {
         t.task.name: AccuracyCurve(
-            t.task.accuracy_base, t.task.accuracy_gain, t.task.accuracy_rate, max_tokens=max(t.task.max_tokens, 1)
+            t.task.accuracy_base,
+            t.task.accuracy_gain,
+            t.task.accuracy_rate,
+            max_tokens=max(t.task.max_tokens, 1),
+            prior_strength=settings.estimators.accuracy_prior_strength,
         )
         for t in types
     }

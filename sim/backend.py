@@ -192,6 +192,12 @@ def plan_request(scenario: Scenario, state: ServerState, body: Any, forced_fault
     sim_type = scenario.recognise(users[-1] if users else "")
     prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)
 
+    if not scenario.thinking_budget_supported and body.get("thinking_token_budget") is not None:
+        raise BadRequestError(
+            "thinking_token_budget is set but reasoning is not configured; start the server with a "
+            "--reasoning-parser that defines its start and end strings, or --reasoning-config",
+            "thinking_token_budget",
+        )
     vllm_budget = _limit(body, "thinking_token_budget")
     sglang_budget = _limit(body, "thinking_budget", holder="custom_params")
     budgets = [b for b in (vllm_budget, sglang_budget) if b is not None]
@@ -230,13 +236,18 @@ def _truth_headers(plan: Plan) -> dict[str, str]:
     }
 
 
-def _usage(plan: Plan) -> dict[str, Any]:
-    return {
+def _usage(plan: Plan, shape: str) -> dict[str, Any]:
+    """The ``usage`` object in the server's shape (:data:`sim.scenario.USAGE_SHAPES`)."""
+    usage: dict[str, Any] = {
         "prompt_tokens": plan.prompt_tokens,
         "completion_tokens": plan.completion_tokens,
         "total_tokens": plan.prompt_tokens + plan.completion_tokens,
-        "completion_tokens_details": {"reasoning_tokens": plan.reasoning},
     }
+    if shape == "openai":
+        usage["completion_tokens_details"] = {"reasoning_tokens": plan.reasoning}
+    elif shape == "sglang":
+        usage["reasoning_tokens"] = plan.reasoning
+    return usage
 
 
 class Pacer:
@@ -325,7 +336,7 @@ async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str
             "created": created,
             "model": model,
             "choices": [],
-            "usage": _usage(plan),
+            "usage": _usage(plan, scenario.usage_shape),
         }
         pending.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
     pending.append(b"data: [DONE]\n\n")
@@ -360,7 +371,7 @@ async def _respond(request: web.Request, scenario: Scenario, plan: Plan, rid: st
         "created": int(time.time()),
         "model": scenario.model,
         "choices": [{"index": 0, "message": message, "finish_reason": plan.finish_reason}],
-        "usage": _usage(plan),
+        "usage": _usage(plan, scenario.usage_shape),
     }
     return web.json_response(body, headers=headers)
 

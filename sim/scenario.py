@@ -17,6 +17,12 @@ from controller import Problem, TaskType
 
 #: Streaming field names under which reasoning-token deltas are sent.
 REASONING_FIELDS = ("reasoning", "reasoning_content")
+#: Where a server's ``usage`` reports reasoning tokens: ``openai`` (and vLLM from mid-2026) in
+#: ``completion_tokens_details.reasoning_tokens``, ``sglang`` at the top level
+#: (``usage.reasoning_tokens``), ``none`` nowhere (older vLLM, llama.cpp).
+USAGE_SHAPES = ("openai", "sglang", "none")
+#: The usage shape each thinkcap dialect's servers send.
+DIALECT_USAGE = {"vllm": "openai", "openai": "openai", "sglang": "sglang", "llamacpp": "none", "max_tokens": "none"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class Scenario:
     chunk_tokens: int = 4
     default_type: str = ""
     stream_usage: bool = True
+    usage_shape: str = "openai"
+    thinking_budget_supported: bool = True
     faults: Faults = field(default_factory=Faults)
     phases: tuple[LoadPhase, ...] = ()
 
@@ -147,6 +155,8 @@ class Scenario:
             raise ValueError(f"time_scale must be a finite number >= 0, got {self.time_scale!r}")
         if self.reasoning_field not in REASONING_FIELDS:
             raise ValueError(f"reasoning_field must be one of {list(REASONING_FIELDS)}, got {self.reasoning_field!r}")
+        if self.usage_shape not in USAGE_SHAPES:
+            raise ValueError(f"usage_shape must be one of {list(USAGE_SHAPES)}, got {self.usage_shape!r}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
 

@@ -18,6 +18,7 @@ from proxy.app import DataPlane, create_app
 from proxy.settings import Settings, load_settings
 from proxy.state import ProxyState, build_state
 from sim.backend import create_app as create_sim
+from sim.scenario import DIALECT_USAGE
 from tests.sim.conftest import make_scenario
 
 CONFIG = """
@@ -121,6 +122,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         controller: str = "enabled = false",
         **scenario: Any,
     ) -> Stack:
+        scenario.setdefault("usage_shape", DIALECT_USAGE[dialect])  # the shape that dialect's servers send
         sim = TestServer(create_sim(make_scenario(**scenario)), host="127.0.0.1")
         await sim.start_server()
         servers.append(sim)

@@ -16,11 +16,11 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
-from proxy.app import create_app
+from proxy.app import DataPlane, create_app
 from proxy.http1 import StreamReply
 from proxy.serve_cmd import start
 from proxy.settings import load_settings
-from proxy.state import build_state
+from proxy.state import ProxyState, build_state
 from sim.backend import create_app as create_sim
 from tests.proxy.conftest import Stack, StackFactory, in_front_of, write_config
 from tests.sim.conftest import make_scenario, sim_type
@@ -174,6 +174,19 @@ async def test_graceful_shutdown_drains_in_flight_requests(stack: StackFactory) 
         await plane.close()
 
 
+async def probed(tmp: Path, url: str) -> tuple[DataPlane, ProxyState, list[dict[str, Any]]]:
+    """A proxy with the start-up probe on, in front of ``url``, once the probe has a verdict; its log."""
+    state = build_state(load_settings(write_config(tmp, url, backend="probe = true")))
+    front = create_app(state)
+    with capture_logs() as logs:
+        await front.start("127.0.0.1", 0)
+        for _ in range(500):
+            if state.probe["status"] != "pending":
+                break
+            await asyncio.sleep(0.01)
+    return front, state, logs
+
+
 async def test_probe_warns_when_the_backend_ignores_the_cap() -> None:
     """A backend that ignores the cap makes the start-up probe warn and /readyz report it."""
 
@@ -198,15 +211,7 @@ async def test_probe_warns_when_the_backend_ignores_the_cap() -> None:
     up = TestServer(upstream, host="127.0.0.1")
     await up.start_server()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(write_config(Path(tmp), str(up.make_url("/v1")), backend="probe = true"))
-    state = build_state(settings)
-    front = create_app(state)
-    with capture_logs() as logs:
-        await front.start("127.0.0.1", 0)
-        for _ in range(200):
-            if state.probe["status"] != "pending":
-                break
-            await asyncio.sleep(0.01)
+        front, state, logs = await probed(Path(tmp), str(up.make_url("/v1")))
     try:
         assert state.probe["status"] == "not_honoured" and state.probe["reasoning_tokens"] == 480
         warn = [e for e in logs if e["event"] == "probe"]
@@ -313,3 +318,31 @@ async def test_the_first_event_leaves_before_the_rest_of_a_long_read_is_inspecte
             got = await r.read()
     assert writes == [("prepare", events[0]), ("write_eof", b"".join(events[1:]))]
     assert got == b"".join(events)
+
+
+async def test_a_backend_that_rejects_the_cap_field_is_shown_and_gets_requests_without_it(tmp_path: Path) -> None:
+    """vLLM without a reasoning configuration answers 400 to ``thinking_token_budget``: the probe
+    shows the backend's error and what to configure (log and /readyz), stops retrying fast, and
+    requests go upstream without the field (answered, not 400) until a probe passes."""
+    sim = TestServer(create_sim(make_scenario(thinking_budget_supported=False)), host="127.0.0.1")
+    await sim.start_server()
+    front, state, logs = await probed(tmp_path, str(sim.make_url("/v1")))
+    try:
+        probe = state.probe
+        assert probe["status"] == "rejected" and probe["http_status"] == 400
+        assert "reasoning is not configured" in probe["backend_error"] and "--reasoning-config" in probe["advice"]
+        (event,) = [e for e in logs if e["event"] == "probe"]
+        assert event["log_level"] == "error" and event["backend_error"] == probe["backend_error"]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(front.make_url("/readyz")) as r:
+                ready = await r.json()
+            assert ready["probe"]["advice"] == probe["advice"] and ready["caps_applied"] is False
+            url = front.make_url("/v1/chat/completions")
+            async with session.post(url, json={"messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200
+        async with aiohttp.ClientSession() as session, session.get(sim.make_url("/sim/requests")) as r:
+            seen = await r.json()
+        assert "thinking_token_budget" not in seen[-1]["body"]
+    finally:
+        await front.close()
+        await sim.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -210,3 +211,68 @@ async def test_sync_stream_and_async_plain_clients(stack: StackFactory) -> None:
     assert r.usage.completion_tokens_details.reasoning_tokens == min(50, s.state.caps.cap("easy"))
     bodies = await s.upstream_bodies()
     assert [b["thinking_token_budget"] for b in bodies[-2:]] == [cap, s.state.caps.cap("easy")]
+
+
+@pytest.mark.parametrize(
+    ("dialect", "shape"),
+    [("vllm", "openai"), ("sglang", "sglang"), ("vllm", "none"), ("llamacpp", "none")],
+    ids=["vllm", "sglang top-level", "vllm before mid-2026", "llama.cpp"],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_servers_usage_shape_is_read_and_a_missing_count_stays_unknown(
+    stack: StackFactory, dialect: str, shape: str, stream: bool
+) -> None:
+    """Reasoning tokens are read where each server writes them (SGLang: ``usage.reasoning_tokens``);
+    a count the server does not send is unknown (``None``, counted as unknown in the metrics),
+    never 0, unless streamed reasoning deltas can fill it."""
+    s = await stack(dialect=dialect, usage_shape=shape, chunk_tokens=1)
+    body: dict[str, Any] = {"messages": HARD, "stream": stream}
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{s.url}/chat/completions", json=body) as r:
+                assert r.status == 200
+                truth = int(r.headers["X-Sim-Reasoning-Tokens"])
+                await r.read()
+            await asyncio.sleep(0)
+            async with session.get(s.proxy.make_url("/metrics")) as m:
+                metrics = await m.text()
+    (ev,) = requests_logged(logs)
+    assert truth > 0
+    if shape != "none":
+        assert (ev["reasoning_tokens"], ev["reasoning_tokens_source"]) == (truth, "usage")
+    elif stream:  # no count in usage: the streamed reasoning deltas give it
+        assert (ev["reasoning_tokens"], ev["reasoning_tokens_source"]) == (truth, "stream")
+    else:
+        assert ev["reasoning_tokens"] is None and ev["reasoning_tokens_source"] is None
+        assert 'thinkcap_token_counts_unknown_total{kind="reasoning",type="hard"} 1.0' in metrics
+        if dialect == "vllm":  # nothing to learn from: feedback on it is refused, not read as 0 tokens
+            assert s.state.recent[ev["request_id"]].reasoning_tokens is None
+
+
+async def test_vllms_unlimited_thinking_budget_is_no_client_limit(stack: StackFactory) -> None:
+    """A client's ``thinking_token_budget: -1`` (vLLM's "unlimited") is accepted and the cap applies."""
+    s = await stack()
+    body = {"messages": HARD, "thinking_token_budget": -1}
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session, session.post(f"{s.url}/chat/completions", json=body) as r:
+            assert r.status == 200
+    cap = s.state.caps.cap("hard")
+    assert (await s.upstream_bodies())[-1]["thinking_token_budget"] == cap
+    (ev,) = requests_logged(logs)
+    assert ev["client_limit"] is None and ev["effective_limit"] == cap
+
+
+async def test_request_times_are_measured_on_the_monotonic_clock(stack: StackFactory) -> None:
+    """Arrival stamps fed to the estimators come from the monotonic clock, so a wall-clock step
+    (NTP) can neither stop the estimators nor skew a latency; the wall clock stamps log lines only."""
+    s = await stack()
+    with capture_logs() as logs:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{s.url}/chat/completions", json={"messages": HARD}) as r,
+        ):
+            assert r.status == 200
+        await asyncio.sleep(0)
+    (ev,) = requests_logged(logs)
+    assert abs(ev["arrival_time"] - time.monotonic()) < 60 and abs(ev["arrival_time"] - time.time()) > 3600
+    assert s.state.estimators.snapshot(time.monotonic()).arrivals > 0

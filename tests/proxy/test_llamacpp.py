@@ -6,7 +6,6 @@ the GGUF file, so this test always runs.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
-from examples.real_backend import start_llama
+from examples.real_backend import Server, start_llama
 from proxy.app import create_app, probe
 from proxy.settings import load_settings
 from proxy.state import ProxyState, build_state
@@ -26,24 +25,23 @@ CAP = 16
 
 
 @pytest.fixture(scope="module")
-def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A llama.cpp server on loopback (two threads), started as the real-backend walk-through starts it."""
-    proc, url = start_llama(tmp_path_factory.mktemp("llama"), threads=2)
+    server = start_llama(tmp_path_factory.mktemp("llama"), threads=2)
     try:
-        yield url
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @pytest.fixture
-async def proxied(llama_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, ProxyState]]:
-    """thinkcap (dialect llamacpp, every cap pinned to CAP) in front of the llama.cpp server."""
-    state = build_state(load_settings(write_config(tmp_path, llama_url + "/v1", dialect="llamacpp")))
+async def proxied(llama: Server, tmp_path: Path) -> AsyncIterator[tuple[str, ProxyState]]:
+    """thinkcap (dialect llamacpp, every cap pinned to CAP) in front of the llama.cpp server.
+
+    A server that died fails the test at once with its exit status and log (at set-up, so no
+    later test sends to its dead port; at tear-down, for the test during which it died)."""
+    llama.check()
+    state = build_state(load_settings(write_config(tmp_path, llama.url + "/v1", dialect="llamacpp")))
     state.caps.pin(dict.fromkeys(state.caps.table.caps, CAP))
     front = create_app(state)
     await front.start("127.0.0.1", 0)
@@ -51,6 +49,7 @@ async def proxied(llama_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Pr
         yield str(front.make_url("/v1")), state
     finally:
         await front.close()
+    llama.check()
 
 
 QUESTION = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import proxy.loop as loop_module
-from controller import SolveResult, Status
+from controller import SolveResult, Status, solve
 from proxy.audit_cmd import problem_of
 from proxy.cli import main
 from proxy.loop import ControlLoop
@@ -35,6 +36,16 @@ def feed(state: ProxyState, rate: float, start: float, seconds: float, seed: int
         if t > start + seconds:
             return start + seconds
         state.arrived("hard" if rng.random() < 0.5 else "easy", t)
+
+
+def serve(state: ProxyState, n: int, seed: int = 0) -> None:
+    """``n`` answers per type served as the configured model says (0.1 s + 1 ms per token):
+    enough for a fitted service model, the evidence that makes a predicted overload real."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        for name in ("hard", "easy"):
+            tokens = float(rng.integers(10, 400))
+            state.estimators.served(name, prompt_tokens=20, completion_tokens=tokens, service_time=0.1 + 0.001 * tokens)
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -125,9 +136,10 @@ def test_nan_estimates_are_fail_static(state: ProxyState) -> None:
 
 @pytest.mark.parametrize("hysteresis_tokens", [8, 10_000])
 def test_overload_sheds_and_recovers(state: ProxyState, hysteresis_tokens: int) -> None:
-    """No stable allocation: minimum caps (whatever the hysteresis) and partial shedding; when
-    load falls, shedding stops."""
+    """No stable allocation, confirmed by a fitted service model: minimum caps (whatever the
+    hysteresis) and partial shedding; when load falls, shedding stops."""
     ctl = ControlLoop(state, ControllerSettings(hysteresis_tokens=hysteresis_tokens))
+    serve(state, 40)
     with capture_logs() as logs:
         t = feed(state, 40.0, 0.0, 300.0)  # minimum caps need 0.1 s each: 40/s is 4x the capacity
         over = ctl.step(t)
@@ -137,7 +149,101 @@ def test_overload_sheds_and_recovers(state: ProxyState, hysteresis_tokens: int) 
         t = feed(state, 1.0, t, 1200.0, seed=2)
         calm = ctl.step(t)
     assert calm is not None and calm["status"] == "converged" and not state.shedding and state.admit_fraction == 1.0
-    assert [e["on"] for e in events(logs, "overload")] == [True, False]
+    assert [(e["on"], e["evidence"]) for e in events(logs, "overload")] == [
+        (True, "service_fit"),
+        (False, "service_fit"),
+    ]
+    assert over["overload_evidence"] == "service_fit"
+
+
+def test_an_overload_only_the_configured_guess_predicts_sheds_nothing(state: ProxyState) -> None:
+    """Without a fitted service model or a growing queue, a predicted overload admits everything
+    and is logged once as unconfirmed; the caps still go to the minimum."""
+    ctl = ControlLoop(state, ControllerSettings())
+    with capture_logs() as logs:
+        t = feed(state, 40.0, 0.0, 300.0)
+        first = ctl.step(t)
+        second = ctl.step(feed(state, 40.0, t, 5.0, seed=1))
+    assert first is not None and second is not None
+    assert first["status"] == second["status"] == "overload" and first["overload_evidence"] is None
+    assert not state.shedding and state.admit_fraction == 1.0 and not first["shedding"]
+    assert state.caps.effective() == {"hard": 0, "easy": 0}
+    assert len(events(logs, "overload_unconfirmed")) == 1 and not events(logs, "overload")
+
+
+async def test_a_growing_queue_confirms_an_overload(state: ProxyState) -> None:
+    """Requests piling up in the admission queue are evidence enough to shed."""
+    ctl = ControlLoop(state, ControllerSettings())
+    t = feed(state, 40.0, 0.0, 300.0)
+    assert ctl.step(t) is not None and not state.shedding
+    await state.admission.enter()  # the one slot is taken; the next ones wait
+    waiting = [asyncio.create_task(state.admission.enter()) for _ in range(3)]
+    await asyncio.sleep(0)
+    try:
+        event = ctl.step(feed(state, 40.0, t, 2.0, seed=1))
+        assert event is not None and event["overload_evidence"] == "queue" and state.shedding
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+def test_shedding_holds_for_its_dwell_time(tmp_path: Path) -> None:
+    """Once on, shedding stays on for shed_min_dwell_s even when the load has fallen at once."""
+    estimators = "arrival_half_life_s = 1.0\ndetector_window_s = 0.5\ndetector_reference_s = 10.0"
+    path = write_config(tmp_path, "http://127.0.0.1:9/v1")
+    path.write_text(path.read_text() + "\n[estimators]\n" + estimators + "\n")
+    state = build_state(load_settings(path))
+    serve(state, 40)
+    ctl = ControlLoop(state, ControllerSettings(shed_min_dwell_s=10.0))
+    t = feed(state, 40.0, 0.0, 30.0)
+    assert ctl.step(t) is not None and state.shedding
+    t = feed(state, 0.5, t, 8.0, seed=1)  # 8 half-lives later the estimate has fallen
+    calm = ctl.step(t)
+    assert calm is not None and calm["status"] == "converged" and state.shedding  # 8 s < 10 s
+    t = feed(state, 0.5, t, 3.0, seed=2)
+    assert ctl.step(t) is not None and not state.shedding
+
+
+def test_feedback_moves_the_caps_toward_the_optimum_of_the_true_curve(state: ProxyState) -> None:
+    """Graded answers drawn from a true curve that gains far more from reasoning than the
+    configured one pull the caps toward the true optimum; the decision says which curve it used,
+    and the problem it logged (which audit replays) holds that curve."""
+    ctl = ControlLoop(state, ControllerSettings(hysteresis_tokens=0, hysteresis_relative=0.0))
+    serve(state, 40)
+    t = feed(state, 2.0, 0.0, 300.0)
+    configured = ctl.step(t)
+    assert configured is not None and configured["accuracy"]["easy"]["source"] == "configured"
+    true_easy = (0.05, 0.9, 0.004)  # configured: base 0.6, gain 0.3, rate 0.05 (saturates by ~60 tokens)
+    truth = replace(problem_of(configured), types=tuple(
+        replace(k, accuracy_base=true_easy[0], accuracy_gain=true_easy[1], accuracy_rate=true_easy[2])
+        if k.name == "easy" else k for k in problem_of(configured).types))  # fmt: skip
+    optimum = dict(zip(truth.names, solve(truth).x, strict=True))["easy"]
+    rng = np.random.default_rng(5)
+    curve = state.accuracy["easy"]
+    for _ in range(400):
+        tokens = float(rng.choice([20, 100, 250, 500, 900]))
+        p = true_easy[0] + true_easy[1] * -np.expm1(-true_easy[2] * tokens)
+        curve.update(tokens, bool(rng.random() < p))
+    learnt = ctl.step(feed(state, 2.0, t, 5.0, seed=1))
+    assert learnt is not None and learnt["accuracy"]["easy"]["source"] == "feedback"
+    assert learnt["accuracy"]["easy"]["stderr"] <= state.settings.estimators.accuracy_max_stderr
+    used = next(k for k in learnt["inputs"]["types"] if k["name"] == "easy")
+    assert used["accuracy_rate"] < 0.02  # configured 0.05: the fitted curve keeps rising much longer
+    before, after = configured["caps_continuous"]["easy"], learnt["caps_continuous"]["easy"]
+    assert abs(after - optimum) < 0.5 * abs(before - optimum)
+
+
+def test_thin_feedback_keeps_the_configured_curve(state: ProxyState) -> None:
+    """Feedback at one token level, however much, does not pin a three-parameter curve down."""
+    ctl = ControlLoop(state, ControllerSettings())
+    for k in range(200):
+        state.accuracy["easy"].update(30.0, k % 4 != 0)
+    event = ctl.step(feed(state, 2.0, 0.0, 100.0))
+    assert event is not None and event["accuracy"]["easy"]["source"] == "configured"
+    assert event["accuracy"]["easy"]["levels"] == 1
+    easy = next(k for k in event["inputs"]["types"] if k["name"] == "easy")
+    assert (easy["accuracy_base"], easy["accuracy_gain"], easy["accuracy_rate"]) == (0.6, 0.3, 0.05)
 
 
 def test_pinned_caps_win_until_unpinned(state: ProxyState) -> None:
@@ -164,6 +270,21 @@ async def test_run_wakes_early_when_the_change_detector_fires(state: ProxyState)
         for _ in range(10):
             await asyncio.sleep(0)
         assert ctl.decisions == 1 and not ctl.changed()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_the_change_detector_asks_for_at_most_one_decision_per_min_resolve_interval(state: ProxyState) -> None:
+    """Wake-ups many times a second give a decision at most every min_resolve_interval_s."""
+    ctl = ControlLoop(state, ControllerSettings(interval_s=3600.0, min_resolve_interval_s=0.5))
+    task = asyncio.create_task(ctl.run())
+    try:
+        for _ in range(100):  # one second of wake-ups, 100 a second
+            ctl.wake.set()
+            await asyncio.sleep(0.01)
+        assert 1 <= ctl.decisions <= 3  # at 0 s, and at most at 0.5 s and 1.0 s
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -212,3 +333,11 @@ def test_audit_reports_tampering_and_corrupt_lines(state: ProxyState, tmp_path: 
     assert len(report["mismatches"]) == 1 and "integer caps" in report["mismatches"][0]["why"]
     assert report["bad_lines"][0]["line"] == 3
     assert main(["audit", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_an_arrival_counted_after_a_later_one_is_not_lost(state: ProxyState) -> None:
+    """Requests are stamped when they start and counted once their body is read: an earlier
+    stamp counted second does not make the estimators refuse it."""
+    state.arrived("hard", 5.0)
+    state.arrived("easy", 4.9)
+    assert state.arrivals == 2 and state.estimators.snapshot(6.0).arrivals > 1.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -239,8 +240,12 @@ def test_stream_tally_forwards_and_counts_the_same_however_the_stream_is_cut(
     assert out == stream and tally.error is None
     usages = [json.loads(e[6:])["usage"] for e in events if e.startswith(b'data: {"choices": [], "usage"')]
     reasoning, content = expected_counts(events)
-    counted = Tokens(None, reasoning + content, reasoning, 0, "stream")
-    assert tally.tokens() == (from_usage(usages[-1]) if usages else counted)
+    filled = (reasoning or None, "stream" if reasoning else None)  # from the deltas, if any were streamed
+    counted = Tokens(None, reasoning + content, *filled[:1], 0, "stream", filled[1])
+    usage = from_usage(usages[-1]) if usages else None
+    if usage is not None and usage.reasoning is None:
+        usage = replace(usage, reasoning=filled[0], reasoning_source=filled[1])
+    assert tally.tokens() == (usage if usages else counted)
     assert tally.done == (b"data: [DONE]\n\n" in events)
     assert tally.started == any(b"data: {" in e for e in events)
 
@@ -264,7 +269,7 @@ def test_a_long_stream_is_counted_in_bounded_memory_and_usage_wins(usage_at_end:
         out += b"".join(tally.feed(stream[i : i + 1000]))
         assert tally._uncounted_bytes <= UNCOUNTED_BYTES
     assert out == stream and tally.done
-    expected = from_usage(usage) if usage_at_end else Tokens(None, 2000 + 1000, 2000, 0, "stream")
+    expected = from_usage(usage) if usage_at_end else Tokens(None, 2000 + 1000, 2000, 0, "stream", "stream")
     assert tally.tokens() == expected
 
 
@@ -290,3 +295,30 @@ def test_stream_tally_can_hand_out_the_first_event_before_the_rest(crlf: bool, s
     broken = StreamTally(strip_usage=strip_usage)
     assert broken.feed(b"data: {oops\n\n" + events[1], first_only=True) == []
     assert isinstance(broken.error, MalformedStreamError) and broken.feed(b"") == []
+
+
+@pytest.mark.parametrize(
+    ("usage", "reasoning"),
+    [
+        ({"completion_tokens": 9, "completion_tokens_details": {"reasoning_tokens": 7}}, 7),
+        ({"completion_tokens": 9, "reasoning_tokens": 6}, 6),  # SGLang
+        ({"completion_tokens": 9, "completion_tokens_details": None, "reasoning_tokens": 5}, 5),
+        ({"completion_tokens": 9}, None),  # older vLLM, llama.cpp: unknown, not 0
+        ({"completion_tokens": 9, "completion_tokens_details": {"audio_tokens": 0}}, None),
+    ],
+)
+def test_usage_reasoning_is_read_where_each_server_writes_it(usage: dict[str, Any], reasoning: int | None) -> None:
+    """OpenAI's details, SGLang's top-level count, or unknown."""
+    tokens = from_usage(usage)
+    assert tokens is not None and tokens.reasoning == reasoning and tokens.completion == 9
+    assert tokens.reasoning_source == (None if reasoning is None else "usage")
+
+
+def test_a_streamed_usage_without_a_reasoning_count_is_filled_from_the_deltas() -> None:
+    """Usage at the end with no reasoning count: the reasoning deltas streamed before give it."""
+    tally = StreamTally(strip_usage=True)
+    events = [{"choices": [{"delta": {"reasoning_content": "a"}}]}] * 3 + [{"choices": [{"delta": {"content": "b"}}]}]
+    events.append({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 4}})
+    tally.feed(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n")
+    tokens = tally.tokens()
+    assert (tokens.reasoning, tokens.reasoning_source, tokens.completion, tokens.source) == (3, "stream", 4, "usage")
