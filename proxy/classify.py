@@ -120,7 +120,9 @@ class Classifier:
         return Decision(name, "explicit")
 
     def classify(self, text: str) -> Decision:
-        """Rules, then the classifier, then the default type."""
+        """Rules, then the classifier, then the default type, on the first :data:`CLASSIFY_CHARS`
+        characters of ``text`` (so a huge prompt costs no more than a long one)."""
+        text = text[:CLASSIFY_CHARS]
         for name, rule in self.rules:
             if rule.search(text):
                 return Decision(name, "rule")
@@ -129,6 +131,10 @@ class Classifier:
             if guess is not None:
                 return Decision(guess, "classifier")
         return Decision(self.default_type, "default")
+
+
+#: Characters of a prompt that classification reads.
+CLASSIFY_CHARS = 16 * 1024
 
 
 def prompt_text(body: Mapping[str, Any]) -> str:

@@ -21,10 +21,10 @@ from proxy.accounting import MalformedStreamError, StreamTally, Tokens, from_usa
 from proxy.admission import QueueFullError
 from proxy.classify import Decision, UnknownTypeError, prompt_text
 from proxy.dialects import ClientLimitError, apply_cap
-from proxy.http1 import BodyTooLargeError, HttpRequest, Reply, StreamReply, json_reply
 from proxy.logs import logger
 from proxy.state import REASONING_DIALECTS, Finished, ProxyState
-from proxy.upstream import Response, UpstreamError
+from proxy.transport.client import Response, UpstreamError
+from proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply, json_reply
 from proxy.upstream_body import upstream_body
 
 HOP_BY_HOP = frozenset(
@@ -73,11 +73,15 @@ def new_request_id() -> str:
 
 
 def request_id(request: HttpRequest) -> str:
-    """The client's ``X-Request-Id`` if it is sane, else a new one."""
-    given = request.headers.get(REQUEST_ID)
-    if given is not None and GOOD_ID.fullmatch(given):
-        return given
+    """thinkcap's own id for ``request``: it keys the feedback record, so no client chooses it
+    (the client's ``X-Request-Id`` is kept as :func:`client_request_id`)."""
     return new_request_id()
+
+
+def client_request_id(request: HttpRequest) -> str | None:
+    """The client's ``X-Request-Id``, if it is sane (it is forwarded upstream and logged)."""
+    given = request.headers.get(REQUEST_ID)
+    return given if given is not None and GOOD_ID.fullmatch(given) else None
 
 
 def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None) -> Reply:
@@ -91,8 +95,9 @@ def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None)
     return json_reply(body, status=exc.status, headers=headers)
 
 
-#: Request headers never sent upstream (the proxy asks for an unencoded answer itself).
-NOT_FORWARDED = HOP_BY_HOP | {TYPE_HEADER.lower(), "accept-encoding"}
+#: Request headers never sent upstream (the proxy asks for an unencoded answer itself, and
+#: answers ``Expect: 100-continue`` itself).
+NOT_FORWARDED = HOP_BY_HOP | {TYPE_HEADER.lower(), "accept-encoding", "expect"}  # Expect is the proxy's own
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], api_key: str | None) -> CIMultiDict[str]:
@@ -137,12 +142,16 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """A JSON object, or 400."""
+    """A JSON object, or 400 (nested too deep for the parser included)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProxyError(
             400, "the request body is not valid JSON", "invalid_request_error", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise ProxyError(
+            400, "the request body is nested too deeply", "invalid_request_error", code="invalid_json"
         ) from None
     if not isinstance(body, dict):
         raise ProxyError(400, "the request body must be a JSON object", "invalid_request_error", code="invalid_body")
@@ -176,6 +185,7 @@ class Exchange:
         self.t_dispatch: float | None = None
         self.event: dict[str, Any] = {
             "request_id": self.rid,
+            "client_request_id": client_request_id(request),
             "route": request.path,
             "arrival_time": state.clock(),
             "type": None,
@@ -261,9 +271,11 @@ class Exchange:
             async with asyncio.timeout(backend.total_timeout_s):
                 return await self.relay(headers, data, stream=stream, asked_usage=asked_usage)
         except UpstreamError as exc:
-            code = {"unreachable": "upstream_unreachable", "malformed": "upstream_malformed"}.get(
-                exc.kind, "upstream_disconnected"
-            )
+            code = {
+                "unreachable": "upstream_unreachable",
+                "malformed": "upstream_malformed",
+                "too_large": "upstream_too_large",
+            }.get(exc.kind, "upstream_disconnected")
             raise ProxyError(502, str(exc), "upstream_error", code=code) from None
         except TimeoutError:
             err = ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
@@ -353,11 +365,15 @@ class Exchange:
         tail = tally.flush()
         if not resp.prepared:
             await resp.prepare(self.request)
-        await resp.write_eof(last + tail)
         self.tokens = tally.tokens()
+        if not tally.done:  # the upstream ended without [DONE]: the client must not take the answer as whole
+            await resp.write(last + tail)
+            err = ProxyError(
+                502, "the upstream ended the stream before [DONE]", "upstream_error", code="upstream_truncated"
+            )
+            return await self.end_stream(resp, err)
+        await resp.write_eof(last + tail)
         self.event["status"] = 200
-        if not tally.done:
-            self.event["error_kind"] = "upstream_truncated"
         return resp
 
     def finish(self) -> None:

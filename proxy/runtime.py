@@ -26,3 +26,24 @@ def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
             result: T = uvloop.run(main)
             return result
     return asyncio.run(main)
+
+
+#: Descriptors kept free for the upstream pool, logs and the admin listener.
+RESERVED_FILES = 256
+
+
+def raise_open_files() -> int | None:
+    """Raise this process's soft open-files limit to its hard limit (idle client connections
+    each hold one); returns the soft limit now in force, ``None`` where there is none to read."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft

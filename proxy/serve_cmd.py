@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.admin import create_admin_app
 from proxy.app import DataPlane, create_app
 from proxy.logs import configure, logger
-from proxy.runtime import LOOPS
+from proxy.runtime import LOOPS, RESERVED_FILES, raise_open_files
 from proxy.runtime import run as run_loop
 from proxy.settings import Settings, load_settings
 from proxy.state import ProxyState, build_state
@@ -36,6 +36,15 @@ async def start(state: ProxyState) -> tuple[DataPlane, web.AppRunner, int, int]:
 
 async def serve(settings: Settings) -> None:
     """Run until a signal; then stop accepting, drain in-flight requests (up to the timeout), exit."""
+    files = raise_open_files()
+    wanted = settings.proxy.max_connections
+    if files is not None and wanted > files - RESERVED_FILES:
+        allowed = max(1, files - RESERVED_FILES)
+        logger().warning(
+            "max_connections",
+            warning=f"the open-files limit is {files}: at most {allowed} client connections, not {wanted}",
+        )
+        settings = settings.with_proxy(max_connections=allowed)
     state = build_state(settings)
     try:
         plane, admin, port, admin_port = await start(state)

@@ -13,6 +13,7 @@ from typing import Any
 
 from controller import METHODS
 from proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
+from proxy.transport import client, server
 
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens")
 
@@ -38,6 +39,7 @@ class BackendSettings:
     answer_allowance: int = 0
     probe: bool = True
     model: str | None = None
+    max_answer_bytes: int = client.MAX_ANSWER_BYTES
 
     @property
     def base(self) -> str:
@@ -65,6 +67,9 @@ class ProxySettings:
     drain_timeout_s: float = 30.0
     default_type: str = ""
     log_content: bool = False
+    max_connections: int = server.MAX_CONNECTIONS
+    head_timeout_s: float = server.HEAD_TIMEOUT_S
+    body_min_rate: int = server.BODY_MIN_RATE
 
     def __repr__(self) -> str:
         token = "None" if self.admin_token is None else "'***'"
@@ -178,6 +183,7 @@ def _backend(t: Table) -> BackendSettings:
         answer_allowance=t.integer("answer_allowance", 0, lo=0),
         probe=True if probe is None else probe,
         model=model,
+        max_answer_bytes=t.integer("max_answer_bytes", BackendSettings.max_answer_bytes, lo=1024),
     )
     t.close()
     return out
@@ -208,6 +214,9 @@ def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
         drain_timeout_s=t.number("drain_timeout_s", 30.0, lo=0.0),
         default_type=default_type,
         log_content=bool(log_content),
+        max_connections=t.integer("max_connections", ProxySettings.max_connections, lo=1),
+        head_timeout_s=t.number("head_timeout_s", ProxySettings.head_timeout_s, lo=0.0, lo_open=True),
+        body_min_rate=t.integer("body_min_rate", ProxySettings.body_min_rate, lo=0),
     )
     t.close()
     return out

@@ -19,7 +19,7 @@ from proxy.classify import Classifier
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.solve_cmd import allocate
-from proxy.upstream import Upstream
+from proxy.transport.client import Upstream
 
 #: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
 REASONING_DIALECTS = ("vllm", "sglang")

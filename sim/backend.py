@@ -37,6 +37,8 @@ REASONING_HEADER = "X-Sim-Reasoning-Tokens"
 FAULT_HEADER = "X-Sim-Fault"
 #: How many recent request bodies ``GET /sim/requests`` shows.
 SEEN_REQUESTS = 1000
+#: The largest request body the simulated server reads (aiohttp's default is 1 MiB; model servers take more).
+MAX_BODY_BYTES = 64 * 1024 * 1024
 #: Sleeps shorter than this are skipped; the pacing catches up at the next deadline.
 MIN_SLEEP_S = 0.001
 
@@ -384,7 +386,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _json_error(400, "the request body is not valid JSON", "invalid_request_error")
-    state.seen.append({"body": body, "authorization": request.headers.get("Authorization")})
+    state.seen.append(
+        {"body": body, "authorization": request.headers.get("Authorization"), "expect": request.headers.get("Expect")}
+    )
     forced = request.headers.get(FAULT_HEADER)
     if forced is not None and forced not in FAULT_KINDS:
         return _json_error(400, f"{FAULT_HEADER} must be one of {list(FAULT_KINDS)}", "invalid_request_error")
@@ -457,7 +461,7 @@ def create_app(scenario: Scenario) -> web.Application:
     Run it with ``handler_cancellation=True`` (as :func:`serve` does) so that a client
     disconnect cancels the request and frees its slot at once.
     """
-    app = web.Application(middlewares=[openai_errors])
+    app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY_BYTES)
     app[SCENARIO_KEY] = scenario
     app[STATE_KEY] = ServerState(FifoSlots(scenario.slots), random.Random(scenario.seed))
     app.router.add_post("/v1/chat/completions", chat_completions)

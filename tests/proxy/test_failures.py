@@ -6,6 +6,8 @@ import asyncio
 import json
 import socket
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,10 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from proxy.app import DataPlane, create_app
-from proxy.http1 import StreamReply
 from proxy.serve_cmd import start
 from proxy.settings import load_settings
 from proxy.state import ProxyState, build_state
+from proxy.transport.server import StreamReply
 from sim.backend import create_app as create_sim
 from tests.proxy.conftest import Stack, StackFactory, in_front_of, write_config
 from tests.sim.conftest import make_scenario, sim_type
@@ -346,3 +348,142 @@ async def test_a_backend_that_rejects_the_cap_field_is_shown_and_gets_requests_w
     finally:
         await front.close()
         await sim.close()
+
+
+@asynccontextmanager
+async def behind_raw(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], tmp: Path, backend: str = ""
+) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A proxy (the test config) in front of a raw TCP upstream; yields the proxy's ``/v1`` URL
+    and the request heads the upstream received."""
+    heads: list[bytes] = []
+
+    async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(v)
+                        for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+                        if k.lower() == b"content-length"
+                    ),
+                    0,
+                )
+                await r.readexactly(length)
+                heads.append(head)
+                await handler(r, w)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    state = build_state(
+        load_settings(write_config(tmp, f"http://127.0.0.1:{port}/v1", backend="probe = false\n" + backend))
+    )
+    front = create_app(state)
+    await front.start("127.0.0.1", 0)
+    try:
+        yield str(front.make_url("/v1")), heads
+    finally:
+        await front.close()
+        server.close()
+
+
+async def raw_post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/chat/completions", json=body, headers=headers) as r,
+    ):
+        return r.status, CIMultiDict(r.headers), await r.read()
+
+
+async def test_an_invalid_upstream_status_line_is_502(tmp_path: Path) -> None:
+    """An upstream status line llhttp refuses is a 502 upstream_malformed, not a 500."""
+
+    async def bad(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 2x0 Fine\r\nContent-Length: 2\r\n\r\n{}")
+        await w.drain()
+
+    async with behind_raw(bad, tmp_path) as (url, _):
+        status, _, raw = await raw_post(url, {"messages": HARD})
+    assert status == 502 and json.loads(raw)["error"]["code"] == "upstream_malformed"
+
+
+async def test_an_upstream_that_dies_mid_generation_is_502_and_runs_the_request_once(tmp_path: Path) -> None:
+    """A request the upstream received on a pooled connection is never sent again."""
+    calls = []
+
+    async def dies_on_second(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConnectionError  # the connection closes with no answer
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        await w.drain()
+
+    async with behind_raw(dies_on_second, tmp_path) as (url, heads):
+        assert (await raw_post(url, {"messages": HARD}))[0] == 200
+        status, _, raw = await raw_post(url, {"messages": HARD})
+        await asyncio.sleep(0.05)
+    assert status == 502 and json.loads(raw)["error"]["code"] == "upstream_disconnected"
+    assert len(heads) == 2
+
+
+async def test_a_whole_answer_over_max_answer_bytes_is_502(tmp_path: Path) -> None:
+    """A non-streamed answer larger than ``[backend] max_answer_bytes`` is a 502, not buffered whole."""
+
+    async def huge(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        body = b'{"pad": "' + b"x" * 300_000 + b'"}'
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await w.drain()
+
+    async with behind_raw(huge, tmp_path, "max_answer_bytes = 100000") as (url, _):
+        status, _, raw = await raw_post(url, {"messages": HARD})
+    assert status == 502 and json.loads(raw)["error"]["code"] == "upstream_too_large"
+
+
+async def test_a_stream_that_ends_without_done_gets_an_error_event(tmp_path: Path) -> None:
+    """A read-to-close stream cut before ``[DONE]`` ends with an ``error`` event, not a clean end."""
+    event = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+
+    async def cut(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + event)
+        await w.drain()
+        raise ConnectionError  # closes: the end of a read-to-close body
+
+    with capture_logs() as logs:
+        async with behind_raw(cut, tmp_path) as (url, _):
+            status, _, raw = await raw_post(url, {"messages": HARD, "stream": True})
+            await asyncio.sleep(0)
+    assert status == 200 and raw.startswith(event)
+    last = raw.strip().split(b"\n\n")[-1]
+    assert json.loads(last.removeprefix(b"data: "))["error"]["code"] == "upstream_truncated"
+    assert last_request(logs)["error_kind"] == "upstream_truncated"
+
+
+async def test_a_request_nested_too_deeply_is_400(stack: StackFactory) -> None:
+    """100,000 nested brackets are a 400 invalid_json, not a 500."""
+    s = await stack()
+    async with aiohttp.ClientSession() as session:
+        for doc in (b"[" * 100_000, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+            async with session.post(f"{s.url}/chat/completions", data=doc) as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
+
+
+async def test_feedback_is_keyed_by_the_proxys_own_request_id(stack: StackFactory) -> None:
+    """Two clients sending the same ``X-Request-Id`` get different ids of thinkcap's, and feedback
+    reaches each one's own answer only by thinkcap's id."""
+    s = await stack()
+    with capture_logs() as logs:
+        ids = [(await post(s, {"messages": HARD}, **{"X-Request-Id": "same"}))[1]["X-Request-Id"] for _ in range(2)]
+        await asyncio.sleep(0)
+    assert len(set(ids)) == 2 and "same" not in ids
+    assert [e["client_request_id"] for e in logs if e["event"] == "request"] == ["same", "same"]
+    async with aiohttp.ClientSession() as session:
+        fb = s.admin.make_url("/admin/feedback")
+        async with session.post(fb, json={"request_id": "same", "correct": True}) as r:
+            assert r.status == 404
+        async with session.post(fb, json={"request_id": ids[0], "correct": True}) as r:
+            assert r.status == 200

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -276,3 +278,38 @@ async def test_request_times_are_measured_on_the_monotonic_clock(stack: StackFac
     (ev,) = requests_logged(logs)
     assert abs(ev["arrival_time"] - time.monotonic()) < 60 and abs(ev["arrival_time"] - time.time()) > 3600
     assert s.state.estimators.snapshot(time.monotonic()).arrivals > 0
+
+
+async def curl(url: str, body: Path, *headers: str) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` with the curl program; its HTTP status and the answer's JSON."""
+    args = ["curl", "-sS", "-w", "\\n%{http_code}", "-H", "Content-Type: application/json"]
+    for h in headers:
+        args += ["-H", h]
+    proc = await asyncio.create_subprocess_exec(
+        *args, "--data-binary", f"@{body}", url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    text, _, code = out.decode().rpartition("\n")
+    return int(code), json.loads(text)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="make test installs curl; run through make")
+async def test_curl_with_a_large_body_and_expect_then_two_clients_each_get_their_own_answer(
+    stack: StackFactory, tmp_path: Path
+) -> None:
+    """curl's ``Expect: 100-continue`` with a 1.4 MiB body gets the proxy's own 100 and its final
+    answer; the two clients after it each get theirs (told apart by the prompt's word count)."""
+    s = await stack()
+    url = f"{s.url}/chat/completions"
+    sizes = (734_001, 2, 3)
+    files = []
+    for i, words in enumerate(sizes):
+        f = tmp_path / f"body{i}.json"
+        f.write_text(json.dumps({"messages": [{"role": "user", "content": " ".join(["w"] * words)}]}))
+        files.append(f)
+    assert files[0].stat().st_size > 1.4 * 1024 * 1024
+    results = [await curl(url, files[0], "Expect: 100-continue")]
+    results += [await curl(url, f) for f in files[1:]]
+    assert [(code, r["usage"]["prompt_tokens"]) for code, r in results] == [(200, n) for n in sizes]
+    assert [seen["expect"] for seen in await s.upstream_seen()] == [None] * 3  # Expect is the proxy's own

@@ -139,6 +139,9 @@ async def test_admin_bearer_token(stack: StackFactory) -> None:
     ok = await get(s.admin.make_url("/admin/state"), headers={"Authorization": "Bearer s3cret"})
     assert ok[0] == 200
     assert (await get(s.admin.make_url("/admin/state"), headers={"Authorization": "Bearer wrong"}))[0] == 401
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive
+        assert (await get(s.admin.make_url("/admin/state"), headers={"Authorization": f"{scheme} s3cret"}))[0] == 200
+    assert (await get(s.admin.make_url("/admin/state"), headers={"Authorization": "Basic s3cret"}))[0] == 401
 
 
 @pytest.mark.parametrize(
@@ -151,6 +154,9 @@ async def test_admin_bearer_token(stack: StackFactory) -> None:
         ('[backend]\nurl = "http://x"\n[proxy]\nmax_concurrency = 0', "proxy.max_concurrency"),
         ('[backend]\nurl = "http://x"\n[proxy]\ndefault_type = "poetry"', "proxy.default_type"),
         ('[backend]\nurl = "http://x"\n[proxy]\nmax_queue_length = 3', "proxy.max_queue_length"),
+        ('[backend]\nurl = "http://x"\n[proxy]\nmax_connections = 0', "proxy.max_connections"),
+        ('[backend]\nurl = "http://x"\n[proxy]\nhead_timeout_s = 0', "proxy.head_timeout_s"),
+        ('[backend]\nurl = "http://x"\nmax_answer_bytes = 10', "backend.max_answer_bytes"),
         ("", "backend"),
     ],
 )

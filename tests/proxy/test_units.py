@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from controller import TaskType
 from proxy.accounting import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
 from proxy.admission import Admission, QueueFullError
-from proxy.classify import Classifier, NaiveBayes, UnknownTypeError, prompt_text
+from proxy.classify import CLASSIFY_CHARS, Classifier, NaiveBayes, UnknownTypeError, prompt_text
 from proxy.config import TypeConfig
 from proxy.dialects import ClientLimitError, apply_cap, honoured
 
@@ -322,3 +322,11 @@ def test_a_streamed_usage_without_a_reasoning_count_is_filled_from_the_deltas() 
     tally.feed(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n")
     tokens = tally.tokens()
     assert (tokens.reasoning, tokens.reasoning_source, tokens.completion, tokens.source) == (3, "stream", 4, "usage")
+
+
+def test_classification_reads_a_bounded_prefix_of_the_prompt() -> None:
+    """A keyword past the first CLASSIFY_CHARS characters is not seen: a huge prompt costs what a long one does."""
+    c = Classifier([tc("math", keywords=("prove",)), tc("chat")], "chat")
+    filler = "word " * (CLASSIFY_CHARS // 5)
+    assert c.classify("prove " + filler).type == "math"
+    assert c.classify(filler + " prove").type == "chat"

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import pytest
 from multidict import CIMultiDict
 
-from proxy.chunked import ChunkError, take_chunks
-from proxy.upstream import Upstream, UpstreamError
+from proxy.transport.client import Upstream, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -101,19 +99,19 @@ async def test_chunked_and_read_to_close_bodies(raw_server: Callable[..., Awaita
         assert [c async for c in resp.iter_chunks()] == [b"hello", b" world"]
     async with await up.request("POST", "/chunked", hdrs(), b"") as resp:
         assert resp.status == 204 and await resp.read() == b""
+    await asyncio.sleep(0.05)  # the server has closed the pooled connection: it is dropped, not used
     async with await up.request("POST", "/close", hdrs(), b"") as resp:
         assert await resp.read() == b"until the end"
     await up.close()
     assert conns[0] == 2
 
 
-async def test_the_first_chunk_comes_alone_and_complete_is_set_with_the_piece_that_ends_the_body(
+async def test_pieces_arrive_as_read_and_complete_is_set_with_the_piece_that_ends_the_body(
     raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
 ) -> None:
-    """The first chunk comes alone (with the end of the body if it follows at once), then each
-    piece is what a read completed; ``complete`` turns true as the last piece is handed out
-    when the end of the body came with it, and only after the last piece when the end came
-    later (or is the connection closing)."""
+    """A piece is handed out as soon as its bytes are read (a later part is not waited for);
+    ``complete`` is true once the body's end has been read, and after a read-to-close body
+    only when the connection closed."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         for _ in range(5):
@@ -144,25 +142,29 @@ async def test_the_first_chunk_comes_alone_and_complete_is_set_with_the_piece_th
 
     url, _ = await raw_server(handler)
     up = Upstream(url)
-    for path, expected in (
-        ("/many", [(b"a", False), (b"bc", True)]),
-        ("/single", [(b"a", True)]),  # the end came right after the first chunk
-        ("/together", [(b"hello", False), (b" world", True)]),
-        ("/apart", [(b"hello", False)]),
-        ("/length", [(b"abc", False), (b"de", True)]),
-        ("/close", [(b"to the end", False)]),
+    for path, first, body in (
+        ("/many", b"abc", b"abc"),
+        ("/single", b"a", b"a"),
+        ("/together", b"hello", b"hello world"),  # the first part was handed out before the rest was sent
+        ("/apart", b"hello", b"hello"),
+        ("/length", b"abc", b"abcde"),
+        ("/close", b"to the end", b"to the end"),
     ):
         async with await up.request("POST", path, hdrs(), b"") as resp:
-            assert not resp.complete
-            assert [(piece, resp.complete) async for piece in resp.iter_chunks()] == expected, path
+            if path in ("/together", "/apart", "/length"):  # their ends come 50 ms after the head
+                assert not resp.complete
+            pieces = [(piece, resp.complete) async for piece in resp.iter_chunks()]
+            assert pieces[0][0] == first and b"".join(p for p, _ in pieces) == body, path
             assert resp.complete
+            if path in ("/many", "/single"):
+                assert pieces == [(body, True)], path  # the end came with the only read
     await up.close()
 
 
-async def test_a_connection_closed_while_idle_is_retried_once(
+async def test_a_connection_closed_while_idle_is_not_used_again(
     raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
 ) -> None:
-    """The server drops a pooled connection; the next request goes out again on a fresh one."""
+    """The server drops a pooled connection; the next request goes out on a fresh one."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
@@ -189,12 +191,17 @@ async def test_a_connection_closed_while_idle_is_retried_once(
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "disconnected"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "malformed"),
         (b"HTTP/1.1 200", "disconnected"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nx", "malformed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc", "malformed"),
+        (b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", "malformed"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", "malformed"),
     ],
 )
 async def test_broken_answers_are_named(
     raw_server: Callable[..., Awaitable[tuple[str, list[int]]]], reply: bytes, kind: str
 ) -> None:
-    """Bad status lines, header lines, chunk sizes and short bodies raise UpstreamError of the right kind."""
+    """Bad status lines, header lines, chunk sizes, lengths (negative, two, beside chunked) and short
+    bodies raise UpstreamError of the right kind (llhttp's refusals are ``malformed``)."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
@@ -216,6 +223,7 @@ async def test_unreachable_and_read_timeout() -> None:
     with pytest.raises(UpstreamError) as err:
         await up.request("POST", "/x", hdrs(), b"")
     assert err.value.kind == "unreachable"
+    await up.close()
 
     release = asyncio.Event()
 
@@ -228,6 +236,7 @@ async def test_unreachable_and_read_timeout() -> None:
         slow = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", read_timeout_s=0.2)
         with pytest.raises(TimeoutError):
             await slow.request("POST", "/x", hdrs(), b"")
+        await slow.close()
     finally:
         release.set()
         server.close()
@@ -277,58 +286,104 @@ async def test_a_read_timeout_covers_the_head_and_each_body_read_and_then_lets_g
     await up.close()
 
 
-CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n1a\r\n" + b"z" * 26 + b"\r\n0\r\nX-Trailer: 1\r\nY: 2\r\n\r\n"
-
-
-@dataclass
-class Dechunked:
-    done: bool
-    extra: bytes
-
-
-def dechunk(pieces: list[bytes]) -> tuple[bytes, Dechunked]:
-    """Feed ``pieces`` one after another, as reads would bring them."""
-    buf, body, done = bytearray(), bytearray(), False
-    for piece in pieces:
-        buf += piece
-        done = done or take_chunks(buf, body)
-    return bytes(body), Dechunked(done, bytes(buf) if done else b"")
-
-
-def test_a_chunked_body_comes_apart_the_same_however_its_bytes_are_split() -> None:
-    """Every split point, and one byte at a time: the same payload, done after the trailers."""
-    whole = b"hello world" + b"z" * 26
-    for i in range(len(CHUNKED) + 1):
-        out, body = dechunk([CHUNKED[:i], CHUNKED[i:]])
-        assert out == whole and body.done and body.extra == b"", i
-        if i < len(CHUNKED):
-            assert not dechunk([CHUNKED[:i]])[1].done
-    out, body = dechunk([CHUNKED[i : i + 1] for i in range(len(CHUNKED))])
-    assert out == whole and body.done
-    out, body = dechunk([b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200"])
-    assert out == b"abc" and body.done and body.extra == b"HTTP/1.1 200"
-
-
-def test_one_chunk_at_a_time_gives_each_payload_whole_however_the_bytes_are_split() -> None:
-    """``one=True`` takes at most one chunk with data per call, at every split point."""
-    for i in range(len(CHUNKED) + 1):
-        buf, payloads, done = bytearray(), [], False
-        for piece in (CHUNKED[:i], CHUNKED[i:]):
-            buf += piece
-            while not done:
-                body = bytearray()
-                done = take_chunks(buf, body, one=True)
-                if not body:
-                    break
-                payloads.append(bytes(body))
-        assert payloads == [b"hello", b" world", b"z" * 26] and done and not buf, i
+async def answer_each(r: asyncio.StreamReader, w: asyncio.StreamWriter, before: bytes, after: bytes) -> None:
+    """Answer every request on the connection with its own path in the body, ``before`` the
+    answer and ``after`` it."""
+    while True:
+        try:
+            path = (await read_request(r)).split(b" ")[1]
+        except asyncio.IncompleteReadError:
+            return
+        w.write(before + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(path), path) + after)
+        await w.drain()
 
 
 @pytest.mark.parametrize(
-    "raw",
-    [b"zz\r\n", b"0x3\r\nabc\r\n", b"+3\r\nabc\r\n", b"1_0\r\n", b"\r\n", b"3\r\nabcXY", b"1" * 17 + b"\r\n"],
+    "before",
+    [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"],
+    ids=["100", "103"],
 )
-def test_bad_chunk_framing_is_malformed(raw: bytes) -> None:
-    """Sizes must be plain hex digits; a chunk must end in CRLF."""
-    with pytest.raises(ChunkError):
-        dechunk([raw])
+async def test_interim_answers_are_skipped_and_each_request_gets_its_own_answer(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]], before: bytes
+) -> None:
+    """An interim 1xx before each answer is consumed, never returned: every request on the one
+    pooled connection reads its own final answer."""
+    url, conns = await raw_server(lambda r, w: answer_each(r, w, before, b""))
+    up = Upstream(url)
+    for path in ("/a", "/b", "/c"):
+        async with await up.request("POST", path, hdrs(), b"{}") as resp:
+            assert resp.status == 200 and await resp.read() == b"/v1" + path.encode()
+    await up.close()
+    assert conns[0] == 1
+
+
+async def test_a_connection_with_bytes_after_the_answer_is_not_reused(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """Bytes after a Content-Length body (here a whole forged answer) close the connection:
+    the next request goes out on a new one and reads its own answer."""
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    url, conns = await raw_server(lambda r, w: answer_each(r, w, b"", forged))
+    up = Upstream(url)
+    for path in ("/a", "/b", "/c"):
+        async with await up.request("POST", path, hdrs(), b"{}") as resp:
+            assert await resp.read() == b"/v1" + path.encode()
+        await asyncio.sleep(0.01)
+    await up.close()
+    assert conns[0] == 3
+
+
+async def test_a_request_the_upstream_received_is_never_sent_again(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """An upstream that dies after reading a request on a pooled connection (mid-generation) is
+    ``disconnected``; the request is not resent on another connection."""
+    received = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(r)
+            received.append(request.split(b" ")[1])
+            if b"/die" in request:
+                return  # the connection closes with no answer
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
+
+    url, conns = await raw_server(handler)
+    up = Upstream(url)
+    async with await up.request("POST", "/warm", hdrs(), b"") as resp:
+        await resp.read()
+    with pytest.raises(UpstreamError) as err:
+        await up.request("POST", "/die", hdrs(), b"{}")
+    assert err.value.kind == "disconnected"
+    await asyncio.sleep(0.05)
+    await up.close()
+    assert received == [b"/v1/warm", b"/v1/die"] and conns[0] == 1
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_whole_answer_over_the_limit_is_too_large(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]], framing: str
+) -> None:
+    """Over ``max_answer_bytes``: refused from its Content-Length before a byte of it is read,
+    or as a chunked body's bytes arrive."""
+    size = 200_000
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        if framing == "length":
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        else:
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(size // 10_000):
+                w.write(b"%x\r\n%b\r\n" % (10_000, b"x" * 10_000))
+        await w.drain()
+        await r.read()
+
+    url, _ = await raw_server(handler)
+    up = Upstream(url, max_answer_bytes=100_000)
+    with pytest.raises(UpstreamError) as err:
+        async with await up.request("POST", "/x", hdrs(), b"") as resp:
+            await resp.read()
+    assert err.value.kind == "too_large"
+    await up.close()

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import http1
-from proxy.http1 import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 from proxy.runtime import run
+from proxy.transport import server as http1
+from proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 
 LOOPS = ["asyncio", "uvloop"]
 LIMIT = 1000
@@ -210,6 +210,28 @@ def test_a_client_still_sending_a_refused_body_gets_the_answer_not_a_reset(loop:
         ("POST / HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\nab".encode("latin-1"), 400),
         ("G\u00c9T / HTTP/1.1\r\n\r\n".encode("latin-1"), 400),
         (b"GET / HTTP/1.1\r\nX: " + b"y" * (70 * 1024) + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+        (b"POST / HTTP/1.1\r\nContent-Length: \x0b3\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nContent-Length: \xa03\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\nContent-Length: 0\n\n", 400),  # bare LF
+        (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\x1bb\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\nPOST /smuggled HTTP/1.1\r\n\r\n", 400),
+        (b"GET /a\x00b HTTP/1.1\r\n\r\n", 400),
+        (b"GET /a\x7fb HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"POST / HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 1\r\n\r\nx", 417),
+        (b"GET /v1/../health HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/%2e%2e/health HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/%2E./health HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/./models HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/a%2fb HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1\\..\\health HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/.. HTTP/1.1\r\n\r\n", 400),
     ],
 )
 def test_malformed_requests_get_an_error_and_the_connection_closes(
@@ -471,3 +493,114 @@ def test_no_byte_sequence_breaks_the_server(pieces: list[bytes]) -> None:
         assert errors == []
 
     on("asyncio", scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_100_continue_waits_for_the_answer_before_it_and_never_lands_inside_it(loop: str) -> None:
+    """A pipelined ``Expect: 100-continue`` behind a streamed answer gets its ``100 Continue``
+    only after that answer's last chunk, then its own answer."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with serving(recorder) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                post("/stream", b"") + b"POST /e HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+            )
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readuntil(b"first\r\n") == b"5\r\nfirst\r\n"
+            await asyncio.sleep(0.05)
+            recorder.release.set()
+            assert await reader.readuntil(b"0\r\n\r\n") == b"6\r\nsecond\r\n0\r\n\r\n"  # no 100 inside it
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"body")
+            assert json.loads((await read_answer(reader))[2])["body"] == "body"
+            writer.close()
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_expected_body_over_the_limit_gets_no_100_and_is_refused(loop: str) -> None:
+    """``Expect: 100-continue`` with a ``Content-Length`` over the limit: no 100, the handler's answer."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"POST /e HTTP/1.1\r\nContent-Length: {LIMIT + 1}\r\nExpect: 100-continue\r\n\r\n".encode())
+            await refused_then_closed(reader, writer)
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_one_huge_chunk_is_refused_as_its_bytes_arrive(loop: str) -> None:
+    """A chunk declared 2^48 bytes long is counted against the limit as it arrives, not buffered first."""
+
+    async def scenario() -> None:
+        async with serving(Recorder()) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000\r\n" + b"x" * (LIMIT + 1)
+            )
+            await refused_then_closed(reader, writer)
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_head_that_trickles_in_gets_408_at_its_deadline(loop: str) -> None:
+    """A head not complete ``head_timeout_s`` after its first byte is answered 408 and the connection closes."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with serving(recorder, head_timeout_s=0.3) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for byte in b"POST /slow":
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+            status, headers, _ = await read_answer(reader)
+            assert status == 408 and headers["connection"] == "close" and recorder.seen == []
+            await closed(reader, writer)
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_body_slower_than_the_minimum_rate_gets_408(loop: str) -> None:
+    """A body that arrives slower than ``body_min_rate`` bytes/s over a window is answered 408."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with serving(recorder, body_min_rate=1000, body_rate_window_s=0.2) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /b HTTP/1.1\r\nContent-Length: 900\r\n\r\nabc")
+            status, headers, _ = await read_answer(reader)
+            assert status == 408 and headers["connection"] == "close" and recorder.seen == []
+            await closed(reader, writer)
+
+    on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connections_beyond_the_cap_get_503_and_a_close(loop: str) -> None:
+    """With ``max_connections`` open, the next connection is answered 503 at once and closed;
+    once one closes, a new one is served."""
+
+    async def scenario() -> None:
+        async with serving(Recorder(), max_connections=2) as (_, port):
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            status, headers, body = await read_answer(reader)
+            assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"]["code"]
+            await closed(reader, writer)
+            held[0][1].close()
+            await asyncio.sleep(0.05)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post("/ok", b""))
+            assert (await read_answer(reader))[0] == 200
+            writer.close()
+            held[1][1].close()
+
+    on(loop, scenario)

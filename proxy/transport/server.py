@@ -1,25 +1,33 @@
-"""A lean HTTP/1.1 server for the data plane.
+"""The data plane's HTTP/1.1 server: llhttp parses the bytes, a lean asyncio protocol answers.
 
-The data plane's work per request is small, and on it a general-purpose server's machinery
-is a large share of the added latency: measured against a zero-delay upstream at 200 req/s,
-a bare forwarder on aiohttp's server added 1.3-2.5 times the median latency of the same
-forwarder on a plain asyncio protocol, and thinkcap itself adds about a fifth less on this
-server than it did on aiohttp's (``docs/BENCHMARKS.md``). So the data plane serves HTTP/1.1
-itself, doing what a JSON API gateway needs and no more:
+The bytes of HTTP/1.1 are parsed by llhttp, the parser of Node.js, through ``httptools``, in
+its strict mode (no leniency flag set); this module writes no framing logic of its own. The
+protocol object feeds ``data_received`` to the parser and reacts to its callbacks. What a
+JSON API gateway needs, and no more:
 
 - keep-alive, and pipelined requests answered in order; HTTP/1.0 closes after each answer;
-- request bodies framed by ``Content-Length`` or chunked, read whole up to a limit (a
-  larger one is handed to the handler as :attr:`HttpRequest.too_large` and the connection
-  closes after the answer); ``Expect: 100-continue`` is honoured;
+- request bodies framed by ``Content-Length`` or chunked, read whole up to a limit counted
+  as the bytes arrive, inside a chunk too (a larger one is handed to the handler unread as
+  :attr:`HttpRequest.too_large`, and the connection closes after the answer);
+- ``Expect: 100-continue`` is the server's own: ``100 Continue`` is sent when the request is
+  the next to be answered and its body is within the limit, never in the middle of another
+  answer; other expectations get 417;
 - whole answers (:class:`Reply`) and streamed ones (:class:`StreamReply`, chunked), with
   write back-pressure;
+- limits where the bytes arrive: the head's size (:data:`MAX_HEAD_BYTES`) and header count
+  (:data:`MAX_HEADERS`), a deadline for the whole head, a minimum rate for the body, and a
+  cap on open connections (beyond it a 503 and a close);
+- the request target is checked once, and what is routed is what is forwarded: dot segments
+  and encoded dots, slashes and backslashes are refused (400);
 - the handler is cancelled when its client goes away, an idle keep-alive connection closes
   after a timeout, and :meth:`HttpServer.shutdown` stops accepting, lets requests in
   progress finish up to a deadline, then closes everything.
 
-Malformed requests (bad request line, header or framing; both ``Content-Length`` and
-``Transfer-Encoding``; a head over 64 KiB) get a 400 or 431 from ``error_reply`` and the
-connection closes. The admin listener stays on aiohttp: it is not on the request path.
+A request the parser rejects (bad request line, header or framing, control bytes anywhere in
+the head, a transfer coding other than plain ``chunked``) gets a 400 (431 for a head over
+the limits, 505 for a version other than HTTP/1.x, 408 past a deadline) from ``error_reply``
+after the answers before it, and the connection closes. The admin listener stays on aiohttp:
+it is not on the request path.
 """
 
 from __future__ import annotations
@@ -29,20 +37,32 @@ import contextlib
 import email.utils
 import http
 import json
-import socket
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 from urllib.parse import unquote
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.chunked import BodyLimitError, ChunkError, take_chunks
+from proxy.transport.tcp import no_delay
 
+#: The request line and headers together, at most.
 MAX_HEAD_BYTES = 64 * 1024
+#: Header lines in one request, at most.
+MAX_HEADERS = 100
 #: An idle keep-alive connection is closed after this long.
 KEEPALIVE_TIMEOUT_S = 75.0
+#: A request head must arrive whole within this long of its first byte.
+HEAD_TIMEOUT_S = 10.0
+#: A request body must keep arriving at this many bytes a second at least, over each window of
+#: :data:`BODY_RATE_WINDOW_S`.
+BODY_MIN_RATE = 1024
+BODY_RATE_WINDOW_S = 5.0
+#: Open client connections, at most; more are answered 503 and closed.
+MAX_CONNECTIONS = 2048
 #: Pipelined requests parsed ahead of the one being answered before reading pauses.
 MAX_PIPELINED = 16
 #: Response framing is the server's: handlers' values for these are ignored.
@@ -52,6 +72,11 @@ NO_BODY_STATUS = frozenset({204, 304})
 #: to this long, so that a client still sending a body it will not have read gets the
 #: answer instead of a reset.
 LINGER_S = 2.0
+#: Bytes a request head may not hold anywhere (llhttp refuses most of them; this check is
+#: the server's own word for the rest, tab aside).
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: What a request path may not hold: a dot segment, or a dot, slash or backslash in disguise.
+HIDDEN_PATH = re.compile(r"(?:^|/)\.{1,2}(?:/|$)|%2[eEfF]|%5[cC]|\\")
 
 
 class HttpRequest:
@@ -72,8 +97,10 @@ class HttpRequest:
     ) -> None:
         self._conn = conn
         self.method = method
+        #: The target as the client sent it (checked: see :data:`HIDDEN_PATH`); forwarded as is.
         self.path_qs = path_qs
         raw_path, _, self.query_string = path_qs.partition("?")
+        #: The path, percent-decoded, for routing (it names the same resource as ``path_qs``).
         self.path = unquote(raw_path)
         self.headers = headers
         self.body = body
@@ -115,7 +142,7 @@ _date_cache: tuple[int, str] = (0, "")
 
 def _date() -> str:
     global _date_cache  # noqa: PLW0603 - one formatted date per second, shared by every answer
-    now = int(time.time())
+    now = int(time.time())  # the Date header is wall-clock time
     if _date_cache[0] != now:
         _date_cache = (now, email.utils.formatdate(now, usegmt=True))
     return _date_cache[1]
@@ -152,7 +179,7 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 def _chunk(data: bytes) -> bytes:
-    """``data`` as one chunk of a chunked body."""
+    """``data`` as one chunk of a chunked answer."""
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
@@ -222,33 +249,24 @@ def _plain_error(status: int, message: str, code: str) -> Reply:
     return json_reply({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status=status)
 
 
-DIGITS = frozenset("0123456789")
-
-
-def _is_number(text: str, digits: frozenset[str]) -> bool:
-    """Only digits (``int()`` alone would also take signs, underscores, ``0x`` and non-ASCII digits)."""
-    return 0 < len(text) <= 16 and digits.issuperset(text)
-
-
-def _is_token(text: str) -> bool:
-    """A method name: ASCII letters only."""
-    return text.isascii() and text.isalpha()
-
-
 class _BadRequestError(Exception):
     def __init__(self, status: int, message: str, code: str = "bad_request") -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
 
 
+class _TooLargeError(Exception):
+    """The body under way outgrew the limit: the request is handed over unread, parsing stops."""
+
+
 class _Connection(asyncio.Protocol):
-    """One client connection: parses requests, answers them one at a time, in order."""
+    """One client connection: llhttp parses its requests; they are answered one at a time, in order."""
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[HttpRequest] = deque()
         self.task: asyncio.Task[None] | None = None
         # The keep-alive clock: when it last restarted (None while a request is answered), and one
@@ -256,41 +274,56 @@ class _Connection(asyncio.Protocol):
         self.idle_since: float | None = None
         self.idle: asyncio.TimerHandle | None = None
         self.linger: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None  # of the head, then of the body's rate
         self.paused_reading = False
         self.paused_writing = False
         self.drained: asyncio.Future[None] | None = None
         self.closed = False
         self.ending = False
         self.stop_parsing = False  # after a request whose body was not read, or a malformed one
-        # Parse state of the request under way: its head, then its body.
-        self.pending: tuple[str, str, CIMultiDictProxy[str], bool] | None = None
-        self.length = 0
-        self.chunked: bytearray | None = None
+        # The request under way: its head as the parser hands it over, then its body.
+        self.url = bytearray()
+        self.headers: list[tuple[str, str]] = []
+        self.head_bytes = 0
+        self.in_body = False
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.body_seen = 0  # body bytes when the rate was last checked
+        self.continue_due = False  # 100 Continue is owed once this request is the next to answer
+        self.head_made: tuple[str, str, CIMultiDictProxy[str]] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if len(self.server.connections) >= self.server.max_connections:
+            reply = self.server.error_reply(503, "too many open connections; retry later", "too_many_connections")
+            reply.headers["Retry-After"] = "1"
+            self.closed = True
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.transport.write(_head(503, reply.headers, f"Content-Length: {len(reply.body)}", close=True))
+                self.transport.write(reply.body)
+            self.transport.close()
+            return
+        no_delay(transport)
         self.server.connections.add(self)
         self._start_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self.stop_parsing:
+        if self.stop_parsing or self.closed:
             return
-        self.buf += data
         try:
-            self._parse()
-        except _BadRequestError as exc:
-            self.stop_parsing = True
-            self.buf.clear()
-            reply = self.server.error_reply(exc.status, exc.message, exc.code)
-            if self.task is None and not self.queue:
-                self._send_reply(reply, close=True)
-            else:  # answer the requests before it first
-                self.queue.append(_Rejected(self, reply))
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.stop_parsing = True  # the request is answered; the connection closes after it
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BadRequestError):
+                self._reject(cause)
+            elif not isinstance(cause, _TooLargeError):  # a bug here: the client is told, nothing else breaks
+                self.server.failures += 1
+                self._reject(_BadRequestError(400, "the request could not be read", "bad_request"))
+        except httptools.HttpParserError as exc:
+            self._reject(_BadRequestError(400, f"malformed request: {exc}"))
         if self.task is None:
             if self.queue:
                 self._next()
@@ -303,7 +336,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        for timer in (self.idle, self.linger):
+        for timer in (self.idle, self.linger, self.deadline):
             if timer is not None:
                 timer.cancel()
         self.queue.clear()
@@ -317,6 +350,151 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused_writing = False
         self._wake_writer()
+
+    # -- llhttp's callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url.clear()
+        self.headers = []
+        self.head_bytes = 0
+        self.in_body = False
+        self.body = []
+        self.body_bytes = 0
+        self._set_deadline(self.server.head_timeout_s, "the request head did not arrive in time")
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        if len(self.headers) >= MAX_HEADERS:
+            raise _BadRequestError(431, f"more than {MAX_HEADERS} header lines", "too_many_headers")
+        if CONTROL.search(value) or CONTROL.search(name):
+            raise _BadRequestError(400, "a header holds a control byte")
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _BadRequestError(505, f"HTTP/{version} is not supported", "http_version_not_supported")
+        target = self.url.decode("latin-1")
+        if CONTROL.search(self.url) or " " in target:
+            raise _BadRequestError(400, "the request target holds a control byte")
+        if target.startswith(("http://", "https://")):  # absolute form: keep the path and query
+            slash = target.find("/", target.find("//") + 2)
+            target = target[slash:] if slash >= 0 else "/"
+        if not target.startswith("/") and target != "*":
+            raise _BadRequestError(400, f"bad request target {target[:60]!r}")
+        if HIDDEN_PATH.search(target.partition("?")[0]):
+            raise _BadRequestError(400, "the request path holds a dot segment or an encoded dot, slash or backslash")
+        headers: CIMultiDict[str] = CIMultiDict(self.headers)
+        codings = headers.getall("Transfer-Encoding", [])
+        if codings and [c.strip().lower() for c in codings] != ["chunked"]:
+            raise _BadRequestError(400, f"unsupported Transfer-Encoding {', '.join(codings)[:40]!r}")
+        frozen = CIMultiDictProxy(headers)
+        method = self.parser.get_method().decode("ascii")
+        self.head_made = (method, target, frozen)
+        self._cancel_deadline()
+        self.in_body = True
+        length = int(headers.get("Content-Length", "0")) if not codings else -1
+        if length > self.server.max_body_bytes:
+            self._too_large()
+        expect = headers.get("Expect")
+        if expect is not None:
+            if expect.strip().lower() != "100-continue":
+                raise _BadRequestError(417, f"unsupported expectation {expect[:40]!r}", "expectation_failed")
+            if length != 0:
+                self.continue_due = True
+                self._send_continue_if_next()
+        if not self.continue_due and length != 0:
+            self._watch_body()
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.server.max_body_bytes:
+            self._too_large()
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        made = self.head_made
+        if made is None:  # (the parser calls this only after on_headers_complete)
+            raise _BadRequestError(400, "a message without a head")
+        self.head_made = None
+        self.in_body = False
+        self.continue_due = False
+        self._cancel_deadline()
+        method, target, headers = made
+        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body = []
+        keep_alive = self.parser.should_keep_alive()
+        self.queue.append(HttpRequest(self, method, target, headers, body, keep_alive=keep_alive))
+
+    # -- limits ---------------------------------------------------------------------------
+    def _count_head(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise _BadRequestError(431, f"the request head is over {MAX_HEAD_BYTES // 1024} KiB", "head_too_large")
+
+    def _too_large(self) -> None:
+        """Hand the request over unread (its handler answers 413); the connection closes after it."""
+        made = self.head_made
+        assert made is not None
+        self.head_made = None
+        self._cancel_deadline()
+        self.stop_parsing = True
+        self.continue_due = False
+        method, target, headers = made
+        self.queue.append(HttpRequest(self, method, target, headers, b"", keep_alive=False, too_large=True))
+        raise _TooLargeError
+
+    def _set_deadline(self, seconds: float, message: str) -> None:
+        self._cancel_deadline()
+        self.deadline = self.loop.call_later(seconds, self._timed_out, message)
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _watch_body(self) -> None:
+        self.body_seen = self.body_bytes
+        self.deadline = self.loop.call_later(self.server.body_rate_window_s, self._check_rate)
+
+    def _check_rate(self) -> None:
+        self.deadline = None
+        if not self.in_body or self.closed:
+            return
+        if self.body_bytes - self.body_seen < self.server.body_min_rate * self.server.body_rate_window_s:
+            self._timed_out(f"the request body arrived slower than {self.server.body_min_rate} bytes/s")
+        else:
+            self._watch_body()
+
+    def _timed_out(self, message: str) -> None:
+        self.deadline = None
+        if self.closed or self.stop_parsing:
+            return
+        self._reject(_BadRequestError(408, message, "request_timeout"))
+        if self.task is None and self.queue:
+            self._next()
+
+    def _reject(self, exc: _BadRequestError) -> None:
+        """Answer ``exc`` after the requests before it; then the connection closes."""
+        self.stop_parsing = True
+        self.continue_due = False
+        self._cancel_deadline()
+        reply = self.server.error_reply(exc.status, exc.message, exc.code)
+        if self.task is None and not self.queue:
+            self._send_reply(reply, close=True)
+        else:  # answer the requests before it first
+            self.queue.append(_Rejected(self, reply))
+
+    def _send_continue_if_next(self) -> None:
+        """Send the ``100 Continue`` owed, if no earlier answer is still being written."""
+        if self.continue_due and self.task is None and not self.queue and not self.closed:
+            self.continue_due = False
+            with contextlib.suppress(ConnectionResetError):
+                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._watch_body()
 
     # -- writing --------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -347,7 +525,7 @@ class _Connection(asyncio.Protocol):
         """Close after the answers sent so far: half-close now, discard what still comes, close
         when the client does (or after ``LINGER_S``)."""
         self.stop_parsing = True
-        self.buf.clear()
+        self._cancel_deadline()
         if self.ending or self.closed or self.transport is None or self.transport.is_closing():
             return
         self.ending = True
@@ -372,106 +550,6 @@ class _Connection(asyncio.Protocol):
         if close:
             self.end()
 
-    # -- parsing --------------------------------------------------------------------------
-    def _parse(self) -> None:
-        while not self.stop_parsing:
-            if self.pending is None:
-                end = self.buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self.buf) > MAX_HEAD_BYTES:
-                        raise _BadRequestError(431, "the request head is over 64 KiB", "head_too_large")
-                    return
-                if end > MAX_HEAD_BYTES:
-                    raise _BadRequestError(431, "the request head is over 64 KiB", "head_too_large")
-                head = bytes(self.buf[:end])
-                del self.buf[: end + 4]
-                if not head.strip():
-                    continue  # stray empty lines between requests are allowed
-                self._start_request(head)
-                if self.pending is None:
-                    continue
-            if self.chunked is not None:
-                if not self._read_chunks():
-                    return
-                body = bytes(self.chunked)
-                self.chunked = None
-            else:
-                if len(self.buf) < self.length:
-                    return
-                body = bytes(self.buf[: self.length])
-                del self.buf[: self.length]
-            method, target, headers, keep_alive = self.pending
-            self.pending = None
-            self.queue.append(HttpRequest(self, method, target, headers, body, keep_alive=keep_alive))
-
-    def _start_request(self, head: bytes) -> None:
-        lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not _is_token(parts[0]) or not parts[2].startswith("HTTP/1."):
-            raise _BadRequestError(400, f"bad request line {lines[0][:60]!r}")
-        method, target, version = parts
-        if target.startswith(("http://", "https://")):  # absolute form: keep the path and query
-            slash = target.find("/", target.find("//") + 2)
-            target = target[slash:] if slash >= 0 else "/"
-        if not target.startswith("/") and target != "*":
-            raise _BadRequestError(400, f"bad request target {target[:60]!r}")
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip() or " " in name:
-                raise _BadRequestError(400, f"bad header line {line[:60]!r}")
-            headers.add(name, value.strip())
-        connection = headers.get("Connection")
-        if connection is None:
-            keep_alive = version != "HTTP/1.0"
-        else:
-            tokens = {t.strip().lower() for t in connection.split(",")}
-            keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
-        te = headers.get("Transfer-Encoding")
-        lengths = headers.getall("Content-Length", [])
-        if te is not None:
-            if lengths:
-                raise _BadRequestError(400, "both Content-Length and Transfer-Encoding are set")
-            if te.split(",")[-1].strip().lower() != "chunked":
-                raise _BadRequestError(400, f"unsupported Transfer-Encoding {te[:40]!r}")
-            length = -1
-        elif lengths:
-            if (len(lengths) > 1 and len(set(lengths)) != 1) or not _is_number(lengths[0], DIGITS):
-                raise _BadRequestError(400, f"bad Content-Length {','.join(lengths)[:40]!r}")
-            length = int(lengths[0])
-        else:
-            length = 0
-        frozen = CIMultiDictProxy(headers)
-        if length > self.server.max_body_bytes:
-            # Not read: the handler answers 413 and the connection closes after it.
-            self.stop_parsing = True
-            self.buf.clear()
-            self.queue.append(HttpRequest(self, method, target, frozen, b"", keep_alive=False, too_large=True))
-            return
-        if length != 0 and headers.get("Expect", "").lower() == "100-continue":
-            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.pending = (method, target, frozen, keep_alive)
-        self.length = max(length, 0)
-        self.chunked = bytearray() if length < 0 else None
-
-    def _read_chunks(self) -> bool:
-        """Move whole chunks from the buffer into the body; True once the last one is in (False
-        while more must arrive, or when the body outgrew the limit and was handed over unread)."""
-        assert self.chunked is not None
-        try:
-            return take_chunks(self.buf, self.chunked, self.server.max_body_bytes)
-        except ChunkError as exc:
-            raise _BadRequestError(400, str(exc)) from None
-        except BodyLimitError:
-            self.chunked = None
-            assert self.pending is not None
-            method, target, headers, _ = self.pending
-            self.pending = None
-            self.stop_parsing = True
-            self.buf.clear()
-            self.queue.append(HttpRequest(self, method, target, headers, b"", keep_alive=False, too_large=True))
-            return False  # handed over unread: parsing stops
-
     # -- answering ------------------------------------------------------------------------
     def _next(self) -> None:
         self.idle_since = None
@@ -493,6 +571,7 @@ class _Connection(asyncio.Protocol):
         elif self.stop_parsing or self.server.stopping:
             self.end()
         elif not self.ending:
+            self._send_continue_if_next()
             self._start_idle()
 
     def _start_idle(self) -> None:
@@ -552,7 +631,7 @@ class _Rejected(HttpRequest):
 
 
 class HttpServer:
-    """Serves ``handler`` on one listening socket."""
+    """Serves ``handler`` on one listening socket (limits: see the module's notes)."""
 
     def __init__(
         self,
@@ -560,12 +639,20 @@ class HttpServer:
         *,
         max_body_bytes: int,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+        body_min_rate: int = BODY_MIN_RATE,
+        body_rate_window_s: float = BODY_RATE_WINDOW_S,
+        max_connections: int = MAX_CONNECTIONS,
         error_reply: ErrorReply = _plain_error,
         on_failure: Callable[[HttpRequest, Exception], None] | None = None,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.head_timeout_s = head_timeout_s
+        self.body_min_rate = body_min_rate
+        self.body_rate_window_s = body_rate_window_s
+        self.max_connections = max_connections
         self.error_reply = error_reply
         self.on_failure = on_failure
         self.connections: set[_Connection] = set()

@@ -1,0 +1,16 @@
+"""HTTP/1.1 on the data plane's wire, with no OpenAI semantics: the server and the upstream client."""
+
+from proxy.transport.client import Response, Upstream, UpstreamError
+from proxy.transport.server import BodyTooLargeError, HttpRequest, HttpServer, Reply, StreamReply, json_reply
+
+__all__ = [
+    "BodyTooLargeError",
+    "HttpRequest",
+    "HttpServer",
+    "Reply",
+    "Response",
+    "StreamReply",
+    "Upstream",
+    "UpstreamError",
+    "json_reply",
+]
