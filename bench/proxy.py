@@ -303,7 +303,14 @@ def main() -> None:
         help="instead, send N requests one at a time (plain, then streaming); report each forwarder's CPU time "
         "per request",
     )
+    ap.add_argument("--rates", default="200,1000", help="open-loop rates, requests/s (comma-separated)")
+    ap.add_argument("--modes", default="plain,stream", help="plain, stream or both (comma-separated)")
+    ap.add_argument("--no-closed-loop", action="store_true", help="skip the closed-loop throughput table")
     args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+    if not set(modes) <= {"plain", "stream"}:
+        ap.error(f"--modes: plain and/or stream, got {args.modes!r}")
     cpus = sorted(os.sched_getaffinity(0))
     sim_cpu, proxy_cpu = cpus[0], cpus[0] if args.same_cpu else cpus[-1]
     sim_port, proxy_port, bare_port = free_port(), free_port(), free_port()  # bare: the aiohttp pass-through
@@ -344,8 +351,8 @@ def main() -> None:
             )
             print("|---|---|---|---|---|---|---|---|")
             paths = (("aiohttp pass-through", bare_port), ("thinkcap", proxy_port))
-            for rate in (200.0,) if args.same_cpu else (200.0, 1000.0):
-                for stream in (False, True):
+            for rate in (200.0,) if args.same_cpu else rates:
+                for stream in [m == "stream" for m in modes]:
                     rows: dict[str, list[tuple[float, ...]]] = {name: [] for name, _ in paths}
                     for seed in range(ROUNDS):  # direct and each forwarder in turn, same schedule per round
                         d, df = asyncio.run(open_loop(sim_port, rate, args.seconds, stream, seed))
@@ -372,7 +379,7 @@ def main() -> None:
                             f"{m[2]:.2f} / {m[3]:.2f} | {m[2] - m[0]:.2f} / {m[3] - m[1]:.2f} | {fb} | "
                             f"{sum(r[6] for r in rows[name])} / {sum(r[7] for r in rows[name])} |"
                         )
-            if args.same_cpu:
+            if args.same_cpu or args.no_closed_loop:
                 return
             direct = asyncio.run(closed_loop(sim_port, 5.0, 64))
             through = {name: asyncio.run(closed_loop(port, 5.0, 64)) for name, port in paths}
