@@ -18,7 +18,7 @@ import sys
 import aiohttp
 from aiohttp import web
 
-from proxy.runtime import run
+from thinkcap.proxy.runtime import run
 
 
 async def main(port: int, upstream_port: int) -> None:

@@ -48,14 +48,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import Problem, Status, round_caps, solve  # noqa: E402
-from proxy.demo_cmd import demo_settings, render, run_demo  # noqa: E402
-from proxy.logs import configure  # noqa: E402
-from proxy.loop import ControlLoop  # noqa: E402
-from proxy.scenario_config import load_scenario  # noqa: E402
-from proxy.state import build_state  # noqa: E402
-from sim.des import Phase, Workload, sample_workload, serve  # noqa: E402
-from sim.scenario import Scenario  # noqa: E402
+from thinkcap.controller import Problem, Status, round_caps, solve  # noqa: E402
+from thinkcap.proxy.demo_cmd import demo_settings, render, run_demo  # noqa: E402
+from thinkcap.proxy.logs import configure  # noqa: E402
+from thinkcap.proxy.loop import ControlLoop  # noqa: E402
+from thinkcap.proxy.scenario_config import load_scenario  # noqa: E402
+from thinkcap.proxy.state import build_state  # noqa: E402
+from thinkcap.sim.des import Phase, Workload, sample_workload, serve  # noqa: E402
+from thinkcap.sim.scenario import Scenario  # noqa: E402
 
 RATES = (1.0, 6.0, 12.0, 3.0)
 SETTLE_S = 10.0
@@ -138,7 +138,7 @@ def measured(
 
 
 def run_des(phase_s: float, seeds: int, half_life_s: float | None = None) -> None:
-    scenario = load_scenario(str(files("sim") / "demo_scenario.toml"))
+    scenario = load_scenario(str(files("thinkcap.sim") / "demo_scenario.toml"))
     phases = [Phase(phase_s, r) for r in RATES]
     truth = [scenario.problem(r) for r in RATES]
     avg = scenario.problem(float(np.mean(RATES)))
@@ -214,7 +214,7 @@ def _settling(history: list[tuple[float, np.ndarray[Any, Any]]], phase_s: float)
 
 
 def run_e2e(seconds: float | None) -> None:
-    scenario = load_scenario(str(files("sim") / "demo_scenario.toml"))
+    scenario = load_scenario(str(files("thinkcap.sim") / "demo_scenario.toml"))
     if seconds is not None:
         total = sum(p.duration_s for p in scenario.phases)
         scenario = scenario.with_phases(

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from estimators import ArrivalRate
-from sim.des import Phase, sample_workload
+from thinkcap.estimators import ArrivalRate
+from thinkcap.sim.des import Phase, sample_workload
 
 LEAD_IN_S = 600.0
 ONE_TYPE = np.ones(1)

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from estimators import AccuracyCurve, ArrivalRate, Estimators, ServiceModel, ServiceRLS, TypeMix
+from thinkcap.estimators import AccuracyCurve, ArrivalRate, Estimators, ServiceModel, ServiceRLS, TypeMix
 
 TYPES = [f"type{k:02d}" for k in range(16)]
 BATCH = 20_000

@@ -319,7 +319,7 @@ def main() -> None:
         scenario.write_text(SCENARIO.read_text().replace("chunk_tokens = 8", "chunk_tokens = 1"))
         config = Path(tmp) / "proxy.toml"
         config.write_text(CONFIG.format(port=sim_port, proxy_port=proxy_port))
-        exe = [sys.executable, "-m", "proxy"]
+        exe = [sys.executable, "-m", "thinkcap.proxy"]
         sim = subprocess.Popen(
             [*exe, "mock-backend", "--scenario", str(scenario), "--port", str(sim_port), "--time-scale", "0"],
             stdout=subprocess.DEVNULL,

@@ -32,8 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sim.des import Phase, sample_workload, simulate  # noqa: E402
-from sim.instances import random_problem  # noqa: E402
+from thinkcap.sim.des import Phase, sample_workload, simulate  # noqa: E402
+from thinkcap.sim.instances import random_problem  # noqa: E402
 
 REQUESTS = 1_000_000
 SCENARIO = ROOT / "examples" / "scenario.toml"
@@ -108,7 +108,7 @@ def bench_server(seconds: float, connections: int) -> None:
         port = s.getsockname()[1]
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = cpus[0], cpus[-1]
-    cmd = [sys.executable, "-m", "proxy", "mock-backend", "--scenario", str(SCENARIO), "--port", str(port),
+    cmd = [sys.executable, "-m", "thinkcap.proxy", "mock-backend", "--scenario", str(SCENARIO), "--port", str(port),
            "--time-scale", "0"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     os.sched_setaffinity(proc.pid, {server_cpu})

@@ -27,8 +27,8 @@ from scipy.optimize import minimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller import Problem, SolveResult, Status, exact, fixed_point, projected_gradient, round_caps
-from sim.instances import random_problem
+from thinkcap.controller import Problem, SolveResult, Status, exact, fixed_point, projected_gradient, round_caps
+from thinkcap.sim.instances import random_problem
 
 REGIMES = ("light", "heavy", "margin")
 #: The iterative methods are slow by nature: fewer instances for them.

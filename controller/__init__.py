@@ -1,11 +1,11 @@
 """Pure optimisation of reasoning-token caps for an M/G/1 LLM server."""
 
-from controller.iterative import fixed_point, projected_gradient
-from controller.methods import DEFAULT_METHOD, METHODS, solve
-from controller.problem import Problem, QueueMetrics, TaskType
-from controller.result import SolveResult, Status
-from controller.rounding import Rounded, round_caps, rounding_bound
-from controller.structured import exact
+from thinkcap.controller.iterative import fixed_point, projected_gradient
+from thinkcap.controller.methods import DEFAULT_METHOD, METHODS, solve
+from thinkcap.controller.problem import Problem, QueueMetrics, TaskType
+from thinkcap.controller.result import SolveResult, Status
+from thinkcap.controller.rounding import Rounded, round_caps, rounding_bound
+from thinkcap.controller.structured import exact
 
 __all__ = [
     "DEFAULT_METHOD",

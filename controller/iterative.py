@@ -12,10 +12,10 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import brentq
 
-from controller.kkt import certify, contraction_factor, kkt_residual, lipschitz_bound, local_contraction
-from controller.problem import Array, Problem
-from controller.projection import project_feasible
-from controller.result import SolveResult, Status
+from thinkcap.controller.kkt import certify, contraction_factor, kkt_residual, lipschitz_bound, local_contraction
+from thinkcap.controller.problem import Array, Problem
+from thinkcap.controller.projection import project_feasible
+from thinkcap.controller.result import SolveResult, Status
 
 #: Stop when the method's residual (tokens, absolute) is at most this.
 XTOL = 1e-7
@@ -141,7 +141,7 @@ def fixed_point(
 
     Examples
     --------
-    >>> from controller.problem import TaskType
+    >>> from thinkcap.controller.problem import TaskType
     >>> t = TaskType("qa", 1.0, 0.2, 0.7, 0.01, 0.05, 0.002, 0, 2000)
     >>> r = fixed_point(Problem((t,), arrival_rate=2.0, latency_penalty=0.05))
     >>> r.success, round(float(r.x[0]), 1)
@@ -206,7 +206,7 @@ def projected_gradient(
 
     Examples
     --------
-    >>> from controller.problem import TaskType
+    >>> from thinkcap.controller.problem import TaskType
     >>> t = TaskType("qa", 1.0, 0.2, 0.7, 0.01, 0.05, 0.002, 0, 2000)
     >>> r = projected_gradient(Problem((t,), arrival_rate=2.0, latency_penalty=0.05))
     >>> r.success, round(float(r.x[0]), 1)

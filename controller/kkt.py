@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from controller.problem import Array, Problem
-from controller.sweep import Kernel, use_scalar
+from thinkcap.controller.problem import Array, Problem
+from thinkcap.controller.sweep import Kernel, use_scalar
 
 
 def _worst_point(p: Problem, upper: Array) -> tuple[float, Array, float]:

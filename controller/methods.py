@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from controller.iterative import fixed_point, projected_gradient
-from controller.problem import Array, Problem
-from controller.result import SolveResult
-from controller.structured import exact
+from thinkcap.controller.iterative import fixed_point, projected_gradient
+from thinkcap.controller.problem import Array, Problem
+from thinkcap.controller.result import SolveResult
+from thinkcap.controller.structured import exact
 
 METHODS: dict[str, Callable[..., SolveResult]] = {
     "exact": exact,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.problem import Array, Problem
+from thinkcap.controller.problem import Array, Problem
 
 
 def project_box_halfspace(y: Array, lo: Array, hi: Array, a: Array, r: float) -> tuple[Array, float]:

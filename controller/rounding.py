@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from controller.kkt import lipschitz_bound
-from controller.problem import Array, Problem
+from thinkcap.controller.kkt import lipschitz_bound
+from thinkcap.controller.problem import Array, Problem
 
 #: Neighbour search enumerates all floor/ceil combinations up to this many fractional types.
 EXHAUSTIVE_MAX_TYPES = 12
@@ -133,7 +133,7 @@ def round_caps(p: Problem, x: Array, *, method: str = "neighbour") -> Rounded:
 
     Examples
     --------
-    >>> from controller.problem import TaskType
+    >>> from thinkcap.controller.problem import TaskType
     >>> t = TaskType("qa", 1.0, 0.2, 0.7, 0.01, 0.05, 0.002, 0, 2000)
     >>> p = Problem((t,), arrival_rate=2.0, latency_penalty=0.05)
     >>> round_caps(p, np.array([136.6])).caps.tolist()

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from controller.kkt import certify
-from controller.problem import Array, Problem
-from controller.result import SolveResult, Status
-from controller.sweep import ArraySweep, Kernel, ScalarSweep, fixed_caps, make_sweep, use_scalar
+from thinkcap.controller.kkt import certify
+from thinkcap.controller.problem import Array, Problem
+from thinkcap.controller.result import SolveResult, Status
+from thinkcap.controller.sweep import ArraySweep, Kernel, ScalarSweep, fixed_caps, make_sweep, use_scalar
 
 #: Absolute tolerance on the per-type Newton step, tokens.
 CAP_XTOL = 1e-9
@@ -286,7 +286,7 @@ def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> So
 
     Examples
     --------
-    >>> from controller.problem import TaskType
+    >>> from thinkcap.controller.problem import TaskType
     >>> t = TaskType("qa", 1.0, 0.2, 0.7, 0.01, 0.05, 0.002, 0, 2000)
     >>> r = exact(Problem((t,), arrival_rate=2.0, latency_penalty=0.05))
     >>> r.success, round(float(r.x[0]), 1)

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from controller.problem import Array, Problem
+from thinkcap.controller.problem import Array, Problem
 
 #: Up to this many types the solver uses :class:`ScalarSweep`; measured in
 #: ``bench/solver.py --kernels``.

@@ -7,7 +7,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from estimators._decay import check_half_life, check_time
+from thinkcap.estimators._decay import check_half_life, check_time
 
 
 @dataclass(frozen=True)

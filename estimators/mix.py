@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from estimators._decay import check_half_life, check_time, decay_factor
+from thinkcap.estimators._decay import check_half_life, check_time, decay_factor
 
 #: The scaled counts are renormalised once their scale factor exceeds this.
 RESCALE_ABOVE = 1e100

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from estimators.service import ServiceRLS
+from thinkcap.estimators.service import ServiceRLS
 
 
 class ServiceParams(NamedTuple):

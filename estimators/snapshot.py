@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from estimators.arrival import ArrivalRate
-from estimators.mix import TypeMix
-from estimators.service_model import ServiceModel
+from thinkcap.estimators.arrival import ArrivalRate
+from thinkcap.estimators.mix import TypeMix
+from thinkcap.estimators.service_model import ServiceModel
 
 
 class TypeEstimate(NamedTuple):

@@ -49,10 +49,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller import TaskType  # noqa: E402
-from proxy.audit_cmd import problem_of  # noqa: E402
-from sim.loadgen import LoadSettings, run_load  # noqa: E402
-from sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
+from thinkcap.controller import TaskType  # noqa: E402
+from thinkcap.proxy.audit_cmd import problem_of  # noqa: E402
+from thinkcap.sim.loadgen import LoadSettings, run_load  # noqa: E402
+from thinkcap.sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
 
 TYPES = {  # name: (keyword marker, prompts, max tokens)
     "story": ("[story]", ["Write a story about a {} who learns to sail.", "Tell a long tale of a {} in winter."], 96),
@@ -426,7 +426,7 @@ def main() -> None:
             log = tmp / "thinkcap.jsonl"
             with log.open("w") as out:
                 proxy = subprocess.Popen(
-                    [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                    [sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(config)],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )  # it inherits this process's CPUs

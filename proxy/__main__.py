@@ -1,7 +1,7 @@
-"""``python -m proxy`` runs the thinkcap CLI."""
+"""``python -m thinkcap.proxy`` runs the thinkcap CLI."""
 
 import sys
 
-from proxy.cli import main
+from thinkcap.proxy.cli import main
 
 sys.exit(main())

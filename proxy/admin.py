@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.logs import logger
-from proxy.state import STATE_KEY, ProxyState
+from thinkcap.proxy.logs import logger
+from thinkcap.proxy.state import STATE_KEY, ProxyState
 
 
 def _admin_error(status: int, message: str) -> web.Response:

@@ -11,14 +11,14 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.accounting import from_usage
-from proxy.dialects import apply_cap, honoured
-from proxy.forward import SHAPED, ProxyError, error_response, new_request_id, passthrough, request_id, shaped
-from proxy.logs import logger
-from proxy.loop import ControlLoop
-from proxy.state import ProxyState
-from proxy.transport.client import Upstream
-from proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
+from thinkcap.proxy.accounting import from_usage
+from thinkcap.proxy.dialects import apply_cap, honoured
+from thinkcap.proxy.forward import SHAPED, ProxyError, error_response, new_request_id, passthrough, request_id, shaped
+from thinkcap.proxy.logs import logger
+from thinkcap.proxy.loop import ControlLoop
+from thinkcap.proxy.state import ProxyState
+from thinkcap.proxy.transport.client import Upstream
+from thinkcap.proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 
 #: The cap the start-up probe asks for.
 PROBE_CAP = 8

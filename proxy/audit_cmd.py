@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from controller import Problem, TaskType
-from proxy.loop import TYPE_FIELDS, decide
+from thinkcap.controller import Problem, TaskType
+from thinkcap.proxy.loop import TYPE_FIELDS, decide
 
 CONTINUOUS_RTOL = 1e-6
 

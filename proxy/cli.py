@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy import audit_cmd, demo_cmd, fit_cmd, serve_cmd, sim_cmds, solve_cmd
-from proxy.config import ConfigError
+from thinkcap.proxy import audit_cmd, demo_cmd, fit_cmd, serve_cmd, sim_cmds, solve_cmd
+from thinkcap.proxy.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

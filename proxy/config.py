@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller import Problem, TaskType
+from thinkcap.controller import Problem, TaskType
 
 #: Tables a config may hold; the ones this module does not read yet are passed through.
 SECTIONS = ("backend", "proxy", "objective", "controller", "estimators", "workload", "types")

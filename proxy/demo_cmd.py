@@ -29,20 +29,20 @@ from typing import IO, Any
 import numpy as np
 from aiohttp import web
 
-from controller import Problem, Status, round_caps, solve
-from proxy.app import DataPlane
-from proxy.config import ModelConfig, TypeConfig
-from proxy.logs import configure
-from proxy.logs import reset as reset_logging
-from proxy.runtime import run as run_loop
-from proxy.scenario_config import load_scenario
-from proxy.serve_cmd import start
-from proxy.settings import BackendSettings, ControllerSettings, EstimatorSettings, ProxySettings, Settings
-from proxy.state import ProxyState, build_state
-from sim.backend import serve as serve_sim
-from sim.loadgen import LoadSettings, Record, run_load
-from sim.scenario import Scenario
-from sim.summary import PhaseSummary, summarise_records
+from thinkcap.controller import Problem, Status, round_caps, solve
+from thinkcap.proxy.app import DataPlane
+from thinkcap.proxy.config import ModelConfig, TypeConfig
+from thinkcap.proxy.logs import configure
+from thinkcap.proxy.logs import reset as reset_logging
+from thinkcap.proxy.runtime import run as run_loop
+from thinkcap.proxy.scenario_config import load_scenario
+from thinkcap.proxy.serve_cmd import start
+from thinkcap.proxy.settings import BackendSettings, ControllerSettings, EstimatorSettings, ProxySettings, Settings
+from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim.backend import serve as serve_sim
+from thinkcap.sim.loadgen import LoadSettings, Record, run_load
+from thinkcap.sim.scenario import Scenario
+from thinkcap.sim.summary import PhaseSummary, summarise_records
 
 POLICIES = ("adaptive", "static", "maximal")
 PHASE_NAMES = ("light", "heavy", "overload", "light")
@@ -51,7 +51,7 @@ LIVE_EVERY_S = 2.0
 
 def demo_scenario(duration_s: float | None) -> Scenario:
     """The embedded world, its phases scaled to ``duration_s`` seconds in total."""
-    scenario = load_scenario(str(files("sim") / "demo_scenario.toml"))
+    scenario = load_scenario(str(files("thinkcap.sim") / "demo_scenario.toml"))
     if duration_s is None:
         return scenario
     if not (math.isfinite(duration_s) and duration_s >= 4):

@@ -10,9 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from estimators import Estimators, Snapshot
-from proxy.config import ConfigError, load_model, read_toml
-from proxy.toml_out import dumps
+from thinkcap.estimators import Estimators, Snapshot
+from thinkcap.proxy.config import ConfigError, load_model, read_toml
+from thinkcap.proxy.toml_out import dumps
 
 #: At most this many malformed lines are listed one by one (all are counted).
 MAX_LISTED_ERRORS = 20

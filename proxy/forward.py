@@ -17,15 +17,15 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.accounting import MalformedStreamError, StreamTally, Tokens, from_usage
-from proxy.admission import QueueFullError
-from proxy.classify import Decision, UnknownTypeError, prompt_text
-from proxy.dialects import ClientLimitError, apply_cap
-from proxy.logs import logger
-from proxy.state import REASONING_DIALECTS, Finished, ProxyState
-from proxy.transport.client import Response, UpstreamError
-from proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply, json_reply
-from proxy.upstream_body import upstream_body
+from thinkcap.proxy.accounting import MalformedStreamError, StreamTally, Tokens, from_usage
+from thinkcap.proxy.admission import QueueFullError
+from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
+from thinkcap.proxy.dialects import ClientLimitError, apply_cap
+from thinkcap.proxy.logs import logger
+from thinkcap.proxy.state import REASONING_DIALECTS, Finished, ProxyState
+from thinkcap.proxy.transport.client import Response, UpstreamError
+from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply, json_reply
+from thinkcap.proxy.upstream_body import upstream_body
 
 HOP_BY_HOP = frozenset(
     h.lower()

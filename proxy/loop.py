@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from controller import Problem, SolveResult, Status, round_caps, solve
-from estimators import Snapshot
-from proxy.config import ModelConfig
-from proxy.logs import logger
-from proxy.settings import ControllerSettings
-from proxy.state import ProxyState
+from thinkcap.controller import Problem, SolveResult, Status, round_caps, solve
+from thinkcap.estimators import Snapshot
+from thinkcap.proxy.config import ModelConfig
+from thinkcap.proxy.logs import logger
+from thinkcap.proxy.settings import ControllerSettings
+from thinkcap.proxy.state import ProxyState
 
 #: Share of the arrivals whose types need a fitted service model before that model counts as
 #: evidence of an overload.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.config import ConfigError, Table, check_types, read_task, read_toml, type_tables
-from sim.scenario import REASONING_FIELDS, USAGE_SHAPES, Faults, LoadPhase, Scenario, SimType
+from thinkcap.proxy.config import ConfigError, Table, check_types, read_task, read_toml, type_tables
+from thinkcap.sim.scenario import REASONING_FIELDS, USAGE_SHAPES, Faults, LoadPhase, Scenario, SimType
 
 SCENARIO_SECTIONS = ("objective", "server", "faults", "load", "types")
 

@@ -9,13 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin import create_admin_app
-from proxy.app import DataPlane, create_app
-from proxy.logs import configure, logger
-from proxy.runtime import LOOPS, RESERVED_FILES, raise_open_files
-from proxy.runtime import run as run_loop
-from proxy.settings import Settings, load_settings
-from proxy.state import ProxyState, build_state
+from thinkcap.proxy.admin import create_admin_app
+from thinkcap.proxy.app import DataPlane, create_app
+from thinkcap.proxy.logs import configure, logger
+from thinkcap.proxy.runtime import LOOPS, RESERVED_FILES, raise_open_files
+from thinkcap.proxy.runtime import run as run_loop
+from thinkcap.proxy.settings import Settings, load_settings
+from thinkcap.proxy.state import ProxyState, build_state
 
 
 async def start(state: ProxyState) -> tuple[DataPlane, web.AppRunner, int, int]:

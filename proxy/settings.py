@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from controller import METHODS
-from proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
-from proxy.transport import client, server
+from thinkcap.controller import METHODS
+from thinkcap.proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
+from thinkcap.proxy.transport import client, server
 
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens")
 

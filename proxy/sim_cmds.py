@@ -11,12 +11,12 @@ import sys
 from dataclasses import replace
 from typing import IO, Any
 
-from proxy.runtime import run as run_loop
-from proxy.scenario_config import load_scenario
-from sim.backend import serve
-from sim.loadgen import LoadSettings, Record, run_load
-from sim.scenario import LoadPhase, Scenario
-from sim.summary import format_summary, summarise_records
+from thinkcap.proxy.runtime import run as run_loop
+from thinkcap.proxy.scenario_config import load_scenario
+from thinkcap.sim.backend import serve
+from thinkcap.sim.loadgen import LoadSettings, Record, run_load
+from thinkcap.sim.scenario import LoadPhase, Scenario
+from thinkcap.sim.summary import format_summary, summarise_records
 
 
 def parse_phase(text: str) -> LoadPhase:

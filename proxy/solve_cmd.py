@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from controller import DEFAULT_METHOD, METHODS, Problem, Rounded, SolveResult, round_caps, solve
-from proxy.config import ModelConfig, load_model
+from thinkcap.controller import DEFAULT_METHOD, METHODS, Problem, Rounded, SolveResult, round_caps, solve
+from thinkcap.proxy.config import ModelConfig, load_model
 
 
 @dataclass(frozen=True)

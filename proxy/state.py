@@ -12,14 +12,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from estimators import AccuracyCurve, ArrivalRate, Estimators
-from proxy.admission import Admission
-from proxy.caps import CapStore, CapTable
-from proxy.classify import Classifier
-from proxy.metrics import Metrics
-from proxy.settings import Settings
-from proxy.solve_cmd import allocate
-from proxy.transport.client import Upstream
+from thinkcap.estimators import AccuracyCurve, ArrivalRate, Estimators
+from thinkcap.proxy.admission import Admission
+from thinkcap.proxy.caps import CapStore, CapTable
+from thinkcap.proxy.classify import Classifier
+from thinkcap.proxy.metrics import Metrics
+from thinkcap.proxy.settings import Settings
+from thinkcap.proxy.solve_cmd import allocate
+from thinkcap.proxy.transport.client import Upstream
 
 #: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
 REASONING_DIALECTS = ("vllm", "sglang")

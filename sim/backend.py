@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sim.scenario import FAULT_KINDS, Scenario, SimType
+from thinkcap.sim.scenario import FAULT_KINDS, Scenario, SimType
 
 SCENARIO_KEY = web.AppKey("scenario", Scenario)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from controller import Problem
+from thinkcap.controller import Problem
 
 Array = NDArray[np.float64]
 

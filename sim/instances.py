@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller import Problem
+from thinkcap.controller import Problem
 
 #: Load regimes: where the minimal-reasoning load rho(lo) sits, and how costly latency is.
 REGIMES = ("light", "heavy", "margin", "overloaded")

@@ -19,8 +19,8 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
-from sim.backend import CORRECT_HEADER
-from sim.scenario import LoadPhase, Scenario
+from thinkcap.sim.backend import CORRECT_HEADER
+from thinkcap.sim.scenario import LoadPhase, Scenario
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from controller import Problem, TaskType
+from thinkcap.controller import Problem, TaskType
 
 #: Streaming field names under which reasoning-token deltas are sent.
 REASONING_FIELDS = ("reasoning", "reasoning_content")

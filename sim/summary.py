@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from sim.loadgen import Record
-from sim.scenario import LoadPhase
+from thinkcap.sim.loadgen import Record
+from thinkcap.sim.scenario import LoadPhase
 
 
 @dataclass(frozen=True)

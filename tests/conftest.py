@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.logs import reset
+from thinkcap.proxy.logs import reset
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """HTTP/1.1 on the data plane's wire, with no OpenAI semantics: the server and the upstream client."""
 
-from proxy.transport.client import Response, Upstream, UpstreamError
-from proxy.transport.server import BodyTooLargeError, HttpRequest, HttpServer, Reply, StreamReply, json_reply
+from thinkcap.proxy.transport.client import Response, Upstream, UpstreamError
+from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest, HttpServer, Reply, StreamReply, json_reply
 
 __all__ = [
     "BodyTooLargeError",

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.transport.tcp import no_delay
+from thinkcap.proxy.transport.tcp import no_delay
 
 #: A whole (not streamed) answer larger than this is refused (see ``[backend] max_answer_bytes``).
 MAX_ANSWER_BYTES = 32 * 1024 * 1024

@@ -47,7 +47,7 @@ from urllib.parse import unquote
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.transport.tcp import no_delay
+from thinkcap.proxy.transport.tcp import no_delay
 
 #: The request line and headers together, at most.
 MAX_HEAD_BYTES = 64 * 1024

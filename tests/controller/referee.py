@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from controller import Problem
+from thinkcap.controller import Problem
 
 
 def referee(p: Problem) -> tuple[np.ndarray, float]:

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from controller import Problem, TaskType
-from sim.instances import random_problem
+from thinkcap.controller import Problem, TaskType
+from thinkcap.sim.instances import random_problem
 
 
 def task(**kw: object) -> TaskType:

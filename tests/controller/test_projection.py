@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from controller.projection import project_box_halfspace
+from thinkcap.controller.projection import project_box_halfspace
 
 
 @settings(max_examples=60, deadline=None)

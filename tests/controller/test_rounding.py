@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import exact, round_caps
-from controller.rounding import EXHAUSTIVE_MAX_TYPES
-from sim.instances import random_problem
+from thinkcap.controller import exact, round_caps
+from thinkcap.controller.rounding import EXHAUSTIVE_MAX_TYPES
+from thinkcap.sim.instances import random_problem
 
 
 @settings(max_examples=40, deadline=None)

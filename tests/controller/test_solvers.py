@@ -9,11 +9,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller import METHODS, Problem, SolveResult, Status, TaskType, exact, fixed_point, projected_gradient, solve
-from controller.kkt import certify, contraction_factor
-from controller.sweep import make_sweep
-from sim.instances import random_problem
 from tests.controller.referee import referee
+from thinkcap.controller import (
+    METHODS,
+    Problem,
+    SolveResult,
+    Status,
+    TaskType,
+    exact,
+    fixed_point,
+    projected_gradient,
+    solve,
+)
+from thinkcap.controller.kkt import certify, contraction_factor
+from thinkcap.controller.sweep import make_sweep
+from thinkcap.sim.instances import random_problem
 
 REL = 1e-9
 #: Every method, and the exact method with each of its two per-type kernels forced.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from thinkcap.proxy.cli import main
 
 POLICIES = ("adaptive", "static", "maximal")
 

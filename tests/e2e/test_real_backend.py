@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from examples.real_backend import BackendDiedError, Server, free_port, wait_for
-from sim.des import lindley
+from thinkcap.sim.des import lindley
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 

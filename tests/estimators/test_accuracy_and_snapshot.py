@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from estimators import AccuracyCurve, Estimators
+from thinkcap.estimators import AccuracyCurve, Estimators
 
 
 def feedback(curve: AccuracyCurve, n: int, truth: tuple[float, float, float], seed: int = 0) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import estimators
+from thinkcap import estimators
 
 Step = tuple[dict[str, Any], Callable[[Any], None]]
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from estimators import ArrivalRate, ServiceModel, ServiceRLS, TypeMix
+from thinkcap.estimators import ArrivalRate, ServiceModel, ServiceRLS, TypeMix
 
 
 def poisson_times(rng: np.random.Generator, rate: float, start: float, stop: float) -> list[float]:

@@ -13,13 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.admin import create_admin_app
-from proxy.app import DataPlane, create_app
-from proxy.settings import Settings, load_settings
-from proxy.state import ProxyState, build_state
-from sim.backend import create_app as create_sim
-from sim.scenario import DIALECT_USAGE
 from tests.sim.conftest import make_scenario
+from thinkcap.proxy.admin import create_admin_app
+from thinkcap.proxy.app import DataPlane, create_app
+from thinkcap.proxy.settings import Settings, load_settings
+from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim.backend import create_app as create_sim
+from thinkcap.sim.scenario import DIALECT_USAGE
 
 CONFIG = """
 [objective]

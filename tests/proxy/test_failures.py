@@ -18,14 +18,14 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
-from proxy.app import DataPlane, create_app
-from proxy.serve_cmd import start
-from proxy.settings import load_settings
-from proxy.state import ProxyState, build_state
-from proxy.transport.server import StreamReply
-from sim.backend import create_app as create_sim
 from tests.proxy.conftest import Stack, StackFactory, in_front_of, write_config
 from tests.sim.conftest import make_scenario, sim_type
+from thinkcap.proxy.app import DataPlane, create_app
+from thinkcap.proxy.serve_cmd import start
+from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.proxy.transport.server import StreamReply
+from thinkcap.sim.backend import create_app as create_sim
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxy.cli import main
-from proxy.config import load_model
+from thinkcap.proxy.cli import main
+from thinkcap.proxy.config import load_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
 TRUTH = {"b0": 0.15, "out": 0.012, "in": 0.006}

@@ -18,12 +18,12 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import DataPlane, create_app
-from proxy.settings import load_settings
-from proxy.state import build_state
-from sim.backend import create_app as create_sim
 from tests.proxy.conftest import write_config
 from tests.sim.conftest import make_scenario
+from thinkcap.proxy.app import DataPlane, create_app
+from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.state import build_state
+from thinkcap.sim.backend import create_app as create_sim
 
 KEYS = [
     "messages",

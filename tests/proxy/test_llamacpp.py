@@ -16,10 +16,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from examples.real_backend import Server, start_llama
-from proxy.app import create_app, probe
-from proxy.settings import load_settings
-from proxy.state import ProxyState, build_state
 from tests.proxy.conftest import write_config
+from thinkcap.proxy.app import create_app, probe
+from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.state import ProxyState, build_state
 
 CAP = 16
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-import proxy.loop as loop_module
-from controller import SolveResult, Status, solve
-from proxy.audit_cmd import problem_of
-from proxy.cli import main
-from proxy.loop import ControlLoop
-from proxy.settings import ControllerSettings, load_settings
-from proxy.state import ProxyState, build_state
+import thinkcap.proxy.loop as loop_module
 from tests.proxy.conftest import write_config
+from thinkcap.controller import SolveResult, Status, solve
+from thinkcap.proxy.audit_cmd import problem_of
+from thinkcap.proxy.cli import main
+from thinkcap.proxy.loop import ControlLoop
+from thinkcap.proxy.settings import ControllerSettings, load_settings
+from thinkcap.proxy.state import ProxyState, build_state
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import app
-from proxy.cli import main
-from proxy.settings import load_settings
-from proxy.state import build_state
 from tests.proxy.conftest import Stack, StackFactory, write_config
 from tests.sim.conftest import sim_type
+from thinkcap.proxy import app
+from thinkcap.proxy.cli import main
+from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.state import build_state
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.cli import main
-from proxy.scenario_config import load_scenario
+from thinkcap.proxy.cli import main
+from thinkcap.proxy.scenario_config import load_scenario
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "scenario.toml"
 
@@ -83,7 +83,7 @@ def test_mock_backend_serves_the_openai_client_and_stops_on_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "proxy",
+            "thinkcap.proxy",
             "mock-backend",
             "--scenario",
             str(EXAMPLE),

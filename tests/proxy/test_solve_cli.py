@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
-from proxy.config import ConfigError, load_model
+from thinkcap.proxy.cli import main
+from thinkcap.proxy.config import ConfigError, load_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import TaskType
-from proxy.accounting import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
-from proxy.admission import Admission, QueueFullError
-from proxy.classify import CLASSIFY_CHARS, Classifier, NaiveBayes, UnknownTypeError, prompt_text
-from proxy.config import TypeConfig
-from proxy.dialects import ClientLimitError, apply_cap, honoured
+from thinkcap.controller import TaskType
+from thinkcap.proxy.accounting import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
+from thinkcap.proxy.admission import Admission, QueueFullError
+from thinkcap.proxy.classify import CLASSIFY_CHARS, Classifier, NaiveBayes, UnknownTypeError, prompt_text
+from thinkcap.proxy.config import TypeConfig
+from thinkcap.proxy.dialects import ClientLimitError, apply_cap, honoured
 
 
 def tc(name: str, **kw: Any) -> TypeConfig:

@@ -11,8 +11,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.upstream_body import upstream_body
 from tests.proxy.conftest import in_front_of
+from thinkcap.proxy.upstream_body import upstream_body
 
 
 def edited(raw: bytes, **changes: Any) -> tuple[bytes, dict[str, Any]]:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from controller import TaskType
-from sim.backend import create_app
-from sim.scenario import Scenario, SimType
+from thinkcap.controller import TaskType
+from thinkcap.sim.backend import create_app
+from thinkcap.sim.scenario import Scenario, SimType
 
 
 def sim_type(name: str, *, natural: int = 400, answer: int = 6, overhead: float = 0.1, per_token: float = 0.001,

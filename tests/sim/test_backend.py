@@ -13,10 +13,10 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from sim.backend import CORRECT_HEADER, REASONING_HEADER, TYPE_HEADER, FifoSlots
-from sim.backend import FAULT_HEADER as FAULT
-from sim.scenario import Faults
 from tests.sim.conftest import ServerFactory, sim_type
+from thinkcap.sim.backend import CORRECT_HEADER, REASONING_HEADER, TYPE_HEADER, FifoSlots
+from thinkcap.sim.backend import FAULT_HEADER as FAULT
+from thinkcap.sim.scenario import Faults
 
 
 def base_url(server: TestServer) -> str:

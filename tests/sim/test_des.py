@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controller import Problem, TaskType
-from sim.des import Phase, lindley, sample_workload, simulate
+from thinkcap.controller import Problem, TaskType
+from thinkcap.sim.des import Phase, lindley, sample_workload, simulate
 
 #: Batches for the batch-means confidence interval of the mean wait.
 BATCHES = 30

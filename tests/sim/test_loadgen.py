@@ -13,12 +13,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.cli import main
-from sim.backend import STATE_KEY
-from sim.loadgen import LoadSettings, Record, arrival_times, run_load
-from sim.scenario import Faults, LoadPhase
-from sim.summary import summarise_records
 from tests.sim.conftest import ServerFactory, make_scenario, sim_type
+from thinkcap.proxy.cli import main
+from thinkcap.sim.backend import STATE_KEY
+from thinkcap.sim.loadgen import LoadSettings, Record, arrival_times, run_load
+from thinkcap.sim.scenario import Faults, LoadPhase
+from thinkcap.sim.summary import summarise_records
 
 EXAMPLE_SCENARIO = Path(__file__).resolve().parents[2] / "examples" / "scenario.toml"
 

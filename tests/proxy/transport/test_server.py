@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.runtime import run
-from proxy.transport import server as http1
-from proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
+from thinkcap.proxy.runtime import run
+from thinkcap.proxy.transport import server as http1
+from thinkcap.proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 
 LOOPS = ["asyncio", "uvloop"]
 LIMIT = 1000
