@@ -1,5 +1,14 @@
 """Pure optimisation of reasoning-token caps for an M/G/1 LLM server."""
 
+from thinkcap.controller.decision import (
+    Decision,
+    admit_fraction,
+    decide,
+    load_at_min_caps,
+    problem_from_record,
+    problem_record,
+    should_publish,
+)
 from thinkcap.controller.iterative import fixed_point, projected_gradient
 from thinkcap.controller.methods import DEFAULT_METHOD, METHODS, solve
 from thinkcap.controller.problem import Problem, QueueMetrics, TaskType
@@ -10,16 +19,23 @@ from thinkcap.controller.structured import exact
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
+    "Decision",
     "Problem",
     "QueueMetrics",
     "Rounded",
     "SolveResult",
     "Status",
     "TaskType",
+    "admit_fraction",
+    "decide",
     "exact",
     "fixed_point",
+    "load_at_min_caps",
+    "problem_from_record",
+    "problem_record",
     "projected_gradient",
     "round_caps",
     "rounding_bound",
+    "should_publish",
     "solve",
 ]

@@ -49,8 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from thinkcap.controller import TaskType  # noqa: E402
-from thinkcap.proxy.audit_cmd import problem_of  # noqa: E402
+from thinkcap.controller import TaskType, problem_from_record  # noqa: E402
 from thinkcap.sim.loadgen import LoadSettings, run_load  # noqa: E402
 from thinkcap.sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
 
@@ -326,7 +325,7 @@ def events(log: Path) -> list[dict[str, Any]]:
 
 def predicted_system_time(decision: dict[str, Any]) -> float:
     """The decision's M/G/1 mean system time at the caps in force after it."""
-    p = problem_of(decision)
+    p = problem_from_record(decision["inputs"])
     caps = np.array([float(decision["caps_in_force"][name]) for name in p.names])
     return p.metrics(caps).mean_system_time
 

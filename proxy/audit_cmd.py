@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from thinkcap.controller import Problem, TaskType
-from thinkcap.proxy.loop import TYPE_FIELDS, decide
+from thinkcap.controller import decide, problem_from_record
 
 CONTINUOUS_RTOL = 1e-6
 
@@ -66,18 +65,12 @@ def read_events(path: str, report: AuditReport) -> Iterator[tuple[int, dict[str,
             yield number, event
 
 
-def problem_of(event: dict[str, Any]) -> Problem:
-    """The problem a decision event describes."""
-    inputs = event["inputs"]
-    types = tuple(TaskType(**{k: t[k] for k in TYPE_FIELDS}) for t in inputs["types"])
-    return Problem(types, inputs["arrival_rate"], inputs["latency_penalty"], inputs["rho_max"])
-
-
 def replay(event: dict[str, Any]) -> str | None:
     """``None`` if the decision replays identically, else what differs."""
-    p = problem_of(event)
+    p = problem_from_record(event["inputs"])
     x0 = None if event.get("x0") is None else np.asarray(event["x0"], dtype=float)
-    result, caps = decide(p, event["method"], x0)
+    decision = decide(p, method=event["method"], x0=x0)
+    result, caps = decision.result, decision.caps(p.names)
     if result.status.name.lower() != event["status"]:
         return f"status {result.status.name.lower()} != logged {event['status']}"
     if caps != event["caps"]:

@@ -29,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 from aiohttp import web
 
-from thinkcap.controller import Problem, Status, round_caps, solve
+from thinkcap.controller import Problem, decide
 from thinkcap.proxy.app import DataPlane
 from thinkcap.proxy.config import ModelConfig, TypeConfig
 from thinkcap.proxy.logs import configure
@@ -71,9 +71,7 @@ def policy_caps(truth: Problem, policy: str) -> dict[str, int] | None:
     if policy == "maximal":
         return {n: int(h) for n, h in zip(truth.names, truth.hi, strict=True)}
     if policy == "static":
-        result = solve(truth)
-        caps = truth.lo if result.status == Status.OVERLOAD else round_caps(truth, result.x).caps
-        return {n: int(c) for n, c in zip(truth.names, caps, strict=True)}
+        return decide(truth).caps(truth.names)
     return None
 
 

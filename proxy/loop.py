@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from thinkcap.controller import Problem, SolveResult, Status, round_caps, solve
+from thinkcap.controller import (
+    Problem,
+    Status,
+    admit_fraction,
+    decide,
+    load_at_min_caps,
+    problem_record,
+    should_publish,
+)
 from thinkcap.estimators import Snapshot
 from thinkcap.proxy.config import ModelConfig
 from thinkcap.proxy.logs import logger
@@ -28,20 +36,6 @@ from thinkcap.proxy.state import ProxyState
 #: Share of the arrivals whose types need a fitted service model before that model counts as
 #: evidence of an overload.
 FITTED_SHARE = 0.95
-#: Fields of a task type written into each decision event (enough to rebuild the problem).
-TYPE_FIELDS = (
-    "name",
-    "prior",
-    "weight",
-    "accuracy_base",
-    "accuracy_gain",
-    "accuracy_rate",
-    "overhead_s",
-    "per_token_s",
-    "variance_s2",
-    "min_tokens",
-    "max_tokens",
-)
 
 
 def build_problem(
@@ -92,25 +86,6 @@ def build_problem(
     return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max)
 
 
-def problem_inputs(p: Problem) -> dict[str, Any]:
-    """Every input of ``p``, as JSON (floats round-trip exactly)."""
-    return {
-        "arrival_rate": p.arrival_rate,
-        "latency_penalty": p.latency_penalty,
-        "rho_max": p.rho_max,
-        "types": [{k: getattr(t, k) for k in TYPE_FIELDS} for t in p.types],
-    }
-
-
-def decide(p: Problem, method: str, x0: np.ndarray[Any, Any] | None) -> tuple[SolveResult, dict[str, int]]:
-    """Solve and round (the exact computation :func:`proxy.audit` replays)."""
-    result = solve(p, method=method, x0=x0)
-    if result.status == Status.FAILED or not np.all(np.isfinite(result.x)):
-        raise RuntimeError(f"solver {method} failed: {result.message}")
-    caps = p.lo.copy() if result.status == Status.OVERLOAD else round_caps(p, result.x).caps
-    return result, {name: int(c) for name, c in zip(p.names, caps, strict=True)}
-
-
 class ControlLoop:
     """Re-solves the allocation from the proxy's estimators and publishes integer caps."""
 
@@ -131,24 +106,6 @@ class ControlLoop:
     def changed(self) -> bool:
         """Whether the change detector flagged since the last decision (then wake the loop)."""
         return self.state.estimators.arrival.changes != self._seen_changes
-
-    def _moved(self, new: Mapping[str, int], problem: Problem, t_new: float, overload: bool) -> bool:
-        """Whether to publish ``new``: some cap moves by more than the hysteresis; or, in
-        overload, the minimum caps differ from those in force; or the caps in force give a
-        predicted mean system time more than ``hysteresis_latency`` above the new caps'.
-
-        The hysteresis spares churn; it must not hold caps under which the model says a queue
-        builds up, as small caps under a rising load do when they move by fewer tokens than
-        the threshold.
-        """
-        old = self.state.caps.table.caps
-        s = self.settings
-        if any(abs(new[n] - old[n]) > max(s.hysteresis_tokens, s.hysteresis_relative * old[n]) for n in new):
-            return True
-        if overload:
-            return any(new[n] != old[n] for n in new)
-        t_old = problem.metrics(np.array([old[n] for n in problem.names], dtype=float)).mean_system_time
-        return t_old > (1 + s.hysteresis_latency) * t_new
 
     def curves(self) -> tuple[dict[str, tuple[float, float, float]], dict[str, Any]]:
         """The accuracy curves fitted from graded feedback that are pinned down well enough to
@@ -195,8 +152,12 @@ class ControlLoop:
             problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used, accuracy=curves)
             x0 = self.x0
             started = time.perf_counter()
-            result, caps = decide(problem, s.method, x0)
+            decision = decide(problem, method=s.method, x0=x0)
             solve_time = time.perf_counter() - started
+            result = decision.result
+            if not decision.usable:
+                raise RuntimeError(f"solver {s.method} failed: {result.message}")
+            caps = decision.caps(problem.names)
         except Exception as exc:  # fail-static: any failure keeps the last good caps
             self.failures += 1
             log.error(
@@ -212,7 +173,15 @@ class ControlLoop:
         if not overload:
             self.x0 = result.x
         q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
-        publish = self._moved(caps, problem, q.mean_system_time, overload)
+        publish = should_publish(
+            problem,
+            caps,
+            st.caps.table.caps,
+            overload=overload,
+            hysteresis_tokens=s.hysteresis_tokens,
+            hysteresis_relative=s.hysteresis_relative,
+            hysteresis_latency=s.hysteresis_latency,
+        )
         if publish:
             table = st.caps.publish(caps, "controller", decision_id=decision_id, now=now)
             st.metrics.set_caps(st.caps.effective())
@@ -232,7 +201,7 @@ class ControlLoop:
             "time": now,
             "method": s.method,
             "x0": None if x0 is None else [float(v) for v in x0],
-            "inputs": problem_inputs(problem),
+            "inputs": problem_record(problem),
             "arrival_source": "estimate" if use_estimate else "config",
             "status": result.status.name.lower(),
             "message": result.message,
@@ -275,14 +244,14 @@ class ControlLoop:
         stops within ``shed_min_dwell_s`` of its last change.
         """
         st, s = self.state, self.settings
-        load_at_min = p.arrival_rate * float(p.prior @ (p.t0 + p.c * p.lo))
+        load_at_min = load_at_min_caps(p)
         evidence = self._evidence(snap)
         was = st.shedding
         settled = self._flipped is None or now - self._flipped >= s.shed_min_dwell_s
         if overload:
             if was or (evidence is not None and settled):
                 st.shedding = True
-                st.admit_fraction = min(1.0, s.shed_release * p.rho_max / load_at_min)
+                st.admit_fraction = admit_fraction(p, s.shed_release)
                 self._unconfirmed = False
             elif evidence is None and not self._unconfirmed:
                 self._unconfirmed = True

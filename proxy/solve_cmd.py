@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from thinkcap.controller import DEFAULT_METHOD, METHODS, Problem, Rounded, SolveResult, round_caps, solve
+from thinkcap.controller import DEFAULT_METHOD, METHODS, Problem, Rounded, SolveResult, decide
 from thinkcap.proxy.config import ModelConfig, load_model
 
 
@@ -78,11 +78,11 @@ def _finite(obj: Any) -> Any:
 
 
 def allocate(problem: Problem, method: str = DEFAULT_METHOD, rounding: str = "neighbour") -> Allocation:
-    """Solve and round, timing the solve alone."""
+    """:func:`thinkcap.controller.decide`, timed."""
     start = time.perf_counter()
-    result = solve(problem, method=method)
+    decision = decide(problem, method=method, rounding=rounding)
     elapsed = time.perf_counter() - start
-    return Allocation(problem, result, round_caps(problem, result.x, method=rounding), elapsed)
+    return Allocation(problem, decision.result, decision.rounded, elapsed)
 
 
 def _fmt(value: float, spec: str) -> str:

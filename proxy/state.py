@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from thinkcap.controller import decide
 from thinkcap.estimators import AccuracyCurve, ArrivalRate, Estimators
 from thinkcap.proxy.admission import Admission
 from thinkcap.proxy.caps import CapStore, CapTable
 from thinkcap.proxy.classify import Classifier
 from thinkcap.proxy.metrics import Metrics
 from thinkcap.proxy.settings import Settings
-from thinkcap.proxy.solve_cmd import allocate
 from thinkcap.proxy.transport.client import Upstream
 
 #: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
@@ -116,9 +116,11 @@ class ProxyState:
 
 def initial_caps(settings: Settings) -> CapTable:
     """The caps before the control loop speaks: the solve at ``[workload] arrival_rate``."""
-    a = allocate(settings.model.problem())
-    caps = {name: int(c) for name, c in zip(a.problem.names, a.rounded.caps, strict=True)}
-    return CapTable(caps, f"solve at arrival_rate {settings.model.arrival_rate:g} ({a.result.status.name.lower()})")
+    p = settings.model.problem()
+    d = decide(p)
+    return CapTable(
+        d.caps(p.names), f"solve at arrival_rate {settings.model.arrival_rate:g} ({d.result.status.name.lower()})"
+    )
 
 
 def build_state(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> ProxyState:

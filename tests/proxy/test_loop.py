@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-import thinkcap.proxy.loop as loop_module
+import thinkcap.controller.decision as decision_module
 from tests.proxy.conftest import write_config
-from thinkcap.controller import SolveResult, Status, solve
-from thinkcap.proxy.audit_cmd import problem_of
+from thinkcap.controller import SolveResult, Status, problem_from_record, solve
 from thinkcap.proxy.cli import main
 from thinkcap.proxy.loop import ControlLoop
 from thinkcap.proxy.settings import ControllerSettings, load_settings
@@ -89,7 +88,7 @@ def test_hysteresis_never_keeps_caps_under_which_a_queue_builds_up(state: ProxyS
     t = feed(state, rate, 0.0, 200.0)
     event = ctl.step(t)
     assert event is not None
-    p = problem_of(event)
+    p = problem_from_record(event["inputs"])
     old = p.metrics(np.array([before[n] for n in p.names], dtype=float))
     assert (old.rho < p.rho_max) == (rate == 2.0)
     assert old.mean_system_time > 1.2 * event["predicted_mean_system_time"]
@@ -115,7 +114,7 @@ def test_solver_failure_keeps_the_last_caps(state: ProxyState, monkeypatch: pyte
         x = np.full(len(p.types), np.nan)
         return SolveResult(x=x, fun=np.nan, status=Status.FAILED, nit=1, nfev=1, residual=np.nan, method="exact")
 
-    monkeypatch.setattr(loop_module, "solve", broken)
+    monkeypatch.setattr(decision_module, "solve", broken)
     with capture_logs() as logs:
         assert ctl.step(feed(state, 5.0, 0.0, 100.0)) is None
     assert state.caps.effective() == before and ctl.failures == 1
@@ -215,9 +214,9 @@ def test_feedback_moves_the_caps_toward_the_optimum_of_the_true_curve(state: Pro
     configured = ctl.step(t)
     assert configured is not None and configured["accuracy"]["easy"]["source"] == "configured"
     true_easy = (0.05, 0.9, 0.004)  # configured: base 0.6, gain 0.3, rate 0.05 (saturates by ~60 tokens)
-    truth = replace(problem_of(configured), types=tuple(
+    truth = replace(problem_from_record(configured["inputs"]), types=tuple(
         replace(k, accuracy_base=true_easy[0], accuracy_gain=true_easy[1], accuracy_rate=true_easy[2])
-        if k.name == "easy" else k for k in problem_of(configured).types))  # fmt: skip
+        if k.name == "easy" else k for k in problem_from_record(configured["inputs"]).types))  # fmt: skip
     optimum = dict(zip(truth.names, solve(truth).x, strict=True))["easy"]
     rng = np.random.default_rng(5)
     curve = state.accuracy["easy"]
