@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import tempfile
@@ -357,8 +358,10 @@ async def behind_raw(
     """A proxy (the test config) in front of a raw TCP upstream; yields the proxy's ``/v1`` URL
     and the request heads the upstream received."""
     heads: list[bytes] = []
+    writers: set[asyncio.StreamWriter] = set()
 
     async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.add(w)
         try:
             while True:
                 head = await r.readuntil(b"\r\n\r\n")
@@ -390,6 +393,10 @@ async def behind_raw(
     finally:
         await front.close()
         server.close()
+        for w in writers:  # closed before the test's event loop ends, so none is left to the collector
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
 
 
 async def raw_post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:

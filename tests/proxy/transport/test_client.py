@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -17,11 +18,13 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str, list[int]]]]]:
     """Start a raw TCP server; yields its base URL and a list counting its connections."""
     servers: list[asyncio.Server] = []
+    writers: set[asyncio.StreamWriter] = set()
 
     async def start(handler: Handler) -> tuple[str, list[int]]:
         connections = [0]
 
         async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            writers.add(w)
             connections[0] += 1
             try:
                 await handler(r, w)
@@ -37,6 +40,10 @@ async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[str,
     for s in servers:
         s.close()
         await s.wait_closed()
+    for w in writers:  # closed before the test's event loop ends, so none is left to the collector
+        w.close()
+        with contextlib.suppress(ConnectionError):
+            await w.wait_closed()
 
 
 async def read_request(r: asyncio.StreamReader) -> bytes:

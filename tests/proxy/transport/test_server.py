@@ -51,7 +51,7 @@ class Recorder:
         body = b"" if request.too_large else await request.read()
         return json_reply(
             {"method": request.method, "path": request.path, "query": request.query_string,
-             "body": body.decode(), "too_large": request.too_large},
+             "body": body.decode(errors="replace"), "too_large": request.too_large},
         )  # fmt: skip
 
 
