@@ -7,7 +7,7 @@ units) under a schedule with load steps 1 -> 6 -> 12 -> 3 requests/s, ``--phase-
 each. Every policy serves the same sampled arrival sequence (common random numbers: the
 same types, service noise and correctness draws):
 
-- *online*: thinkcap's control loop (``proxy.loop.ControlLoop``, interval 1 s, the demo's
+- *online*: thinkcap's control loop (``thinkcap.proxy.control.ControlLoop``, interval 1 s, the demo's
   estimator settings) fed, in event order, with each arrival and each completion of a FIFO
   single server; a request gets the caps in force when it starts service. Its configured
   service model is deliberately wrong (overhead x 1.5, per-token x 0.7) until it has
@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from thinkcap.controller import Problem, Status, round_caps, solve  # noqa: E402
-from thinkcap.proxy.demo_cmd import demo_settings, render, run_demo  # noqa: E402
+from thinkcap.proxy.cli.demo import demo_settings, render, run_demo  # noqa: E402
+from thinkcap.proxy.control import ControlLoop  # noqa: E402
 from thinkcap.proxy.logs import configure  # noqa: E402
-from thinkcap.proxy.loop import ControlLoop  # noqa: E402
 from thinkcap.proxy.scenario_config import load_scenario  # noqa: E402
 from thinkcap.proxy.state import build_state  # noqa: E402
 from thinkcap.sim.des import Phase, Workload, sample_workload, serve  # noqa: E402

@@ -8,13 +8,12 @@ from typing import Any
 from aiohttp import web
 
 from thinkcap.proxy.logs import logger
+from thinkcap.proxy.request.errors import error_body
 from thinkcap.proxy.state import STATE_KEY, ProxyState
 
 
 def _admin_error(status: int, message: str) -> web.Response:
-    return web.json_response(
-        {"error": {"message": message, "type": "invalid_request_error", "code": None}}, status=status
-    )
+    return web.json_response(error_body(message, "invalid_request_error", code=None), status=status)
 
 
 @web.middleware

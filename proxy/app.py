@@ -11,11 +11,12 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from thinkcap.proxy.accounting import from_usage
-from thinkcap.proxy.dialects import apply_cap, honoured
-from thinkcap.proxy.forward import SHAPED, ProxyError, error_response, new_request_id, passthrough, request_id, shaped
+from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import logger
-from thinkcap.proxy.loop import ControlLoop
+from thinkcap.proxy.request.dialects import apply_cap, honoured
+from thinkcap.proxy.request.errors import ProxyError, error_response
+from thinkcap.proxy.request.forward import SHAPED, new_request_id, passthrough, request_id, shaped
+from thinkcap.proxy.request.sse import from_usage
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Upstream
 from thinkcap.proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import gc
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,14 @@ class Stack:
 
 
 StackFactory = Callable[..., Any]
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test() -> Iterator[None]:
+    """Transports or sockets a test leaves unclosed warn when they are collected; collecting at
+    the end of each test makes the warning (an error here) name the test that left them."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
-"""Classifier, dialects, admission and stream accounting on their own."""
+"""SSE splitting and token accounting from usage or streamed deltas."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from dataclasses import replace
@@ -12,143 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinkcap.controller import TaskType
-from thinkcap.proxy.accounting import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
-from thinkcap.proxy.admission import Admission, QueueFullError
-from thinkcap.proxy.classify import CLASSIFY_CHARS, Classifier, NaiveBayes, UnknownTypeError, prompt_text
-from thinkcap.proxy.config import TypeConfig
-from thinkcap.proxy.dialects import ClientLimitError, apply_cap, honoured
-
-
-def tc(name: str, **kw: Any) -> TypeConfig:
-    task = TaskType(
-        name=name,
-        prior=0.5,
-        accuracy_base=0.1,
-        accuracy_gain=0.5,
-        accuracy_rate=0.01,
-        overhead_s=0.1,
-        per_token_s=0.01,
-        min_tokens=0,
-        max_tokens=100,
-    )
-    return TypeConfig(task=task, **kw)
-
-
-MATH = ("solve the equation for x", "integrate this function", "compute the sum of the series", "find the derivative")
-CODE = ("write a python function", "fix this bug in my code", "refactor the class", "write unit tests for the module")
-
-
-def test_naive_bayes_learns_from_examples_and_reports_cross_validation() -> None:
-    """Trained on a few examples per type it sorts new prompts; leave-one-out accuracy is reported."""
-    nb = NaiveBayes({"math": MATH, "code": CODE})
-    assert nb.predict("please solve for y") == "math"
-    assert nb.predict("a python class with a bug") == "code"
-    assert nb.predict("completely unseen words") is None
-    cv = nb.leave_one_out()
-    assert cv is not None and 0.5 <= cv <= 1.0
-
-
-def test_leave_one_out_can_fail() -> None:
-    """Examples that share nothing with their own type score zero in cross-validation."""
-    nb = NaiveBayes({"a": ("alpha beta", "gamma delta"), "b": ("alpha", "gamma")})
-    assert nb.leave_one_out() == 0.0
-
-
-def test_classifier_chain_order_and_errors() -> None:
-    """Rules beat the classifier; no evidence falls to the default; bad regexes and types are errors."""
-    c = Classifier(
-        [tc("math", keywords=("lemma",), examples=MATH), tc("code", patterns=(r"```",), examples=CODE)], "code"
-    )
-    assert (c.classify("a LEMMA about code").type, c.classify("a LEMMA").source) == ("math", "rule")
-    assert c.classify("```x``` solve the equation").source == "rule"
-    assert c.classify("solve the series").source == "classifier"
-    assert c.classify("zzz").type == "code" and c.classify("zzz").source == "default"
-    assert c.classify("lemmas").source != "rule"  # keywords match whole words
-    with pytest.raises(UnknownTypeError, match="math, code"):
-        c.explicit("poetry")
-    with pytest.raises(ValueError, match="not a valid regex"):
-        Classifier([tc("math", patterns=("(",))], "math")
-    assert Classifier([tc("math")], "math").cv_accuracy is None
-
-
-def test_prompt_text_reads_chat_parts_and_completions() -> None:
-    """The last user message (string or parts) or the completions prompt is classified."""
-    body = {
-        "messages": [
-            {"role": "user", "content": "first"},
-            {"role": "assistant", "content": "x"},
-            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]},
-        ]
-    }
-    assert prompt_text(body) == "a"
-    assert prompt_text({"prompt": ["p", "q"]}) == "p q" and prompt_text({"messages": "nonsense"}) == ""
-
-
-@pytest.mark.parametrize("dialect", ["vllm", "sglang", "openai", "llamacpp", "max_tokens"])
-@pytest.mark.parametrize("client", [None, 0, 5, 500])
-def test_effective_limit_is_min_of_client_and_cap(dialect: str, client: int | None) -> None:
-    """For every dialect and client limit the effective limit is min(client, cap), never raised."""
-    field = {"vllm": "thinking_token_budget", "sglang": "thinking_budget", "openai": "max_completion_tokens"}.get(
-        dialect, "max_tokens"
-    )
-    body: dict[str, Any] = {}
-    if client is not None:
-        if dialect == "sglang":
-            body["custom_params"] = {field: client}
-        else:
-            body[field] = client
-    applied = apply_cap(body, 40, dialect)
-    zero_unset = dialect not in ("vllm", "sglang")
-    limit = None if client is None or (client == 0 and zero_unset) else client
-    want = 40 if limit is None else min(limit, 40)
-    assert applied.effective == (max(1, want) if zero_unset else want)
-    written = body["custom_params"][field] if dialect == "sglang" else body[field]
-    assert written == applied.effective
-
-
-def test_cap_zero_never_becomes_unlimited_on_llamacpp() -> None:
-    """A zero cap is sent as max_tokens 1, because llama.cpp reads 0 as no limit."""
-    body: dict[str, Any] = {}
-    assert apply_cap(body, 0, "llamacpp").effective == 1 and body["max_tokens"] == 1
-    body = {}
-    assert apply_cap(body, 0, "vllm").effective == 0 and body["thinking_token_budget"] == 0
-
-
-def test_answer_allowance_and_client_limit_errors() -> None:
-    """Total-count dialects add the answer allowance; malformed client limits are named."""
-    body: dict[str, Any] = {}
-    assert apply_cap(body, 100, "openai", answer_allowance=50).effective == 150
-    with pytest.raises(ClientLimitError, match="max_tokens"):
-        apply_cap({"max_tokens": "lots"}, 10, "llamacpp")
-    with pytest.raises(ClientLimitError, match="custom_params"):
-        apply_cap({"custom_params": [1]}, 10, "sglang")
-    assert honoured("vllm", 8, reasoning_tokens=9, completion_tokens=3) is False
-    assert honoured("llamacpp", 8, reasoning_tokens=None, completion_tokens=8) is True
-    assert honoured("openai", 8, reasoning_tokens=None, completion_tokens=None) is None
-
-
-async def test_admission_is_fifo_and_bounded() -> None:
-    """Waiters get slots in arrival order; a cancelled waiter leaves; a full line raises."""
-    adm = Admission(1, 2)
-    await adm.enter()
-    order: list[int] = []
-
-    async def wait(i: int) -> None:
-        await adm.enter()
-        order.append(i)
-
-    tasks = [asyncio.create_task(wait(i)) for i in range(2)]
-    await asyncio.sleep(0)
-    with pytest.raises(QueueFullError):
-        await adm.enter()
-    tasks[0].cancel()
-    await asyncio.sleep(0)
-    adm.leave()
-    await tasks[1]
-    assert order == [1] and adm.in_flight == 1 and adm.queued == 0
-    adm.leave()
-    assert adm.in_flight == 0
+from thinkcap.proxy.request.sse import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
 
 
 def sse(obj: Any) -> bytes:
@@ -322,11 +185,3 @@ def test_a_streamed_usage_without_a_reasoning_count_is_filled_from_the_deltas() 
     tally.feed(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n")
     tokens = tally.tokens()
     assert (tokens.reasoning, tokens.reasoning_source, tokens.completion, tokens.source) == (3, "stream", 4, "usage")
-
-
-def test_classification_reads_a_bounded_prefix_of_the_prompt() -> None:
-    """A keyword past the first CLASSIFY_CHARS characters is not seen: a huge prompt costs what a long one does."""
-    c = Classifier([tc("math", keywords=("prove",)), tc("chat")], "chat")
-    filler = "word " * (CLASSIFY_CHARS // 5)
-    assert c.classify("prove " + filler).type == "math"
-    assert c.classify(filler + " prove").type == "chat"

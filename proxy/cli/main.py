@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from thinkcap.proxy import audit_cmd, demo_cmd, fit_cmd, serve_cmd, sim_cmds, solve_cmd
+from thinkcap.proxy.cli import audit, demo, fit, serve, sim, solve
 from thinkcap.proxy.config import ConfigError
 
 
@@ -16,12 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="thinkcap", description="Queueing-aware reasoning-token caps for LLM servers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    solve_cmd.add_parser(sub)
-    fit_cmd.add_parser(sub)
-    sim_cmds.add_parsers(sub)
-    serve_cmd.add_parser(sub)
-    audit_cmd.add_parser(sub)
-    demo_cmd.add_parser(sub)
+    solve.add_parser(sub)
+    fit.add_parser(sub)
+    sim.add_parsers(sub)
+    serve.add_parser(sub)
+    audit.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -17,15 +17,16 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from thinkcap.proxy.accounting import MalformedStreamError, StreamTally, Tokens, from_usage
 from thinkcap.proxy.admission import QueueFullError
 from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
-from thinkcap.proxy.dialects import ClientLimitError, apply_cap
 from thinkcap.proxy.logs import logger
+from thinkcap.proxy.request.body import upstream_body
+from thinkcap.proxy.request.dialects import ClientLimitError, apply_cap
+from thinkcap.proxy.request.errors import REQUEST_ID, ProxyError, error_response
+from thinkcap.proxy.request.sse import MalformedStreamError, StreamTally, Tokens, from_usage
 from thinkcap.proxy.state import REASONING_DIALECTS, Finished, ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
-from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply, json_reply
-from thinkcap.proxy.upstream_body import upstream_body
+from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -48,17 +49,8 @@ HOP_BY_HOP = frozenset(
 NOT_RETURNED = HOP_BY_HOP | {"date", "server"}
 NOT_RETURNED_DECODED = NOT_RETURNED | {"content-encoding"}
 TYPE_HEADER = "X-Thinkcap-Type"
-REQUEST_ID = "X-Request-Id"
 GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SHAPED = ("/v1/chat/completions", "/v1/completions")
-
-
-class ProxyError(Exception):
-    """An error answered by the proxy itself, in OpenAI's error format."""
-
-    def __init__(self, status: int, message: str, kind: str, *, code: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
 #: New request ids: a random prefix per process and a counter, 32 hex digits in all (unique
@@ -82,17 +74,6 @@ def client_request_id(request: HttpRequest) -> str | None:
     """The client's ``X-Request-Id``, if it is sane (it is forwarded upstream and logged)."""
     given = request.headers.get(REQUEST_ID)
     return given if given is not None and GOOD_ID.fullmatch(given) else None
-
-
-def error_response(exc: ProxyError, rid: str, *, retry_after: int | None = None) -> Reply:
-    """An OpenAI-style error body carrying the request id."""
-    body = {
-        "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code, "request_id": rid}
-    }
-    headers = {REQUEST_ID: rid}
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return json_reply(body, status=exc.status, headers=headers)
 
 
 #: Request headers never sent upstream (the proxy asks for an unencoded answer itself, and
@@ -316,8 +297,7 @@ class Exchange:
     async def end_stream(self, resp: StreamReply, err: ProxyError) -> StreamReply:
         """End a stream already under way with an ``error`` event (its status line is sent)."""
         self.event.update(status=err.status, error_kind=err.code)
-        body = {"message": err.message, "type": err.kind, "param": None, "code": err.code, "request_id": self.rid}
-        await resp.write(b"data: " + json.dumps({"error": body}).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps(err.body(self.rid)).encode() + b"\n\n")
         await resp.write_eof()
         return resp
 

@@ -13,7 +13,7 @@ import pytest
 from thinkcap.proxy.cli import main
 from thinkcap.proxy.config import ConfigError, load_model
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "thinkcap.toml"
 
 MINIMAL = """
 [objective]

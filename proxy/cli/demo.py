@@ -31,12 +31,12 @@ from aiohttp import web
 
 from thinkcap.controller import Problem, decide
 from thinkcap.proxy.app import DataPlane
+from thinkcap.proxy.cli.serve import start
 from thinkcap.proxy.config import ModelConfig, TypeConfig
 from thinkcap.proxy.logs import configure
 from thinkcap.proxy.logs import reset as reset_logging
 from thinkcap.proxy.runtime import run as run_loop
 from thinkcap.proxy.scenario_config import load_scenario
-from thinkcap.proxy.serve_cmd import start
 from thinkcap.proxy.settings import BackendSettings, ControllerSettings, EstimatorSettings, ProxySettings, Settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import serve as serve_sim

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.proxy.conftest import in_front_of
-from thinkcap.proxy.upstream_body import upstream_body
+from thinkcap.proxy.request.body import upstream_body
 
 
 def edited(raw: bytes, **changes: Any) -> tuple[bytes, dict[str, Any]]:

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from tests.proxy.conftest import Stack, StackFactory, in_front_of, write_config
 from tests.sim.conftest import make_scenario, sim_type
 from thinkcap.proxy.app import DataPlane, create_app
-from thinkcap.proxy.serve_cmd import start
+from thinkcap.proxy.cli.serve import start
 from thinkcap.proxy.settings import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.proxy.transport.server import StreamReply

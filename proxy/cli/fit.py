@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from thinkcap.estimators import Estimators, Snapshot
+from thinkcap.proxy.cli.toml_out import dumps
 from thinkcap.proxy.config import ConfigError, load_model, read_toml
-from thinkcap.proxy.toml_out import dumps
 
 #: At most this many malformed lines are listed one by one (all are counted).
 MAX_LISTED_ERRORS = 20

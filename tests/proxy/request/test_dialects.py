@@ -1,0 +1,52 @@
+"""Each dialect's cap field, never above a client's limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from thinkcap.proxy.request.dialects import ClientLimitError, apply_cap, honoured
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "sglang", "openai", "llamacpp", "max_tokens"])
+@pytest.mark.parametrize("client", [None, 0, 5, 500])
+def test_effective_limit_is_min_of_client_and_cap(dialect: str, client: int | None) -> None:
+    """For every dialect and client limit the effective limit is min(client, cap), never raised."""
+    field = {"vllm": "thinking_token_budget", "sglang": "thinking_budget", "openai": "max_completion_tokens"}.get(
+        dialect, "max_tokens"
+    )
+    body: dict[str, Any] = {}
+    if client is not None:
+        if dialect == "sglang":
+            body["custom_params"] = {field: client}
+        else:
+            body[field] = client
+    applied = apply_cap(body, 40, dialect)
+    zero_unset = dialect not in ("vllm", "sglang")
+    limit = None if client is None or (client == 0 and zero_unset) else client
+    want = 40 if limit is None else min(limit, 40)
+    assert applied.effective == (max(1, want) if zero_unset else want)
+    written = body["custom_params"][field] if dialect == "sglang" else body[field]
+    assert written == applied.effective
+
+
+def test_cap_zero_never_becomes_unlimited_on_llamacpp() -> None:
+    """A zero cap is sent as max_tokens 1, because llama.cpp reads 0 as no limit."""
+    body: dict[str, Any] = {}
+    assert apply_cap(body, 0, "llamacpp").effective == 1 and body["max_tokens"] == 1
+    body = {}
+    assert apply_cap(body, 0, "vllm").effective == 0 and body["thinking_token_budget"] == 0
+
+
+def test_answer_allowance_and_client_limit_errors() -> None:
+    """Total-count dialects add the answer allowance; malformed client limits are named."""
+    body: dict[str, Any] = {}
+    assert apply_cap(body, 100, "openai", answer_allowance=50).effective == 150
+    with pytest.raises(ClientLimitError, match="max_tokens"):
+        apply_cap({"max_tokens": "lots"}, 10, "llamacpp")
+    with pytest.raises(ClientLimitError, match="custom_params"):
+        apply_cap({"custom_params": [1]}, 10, "sglang")
+    assert honoured("vllm", 8, reasoning_tokens=9, completion_tokens=3) is False
+    assert honoured("llamacpp", 8, reasoning_tokens=None, completion_tokens=8) is True
+    assert honoured("openai", 8, reasoning_tokens=None, completion_tokens=None) is None
