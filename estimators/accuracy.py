@@ -9,6 +9,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
+#: Default weight of the configured curve, in graded answers.
+PRIOR_STRENGTH = 200.0
+
 #: Feedback is kept as counts in this many token bins (O(1) memory).
 BINS = 32
 #: A bin counts as a distinct cap level once it holds this many graded answers.
@@ -81,7 +84,7 @@ class AccuracyCurve:
         rate: float = 0.001,
         *,
         max_tokens: float = 8192.0,
-        prior_strength: float = 200.0,
+        prior_strength: float = PRIOR_STRENGTH,
     ) -> None:
         if not (base >= 0 and gain > 0 and base + gain <= 1 and rate > 0):
             raise ValueError(

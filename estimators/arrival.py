@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 from thinkcap.estimators._decay import check_half_life, check_time
 
+#: Default time constants, seconds (the config's ``[estimators]`` defaults are these).
+HALF_LIFE_S = 30.0
+FAST_HALF_LIFE_S = 2.5
+REFERENCE_HALF_LIFE_S = 300.0
+
 
 @dataclass(frozen=True)
 class RateEstimate:
@@ -122,9 +127,9 @@ class ArrivalRate:
     def __init__(
         self,
         *,
-        half_life_s: float = 30.0,
-        fast_half_life_s: float = 2.5,
-        reference_half_life_s: float = 300.0,
+        half_life_s: float = HALF_LIFE_S,
+        fast_half_life_s: float = FAST_HALF_LIFE_S,
+        reference_half_life_s: float = REFERENCE_HALF_LIFE_S,
         threshold: float = 2.95,
         threshold_down: float = 3.0,
         warmup_events: int = 20,

@@ -10,6 +10,10 @@ from numpy.typing import NDArray
 
 from thinkcap.estimators._decay import check_half_life, check_time, decay_factor
 
+#: Default memory of the mix, seconds, and weight of the configured priors in pseudo-counts.
+HALF_LIFE_S = 300.0
+CONCENTRATION = 5.0
+
 #: The scaled counts are renormalised once their scale factor exceeds this.
 RESCALE_ABOVE = 1e100
 
@@ -46,8 +50,8 @@ class TypeMix:
     def __init__(
         self,
         names: Sequence[str] = ("default",),
-        half_life_s: float = 300.0,
-        concentration: float = 1.0,
+        half_life_s: float = HALF_LIFE_S,
+        concentration: float = CONCENTRATION,
         prior: Sequence[float] | None = None,
     ) -> None:
         names = tuple(names)

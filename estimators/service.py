@@ -10,6 +10,9 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+#: Default forgetting factor of the regression (1: never forget).
+FORGETTING = 0.999
+
 #: Features are divided by this so that the regression is well conditioned (per 1000 tokens).
 TOKEN_SCALE = 1000.0
 
@@ -50,7 +53,7 @@ class ServiceRLS:
 
     def __init__(
         self,
-        forgetting: float = 0.999,
+        forgetting: float = FORGETTING,
         initial_variance: float = 1e6,
         huber: float = 4.0,
         warmup: int = 20,

@@ -6,7 +6,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from thinkcap.estimators.service import ServiceRLS
+from thinkcap.estimators.service import FORGETTING, ServiceRLS
+
+#: Default number of observations before a fit replaces the configured service parameters.
+MIN_SAMPLES = 30
 
 
 class ServiceParams(NamedTuple):
@@ -68,9 +71,9 @@ class ServiceModel:
     def __init__(
         self,
         defaults: Mapping[str, tuple[float, float, float]] | None = None,
-        min_samples: int = 30,
+        min_samples: int = MIN_SAMPLES,
         per_type_slopes: bool = False,
-        forgetting: float = 0.999,
+        forgetting: float = FORGETTING,
     ) -> None:
         self.defaults = dict(defaults or {"default": (0.1, 0.01, 0.0)})
         if not self.defaults:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from thinkcap.estimators import mix, service, service_model
 from thinkcap.estimators.arrival import ArrivalRate
 from thinkcap.estimators.mix import TypeMix
 from thinkcap.estimators.service_model import ServiceModel
@@ -57,18 +58,18 @@ class Estimators:
         defaults: Mapping[str, tuple[float, float, float, float]],
         *,
         arrival: ArrivalRate | None = None,
-        mix_half_life_s: float = 300.0,
-        mix_concentration: float = 5.0,
-        min_samples: int = 30,
+        mix_half_life_s: float = mix.HALF_LIFE_S,
+        mix_concentration: float = mix.CONCENTRATION,
+        min_samples: int = service_model.MIN_SAMPLES,
         per_type_slopes: bool = False,
-        forgetting: float = 0.999,
+        forgetting: float = service.FORGETTING,
     ) -> None:
         if not defaults:
             raise ValueError("defaults: at least one type is required")
         names: Sequence[str] = tuple(defaults)
         self.names = names
         self.arrival = arrival if arrival is not None else ArrivalRate()
-        self.mix = TypeMix(names, half_life_s=mix_half_life_s, concentration=mix_concentration,
+        self.mix: TypeMix = TypeMix(names, half_life_s=mix_half_life_s, concentration=mix_concentration,
                            prior=[defaults[n][0] for n in names])  # fmt: skip
         self.service = ServiceModel({n: defaults[n][1:] for n in names}, min_samples=min_samples,
                                     per_type_slopes=per_type_slopes, forgetting=forgetting)  # fmt: skip

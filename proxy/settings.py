@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkcap.controller import METHODS
+from thinkcap.estimators import accuracy, arrival, mix, service, service_model
 from thinkcap.proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
 from thinkcap.proxy.transport import client, server
 
@@ -120,13 +121,14 @@ class EstimatorSettings:
     configured curve worth ``accuracy_prior_strength`` answers, so it is shrunk toward the
     configured curve while the evidence is thin."""
 
-    arrival_half_life_s: float = 30.0
-    detector_window_s: float = 2.5
-    detector_reference_s: float = 300.0
-    mix_half_life_s: float = 300.0
-    service_min_samples: int = 30
-    service_forgetting: float = 0.999
-    accuracy_prior_strength: float = 200.0
+    arrival_half_life_s: float = arrival.HALF_LIFE_S
+    detector_window_s: float = arrival.FAST_HALF_LIFE_S
+    detector_reference_s: float = arrival.REFERENCE_HALF_LIFE_S
+    mix_half_life_s: float = mix.HALF_LIFE_S
+    mix_concentration: float = mix.CONCENTRATION
+    service_min_samples: int = service_model.MIN_SAMPLES
+    service_forgetting: float = service.FORGETTING
+    accuracy_prior_strength: float = accuracy.PRIOR_STRENGTH
     accuracy_min_samples: int = 50
     accuracy_min_levels: int = 3
     accuracy_max_stderr: float = 0.1
@@ -175,13 +177,13 @@ def _backend(t: Table) -> BackendSettings:
         raise t.error("probe", f"must be true or false, got {probe!r}")
     out = BackendSettings(
         url=url,
-        dialect=t.string("dialect", "vllm", choices=DIALECTS),
+        dialect=t.string("dialect", BackendSettings.dialect, choices=DIALECTS),
         api_key=api_key,
-        connect_timeout_s=t.number("connect_timeout_s", 10.0, lo=0.0, lo_open=True),
-        read_timeout_s=_optional_timeout(t, "read_timeout_s", 300.0),
-        total_timeout_s=_optional_timeout(t, "total_timeout_s", None),
-        answer_allowance=t.integer("answer_allowance", 0, lo=0),
-        probe=True if probe is None else probe,
+        connect_timeout_s=t.number("connect_timeout_s", BackendSettings.connect_timeout_s, lo=0.0, lo_open=True),
+        read_timeout_s=_optional_timeout(t, "read_timeout_s", BackendSettings.read_timeout_s),
+        total_timeout_s=_optional_timeout(t, "total_timeout_s", BackendSettings.total_timeout_s),
+        answer_allowance=t.integer("answer_allowance", BackendSettings.answer_allowance, lo=0),
+        probe=BackendSettings.probe if probe is None else probe,
         model=model,
         max_answer_bytes=t.integer("max_answer_bytes", BackendSettings.max_answer_bytes, lo=1024),
     )
@@ -190,8 +192,10 @@ def _backend(t: Table) -> BackendSettings:
 
 
 def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
-    host, port = parse_hostport(t.string("listen", "127.0.0.1:8000"), where=t, key="listen")
-    admin_host, admin_port = parse_hostport(t.string("admin_listen", "127.0.0.1:8002"), where=t, key="admin_listen")
+    host, port = parse_hostport(t.string("listen", f"{ProxySettings.host}:{ProxySettings.port}"), where=t, key="listen")
+    admin_host, admin_port = parse_hostport(
+        t.string("admin_listen", f"{ProxySettings.admin_host}:{ProxySettings.admin_port}"), where=t, key="admin_listen"
+    )
     token = t.raw("admin_token")
     if token is not None and (not isinstance(token, str) or not token):
         raise t.error("admin_token", "must be a non-empty string")
@@ -207,11 +211,11 @@ def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
         admin_host=admin_host,
         admin_port=admin_port,
         admin_token=token,
-        max_concurrency=t.integer("max_concurrency", 1, lo=1),
-        max_queue=t.integer("max_queue", 256, lo=0),
-        max_body_bytes=t.integer("max_body_bytes", 4 * 1024 * 1024, lo=1024),
-        retry_after_s=t.integer("retry_after_s", 1, lo=1),
-        drain_timeout_s=t.number("drain_timeout_s", 30.0, lo=0.0),
+        max_concurrency=t.integer("max_concurrency", ProxySettings.max_concurrency, lo=1),
+        max_queue=t.integer("max_queue", ProxySettings.max_queue, lo=0),
+        max_body_bytes=t.integer("max_body_bytes", ProxySettings.max_body_bytes, lo=1024),
+        retry_after_s=t.integer("retry_after_s", ProxySettings.retry_after_s, lo=1),
+        drain_timeout_s=t.number("drain_timeout_s", ProxySettings.drain_timeout_s, lo=0.0),
         default_type=default_type,
         log_content=bool(log_content),
         max_connections=t.integer("max_connections", ProxySettings.max_connections, lo=1),
@@ -250,6 +254,7 @@ def _estimators(t: Table) -> EstimatorSettings:
         detector_window_s=t.number("detector_window_s", d.detector_window_s, lo=0.0, lo_open=True),
         detector_reference_s=t.number("detector_reference_s", d.detector_reference_s, lo=0.0, lo_open=True),
         mix_half_life_s=t.number("mix_half_life_s", d.mix_half_life_s, lo=0.0, lo_open=True),
+        mix_concentration=t.number("mix_concentration", d.mix_concentration, lo=0.0),
         service_min_samples=t.integer("service_min_samples", d.service_min_samples, lo=0),
         service_forgetting=t.number("service_forgetting", d.service_forgetting, lo=0.0, lo_open=True, hi=1.0),
         accuracy_prior_strength=t.number("accuracy_prior_strength", d.accuracy_prior_strength, lo=0.0, lo_open=True),

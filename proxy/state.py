@@ -156,6 +156,7 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
                 reference_half_life_s=e.detector_reference_s,
             ),
             mix_half_life_s=e.mix_half_life_s,
+            mix_concentration=e.mix_concentration,
             min_samples=e.service_min_samples,
             forgetting=e.service_forgetting,
         ),
