@@ -40,6 +40,10 @@ MAX_HEAD_BYTES = 64 * 1024
 HIGH_WATER = 256 * 1024
 #: Idle connections kept, at most.
 MAX_IDLE = 256
+#: A pooled connection idle longer than this is closed instead of used: below the usual
+#: server keep-alive (uvicorn's 5 s, behind vLLM and SGLang), so that the client, not the
+#: server, ends an idle connection, and a request seldom meets a close already in flight.
+POOL_IDLE_S = 4.0
 
 
 class UpstreamError(Exception):
@@ -173,6 +177,7 @@ class _Connection(asyncio.Protocol):
         self.last_byte = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.timeout_waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -323,6 +328,7 @@ class Upstream:
         read_timeout_s: float | None = None,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
         max_idle: int = MAX_IDLE,
+        pool_idle_s: float = POOL_IDLE_S,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -339,12 +345,14 @@ class Upstream:
         self.read_timeout_s = read_timeout_s
         self.max_answer_bytes = max_answer_bytes
         self.max_idle = max_idle
+        self.pool_idle_s = pool_idle_s
         self._idle: list[_Connection] = []
         self._ssl = ssl.create_default_context() if self.tls else None
 
     def put(self, conn: _Connection) -> None:
         """Return a connection whose answer was read exactly to its end to the pool."""
         if len(self._idle) < self.max_idle:
+            conn.idle_since = conn.loop.time()
             self._idle.append(conn)
         else:
             conn.close()
@@ -378,9 +386,12 @@ class Upstream:
         conn = None
         while self._idle:
             candidate = self._idle.pop()
-            if not candidate.closed and candidate.transport is not None and not candidate.transport.is_closing():
+            fresh = candidate.loop.time() - candidate.idle_since < self.pool_idle_s
+            transport = candidate.transport
+            if fresh and not candidate.closed and transport is not None and not transport.is_closing():
                 conn = candidate
                 break
+            candidate.close()
         if conn is None:
             conn = await self._connect()
         response = conn.send(payload)

@@ -394,3 +394,18 @@ async def test_a_whole_answer_over_the_limit_is_too_large(
             await resp.read()
     assert err.value.kind == "too_large"
     await up.close()
+
+
+async def test_a_connection_idle_past_the_pool_limit_is_closed_not_used(
+    raw_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+) -> None:
+    """After ``pool_idle_s`` idle, a pooled connection is replaced by a new one (the server's own
+    keep-alive may be closing it just then)."""
+    url, conns = await raw_server(lambda r, w: answer_each(r, w, b"", b""))
+    up = Upstream(url, pool_idle_s=0.1)
+    for pause in (0.0, 0.0, 0.2):
+        await asyncio.sleep(pause)
+        async with await up.request("POST", "/a", hdrs(), b"{}") as resp:
+            assert await resp.read() == b"/v1/a"
+    await up.close()
+    assert conns[0] == 2
