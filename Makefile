@@ -57,8 +57,8 @@ constraints:
 	  .venv-pin/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(thinkcap|setuptools|wheel)==' ) > $(CONSTRAINTS)
 	rm -rf .venv-pin
 
-# mypy and import-linter read folders, not the editable install's import hook: they get a
-# view of the folders under their installed names, thinkcap.* (symbolic links, not committed).
+# mypy reads folders, not the editable install's import hook: it gets a view of the folders
+# under their installed names, thinkcap.* (symbolic links, not committed).
 .typecheck/thinkcap:
 	mkdir -p .typecheck/thinkcap
 	for d in controller estimators proxy sim; do ln -sfn ../../$$d .typecheck/thinkcap/$$d; done
@@ -67,7 +67,7 @@ lint: $(STAMP) .typecheck/thinkcap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	PYTHONPATH=.typecheck $(BIN)/lint-imports
+	$(BIN)/lint-imports
 
 test: lint tools $(BACKEND_STAMP)
 	$(BIN)/python -m pytest
