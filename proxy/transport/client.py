@@ -44,6 +44,8 @@ MAX_IDLE = 256
 #: server keep-alive (uvicorn's 5 s, behind vLLM and SGLang), so that the client, not the
 #: server, ends an idle connection, and a request seldom meets a close already in flight.
 POOL_IDLE_S = 4.0
+#: How long closing the pool waits for its connections to let go of their sockets.
+CLOSE_WAIT_S = 1.0
 
 
 class UpstreamError(Exception):
@@ -178,6 +180,7 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timeout_waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
+        self.lost = False  # the transport has let go of its socket
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -210,7 +213,7 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self.lost = True
         current = self.current
         if current is not None:
             if current._head and not self.framed and not self.interim:
@@ -407,3 +410,8 @@ class Upstream:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        # A closed transport lets go of its socket one loop turn later: wait for that (briefly).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_S
+        while any(not conn.lost for conn in idle) and loop.time() < deadline:
+            await asyncio.sleep(0.001)

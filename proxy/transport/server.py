@@ -63,6 +63,8 @@ BODY_MIN_RATE = 1024
 BODY_RATE_WINDOW_S = 5.0
 #: Open client connections, at most; more are answered 503 and closed.
 MAX_CONNECTIONS = 2048
+#: How long shutdown waits for closed connections to let go of their sockets.
+CLOSE_WAIT_S = 1.0
 #: Pipelined requests parsed ahead of the one being answered before reading pauses.
 MAX_PIPELINED = 16
 #: Response framing is the server's: handlers' values for these are ignored.
@@ -683,3 +685,11 @@ class HttpServer:
             await asyncio.wait(list(self.tasks), timeout=1.0)
         for conn in list(self.connections):
             conn.close()
+        # A closed transport lets go of its socket one loop turn later: wait for that (briefly),
+        # so that nothing is left open when the caller's event loop ends.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_S
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.001)
+        if self._server is not None:
+            await self._server.wait_closed()
