@@ -15,7 +15,7 @@ from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.request.dialects import apply_cap, honoured
 from thinkcap.proxy.request.errors import ProxyError, error_response
-from thinkcap.proxy.request.forward import SHAPED, new_request_id, passthrough, request_id, shaped
+from thinkcap.proxy.request.forward import SHAPED, new_request_id, passthrough, shaped
 from thinkcap.proxy.request.sse import from_usage
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Upstream
@@ -72,7 +72,7 @@ async def not_found(_: ProxyState, request: HttpRequest) -> Reply:
     exc = ProxyError(
         404, f"no route {request.method} {request.path} on this proxy", "invalid_request_error", code="not_found"
     )
-    return error_response(exc, request_id(request))
+    return error_response(exc, new_request_id())
 
 
 #: What to configure when a backend answers 4xx to the cap field alone, by dialect.
@@ -123,10 +123,9 @@ async def probe(state: ProxyState) -> dict[str, Any]:
     applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance)
     try:
         status, raw = await _probe_post(state, body)
-        if 400 <= status < 500:
+        if status != 200:
             error = raw.decode(errors="replace")[:PROBE_ERROR_CHARS]
-            bare_status, _ = await _probe_post(state, bare)
-            if bare_status == 200:
+            if 400 <= status < 500 and (await _probe_post(state, bare))[0] == 200:
                 return {
                     "status": "rejected",
                     "field": applied.field,
@@ -134,9 +133,6 @@ async def probe(state: ProxyState) -> dict[str, Any]:
                     "backend_error": error,
                     "advice": CAP_FIELD_ADVICE.get(b.dialect, "check [backend] dialect"),
                 }
-            return {"status": "error", "detail": f"probe answered HTTP {status}", "backend_error": error}
-        if status != 200:
-            error = raw.decode(errors="replace")[:PROBE_ERROR_CHARS]
             return {"status": "error", "detail": f"probe answered HTTP {status}", "backend_error": error}
         data = json.loads(raw)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

@@ -64,12 +64,6 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-def request_id(request: HttpRequest) -> str:
-    """thinkcap's own id for ``request``: it keys the feedback record, so no client chooses it
-    (the client's ``X-Request-Id`` is kept as :func:`client_request_id`)."""
-    return new_request_id()
-
-
 def client_request_id(request: HttpRequest) -> str | None:
     """The client's ``X-Request-Id``, if it is sane (it is forwarded upstream and logged)."""
     given = request.headers.get(REQUEST_ID)
@@ -160,7 +154,7 @@ class Exchange:
     def __init__(self, state: ProxyState, request: HttpRequest) -> None:
         self.state = state
         self.request = request
-        self.rid = request_id(request)
+        self.rid = new_request_id()  # thinkcap's own: it keys feedback, so no client chooses it
         self.loop = asyncio.get_running_loop()
         self.t_arrival = self.loop.time()
         self.t_dispatch: float | None = None
@@ -439,7 +433,7 @@ async def passthrough(st: ProxyState, request: HttpRequest) -> Reply | StreamRep
     A failure before the upstream answers is an OpenAI-style error; one after the answer
     started cuts the connection, so that the client sees an incomplete body, not a short one.
     """
-    rid = request_id(request)
+    rid = new_request_id()
     resp: StreamReply | None = None
     try:
         raw = await read_body(request, st.settings.proxy.max_body_bytes)
