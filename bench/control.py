@@ -106,7 +106,9 @@ def online(
                 return
             if t_next == t_done and pending is not None:
                 _, k, tokens, service = pending
-                state.estimators.served(names[k], prompt_tokens=0, completion_tokens=tokens, service_time=service)
+                state.estimators.served(
+                    names[k], prompt_tokens=0, completion_tokens=tokens, service_time=service, now=t_next
+                )
                 pending = None
             elif t_next == t_arr:
                 state.arrived(names[int(work.type[fed])], float(t_arr))

@@ -56,32 +56,35 @@ def main() -> None:
 
     def rls() -> Callable[[int], None]:
         est = ServiceRLS()
-        return lambda i: est.update(completion_tokens=out[i], prompt_tokens=prompt[i], service_time=service[i])
+        return lambda i: est.update(
+            completion_tokens=out[i], prompt_tokens=prompt[i], service_time=service[i], now=times[i]
+        )
 
     def model() -> Callable[[int], None]:
         est = ServiceModel({n: d[1:] for n, d in defaults.items()})
         return lambda i: est.update(
-            names[i], prompt_tokens=prompt[i], completion_tokens=out[i], service_time=service[i]
+            names[i], prompt_tokens=prompt[i], completion_tokens=out[i], service_time=service[i], now=times[i]
         )
 
     def accuracy() -> Callable[[int], None]:
         est = AccuracyCurve(0.1, 0.6, 0.002)
-        return lambda i: est.update(out[i], correct[i])
+        return lambda i: est.update(out[i], correct[i], now=times[i])
 
     def snapshot() -> Callable[[int], None]:
         est = Estimators(defaults)
         for i in range(2000):
             est.arrived(names[i], now=times[i])
-            est.served(names[i], prompt_tokens=prompt[i], completion_tokens=out[i], service_time=service[i])
+            est.served(names[i], prompt_tokens=prompt[i], completion_tokens=out[i], service_time=service[i],
+                       now=times[i])  # fmt: skip
         return lambda i: est.snapshot(now=times[1999] + i * 1e-3)
 
     def accuracy_fit() -> Callable[[int], None]:
         est = AccuracyCurve(0.1, 0.6, 0.002)
         for i in range(2000):
-            est.update(out[i], correct[i])
+            est.update(out[i], correct[i], now=times[i])
 
         def call(i: int) -> None:
-            est.update(out[i], correct[i])
+            est.update(out[i], correct[i], now=times[-1] + i)
             est.get()
 
         return call

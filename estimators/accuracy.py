@@ -9,6 +9,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
+from thinkcap.estimators._decay import check_time
+
 #: Default weight of the configured curve, in graded answers.
 PRIOR_STRENGTH = 200.0
 
@@ -107,13 +109,16 @@ class AccuracyCurve:
         self._tokens = np.zeros(BINS)
         self._fit: tuple[float, float, float] | None = (self.base, self.gain, self.rate)
         self._evidence: CurveEvidence | None = None
+        self._last: float | None = None
 
-    def update(self, tokens: float, correct: bool) -> None:
-        """Record one graded answer that used ``tokens`` reasoning tokens."""
+    def update(self, tokens: float, correct: bool, *, now: float) -> None:
+        """Record one graded answer, given at ``now``, that used ``tokens`` reasoning tokens."""
+        now = check_time(now, self._last)
         if isinstance(tokens, bool) or not isinstance(tokens, int | float) or not math.isfinite(tokens) or tokens < 0:
             raise ValueError(f"tokens: must be a finite number >= 0, got {tokens!r}")
         if not isinstance(correct, bool | np.bool_):
             raise ValueError(f"correct: must be a bool, got {correct!r}")
+        self._last = now
         b = min(int(np.searchsorted(self._edges, tokens, side="right")) - 1, BINS - 1)
         self._n[b] += 1.0
         self._k[b] += float(bool(correct))
@@ -153,8 +158,10 @@ class AccuracyCurve:
         top = base + gain
         return np.array([_logit(top), _logit(base / top if top > 0 else 0.0), math.log(rate)])
 
-    def get(self) -> tuple[float, float, float]:
-        """The current (base, gain, rate)."""
+    def get(self, now: float | None = None) -> tuple[float, float, float]:
+        """The (base, gain, rate) at ``now`` (default: the last update; feedback does not age)."""
+        if now is not None:
+            check_time(now, self._last)
         if self._fit is not None:
             return self._fit
         x, n, k = self._data()

@@ -88,16 +88,20 @@ class TypeMix:
             self._t_ref, weight = now, 1.0
         self._scaled[k] += weight
 
-    @property
-    def counts(self) -> NDArray[np.float64]:
-        """Decayed counts per type as of the last update."""
+    def counts(self, now: float | None = None) -> NDArray[np.float64]:
+        """Decayed counts per type at ``now`` (default: the last update)."""
         if self._last is None or self._t_ref is None:
             return np.zeros(len(self.names))
-        return np.asarray(self._scaled) * decay_factor(self._last - self._t_ref, self.half_life_s)
+        now = self._last if now is None else check_time(now, self._last)
+        return np.asarray(self._scaled) * decay_factor(now - self._t_ref, self.half_life_s)
 
-    def get(self) -> NDArray[np.float64]:
-        """Current probabilities, in the order of ``names``."""
-        counts = self.counts
+    def get(self, now: float | None = None) -> NDArray[np.float64]:
+        """Probabilities at ``now`` (default: the last update), in the order of ``names``.
+
+        The counts decay between updates while the prior's pseudo-counts do not, so after a
+        silence the mix moves back towards the prior.
+        """
+        counts = self.counts(now)
         total = float(counts.sum()) + self.concentration
         if total <= 0.0:
             prior: NDArray[np.float64] = self.prior.copy()

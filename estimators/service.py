@@ -10,6 +10,8 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+from thinkcap.estimators._decay import check_time
+
 #: Default forgetting factor of the regression (1: never forget).
 FORGETTING = 0.999
 
@@ -38,6 +40,10 @@ class ServiceRLS:
 
     Notes
     -----
+    Forgetting is per observation, not per second: ``now`` is checked (finite, never going
+    back) and kept as :attr:`last_update`, and :meth:`get` reads the same coefficients at any
+    later time.
+
     Weighted RLS: with gain ``k = P x / (f / w + x' P x)``, ``theta += k r`` and
     ``P = (P - k x' P) / f``, stored as its upper triangle so that it stays exactly
     symmetric. Memory is O(1): theta (3), P (6 numbers), the residual moments.
@@ -46,8 +52,8 @@ class ServiceRLS:
     --------
     >>> rls = ServiceRLS()
     >>> for n in range(1, 50):
-    ...     rls.update(completion_tokens=10 * n, prompt_tokens=n % 7, service_time=0.2 + 0.01 * 10 * n)
-    >>> [round(v, 4) for v in rls.coefficients]
+    ...     rls.update(completion_tokens=10 * n, prompt_tokens=n % 7, service_time=0.2 + 0.01 * 10 * n, now=n)
+    >>> [round(v, 4) for v in rls.get()]
     [0.2, 0.01, 0.0]
     """
 
@@ -80,9 +86,11 @@ class ServiceRLS:
         self._n = 0
         self._weight = 0.0  # decayed sum of weights
         self._sq = 0.0  # decayed weighted sum of a-priori x a-posteriori residuals
+        self._last: float | None = None
 
-    def update(self, *, completion_tokens: float, prompt_tokens: float, service_time: float) -> None:
-        """Add one observation (tokens >= 0, service time >= 0 seconds)."""
+    def update(self, *, completion_tokens: float, prompt_tokens: float, service_time: float, now: float) -> None:
+        """Add one observation (tokens >= 0, service time >= 0 seconds) made at ``now``."""
+        now = check_time(now, self._last)
         for name, value in (
             ("completion_tokens", completion_tokens),
             ("prompt_tokens", prompt_tokens),
@@ -90,6 +98,7 @@ class ServiceRLS:
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == math.inf:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        self._last = now
         x1 = completion_tokens / TOKEN_SCALE
         x2 = prompt_tokens / TOKEN_SCALE
         t0, t1, t2 = self._theta
@@ -130,6 +139,17 @@ class ServiceRLS:
             r_post = service_time - (t0 + t1 * x1 + t2 * x2)
             self._weight = f * self._weight + w
             self._sq = f * self._sq + w * r * r_post
+
+    def get(self, now: float | None = None) -> tuple[float, float, float]:
+        """The coefficients at ``now`` (default: the last update): see :attr:`coefficients`."""
+        if now is not None:
+            check_time(now, self._last)
+        return self.coefficients
+
+    @property
+    def last_update(self) -> float | None:
+        """Time of the last observation (``None`` before any)."""
+        return self._last
 
     @property
     def coefficients(self) -> tuple[float, float, float]:

@@ -101,8 +101,9 @@ class ServiceModel:
         completion_tokens: float,
         service_time: float,
         cached_tokens: float = 0,
+        now: float,
     ) -> None:
-        """Record one finished request; only evaluated (not cached) prompt tokens count."""
+        """Record one request finished at ``now``; only evaluated (not cached) prompt tokens count."""
         if name not in self._prompt:
             raise ValueError(f"type: unknown type {name!r} (known: {', '.join(self.defaults)})")
         if isinstance(cached_tokens, bool) or not isinstance(cached_tokens, int | float) or not cached_tokens >= 0:
@@ -111,6 +112,7 @@ class ServiceModel:
             raise ValueError(f"cached_tokens: {cached_tokens!r} exceeds prompt_tokens {prompt_tokens!r}")
         evaluated = prompt_tokens - cached_tokens
         kw = {"completion_tokens": completion_tokens, "prompt_tokens": evaluated, "service_time": service_time}
+        kw["now"] = now
         self._pooled.update(**kw)  # validates everything before any state changes
         own = self._own.get(name)
         if own is not None:
@@ -121,10 +123,15 @@ class ServiceModel:
         """The service parameters of type ``name``."""
         if name not in self._prompt:
             raise ValueError(f"type: unknown type {name!r}")
-        return self.all_params()[name]
+        return self.get()[name]
 
-    def all_params(self) -> dict[str, ServiceParams]:
-        """The service parameters of every type (the pooled fit is read once)."""
+    def get(self, now: float | None = None) -> dict[str, ServiceParams]:
+        """The service parameters of every type at ``now`` (default: the last update).
+
+        The regressions forget per observation (see :class:`ServiceRLS`), so the answer does
+        not change between updates; the pooled fit is read once.
+        """
+        self._pooled.get(now)
         pooled_ready = self._pooled.count >= self.min_samples
         pooled = (*self._pooled.coefficients, self._pooled.residual_variance)
         out = {}

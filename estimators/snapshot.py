@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -74,6 +75,7 @@ class Estimators:
         self.service = ServiceModel({n: defaults[n][1:] for n in names}, min_samples=min_samples,
                                     per_type_slopes=per_type_slopes, forgetting=forgetting)  # fmt: skip
         self._last = 0.0
+        self._last_served = -math.inf
 
     def arrived(self, name: str, *, now: float) -> None:
         """A request of type ``name`` arrived (checked before any state changes)."""
@@ -91,17 +93,24 @@ class Estimators:
         completion_tokens: float,
         service_time: float,
         cached_tokens: float = 0,
+        now: float,
     ) -> None:
-        """A request of type ``name`` finished: feed the service model."""
+        """A request of type ``name`` finished at ``now``: feed the service model.
+
+        Requests finish in any order and their stamps are taken independently, so the service
+        model sees the latest stamp so far (as :meth:`arrived` does).
+        """
+        now = max(now, self._last_served)
         self.service.update(name, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                            service_time=service_time, cached_tokens=cached_tokens)  # fmt: skip
+                            service_time=service_time, cached_tokens=cached_tokens, now=now)  # fmt: skip
+        self._last_served = now
 
     def snapshot(self, now: float | None = None) -> Snapshot:
         """Rate (decayed to ``now``), priors and per-type service parameters."""
         now = self._last if now is None else now
         rate = self.arrival.get(now)
-        priors = self.mix.get()
-        service = self.service.all_params()
+        priors = self.mix.get(now)
+        service = self.service.get()
         types = []
         for name, prior in zip(self.names, priors.tolist(), strict=True):
             s = service[name]

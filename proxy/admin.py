@@ -118,7 +118,7 @@ async def feedback(request: web.Request) -> web.Response:
         return _admin_error(404, f"no recent request {rid!r} (only the last answered requests are kept)")
     if item.reasoning_tokens is None:
         return _admin_error(409, f"request {rid!r} has no token count to learn from")
-    st.accuracy[item.type].update(item.reasoning_tokens, correct)
+    st.accuracy[item.type].update(item.reasoning_tokens, correct, now=st.clock())
     st.feedback += 1
     return web.json_response({"accepted": True, "type": item.type, "reasoning_tokens": item.reasoning_tokens})
 

@@ -149,7 +149,7 @@ class ControlLoop:
             use_estimate = st.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
             curves, accuracy = self.curves()
-            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used, accuracy=curves)
+            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used.get(), accuracy=curves)
             x0 = self.x0
             started = time.perf_counter()
             decision = decide(problem, method=s.method, x0=x0)

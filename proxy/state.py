@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from thinkcap.controller import decide
-from thinkcap.estimators import AccuracyCurve, ArrivalRate, Estimators
+from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, UsedShare
 from thinkcap.proxy.admission import Admission
 from thinkcap.proxy.caps import CapStore, CapTable
 from thinkcap.proxy.classify import Classifier
@@ -23,10 +23,6 @@ from thinkcap.proxy.transport.client import Upstream
 
 #: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
 REASONING_DIALECTS = ("vllm", "sglang")
-#: Weight of each new answer in the per-type mean answer length.
-ANSWER_DECAY = 0.05
-#: Floor of the tracked share of a cap that answers use.
-MIN_USED_SHARE = 0.05
 #: How many finished requests are remembered for graded feedback.
 RECENT_REQUESTS = 10_000
 
@@ -49,6 +45,8 @@ class ProxyState:
     admission: Admission
     estimators: Estimators
     accuracy: dict[str, AccuracyCurve]
+    answer: AnswerLength  # tokens after the reasoning, per type
+    used: UsedShare  # share of its limit an answer uses, per type
     metrics: Metrics
     clock: Callable[[], float] = time.monotonic  # every measurement; the wall clock only stamps log lines
     session: aiohttp.ClientSession | None = None
@@ -56,8 +54,6 @@ class ProxyState:
     shedding: bool = False
     admit_fraction: float = 1.0
     controller: Any = None
-    answer: dict[str, float] = field(default_factory=dict)
-    used: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
     cap_rejected: bool = False  # the probe saw the backend reject the cap field: requests go without it
     last_decision: dict[str, Any] | None = None
@@ -86,20 +82,9 @@ class ProxyState:
         if ctl is not None and ctl.changed():
             ctl.wake.set()
 
-    def saw_answer(self, name: str, tokens: int) -> None:
-        """Track the mean answer length per type (tokens after the reasoning), decayed."""
-        old = self.answer.get(name)
-        self.answer[name] = float(tokens) if old is None else old + ANSWER_DECAY * (tokens - old)
-
-    def saw_usage(self, name: str, used: int, limit: int) -> None:
-        """Track the share of its limit a type's answers use (decayed), between 5 % and 1."""
-        share = min(1.0, max(MIN_USED_SHARE, used / limit)) if limit > 0 else 1.0
-        old = self.used.get(name)
-        self.used[name] = share if old is None else old + ANSWER_DECAY * (share - old)
-
     def answer_offsets(self) -> dict[str, float]:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
-        return dict(self.answer) if self.settings.backend.dialect in REASONING_DIALECTS else {}
+        return self.answer.get() if self.settings.backend.dialect in REASONING_DIALECTS else {}
 
     def lean(self) -> Upstream:
         """The keep-alive client of the shaped routes (open while the app runs)."""
@@ -138,6 +123,7 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         for t in types
     }
     e = settings.estimators
+    names = [t.task.name for t in types]
     table = initial_caps(settings)
     metrics = Metrics(table.caps)
     metrics.set_caps(table.caps)
@@ -161,6 +147,8 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
             forgetting=e.service_forgetting,
         ),
         accuracy=accuracy,
+        answer=AnswerLength(names),
+        used=UsedShare(names),
         metrics=metrics,
         clock=clock,
     )

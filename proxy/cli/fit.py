@@ -120,7 +120,7 @@ def fit(replay: Replay, defaults: dict[str, tuple[float, float, float, float]]) 
     for o in replay.observations:
         est.arrived(o.type, now=o.time)
         est.served(o.type, prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-                   service_time=o.service_time, cached_tokens=o.cached_tokens)  # fmt: skip
+                   service_time=o.service_time, cached_tokens=o.cached_tokens, now=o.time)  # fmt: skip
     return est.snapshot()
 
 

@@ -373,6 +373,7 @@ class Exchange:
         counted = {"prompt": t.prompt, "reasoning": t.reasoning, "completion": t.completion} if ok and t else {}
         st.metrics.finished(name or "unclassified", str(status), ev["system_time_s"], counted)
         if ok and name is not None and t is not None:
+            now = st.clock()
             if t.completion is not None and self.t_dispatch is not None:
                 st.estimators.served(
                     name,
@@ -380,15 +381,16 @@ class Exchange:
                     completion_tokens=t.completion,
                     service_time=ev["service_time_s"],
                     cached_tokens=t.cached,
+                    now=now,
                 )
             reasoning_dialect = st.settings.backend.dialect in REASONING_DIALECTS
             used = t.reasoning if reasoning_dialect else t.completion
             st.remember(self.rid, Finished(name, used))
             limit = ev.get("effective_limit")
             if used is not None and isinstance(limit, int) and ev.get("client_limit") is None:
-                st.saw_usage(name, used, limit)
+                st.used.update(name, used=used, limit=limit, now=now)
             if reasoning_dialect and t.completion is not None and t.reasoning is not None:
-                st.saw_answer(name, t.completion - t.reasoning)
+                st.answer.update(name, max(t.completion - t.reasoning, 0), now=now)
         if st.log_requests:
             level = "info" if status is not None and status < 500 else "warning"
             getattr(logger(), level)("request", **ev)

@@ -13,9 +13,9 @@ from thinkcap.estimators import AccuracyCurve, Estimators
 def feedback(curve: AccuracyCurve, n: int, truth: tuple[float, float, float], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     base, gain, rate = truth
-    for _ in range(n):
+    for i in range(n):
         tokens = float(rng.integers(0, 3000))
-        curve.update(tokens, bool(rng.random() < base + gain * (1 - math.exp(-rate * tokens))))
+        curve.update(tokens, bool(rng.random() < base + gain * (1 - math.exp(-rate * tokens))), now=float(i))
 
 
 def accuracy_at(params: tuple[float, float, float], tokens: float) -> float:
@@ -49,7 +49,7 @@ def test_bad_feedback_is_rejected(tokens: float, correct: bool, field: str) -> N
     """Invalid feedback raises ValueError naming the field and changes nothing."""
     curve = AccuracyCurve(0.1, 0.6, 0.002)
     with pytest.raises(ValueError, match=field):
-        curve.update(tokens, correct)
+        curve.update(tokens, correct, now=0.0)
     assert curve.samples == 0
 
 
@@ -67,7 +67,7 @@ def test_snapshot_uses_configured_values_until_enough_samples_then_fits() -> Non
         name = "a" if i % 4 else "b"
         est.arrived(name, now=t)
         n_out = float(rng.integers(10, 500))
-        est.served(name, prompt_tokens=100.0, completion_tokens=n_out, service_time=0.2 + 0.01 * n_out + 0.001)
+        est.served(name, prompt_tokens=100.0, completion_tokens=n_out, service_time=0.2 + 0.01 * n_out + 0.001, now=t)
     snap = est.snapshot(now=t)
     assert snap.arrival_rate == pytest.approx(4.0, rel=0.25)
     a, b = snap.by_name()["a"], snap.by_name()["b"]

@@ -28,9 +28,9 @@ def _mix_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
 
 
 def _rls_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-    for _ in range(60):
+    for i in range(60):
         n_out, n_in = float(rng.integers(1, 2000)), float(rng.integers(0, 1500))
-        yield {"completion_tokens": n_out, "prompt_tokens": n_in,
+        yield {"completion_tokens": n_out, "prompt_tokens": n_in, "now": float(i),
                "service_time": 0.1 + 0.013 * n_out + 0.006 * n_in + float(rng.normal(0, 0.01))}  # fmt: skip
 
 
@@ -40,9 +40,21 @@ def _model_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
 
 
 def _accuracy_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-    for _ in range(60):
+    for i in range(60):
         tokens = float(rng.integers(0, 4000))
-        yield {"tokens": tokens, "correct": bool(rng.random() < 0.3 + 0.5 * (1 - np.exp(-0.001 * tokens)))}
+        correct = bool(rng.random() < 0.3 + 0.5 * (1 - np.exp(-0.001 * tokens)))
+        yield {"tokens": tokens, "correct": correct, "now": float(i)}
+
+
+def _answer_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    for i in range(60):
+        yield {"name": "default", "tokens": float(rng.integers(0, 300)), "now": float(i)}
+
+
+def _used_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    for i in range(60):
+        limit = int(rng.integers(1, 500))
+        yield {"name": "default", "used": int(rng.integers(0, limit + 1)), "limit": limit, "now": float(i)}
 
 
 #: How to feed each estimator; a new estimator without an entry here fails the suite.
@@ -52,6 +64,8 @@ STREAMS: dict[str, Callable[[np.random.Generator], Iterator[dict[str, Any]]]] = 
     "ServiceRLS": _rls_stream,
     "ServiceModel": _model_stream,
     "AccuracyCurve": _accuracy_stream,
+    "AnswerLength": _answer_stream,
+    "UsedShare": _used_stream,
 }
 
 ESTIMATORS = sorted(
@@ -63,17 +77,24 @@ def _feed(est: Any, row: dict[str, Any]) -> None:
     row = dict(row)
     if "name" in row:
         est.update(row.pop("name"), **row)
+    elif "tokens" in row:
+        est.update(row.pop("tokens"), row.pop("correct"), **row)
     else:
         est.update(**row)
 
 
-def _read(est: Any) -> Any:
-    if hasattr(est, "get"):
-        value = est.get()
-        return value.rate if hasattr(value, "rate") else np.asarray(value)
-    if hasattr(est, "params"):
-        return est.params("default")
-    return est.coefficients
+def _numbers(value: Any) -> list[float]:
+    """Every number in an estimate (a dataclass, tuple, array or dict of them), except a
+    standard error, which is infinite while nothing has been seen."""
+    if hasattr(value, "__dataclass_fields__"):
+        value = [getattr(value, f) for f in value.__dataclass_fields__ if f != "stderr"]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float | np.floating):
+        return [float(value)]
+    return [x for v in value for x in _numbers(v)]
 
 
 def test_every_estimator_has_a_stream() -> None:
@@ -85,8 +106,7 @@ def test_every_estimator_has_a_stream() -> None:
 def test_default_constructible_and_readable_before_update(name: str) -> None:
     """Constructing with defaults works and reading before any update gives a finite value."""
     est = getattr(estimators, name)()
-    value = _read(est)
-    numbers = np.asarray([v for v in np.ravel(np.asarray(value, dtype=object)) if not isinstance(v, bool)], dtype=float)
+    numbers = np.asarray(_numbers(est.get()))
     assert numbers.size > 0
     assert np.all(np.isfinite(numbers))
 
@@ -103,7 +123,7 @@ def test_pickle_round_trip_preserves_state(name: str) -> None:
     for row in rows[30:]:
         _feed(est, row)
         _feed(copy, row)
-    assert repr(_read(est)) == repr(_read(copy))
+    assert repr(est.get()) == repr(copy.get())
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)
@@ -113,6 +133,68 @@ def test_hyperparameters_are_public(name: str) -> None:
     est = cls()
     for param in inspect.signature(cls).parameters:
         assert hasattr(est, param), f"{name}.{param}"
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_one_shape_update_now_and_get_now(name: str) -> None:
+    """``update`` takes a keyword-only ``now`` with no default; ``get`` takes an optional ``now``."""
+    cls = getattr(estimators, name)
+    now = inspect.signature(cls.update).parameters["now"]
+    assert now.kind is inspect.Parameter.KEYWORD_ONLY and now.default is inspect.Parameter.empty
+    get = inspect.signature(cls.get).parameters
+    assert list(get)[1:] == ["now"] and get["now"].default is None
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_time_never_goes_back(name: str) -> None:
+    """An update or a read before the last update's time is refused and changes nothing;
+    a read at a later time works."""
+    rows = list(STREAMS[name](np.random.default_rng(4)))
+    est = getattr(estimators, name)()
+    for row in rows[:20]:
+        _feed(est, row)
+    last = rows[19]["now"]
+    before = repr(est.get())
+    with pytest.raises(ValueError, match="now"):
+        _feed(est, {**rows[20], "now": last - 1.0})
+    with pytest.raises(ValueError, match="now"):
+        est.get(now=last - 1.0)
+    with pytest.raises(ValueError, match="now"):
+        _feed(est, {**rows[20], "now": float("nan")})
+    assert repr(est.get()) == before
+    assert np.all(np.isfinite(_numbers(est.get(now=last + 10.0))))
+
+
+def test_answer_length_and_used_share_follow_their_weighted_means() -> None:
+    """The first answer replaces the initial value; each later one moves the mean by ``weight``;
+    a share is clipped to [floor, 1] and a zero limit counts as the whole cap."""
+    length = estimators.AnswerLength(["a", "b"], weight=0.25)
+    assert length.get() == {"a": 0.0, "b": 0.0}
+    for i, tokens in enumerate([40, 80, 0]):
+        length.update("a", tokens, now=float(i))
+    assert length.get() == {"a": pytest.approx((40 + 0.25 * 40) * 0.75), "b": 0.0}
+    assert (length.count("a"), length.count("b")) == (3, 0)
+    share = estimators.UsedShare(["a"], weight=1.0, floor=0.1)
+    assert share.get() == {"a": 1.0}
+    share.update("a", used=1, limit=100, now=0.0)
+    assert share.get() == {"a": 0.1}
+    share.update("a", used=500, limit=100, now=1.0)
+    assert share.get() == {"a": 1.0}
+    share.update("a", used=3, limit=0, now=2.0)
+    assert share.get() == {"a": 1.0}
+    with pytest.raises(ValueError, match="unknown type"):
+        share.update("zzz", used=1, limit=2, now=3.0)
+    with pytest.raises(ValueError, match="used"):
+        share.update("a", used=-1, limit=2, now=3.0)
+
+
+def test_mix_moves_back_to_its_prior_during_a_silence() -> None:
+    """The counts decay between updates and the prior's pseudo-counts do not."""
+    mix = estimators.TypeMix(["a", "b"], half_life_s=10.0, concentration=2.0)
+    for i in range(50):
+        mix.update("a", now=i * 0.1)
+    soon, later = mix.get()[0], mix.get(now=4.9 + 100.0)[0]
+    assert soon > 0.9 and 0.5 < later < 0.52
 
 
 def test_rls_matches_lstsq_after_every_step() -> None:

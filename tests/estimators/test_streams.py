@@ -65,7 +65,7 @@ def test_unknown_type_is_an_error_not_a_new_type() -> None:
     mix.update("a", now=0.0)
     with pytest.raises(ValueError, match="unknown type 'zzz'"):
         mix.update("zzz", now=1.0)
-    assert mix.counts.tolist() == [1.0, 0.0]
+    assert mix.counts().tolist() == [1.0, 0.0]
 
 
 def test_unseen_types_keep_a_floor_and_probabilities_sum_to_one() -> None:
@@ -82,10 +82,10 @@ def test_service_fit_within_two_percent_after_500_noisy_observations() -> None:
     """The fitted per-token slopes and overhead are within 2 % of the truth."""
     rng = np.random.default_rng(4)
     rls = ServiceRLS()
-    for _ in range(500):
+    for i in range(500):
         n_out, n_in = float(rng.integers(10, 1500)), float(rng.integers(20, 1200))
-        noise = float(rng.normal(0, 0.05))
-        rls.update(completion_tokens=n_out, prompt_tokens=n_in, service_time=0.3 + 0.013 * n_out + 0.007 * n_in + noise)
+        y = 0.3 + 0.013 * n_out + 0.007 * n_in + float(rng.normal(0, 0.05))
+        rls.update(completion_tokens=n_out, prompt_tokens=n_in, service_time=y, now=float(i))
     b0, b_out, b_in = rls.coefficients
     assert b0 == pytest.approx(0.3, rel=0.02)
     assert b_out == pytest.approx(0.013, rel=0.02)
@@ -102,7 +102,7 @@ def test_a_sixty_second_stall_does_not_wreck_the_fit() -> None:
         y = 0.3 + 0.013 * n_out + 0.007 * n_in + float(rng.normal(0, 0.05))
         if i == 200:
             y += 60.0
-        rls.update(completion_tokens=n_out, prompt_tokens=n_in, service_time=y)
+        rls.update(completion_tokens=n_out, prompt_tokens=n_in, service_time=y, now=float(i))
     _, b_out, b_in = rls.coefficients
     assert b_out == pytest.approx(0.013, rel=0.02)
     assert b_in == pytest.approx(0.007, rel=0.02)
@@ -115,7 +115,7 @@ def test_covariance_stays_positive_definite_over_many_updates() -> None:
     outs = rng.integers(10, 1500, 1_000_000).astype(float).tolist()
     for i, n in enumerate(outs):
         n_out = 500.0 if i > 800_000 else n
-        rls.update(completion_tokens=n_out, prompt_tokens=100.0, service_time=0.2 + 0.01 * n_out)
+        rls.update(completion_tokens=n_out, prompt_tokens=100.0, service_time=0.2 + 0.01 * n_out, now=float(i))
     p = rls.covariance
     np.testing.assert_allclose(p, p.T)
     assert np.all(np.linalg.eigvalsh(p) > 0)
@@ -129,14 +129,16 @@ def test_covariance_stays_positive_definite_over_many_updates() -> None:
         ("service_time", {"service_time": math.nan}),
         ("completion_tokens", {"completion_tokens": -5}),
         ("prompt_tokens", {"prompt_tokens": math.inf}),
+        ("now", {"now": -1.0}),
+        ("now", {"now": math.nan}),
     ],
 )
 def test_bad_observation_names_the_field_and_keeps_state(field: str, kw: dict[str, float]) -> None:
     """Invalid values raise ValueError naming the field; the fit is unchanged."""
     rls = ServiceRLS()
-    rls.update(completion_tokens=100, prompt_tokens=10, service_time=1.0)
+    rls.update(completion_tokens=100, prompt_tokens=10, service_time=1.0, now=0.0)
     before = rls.coefficients
-    row = {"completion_tokens": 100.0, "prompt_tokens": 10.0, "service_time": 1.0, **kw}
+    row = {"completion_tokens": 100.0, "prompt_tokens": 10.0, "service_time": 1.0, "now": 1.0, **kw}
     with pytest.raises(ValueError, match=field):
         rls.update(**row)
     assert rls.coefficients == before
@@ -154,7 +156,7 @@ def test_service_model_uses_defaults_until_enough_samples() -> None:
         prompt = float(rng.integers(50, 150)) if name == "short" else float(rng.integers(900, 1100))
         n_out = float(rng.integers(10, 800))
         y = 0.2 + 0.013 * n_out + 0.007 * prompt + float(rng.normal(0, 0.02))
-        model.update(name, prompt_tokens=prompt, completion_tokens=n_out, service_time=y)
+        model.update(name, prompt_tokens=prompt, completion_tokens=n_out, service_time=y, now=float(i))
     short, long = model.params("short"), model.params("long")
     assert short.fitted and long.fitted
     assert short.per_token_s == pytest.approx(0.013, rel=0.02)
@@ -170,11 +172,11 @@ def test_cached_prompt_tokens_are_not_counted() -> None:
     for n in range(1, 60):
         evaluated, n_out = 10 * n, 5 * ((7 * n) % 13)
         model.update("a", prompt_tokens=1000, cached_tokens=1000 - evaluated, completion_tokens=n_out,
-                     service_time=0.1 + 0.01 * n_out + 0.005 * evaluated)  # fmt: skip
+                     service_time=0.1 + 0.01 * n_out + 0.005 * evaluated, now=float(n))  # fmt: skip
     b_in = model.pooled.coefficients[2]
     assert b_in == pytest.approx(0.005, rel=1e-3)
     with pytest.raises(ValueError, match="cached_tokens"):
-        model.update("a", prompt_tokens=10, cached_tokens=20, completion_tokens=1, service_time=0.1)
+        model.update("a", prompt_tokens=10, cached_tokens=20, completion_tokens=1, service_time=0.1, now=99.0)
 
 
 LEAD_IN_S = 600.0
@@ -272,7 +274,7 @@ def test_per_type_slopes_when_a_type_has_enough_samples() -> None:
         n_out, prompt = float(rng.integers(10, 900)), float(rng.integers(10, 300))
         y = 0.2 + (0.01 if name == "fast" else 0.03) * n_out + 0.005 * prompt
         for model in (own, pooled):
-            model.update(name, prompt_tokens=prompt, completion_tokens=n_out, service_time=y)
+            model.update(name, prompt_tokens=prompt, completion_tokens=n_out, service_time=y, now=float(i))
     assert own.params("fast").per_token_s == pytest.approx(0.01, rel=0.01)
     assert own.params("slow").per_token_s == pytest.approx(0.03, rel=0.01)
     assert pooled.params("fast").per_token_s == pooled.params("slow").per_token_s
