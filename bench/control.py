@@ -1,11 +1,13 @@
 """Control benchmark: the online controller against oracle, static, maximal and uniform caps.
 
-Run: .venv/bin/python bench/control.py [--phase-s S] [--seeds N] [--e2e]
+Run: .venv/bin/python bench/control.py [--phase-s S] [--seeds N] [--slots C] [--rates R,R,..] [--e2e]
 
 *Simulated (DES)*: the world of ``thinkcap demo`` (``sim/demo_scenario.toml``, wall-clock
-units) under a schedule with load steps 1 -> 6 -> 12 -> 3 requests/s, ``--phase-s`` seconds
-each. Every policy serves the same sampled arrival sequence (common random numbers: the
-same types, service noise and correctness draws):
+units) under a schedule with load steps (default 1 -> 6 -> 12 -> 3 requests/s), ``--phase-s``
+seconds each, on a server with ``--slots`` slots (default 1: one request at a time; above
+one, the demo's continuous-batching engine simulated step by step, ``sim/engine.py``).
+Every policy serves the same sampled arrival sequence (common random numbers: the same
+types, service noise and correctness draws):
 
 - *online*: thinkcap's control loop (``thinkcap.proxy.control.ControlLoop``, interval 1 s, the demo's
   estimator settings) fed, in event order, with each arrival and each completion of a FIFO
@@ -15,7 +17,13 @@ same types, service noise and correctness draws):
 - *oracle*: the optimum of the true problem of each phase (it knows the rate and the step);
 - *static*: the optimum for the schedule's average rate;
 - *maximal*: every type at its maximum;
-- *uniform*: the paper's uniform cap, one cap for every type, best for the average rate.
+- *uniform*: the paper's uniform cap, one cap for every type, best for the average rate;
+- *serialised* (batching engines only): the proxy with ``max_concurrency = 1`` in front of
+  the same engine, planning for the one-request-at-a-time queue it then sees (the oracle of
+  that world, per phase).
+
+In front of a batching engine the online controller's configured service model is the true
+one (the live fit does not replace it there yet; see the README, "Batching engines").
 
 Reported per phase: the measured objective U (mean of weight x correct minus the latency
 penalty x mean system time, in simulated seconds, as the demo reports it) over the steady
@@ -55,6 +63,7 @@ from thinkcap.proxy.logs import configure  # noqa: E402
 from thinkcap.proxy.scenario_config import load_scenario  # noqa: E402
 from thinkcap.proxy.state import build_state  # noqa: E402
 from thinkcap.sim.des import Phase, Workload, sample_workload, serve  # noqa: E402
+from thinkcap.sim.engine import run_engine  # noqa: E402
 from thinkcap.sim.scenario import Scenario  # noqa: E402
 
 RATES = (1.0, 6.0, 12.0, 3.0)
@@ -131,6 +140,64 @@ def online(
     return caps, history
 
 
+def online_engine(
+    scenario: Scenario, work: Workload, truth: list[Problem]
+) -> tuple[np.ndarray[Any, Any], list[tuple[float, np.ndarray[Any, Any]]]]:
+    """:func:`online` on the batching engine: a request gets the caps in force when it gets a
+    slot; completions feed the estimators as the engine makes them."""
+    settings = demo_settings(scenario, "http://127.0.0.1:9/v1", "adaptive", INTERVAL_S)
+    state = build_state(settings, clock=lambda: 0.0)
+    ctl = ControlLoop(state, settings.controller)
+    names = list(truth[0].names)
+    p0 = truth[0]
+    engine = scenario.problem(1.0).queue
+    assert engine.slots == scenario.slots
+    tau1 = p0.c[0]  # every type's per-token time is the step at one sequence
+    n = work.size
+    caps, started = np.zeros(n), np.zeros(n)
+    history: list[tuple[float, np.ndarray[Any, Any]]] = []
+    cursor = {"fed": 0, "tick": INTERVAL_S}
+
+    def advance(until: float) -> None:
+        while True:
+            fed, tick = cursor["fed"], cursor["tick"]
+            t_arr = work.arrival[fed] if fed < n else math.inf
+            if min(t_arr, tick) > until:
+                return
+            if t_arr <= tick:
+                state.arrived(names[int(work.type[fed])], float(t_arr))
+                cursor["fed"] = fed + 1
+            else:
+                ctl.step(tick)
+                history.append((tick, np.array([state.caps.cap(m) for m in names], dtype=float)))
+                cursor["tick"] = tick + INTERVAL_S
+
+    def on_start(i: int, t: float) -> int:
+        advance(t)
+        k = int(work.type[i])
+        caps[i] = cap = float(state.caps.cap(names[k]))
+        started[i] = t
+        alone = max(0.0, p0.t0[k] + p0.c[k] * cap + math.sqrt(p0.v[k]) * work.noise[i])
+        return round(alone / tau1)
+
+    def on_done(i: int, t: float) -> None:
+        advance(t)
+        k = int(work.type[i])
+        state.estimators.served(names[k], prompt_tokens=0, completion_tokens=caps[i], service_time=t - started[i],
+                                now=t)  # fmt: skip
+
+    run_engine(work.arrival, np.zeros(n, np.int64), None, slots=engine.slots, step_base_s=engine.step_base_s,
+               step_per_seq_s=engine.step_per_seq_s, on_start=on_start, on_done=on_done)  # fmt: skip
+    advance(float(work.arrival[-1]) if n else 0.0)
+    return caps, history
+
+
+def serialised(scenario: Scenario, rate: float) -> Problem:
+    """The world a proxy with max_concurrency = 1 sees in front of the engine: one request at a time."""
+    one = replace(scenario, slots=1, engine=replace(scenario.engine, slots=1) if scenario.engine else None)
+    return one.problem(rate)
+
+
 def measured(
     truth: Problem, work: Workload, caps: np.ndarray[Any, Any], mask: np.ndarray[Any, Any], penalty: float
 ) -> float:
@@ -139,13 +206,20 @@ def measured(
     return float(np.mean(w[mask] * out.correct[mask]) - penalty * np.mean(out.system[mask]))
 
 
-def run_des(phase_s: float, seeds: int, half_life_s: float | None = None) -> None:
+def run_des(
+    phase_s: float, seeds: int, half_life_s: float | None = None, slots: int = 1, rates: tuple[float, ...] = RATES
+) -> None:
     scenario = load_scenario(str(files("thinkcap.sim") / "demo_scenario.toml"))
-    phases = [Phase(phase_s, r) for r in RATES]
-    truth = [scenario.problem(r) for r in RATES]
-    avg = scenario.problem(float(np.mean(RATES)))
+    engine = scenario.engine
+    scenario = replace(scenario, slots=slots, engine=None if engine is None else replace(engine, slots=slots))
+    batching = slots > 1
+    if not batching:  # the paper's world: one server at the configured per-token times
+        scenario = replace(scenario, engine=None)
+    phases = [Phase(phase_s, r) for r in rates]
+    truth = [scenario.problem(r) for r in rates]
+    avg = scenario.problem(float(np.mean(rates)))
     penalty = scenario.wall_penalty  # U per simulated second of system time, as the demo reports it
-    policies = ["online", "oracle", "static", "maximal", "uniform"]
+    policies = ["online", "oracle", "static", "maximal", "uniform"] + (["serialised"] if batching else [])
     rows: dict[str, list[list[float]]] = {p: [] for p in policies}
     totals: dict[str, list[float]] = {p: [] for p in policies}
     settle: list[list[float]] = []
@@ -155,7 +229,10 @@ def run_des(phase_s: float, seeds: int, half_life_s: float | None = None) -> Non
     for seed in range(seeds):
         work = sample_workload(phases, truth[0].prior, np.random.default_rng(seed))
         steady = work.arrival - work.phase * phase_s >= SETTLE_S
-        online_caps, history = online(scenario, work, truth, half_life_s)
+        if batching:
+            online_caps, history = online_engine(scenario, work, truth)
+        else:
+            online_caps, history = online(scenario, work, truth, half_life_s)
         table = {
             "online": online_caps,
             "oracle": np.stack([optimum(p) for p in truth])[work.phase, work.type],
@@ -163,24 +240,31 @@ def run_des(phase_s: float, seeds: int, half_life_s: float | None = None) -> Non
             "maximal": avg.hi.astype(float)[work.type],
             "uniform": uniform(avg)[work.type],
         }
+        worlds = dict.fromkeys(table, truth[0])
+        if batching:
+            serial = [serialised(scenario, r) for r in rates]
+            table["serialised"] = np.stack([optimum(p) for p in serial])[work.phase, work.type]
+            worlds["serialised"] = serial[0]
         per_seed: dict[str, list[float]] = {}
         for name, caps in table.items():
-            per_seed[name] = [measured(truth[0], work, caps, steady & (work.phase == k), penalty)
-                              for k in range(len(RATES))]  # fmt: skip
+            world = worlds[name]
+            per_seed[name] = [measured(world, work, caps, steady & (work.phase == k), penalty)
+                              for k in range(len(rates))]  # fmt: skip
             rows[name].append(per_seed[name])
-            totals[name].append(measured(truth[0], work, caps, np.ones(work.size, bool), penalty))
-        ratio.append([per_seed["online"][k] / per_seed["oracle"][k] for k in range(len(RATES))])
+            totals[name].append(measured(world, work, caps, np.ones(work.size, bool), penalty))
+        ratio.append([per_seed["online"][k] / per_seed["oracle"][k] for k in range(len(rates))])
         out = serve(truth[0], online_caps, work)
-        late = [(work.phase == k) & (work.arrival - k * phase_s >= phase_s / 2) for k in range(len(RATES))]
-        early = [(work.phase == k) & (work.arrival - k * phase_s < phase_s / 2) for k in range(len(RATES))]
+        late = [(work.phase == k) & (work.arrival - k * phase_s >= phase_s / 2) for k in range(len(rates))]
+        early = [(work.phase == k) & (work.arrival - k * phase_s < phase_s / 2) for k in range(len(rates))]
         waits.append([(float(out.wait[e].mean()), float(out.wait[m].mean())) for e, m in zip(early, late, strict=True)])
-        settled, wobble = _settling(history, phase_s)
+        settled, wobble = _settling(history, phase_s, len(rates))
         settle.append(settled)
         spread.append(wobble)
-    print(f"Steady-phase objective U (after the first {SETTLE_S:g} s of each phase), median of {seeds} seeds:")
+    world = f"a batching engine with {slots} slots" if batching else "one request at a time"
+    print(f"Steady-phase objective U (after the first {SETTLE_S:g} s of each phase), median of {seeds} seeds, {world}:")
     print()
-    print("| policy | " + " | ".join(f"{r:g}/s" for r in RATES) + " | whole schedule |")
-    print("|---|" + "---|" * (len(RATES) + 1))
+    print("| policy | " + " | ".join(f"{r:g}/s" for r in rates) + " | whole schedule |")
+    print("|---|" + "---|" * (len(rates) + 1))
     for name in policies:
         med = np.median(np.array(rows[name]), axis=0)
         print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in med) + f" | {statistics.median(totals[name]):.4f} |")
@@ -198,12 +282,14 @@ def run_des(phase_s: float, seeds: int, half_life_s: float | None = None) -> Non
     )
 
 
-def _settling(history: list[tuple[float, np.ndarray[Any, Any]]], phase_s: float) -> tuple[list[float], list[float]]:
+def _settling(
+    history: list[tuple[float, np.ndarray[Any, Any]]], phase_s: float, phases: int
+) -> tuple[list[float], list[float]]:
     """Per phase: seconds from its start until the caps first come within 10 % (or 8 tokens) of
     their steady level (their median over the second half of the phase), and the caps'
     relative spread (standard deviation / mean, averaged over types) in that second half."""
     settle, spread = [], []
-    for k in range(len(RATES)):
+    for k in range(phases):
         start, end = k * phase_s, (k + 1) * phase_s
         inside = [(t, c) for t, c in history if start <= t < end]
         late = np.array([c for t, c in inside if t >= start + phase_s / 2])
@@ -234,9 +320,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--arrival-half-life", type=float, help="override the demo's arrival-rate half-life, s")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end comparison (about 90 s)")
+    ap.add_argument("--slots", type=int, default=1, help="the server's slots (above 1: the demo's batching engine)")
+    ap.add_argument("--rates", help="comma-separated arrival rate per phase, 1/s (default 1,6,12,3)")
     args = ap.parse_args()
+    rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else RATES
     configure(json_lines=True, stream=io.StringIO())
-    run_des(args.phase_s, args.seeds, args.arrival_half_life)
+    run_des(args.phase_s, args.seeds, args.arrival_half_life, args.slots, rates)
     if args.e2e:
         print()
         run_e2e(None)

@@ -1,6 +1,6 @@
 """Solver benchmark: median solve time per method and size, against scipy's SLSQP.
 
-Run: .venv/bin/python bench/solver.py [--quick] [--kernels]
+Run: .venv/bin/python bench/solver.py [--quick] [--kernels] [--batching]
 
 Random instances (sim.instances.random_problem) at three loads: light, heavy and
 margin-active. Times are medians over instances of the median over repeats of one cold
@@ -10,7 +10,8 @@ U(method) - U(SLSQP), positive when the method is better. A second table is the 
 study: relative loss (U(x*) - U(caps)) / |U(x*)| of nearest rounding and of the
 neighbour search over many instances. ``--kernels`` instead times the exact method with
 each of its per-type kernels (Python floats, numpy) forced, to place
-``controller.sweep.SCALAR_MAX_TYPES``.
+``controller.sweep.SCALAR_MAX_TYPES``. ``--batching`` gives every instance a batching engine
+(2 to 256 slots, log-uniform; ``sim.instances.random_engine``) instead of the M/G/1 queue.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from scipy.optimize import minimize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from thinkcap.controller import Problem, SolveResult, Status, exact, fixed_point, projected_gradient, round_caps
-from thinkcap.sim.instances import random_problem
+from thinkcap.sim.instances import random_engine, random_problem
 
 REGIMES = ("light", "heavy", "margin")
 #: The iterative methods are slow by nature: fewer instances for them.
@@ -38,13 +39,13 @@ SLOW_INSTANCES = {"fixed_point": 10, "projected_gradient": 5}
 def slsqp(p: Problem) -> tuple[np.ndarray, float]:
     """scipy SLSQP from lo with the analytic gradient; returns (x, U(x))."""
     scale = np.maximum(p.hi, 1.0)
-    a = p.arrival_rate * p.prior * p.c * scale
+    a = p.kappa * p.prior * p.c * scale
 
     def f(u: np.ndarray) -> float:
         val = p.objective(u * scale)
         return -val if np.isfinite(val) else 1e6
 
-    cons = {"type": "ineq", "fun": lambda u: p.rho_max - p.arrival_rate * p.moments(u * scale)[0], "jac": lambda u: -a}
+    cons = {"type": "ineq", "fun": lambda u: p.rho_max - p.kappa * p.moments(u * scale)[0], "jac": lambda u: -a}
     r = minimize(f, p.lo / scale, jac=lambda u: -p.gradient(u * scale) * scale, method="SLSQP",
                  bounds=list(zip(p.lo / scale, p.hi / scale, strict=True)), constraints=[cons],
                  options={"ftol": 1e-12, "maxiter": 1000})  # fmt: skip
@@ -71,7 +72,15 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def speed_table(sizes: list[int], instances: int, repeats: int, only: list[str] | None = None) -> None:
+def instance(seed: int, n: int, regime: str, batching: bool) -> Problem:
+    """One random instance; with ``batching`` on its own random engine."""
+    queue = random_engine(np.random.default_rng(seed)) if batching else None
+    return random_problem(seed, n, regime, queue=queue)
+
+
+def speed_table(
+    sizes: list[int], instances: int, repeats: int, only: list[str] | None = None, batching: bool = False
+) -> None:
     methods: dict[str, Callable[[Problem], SolveResult]] = {
         "exact": exact,
         "fixed_point": fixed_point,
@@ -85,7 +94,7 @@ def speed_table(sizes: list[int], instances: int, repeats: int, only: list[str] 
     print("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         for regime in REGIMES:
-            problems = [random_problem(1000 * n + k, n, regime) for k in range(instances)]
+            problems = [instance(1000 * n + k, n, regime, batching) for k in range(instances)]
             ref_t: list[float] = []
             ref_u: list[float] = []
             if n <= 64:
@@ -116,7 +125,7 @@ def speed_table(sizes: list[int], instances: int, repeats: int, only: list[str] 
             sys.stdout.flush()
 
 
-def rounding_table(count: int) -> None:
+def rounding_table(count: int, batching: bool = False) -> None:
     print()
     print("| load | rounding | instances | median rel. loss | p99 rel. loss | max rel. loss | loss > bound |")
     print("|---|---|---|---|---|---|---|")
@@ -125,7 +134,7 @@ def rounding_table(count: int) -> None:
         losses: dict[str, list[float]] = {"nearest": [], "neighbour": []}
         over = {"nearest": 0, "neighbour": 0}
         for k in range(count):
-            p = random_problem(50_000 + k, int(rng.integers(1, 41)), regime)
+            p = instance(50_000 + k, int(rng.integers(1, 41)), regime, batching)
             r = exact(p)
             for method, vals in losses.items():
                 rd = round_caps(p, r.x, method=method)
@@ -160,18 +169,20 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated methods (default: all)")
     ap.add_argument("--no-rounding", action="store_true", help="skip the rounding study")
     ap.add_argument("--kernels", action="store_true", help="only compare the exact method's two kernels")
+    ap.add_argument("--batching", action="store_true", help="batching engines (2-256 slots) instead of M/G/1")
+    ap.add_argument("--instances", type=int, default=20, help="instances per size and load")
     args = ap.parse_args()
     if args.kernels:
         kernel_table([1, 4, 8, 16, 24, 32, 48, 64], instances=10, repeats=21)
         return
     only = args.only.split(",") if args.only else None
     if args.quick:
-        speed_table([8, 64], instances=3, repeats=3, only=only)
-        rounding_table(50)
+        speed_table([8, 64], instances=3, repeats=3, only=only, batching=args.batching)
+        rounding_table(50, args.batching)
         return
-    speed_table([int(n) for n in args.sizes.split(",")], instances=20, repeats=21, only=only)
+    speed_table([int(n) for n in args.sizes.split(",")], args.instances, repeats=21, only=only, batching=args.batching)
     if not args.no_rounding:
-        rounding_table(2000)
+        rounding_table(2000, args.batching)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import numpy as np
 
 from thinkcap.controller.methods import DEFAULT_METHOD, solve
 from thinkcap.controller.problem import Array, Problem, TaskType
+from thinkcap.controller.queue import queue_from_record
 from thinkcap.controller.result import SolveResult, Status
 from thinkcap.controller.rounding import Rounded, round_caps
 
@@ -101,7 +102,7 @@ def should_publish(
 
 def load_at_min_caps(p: Problem) -> float:
     """The server's load with every cap at its minimum: above ``rho_max`` is overload."""
-    return float(p.arrival_rate * (p.prior @ (p.t0 + p.c * p.lo)))
+    return float(p.kappa * (p.prior @ (p.t0 + p.c * p.lo)))
 
 
 def admit_fraction(p: Problem, shed_release: float) -> float:
@@ -117,11 +118,14 @@ def problem_record(p: Problem) -> dict[str, Any]:
         "arrival_rate": p.arrival_rate,
         "latency_penalty": p.latency_penalty,
         "rho_max": p.rho_max,
+        "queue": p.queue.record(),
         "types": [{k: getattr(t, k) for k in TYPE_FIELDS} for t in p.types],
     }
 
 
 def problem_from_record(record: Mapping[str, Any]) -> Problem:
-    """The problem :func:`problem_record` wrote."""
+    """The problem :func:`problem_record` wrote (a record without a queue, from before batching
+    engines, is M/G/1)."""
     types = tuple(TaskType(**{k: t[k] for k in TYPE_FIELDS}) for t in record["types"])
-    return Problem(types, record["arrival_rate"], record["latency_penalty"], record["rho_max"])
+    queue = queue_from_record(record.get("queue"))
+    return Problem(types, record["arrival_rate"], record["latency_penalty"], record["rho_max"], queue)

@@ -72,16 +72,16 @@ def best_response(p: Problem, x: Array) -> tuple[Array, float]:
 
     Notes
     -----
-    ``T_k(l) = clip((1/b_k) ln(w_k A_k b_k / (c_k (gamma Phi_k(l) + mu lambda))))``
-    (DESIGN.md 1, KKT line), with ``mu = 0`` when that keeps ``lambda m1(T) <= rho_max`` and
-    otherwise the unique ``mu > 0`` that puts ``T`` on the margin.
+    ``T_k(l) = clip((1/b_k) ln(w_k A_k b_k / (c_k (gamma Phi_k(l) + mu kappa))))``
+    (DESIGN.md 1, KKT line; ``kappa = lambda`` for M/G/1), with ``mu = 0`` when that keeps
+    ``rho(T) <= rho_max`` and otherwise the unique ``mu > 0`` that puts ``T`` on the margin.
     """
-    lam = p.arrival_rate
+    kappa = p.kappa
     phi = p.congestion(x)
     wab = p.weight * p.gain * p.rate
 
     def image(mu: float) -> Array:
-        price = p.c * (p.latency_penalty * phi + mu * lam)
+        price = p.c * (p.latency_penalty * phi + mu * kappa)
         with np.errstate(divide="ignore", invalid="ignore"):
             raw = np.log(wab / price) / p.rate
         raw = np.where(price <= 0, np.where(wab > 0, np.inf, -np.inf), raw)
@@ -89,9 +89,9 @@ def best_response(p: Problem, x: Array) -> tuple[Array, float]:
         return out
 
     t = image(0.0)
-    if lam == 0.0 or lam * float(p.prior @ p.service_times(t)) <= p.rho_max:
+    if kappa == 0.0 or kappa * float(p.prior @ p.service_times(t)) <= p.rho_max:
         return t, 0.0
-    a = p.c * lam
+    a = p.c * kappa
     mu_hi = float(
         np.max(
             np.where(
@@ -102,7 +102,7 @@ def best_response(p: Problem, x: Array) -> tuple[Array, float]:
     mu_hi = max(mu_hi, 1e-300) * 2.0
 
     def excess(mu: float) -> float:
-        return lam * float(p.prior @ p.service_times(image(mu))) - p.rho_max
+        return kappa * float(p.prior @ p.service_times(image(mu))) - p.rho_max
 
     mu = float(brentq(excess, 0.0, mu_hi, xtol=1e-300, rtol=4 * np.finfo(float).eps))
     x_mu = image(mu)

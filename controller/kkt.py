@@ -1,8 +1,11 @@
 """Optimality certificates and a-priori constants shared by the solvers.
 
-All bounds hold over the feasible set F = {lo <= l <= hi, lambda m1(l) <= rho_max}: there the
-slack s = 1 - rho is at least ``s_min = 1 - min(rho_max, lambda m1(hi))`` and every service
-time and moment is at most its value at ``hi``.
+All bounds hold over the feasible set F = {lo <= l <= hi, rho(l) <= rho_max}: there the load
+is at most ``min(rho_max, rho(hi))`` and every service time and moment is at most its value
+at ``hi``. They are written for any queue model with ``E[T] = Ta(m1) + m2 Tb(m1)``
+(:mod:`controller.queue`), whose ``Tb``, ``Tb'``, ``Tb''`` and ``Ta''`` are nonnegative and
+(except ``Ta''``, bounded by a sweep over the load) nondecreasing in m1; for M/G/1 they are
+the paper's closed forms.
 """
 
 from __future__ import annotations
@@ -14,27 +17,38 @@ import numpy as np
 from thinkcap.controller.problem import Array, Problem
 from thinkcap.controller.sweep import Kernel, use_scalar
 
+#: Loads at which a bound on ``Ta''`` is sought (it need not be monotone in the load).
+TA2_SWEEP = 32
 
-def _worst_point(p: Problem, upper: Array) -> tuple[float, Array, float]:
-    """(s_min, t(upper), m2(upper)): the smallest slack and largest times over F below ``upper``."""
+
+def _worst_terms(p: Problem, upper: Array) -> tuple[float, float, float, Array, float]:
+    """(Tb, Tb', largest |d2E[T]/dm1^2|, t(upper), m2(upper)) bounding the queue over F below ``upper``."""
     t_hi = p.service_times(upper)
     m1_hi, m2_hi = p.moments(upper)
-    s_min = 1.0 - min(p.rho_max, p.arrival_rate * m1_hi)
-    return s_min, t_hi, m2_hi
+    kappa = p.kappa
+    m1 = m1_hi if kappa == 0.0 else min(m1_hi, p.rho_max / kappa)
+    q = p.queue_terms(m1)
+    curve = q.d_m1_m1(m2_hi)
+    if p.queue.slots > 1:
+        for share in np.linspace(0.0, 1.0, TA2_SWEEP, endpoint=False)[1:]:
+            curve = max(curve, abs(p.queue_terms(share * m1).ta2) + m2_hi * q.tb2)
+    return q.tb, q.tb1, curve, t_hi, m2_hi
 
 
 def _congestion_row_sums(p: Problem, upper: Array) -> Array:
     """Upper bound over {l in F, l <= upper} of sum_j |dPhi_k / dl_j| for every type k.
 
-    dPhi_k/dl_j = lambda c_k [k=j] / s + lambda^2 pi_j c_j (t_k + t_j) / s^2
-    + lambda^3 m2 pi_j c_j / s^3.
+    With Phi_k = T1 + 2 t_k T2 (T1 = dE[T]/dm1, T2 = dE[T]/dm2 = Tb):
+    dPhi_k/dl_j = 2 T2 c_k [k=j] + pi_j c_j (T11 + 2 T12 (t_k + t_j)), T12 = Tb'; for M/G/1
+    lambda c_k [k=j] / s + lambda^2 pi_j c_j (t_k + t_j) / s^2 + lambda^3 m2 pi_j c_j / s^3.
     """
-    lam = p.arrival_rate
-    s, t, m2 = _worst_point(p, upper)
+    if p.arrival_rate == 0.0:
+        return np.zeros(p.size)
+    tb, tb1, t11, t, _ = _worst_terms(p, upper)
     pc = p.prior * p.c
     big_c = float(pc.sum())
     ct = float(pc.dot(t))
-    out: Array = lam * p.c / s + lam**2 * (t * big_c + ct) / s**2 + lam**3 * m2 * big_c / s**3
+    out: Array = 2.0 * tb * p.c + 2.0 * tb1 * (t * big_c + ct) + t11 * big_c
     return out
 
 
@@ -70,12 +84,9 @@ def contraction_factor(p: Problem) -> float:
     """
     if p.latency_penalty == 0.0 or p.arrival_rate == 0.0:
         return 0.0
-    lam = p.arrival_rate
-    q_lo = p.metrics(p.lo)
-    s_max = 1.0 - q_lo.rho
-    if s_max <= 0.0:
+    if p.metrics(p.lo).rho >= 1.0:
         return math.inf
-    phi_min = 1.0 + lam * p.service_times(p.lo) / s_max + lam**2 * q_lo.m2 / (2 * s_max**2)
+    phi_min = p.congestion(p.lo)
     active = (p.weight * p.gain > 0) & (p.c > 0)
     rows = np.where(active, _congestion_row_sums(p, p.hi) / (p.rate * phi_min), 0.0)
     return float(rows.max())
@@ -99,40 +110,40 @@ def certify(p: Problem, x: Array, multiplier: float, *, kernel: Kernel = "auto")
 
     Notes
     -----
-    Residual per type: ``|l_k - clip(l_k + g_k / h_k)|`` with ``g = grad U - mu lambda pi c``
+    Residual per type: ``|l_k - clip(l_k + g_k / h_k)|`` with ``g = grad U - mu kappa pi c``
     the Lagrangian gradient and ``h_k = -d^2 U / dl_k^2`` the diagonal curvature,
     ``pi_k w_k A_k b_k^2 e^{-b_k l_k} + gamma pi_k c_k dPhi_k/dl_k``: how far each cap is
     from its own optimum with the others held fixed (a Newton-scaled natural residual). The
     margin adds its violation, and its complementarity gap when ``mu > 0``, converted to
-    tokens through ``d rho / d l = lambda pi c``. At an unstable point: (-inf, +inf).
+    tokens through ``d rho / d l = kappa pi c``. At an unstable point: (-inf, +inf).
     """
     if use_scalar(p.size, kernel):
         try:
             return _certify_scalar(p, x, multiplier)
         except OverflowError:  # exp of a far negative cap: numpy's inf is the right answer
             pass
-    lam, gamma = p.arrival_rate, p.latency_penalty
+    kappa, gamma = p.kappa, p.latency_penalty
     prior, c = p.prior, p.c
     pc = prior * c
     t = p.t0 + c * x
     m1 = float(prior.dot(t))
     m2 = float(prior.dot(t * t + p.v))
-    rho = lam * m1
+    rho = kappa * m1
     if rho >= 1.0:
         return -math.inf, math.inf
-    s = 1.0 - rho
+    q = p.queue_terms(m1)
     decay = np.exp(-p.rate * x)
     pwa = prior * p.weight * p.gain
     accuracy = float(pwa.dot(1.0 - decay)) + float(prior.dot(p.weight * p.base))
-    fun = accuracy - gamma * (m1 + lam * m2 / (2.0 * s))
+    fun = accuracy - gamma * q.system_time(m2)
     marginal = pwa * p.rate * decay
-    a, b2 = lam / s, lam * lam / (s * s)
-    phi = 1.0 + a * t + 0.5 * b2 * m2
-    dphi = a * c + (2.0 * b2) * pc * t + (b2 * a * m2) * pc
-    g = marginal - pc * (gamma * phi + multiplier * lam)
+    two_t2 = 2.0 * q.tb
+    phi = q.d_m1(m2) + two_t2 * t
+    dphi = two_t2 * c + (4.0 * q.tb1) * pc * t + q.d_m1_m1(m2) * pc
+    g = marginal - pc * (gamma * phi + multiplier * kappa)
     h = np.maximum(marginal * p.rate + gamma * pc * dphi, 1e-300)
     res = float(np.max(np.abs(np.minimum(np.maximum(x + g / h, p.lo), p.hi) - x)))
-    rate_per_token = lam * float(pc.sum())
+    rate_per_token = kappa * float(pc.sum())
     if rate_per_token > 0:
         gap = rho - p.rho_max
         margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)
@@ -142,19 +153,18 @@ def certify(p: Problem, x: Array, multiplier: float, *, kernel: Kernel = "auto")
 
 def _certify_scalar(p: Problem, x: Array, multiplier: float) -> tuple[float, float]:
     """:func:`certify` over Python floats: the same sums, faster for a handful of types."""
-    lam, gamma = p.arrival_rate, p.latency_penalty
+    kappa, gamma = p.kappa, p.latency_penalty
     prior, c, xs = p.prior.tolist(), p.c.tolist(), x.tolist()
     ts = [t0 + ck * xk for t0, ck, xk in zip(p.t0.tolist(), c, xs, strict=True)]
     m1 = m2 = 0.0
     for pk, t, v in zip(prior, ts, p.v.tolist(), strict=True):
         m1 += pk * t
         m2 += pk * (t * t + v)
-    rho = lam * m1
+    rho = kappa * m1
     if rho >= 1.0:
         return -math.inf, math.inf
-    s = 1.0 - rho
-    a, b2 = lam / s, lam * lam / (s * s)
-    b2am2 = b2 * a * m2
+    q = p.queue_terms(m1)
+    t1, two_t2, four_t12, t11 = q.d_m1(m2), 2.0 * q.tb, 4.0 * q.tb1, q.d_m1_m1(m2)
     accuracy = res = pc_sum = 0.0
     rows = zip(prior, p.weight.tolist(), p.base.tolist(), p.gain.tolist(), p.rate.tolist(), c, ts, xs,
                p.lo.tolist(), p.hi.tolist(), strict=True)  # fmt: skip
@@ -165,13 +175,13 @@ def _certify_scalar(p: Problem, x: Array, multiplier: float) -> tuple[float, flo
         marginal = pwa * b * decay
         pc = pk * ck
         pc_sum += pc
-        phi = 1.0 + a * t + 0.5 * b2 * m2
-        dphi = a * ck + 2.0 * b2 * pc * t + b2am2 * pc
-        g = marginal - pc * (gamma * phi + multiplier * lam)
+        phi = t1 + two_t2 * t
+        dphi = two_t2 * ck + four_t12 * pc * t + t11 * pc
+        g = marginal - pc * (gamma * phi + multiplier * kappa)
         h = max(marginal * b + gamma * pc * dphi, 1e-300)
         res = max(res, abs(min(max(xk + g / h, lo), hi) - xk))
-    fun = accuracy - gamma * (m1 + lam * m2 / (2.0 * s))
-    rate_per_token = lam * pc_sum
+    fun = accuracy - gamma * q.system_time(m2)
+    rate_per_token = kappa * pc_sum
     if rate_per_token > 0:
         gap = rho - p.rho_max
         margin = max(gap, 0.0) if multiplier == 0.0 else abs(gap)

@@ -1,9 +1,11 @@
-"""The allocation problem: task types, an M/G/1 queue and the objective.
+"""The allocation problem: task types, a queue model and the objective.
 
 Notation follows DESIGN.md section 1 (the paper's model, eqs. (1)-(6) of Ozbas and
 Bastopcu, 2026): type k has prior ``pi_k``, weight ``w_k``, accuracy curve
 ``p_k(l) = D_k + A_k (1 - exp(-b_k l))`` and affine service time ``t_k(l) = t0_k + c_k l``
-with within-type variance ``v_k``.
+with within-type variance ``v_k``. The queue is the paper's M/G/1 unless the problem names
+another model (:mod:`controller.queue`: a batching engine with several slots); every model
+gives ``E[T] = Ta(m1) + m2 Tb(m1)`` and a load ``rho = kappa m1``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from thinkcap.controller.queue import MG1, QueueModel, QueueTerms
 
 Array = NDArray[np.float64]
 
@@ -81,13 +85,18 @@ class TaskType:
 
 @dataclass(frozen=True, slots=True)
 class QueueMetrics:
-    """M/G/1 quantities of one allocation; waits are +inf when the queue is unstable."""
+    """Queue quantities of one allocation; waits are +inf when the queue is unstable.
+
+    ``mean_wait`` is the time before service starts (for a batching engine: before a slot);
+    ``occupancy`` the mean number in service, E[min(N, slots)].
+    """
 
     m1: float
     m2: float
     rho: float
     mean_wait: float
     mean_system_time: float
+    occupancy: float = 0.0
 
     @property
     def stable(self) -> bool:
@@ -115,7 +124,10 @@ class Problem:
     latency_penalty
         gamma: objective points traded for one second of mean system time (>= 0).
     rho_max
-        Stability margin: feasible allocations keep ``lambda * m1 <= rho_max`` (0 < rho_max < 1).
+        Stability margin: feasible allocations keep the load ``rho = kappa m1 <= rho_max``
+        (0 < rho_max < 1; ``kappa = lambda`` for M/G/1).
+    queue
+        The queue model (default: the paper's M/G/1).
 
     Examples
     --------
@@ -129,6 +141,7 @@ class Problem:
     arrival_rate: float
     latency_penalty: float
     rho_max: float = 0.95
+    queue: QueueModel = field(default_factory=MG1)
     prior: Array = field(init=False, repr=False, compare=False)
     weight: Array = field(init=False, repr=False, compare=False)
     base: Array = field(init=False, repr=False, compare=False)
@@ -196,16 +209,27 @@ class Problem:
 
     def with_arrival_rate(self, arrival_rate: float) -> Problem:
         """The same problem at another arrival rate."""
-        return Problem(self.types, arrival_rate, self.latency_penalty, self.rho_max)
+        return Problem(self.types, arrival_rate, self.latency_penalty, self.rho_max, self.queue)
+
+    @property
+    def kappa(self) -> float:
+        """Load per second of mean service time: ``rho = kappa m1`` (lambda for M/G/1)."""
+        return self.arrival_rate * self.queue.load_factor()
+
+    def queue_terms(self, m1: float) -> QueueTerms:
+        """The queue model's ``Ta``, ``Tb`` and derivatives at mean service time ``m1`` (rho < 1)."""
+        return self.queue.terms(self.arrival_rate, m1)
 
     @classmethod
     def from_arrays(cls, **arrays: Any) -> Problem:
         """Build a problem from per-type arrays (names default to ``t0``, ``t1``, ...).
 
         Keys: ``prior``, ``weight``, ``base``, ``gain``, ``rate``, ``t0``, ``c``, ``v``,
-        ``lo``, ``hi`` (arrays) and ``arrival_rate``, ``latency_penalty``, ``rho_max``.
+        ``lo``, ``hi`` (arrays), ``arrival_rate``, ``latency_penalty``, ``rho_max`` and
+        optionally ``queue``.
         """
         scalars = {k: arrays.pop(k) for k in ("arrival_rate", "latency_penalty", "rho_max")}
+        queue = arrays.pop("queue", MG1())
         prior = np.asarray(arrays.pop("prior"), dtype=float)
         n = prior.size
         names = arrays.pop("names", [f"t{k}" for k in range(n)])
@@ -230,7 +254,7 @@ class Problem:
             )
             for k in range(n)
         )
-        return cls(types, **{k: float(val) for k, val in scalars.items()})
+        return cls(types, **{k: float(val) for k, val in scalars.items()}, queue=queue)
 
     # -- the model -------------------------------------------------------------
 
@@ -244,16 +268,19 @@ class Problem:
         return float(self.prior.dot(t)), float(self.prior.dot(t * t + self.v))
 
     def metrics(self, x: Array) -> QueueMetrics:
-        """Pollaczek-Khinchine metrics: E[W] = lambda m2 / (2 (1 - rho)), E[T] = m1 + E[W]."""
+        """The queue model's metrics; for M/G/1 Pollaczek-Khinchine:
+        E[W] = lambda m2 / (2 (1 - rho)), E[T] = m1 + E[W]."""
         m1, m2 = self.moments(x)
         lam = self.arrival_rate
-        rho = lam * m1
+        rho = self.kappa * m1
         if lam == 0.0:
-            return QueueMetrics(m1, m2, 0.0, 0.0, m1)
+            return QueueMetrics(m1, m2, 0.0, 0.0, m1, 0.0)
         if rho >= 1.0:
-            return QueueMetrics(m1, m2, rho, math.inf, math.inf)
-        wait = lam * m2 / (2.0 * (1.0 - rho))
-        return QueueMetrics(m1, m2, rho, wait, m1 + wait)
+            return QueueMetrics(m1, m2, rho, math.inf, math.inf, float(self.queue.slots))
+        t_sys = self.queue_terms(m1).system_time(m2)
+        busy = self.queue.occupancy(lam, m1)
+        # Little: the mean time in service is occupancy / lambda; the rest is the wait.
+        return QueueMetrics(m1, m2, rho, max(t_sys - busy / lam, 0.0), t_sys, busy)
 
     def accuracy(self, x: Array) -> Array:
         """p_k(l_k) = D_k + A_k (1 - exp(-b_k l_k))."""
@@ -271,12 +298,13 @@ class Problem:
         return self.mean_accuracy(x) - self.latency_penalty * t_sys
 
     def congestion(self, x: Array) -> Array:
-        """Phi_k = 1 + lambda t_k / s + lambda^2 m2 / (2 s^2); +inf when unstable."""
-        q = self.metrics(x)
-        if not q.stable:
+        """Phi_k = dE[T]/dm1 + 2 t_k dE[T]/dm2 (M/G/1: 1 + lambda t_k / s + lambda^2 m2 / (2 s^2));
+        +inf when unstable."""
+        m1, m2 = self.moments(x)
+        if self.kappa * m1 >= 1.0:
             return np.full(self.size, math.inf)
-        lam, s = self.arrival_rate, 1.0 - q.rho
-        result: Array = 1.0 + lam * self.service_times(x) / s + lam * lam * q.m2 / (2.0 * s * s)
+        q = self.queue_terms(m1)
+        result: Array = q.d_m1(m2) + 2.0 * q.tb * self.service_times(x)
         return result
 
     def gradient(self, x: Array) -> Array:
@@ -294,7 +322,7 @@ class Problem:
         return result
 
     def is_feasible(self, x: Array, *, atol: float = 1e-9) -> bool:
-        """Inside the box and the stability margin lambda m1 <= rho_max (absolute slack ``atol``)."""
+        """Inside the box and the stability margin rho <= rho_max (absolute slack ``atol``)."""
         x = np.asarray(x, dtype=float)
         if x.shape != (self.size,) or not np.all(np.isfinite(x)):
             return False

@@ -70,12 +70,17 @@ def _objectives(p: Problem, candidates: Array) -> Array:
     t = p.t0 + p.c * candidates
     m1 = t @ p.prior
     m2 = (t * t + p.v) @ p.prior
-    rho = lam * m1
+    rho = p.kappa * m1
     acc = (p.base + p.gain * -np.expm1(-p.rate * candidates)) @ (p.prior * p.weight)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        wait = np.where(lam > 0, lam * m2 / (2.0 * (1.0 - rho)), 0.0)
-    u = acc - p.latency_penalty * (m1 + wait)
     feasible = rho <= p.rho_max + 1e-12
+    if p.queue.slots == 1:  # M/G/1 in closed form, all rows at once
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wait = np.where(lam > 0, lam * m2 / (2.0 * (1.0 - rho)), 0.0)
+        t_sys = m1 + wait
+    else:
+        t_sys = np.array([p.queue_terms(a).system_time(b) if ok and lam > 0 else a
+                          for a, b, ok in zip(m1.tolist(), m2.tolist(), feasible.tolist(), strict=True)])  # fmt: skip
+    u = acc - p.latency_penalty * t_sys
     out: Array = np.where(feasible, u, -math.inf)
     return out
 

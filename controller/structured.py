@@ -1,8 +1,11 @@
 """The structured exact solver (DESIGN.md 1, solver 3; our extension, the default).
 
-The types are coupled only through the scalars (m1, m2). Write s = 1 - rho,
-sigma = lambda / s and the common price theta = gamma (1 + sigma^2 m2 / 2) + mu lambda.
-Then type k's KKT condition (DESIGN.md 1, KKT line) reads
+The types are coupled only through the scalars (m1, m2). Every queue model has
+``E[T] = Ta(m1) + m2 Tb(m1)`` and load ``rho = kappa m1`` (:mod:`controller.queue`), so at a
+load rho write sigma = 2 Tb (the price of m2) and T1(rho, m2) = Ta' + m2 Tb' (the price of
+m1), and the common price theta = gamma T1 + mu kappa. For M/G/1, s = 1 - rho,
+sigma = lambda / s and T1 = 1 + sigma^2 m2 / 2. Then type k's KKT condition (DESIGN.md 1,
+KKT line) reads
 
     w_k A_k b_k e^{-b_k l} = c_k (alpha_k + beta_k l),
     alpha_k = theta + gamma sigma t0_k,   beta_k = gamma sigma c_k,
@@ -14,11 +17,11 @@ Newton iteration that is monotone after one step and free of the cancellation of
 closed form when ``beta`` is small. The problem is then two scalar consistency equations
 in (rho, theta), solved by a safeguarded 2-D Newton method with analytic Jacobian:
 
-    G1 = lambda M1(l(rho, theta)) - rho = 0,
-    G2 = gamma (1 + sigma^2 M2(l(rho, theta)) / 2) - theta = 0.
+    G1 = kappa M1(l(rho, theta)) - rho = 0,
+    G2 = gamma T1(rho, M2(l(rho, theta))) - theta = 0.
 
 When the margin binds, rho = rho_max is fixed and one monotone equation in theta
-remains: lambda M1(l) = rho_max, with mu = (theta - gamma (1 + sigma^2 M2 / 2)) / lambda.
+remains: kappa M1(l) = rho_max, with mu = (theta - gamma T1(rho_max, M2)) / kappa.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from scipy.optimize import brentq
 
 from thinkcap.controller.kkt import certify
 from thinkcap.controller.problem import Array, Problem
+from thinkcap.controller.queue import MG1
 from thinkcap.controller.result import SolveResult, Status
 from thinkcap.controller.sweep import ArraySweep, Kernel, ScalarSweep, fixed_caps, make_sweep, use_scalar
 
@@ -48,6 +52,18 @@ FINAL_PRICE_STEP = 1e-6
 PRESSED_ITERATIONS = 1
 #: Iteration limit of the joint Newton method before the bracketing fallback.
 MAXITER = 60
+
+
+def _prices(p: Problem, rho: float) -> tuple[float, float, float, float, float, float]:
+    """At load ``rho``: (sigma, dsigma/drho, a, da/drho, b, db/drho) with T1 = a + b m2."""
+    if isinstance(p.queue, MG1):  # closed form: sigma = lambda / s, T1 = 1 + sigma^2 m2 / 2
+        lam = p.arrival_rate
+        sigma = lam / (1.0 - rho)
+        dsig = sigma * sigma / lam
+        return sigma, dsig, 1.0, 0.0, 0.5 * sigma * sigma, sigma * dsig
+    kappa = p.kappa
+    q = p.queue_terms(rho / kappa)
+    return 2.0 * q.tb, 2.0 * q.tb1 / kappa, q.ta1, q.ta2 / kappa, q.tb1, q.tb2 / kappa
 
 
 @dataclass
@@ -99,16 +115,16 @@ class _Caps:
 
 def _theta_for_load(p: Problem, caps: _Caps, rho: float, st: _State) -> float:
     """Solve G2(rho, theta) = 0 for theta (decreasing in theta, so one root)."""
-    gamma, lam = p.latency_penalty, p.arrival_rate
-    sigma = lam / (1.0 - rho)
-    lo = gamma * (1.0 + 0.5 * sigma * sigma * p.moments(p.lo)[1])
-    hi = gamma * (1.0 + 0.5 * sigma * sigma * p.moments(p.hi)[1])
+    gamma = p.latency_penalty
+    sigma, _, a, _, b, _ = _prices(p, rho)
+    lo = gamma * (a + b * p.moments(p.lo)[1])
+    hi = gamma * (a + b * p.moments(p.hi)[1])
     if hi - lo <= 1e-15 * max(hi, 1e-300):
         return hi
 
     def g2(theta: float) -> float:
         x = caps.solve(theta, sigma, st)[0]
-        return gamma * (1.0 + 0.5 * sigma * sigma * p.moments(x)[1]) - theta
+        return gamma * (a + b * p.moments(x)[1]) - theta
 
     return float(brentq(g2, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps))
 
@@ -118,8 +134,8 @@ def _bracketed(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State
 
     def h(rho: float) -> float:
         theta = _theta_for_load(p, caps, rho, st)
-        sigma = p.arrival_rate / (1.0 - rho)
-        return p.arrival_rate * p.moments(caps.solve(theta, sigma, st)[0])[0] - rho
+        sigma = _prices(p, rho)[0]
+        return p.kappa * p.moments(caps.solve(theta, sigma, st)[0])[0] - rho
 
     eps = 4 * np.finfo(float).eps
     rho = rho_hi if h(rho_hi) >= 0 else float(brentq(h, rho_lo, rho_hi, xtol=1e-16, rtol=eps))
@@ -127,9 +143,9 @@ def _bracketed(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State
 
 
 def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float, Array, int]:
-    """Margin binds: solve lambda M1(l(theta)) = rho_max for theta >= theta_lo."""
-    lam, gamma = p.arrival_rate, p.latency_penalty
-    sigma = lam / (1.0 - p.rho_max)
+    """Margin binds: solve kappa M1(l(theta)) = rho_max for theta >= theta_lo."""
+    lam, gamma = p.kappa, p.latency_penalty
+    sigma = _prices(p, p.rho_max)[0]
     pc = p.prior * p.c
     # A price at which every type sits at its minimum: f(lo) >= 0 for all.
     k_lo = np.where(np.isfinite(caps.log_k), np.exp(np.minimum(caps.log_k, 700) - p.rate * p.lo), 0.0)
@@ -169,11 +185,11 @@ def _joint_newton(
     ``(rho, theta, x, mu, nit)``, or ``None`` if it does not converge (the caller then falls
     back to the bracketing method).
     """
-    lam, gamma = p.arrival_rate, p.latency_penalty
+    lam, gamma = p.kappa, p.latency_penalty  # lam: the load per unit m1
     m1, m2 = sw.moments()
     rho = min(max(lam * m1, rho_lo), rho_cap)
-    sigma = lam / (1.0 - rho)
-    theta = gamma * (1.0 + 0.5 * sigma * sigma * m2)
+    sigma, dsig, ta, dta, tb, dtb = _prices(p, rho)
+    theta = gamma * (ta + tb * m2)
     margin = False
     can_bind = rho_cap == p.rho_max
     pressed = 0
@@ -181,15 +197,14 @@ def _joint_newton(
     first = st.nfev
     for _ in range(MAXITER):
         st.nfev += 1
-        sigma = lam / (1.0 - rho)
-        dsig = sigma * sigma / lam
+        sigma, dsig, ta, dta, tb, dtb = _prices(p, rho)
         m1, m2, j, jt, jtt, step = sw.newton(theta, gamma * sigma, full=not margin)
         g1 = lam * m1 - rho
         j12 = lam * j
         if margin:
             if abs(g1) <= RHO_TOL and step <= CAP_XTOL:
                 sw.accept()
-                mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * sw.moments()[1])) / lam
+                mu = (theta - gamma * (ta + tb * sw.moments()[1])) / lam
                 if mu >= -1e-9 * theta / lam:
                     break
                 margin = can_bind = False  # a negative price: the margin does not bind after all
@@ -213,15 +228,15 @@ def _joint_newton(
             d_rho = raw_step = 0.0
         else:
             m2 += sw.pv
-            g2 = gamma * (1.0 + 0.5 * sigma * sigma * m2) - theta
+            g2 = gamma * (ta + tb * m2) - theta
             if abs(g1) <= RHO_TOL and abs(g2) <= THETA_RTOL * theta and step <= CAP_XTOL:
                 sw.accept()
                 break
-            # dl/dsigma = gamma t dl/dtheta, so every Jacobian entry is a dot with dl/dtheta.
-            half = gamma * sigma * sigma
+            # dl/dsigma = gamma t dl/dtheta, so every Jacobian entry is a dot with dl/dtheta:
+            # dM1/dtheta = j, dM1/dsigma = gamma jt, dM2/dtheta = 2 jt, dM2/dsigma = 2 gamma jtt.
             j11 = lam * gamma * jt * dsig - 1.0
-            j21 = gamma * sigma * dsig * m2 + half * gamma * jtt * dsig
-            j22 = half * jt - 1.0
+            j21 = gamma * (dta + dtb * m2 + tb * 2.0 * gamma * jtt * dsig)
+            j22 = 2.0 * gamma * tb * jt - 1.0
             det = j11 * j22 - j12 * j21
             if det == 0.0 or not math.isfinite(det):
                 return None
@@ -253,8 +268,8 @@ def _joint_newton(
     it = st.nfev - first
     if not margin:
         return rho, theta, x, 0.0, it
-    sigma = lam / (1.0 - rho)
-    mu = (theta - gamma * (1.0 + 0.5 * sigma * sigma * p.moments(x)[1])) / lam
+    _, _, ta, _, tb, _ = _prices(p, rho)
+    mu = (theta - gamma * (ta + tb * p.moments(x)[1])) / lam
     if mu < -1e-9 * theta / lam:
         return None
     return rho, theta, x, max(mu, 0.0), it
@@ -293,7 +308,7 @@ def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> So
     (True, 173.6)
     """
     use_scalar(p.size, kernel)  # reject an unknown kernel before any work
-    lam, gamma = p.arrival_rate, p.latency_penalty
+    lam, gamma = p.kappa, p.latency_penalty  # lam: the load per unit m1
     start = p.lo.copy() if x0 is None else np.clip(np.asarray(x0, dtype=float), p.lo, p.hi)
     st = _State(x=start)
     sw = make_sweep(p, start, kernel)
@@ -315,12 +330,12 @@ def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> So
     if rho_top > p.rho_max:
         # Does the unconstrained optimum lie beyond the margin? Check the sign of G1 there.
         theta_m = _theta_for_load(p, caps, p.rho_max, st)
-        sigma_m = lam / (1.0 - p.rho_max)
+        sigma_m, _, ta_m, _, tb_m, _ = _prices(p, p.rho_max)
         nit += 1
         if lam * p.moments(caps.solve(theta_m, sigma_m, st)[0])[0] > p.rho_max:
             theta, x, it = _margin(p, caps, theta_m, st)
             m2 = p.moments(x)[1]
-            mu = max(0.0, (theta - gamma * (1.0 + 0.5 * sigma_m**2 * m2)) / lam)
+            mu = max(0.0, (theta - gamma * (ta_m + tb_m * m2)) / lam)
             return _finish(p, x, mu, Status.CONVERGED, nit=nit + it, st=st, kernel=kernel)
         rho_hi = p.rho_max
     else:
@@ -328,10 +343,10 @@ def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> So
     if gamma == 0.0:  # latency is free and the margin is slack: theta = 0, caps at hi
         return _finish(p, caps.solve(0.0, 0.0, st)[0], 0.0, Status.CONVERGED, nit=nit + 1, st=st, kernel=kernel)
     if rho_hi - rho_lo <= RHO_TOL:
-        x = caps.solve(_theta_for_load(p, caps, rho_hi, st), lam / (1.0 - rho_hi), st)[0]
+        x = caps.solve(_theta_for_load(p, caps, rho_hi, st), _prices(p, rho_hi)[0], st)[0]
         return _finish(p, x, 0.0, Status.CONVERGED, nit=nit + 1, st=st, kernel=kernel)
     rho, theta = _bracketed(p, caps, rho_lo, rho_hi, st)
-    x = caps.solve(theta, lam / (1.0 - rho), st)[0]
+    x = caps.solve(theta, _prices(p, rho)[0], st)[0]
     return _finish(p, x, 0.0, Status.CONVERGED, nit=nit, st=st, kernel=kernel)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from thinkcap.controller import Problem, TaskType
+from thinkcap.controller.queue import MG1, BatchingEngine, QueueModel
 
 #: Tables a config may hold; the ones this module does not read yet are passed through.
 SECTIONS = ("backend", "proxy", "objective", "controller", "estimators", "workload", "types")
@@ -145,11 +146,12 @@ class ModelConfig:
     latency_penalty: float
     rho_max: float
     arrival_rate: float
+    queue: QueueModel = field(default_factory=MG1)
 
     def problem(self, arrival_rate: float | None = None) -> Problem:
         """The :class:`controller.Problem` at the workload rate (or ``arrival_rate``)."""
         rate = self.arrival_rate if arrival_rate is None else arrival_rate
-        return Problem(tuple(t.task for t in self.types), rate, self.latency_penalty, self.rho_max)
+        return Problem(tuple(t.task for t in self.types), rate, self.latency_penalty, self.rho_max, self.queue)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -165,8 +167,35 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(path, "(syntax)", str(exc)) from None
 
 
-def read_task(entry: Table) -> TaskType:
-    """The model parameters of one ``[[types]]`` entry (the caller closes ``entry``)."""
+def read_queue(backend: Table) -> QueueModel:
+    """``[backend] slots`` and ``[backend.step]``: M/G/1 with one slot, a batching engine above.
+
+    The caller closes ``backend``; the step table is closed here.
+    """
+    slots = backend.integer("slots", 1, lo=1)
+    step = backend.table("step")
+    if slots == 1:
+        if step.data:
+            raise backend.error("step", "is only read with slots > 1 (one slot is the M/G/1 model)")
+        step.close()
+        return MG1()
+    if not step.data:
+        raise backend.error("step", f"slots = {slots} needs the engine's step time: [backend.step] base_s, per_seq_s")
+    base = step.number("base_s", lo=0.0)
+    per_seq = step.number("per_seq_s", lo=0.0)
+    step.close()
+    if base + per_seq <= 0:
+        raise step.error("base_s", "base_s + per_seq_s must be > 0 (a step takes time)")
+    return BatchingEngine(slots, base, per_seq)
+
+
+def read_task(entry: Table, queue: QueueModel | None = None) -> TaskType:
+    """The model parameters of one ``[[types]]`` entry (the caller closes ``entry``).
+
+    With a batching engine (``slots > 1``) a type's service time alone on the engine is
+    ``prefill_s + overhead_s + tau(1) l``: the per-token time is the engine's step at one
+    sequence, so ``service.per_token_s`` is an error there.
+    """
     name = entry.string("name")
     acc = entry.table("accuracy")
     svc = entry.table("service")
@@ -178,6 +207,16 @@ def read_task(entry: Table) -> TaskType:
     hi = entry.integer("max_tokens", lo=1)
     if lo > hi:
         raise entry.error("min_tokens", f"must be <= max_tokens ({hi}), got {lo}")
+    if isinstance(queue, BatchingEngine):
+        if "per_token_s" in svc.data:
+            raise svc.error("per_token_s", "with [backend] slots > 1 the per-token time is [backend.step]'s")
+        overhead = svc.number("prefill_s", 0.0, lo=0.0) + svc.number("overhead_s", 0.0, lo=0.0)
+        per_token = queue.step_time(1.0)
+    else:
+        if "prefill_s" in svc.data:
+            raise svc.error("prefill_s", "is read with [backend] slots > 1; with one slot use overhead_s")
+        overhead = svc.number("overhead_s", lo=0.0)
+        per_token = svc.number("per_token_s", lo=0.0)
     task = TaskType(
         name=name,
         prior=entry.number("prior", lo=0.0, lo_open=True, hi=1.0),
@@ -185,8 +224,8 @@ def read_task(entry: Table) -> TaskType:
         accuracy_base=base,
         accuracy_gain=gain,
         accuracy_rate=acc.number("rate", lo=0.0, lo_open=True),
-        overhead_s=svc.number("overhead_s", lo=0.0),
-        per_token_s=svc.number("per_token_s", lo=0.0),
+        overhead_s=overhead,
+        per_token_s=per_token,
         variance_s2=svc.number("variance_s2", 0.0, lo=0.0),
         min_tokens=lo,
         max_tokens=hi,
@@ -215,9 +254,9 @@ def type_tables(root: Table) -> list[Table]:
     return [Table(root.path, f"types[{i}]", t) for i, t in enumerate(raw_types)]
 
 
-def _type_config(entry: Table) -> TypeConfig:
+def _type_config(entry: Table, queue: QueueModel) -> TypeConfig:
     out = TypeConfig(
-        task=read_task(entry),
+        task=read_task(entry, queue),
         keywords=entry.strings("keywords"),
         patterns=entry.strings("patterns"),
         examples=entry.strings("examples"),
@@ -234,7 +273,9 @@ def load_model(path: str | Path, data: Mapping[str, Any] | None = None) -> Model
         raise root.error(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
     objective = root.table("objective")
     workload = root.table("workload")
-    types = tuple(_type_config(t) for t in type_tables(root))
+    # The [backend] table belongs to the serve settings; the model reads its queue keys only.
+    queue = read_queue(Table(path, "backend", root.data.get("backend", {})))
+    types = tuple(_type_config(t, queue) for t in type_tables(root))
     check_types(path, [t.task for t in types])
     cfg = ModelConfig(
         path=str(path),
@@ -242,6 +283,7 @@ def load_model(path: str | Path, data: Mapping[str, Any] | None = None) -> Model
         latency_penalty=objective.number("latency_penalty", lo=0.0),
         rho_max=objective.number("rho_max", DEFAULT_RHO_MAX, lo=0.0, lo_open=True, hi=1.0, hi_open=True),
         arrival_rate=workload.number("arrival_rate", DEFAULT_ARRIVAL_RATE, lo=0.0),
+        queue=queue,
     )
     objective.close()
     workload.close()

@@ -53,15 +53,23 @@ def build_problem(
     curves fitted from graded feedback, see :meth:`ControlLoop.curves`).
 
     Priors and service parameters come from the snapshot (which holds the configured values
-    until enough samples exist); the service time of the answer that follows the reasoning
+    until enough samples exist). In front of a batching engine (``[backend] slots > 1``) the
+    service parameters stay the configured ones: the live fit measures a request's time under
+    the batch it shared, not its time alone on the engine that the queue model needs. The
+    service time of the answer that follows the reasoning
     (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead. When
     a type's answers stop before their cap (they use a share ``u < 1`` of it on average),
     a cap token costs ``u x per_token_s``.
     """
     used_share = used_share or {}
     accuracy = accuracy or {}
+    batching = model.queue.slots > 1
     tasks = []
-    for cfg, est in zip(model.types, snap.types, strict=True):
+    for cfg, fit in zip(model.types, snap.types, strict=True):
+        est = fit
+        if batching:
+            est = fit._replace(overhead_s=cfg.task.overhead_s, per_token_s=cfg.task.per_token_s,
+                               variance_s2=cfg.task.variance_s2)  # fmt: skip
         values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"type {est.name!r}: non-finite estimate {values}")
@@ -83,7 +91,7 @@ def build_problem(
         )
     total = sum(t.prior for t in tasks)
     tasks = [replace(t, prior=t.prior / total) for t in tasks]
-    return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max)
+    return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, model.queue)
 
 
 class ControlLoop:
@@ -227,11 +235,13 @@ class ControlLoop:
 
     def _evidence(self, snap: Snapshot) -> str | None:
         """What shows a predicted overload is real: ``service_fit`` (the types that carry 95 % of
-        the arrivals have a service model fitted from live traffic), ``queue`` (the admission
-        queue grew since the decision before) or ``None`` (only the configured guess says so)."""
+        the arrivals have a service model fitted from live traffic, and the model uses it: one
+        slot), ``queue`` (the admission queue grew since the decision before) or ``None`` (only
+        the configured guess says so)."""
         queued, before = self.state.admission.queued, self._queued
         self._queued = queued
-        if sum(t.prior for t in snap.types if t.fitted) >= FITTED_SHARE * sum(t.prior for t in snap.types):
+        fitted = sum(t.prior for t in snap.types if t.fitted) >= FITTED_SHARE * sum(t.prior for t in snap.types)
+        if fitted and self.state.settings.model.queue.slots == 1:
             return "service_fit"
         if queued > before:
             return "queue"

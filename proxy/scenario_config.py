@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from thinkcap.proxy.config import ConfigError, Table, check_types, read_task, read_toml, type_tables
+from thinkcap.controller.queue import BatchingEngine, QueueModel
+from thinkcap.proxy.config import ConfigError, Table, check_types, read_queue, read_task, read_toml, type_tables
 from thinkcap.sim.scenario import REASONING_FIELDS, USAGE_SHAPES, Faults, LoadPhase, Scenario, SimType
 
 SCENARIO_SECTIONS = ("objective", "server", "faults", "load", "types")
 
 
-def _sim_type(entry: Table) -> SimType:
-    task = read_task(entry)
+def _sim_type(entry: Table, queue: QueueModel | None) -> SimType:
+    task = read_task(entry, queue)
     marker = entry.string("marker", f"[{task.name}]")
     if not marker.strip():
         raise entry.error("marker", "must not be blank")
@@ -60,10 +61,14 @@ def load_scenario(path: str | Path) -> Scenario:
     unknown = sorted(set(root.data) - set(SCENARIO_SECTIONS))
     if unknown:
         raise root.error(unknown[0], f"unknown section (known: {', '.join(SCENARIO_SECTIONS)})")
-    types = tuple(_sim_type(t) for t in type_tables(root))
+    objective, server, faults, load = (root.table(n) for n in ("objective", "server", "faults", "load"))
+    # [server] step makes the server a batching engine; without it, slots independent servers.
+    engine = read_queue(server) if "step" in server.data else None
+    if engine is not None and not isinstance(engine, BatchingEngine):
+        raise server.error("step", "a batching engine needs slots > 1")
+    types = tuple(_sim_type(t, engine) for t in type_tables(root))
     check_types(path, [t.task for t in types])
     names = [t.name for t in types]
-    objective, server, faults, load = (root.table(n) for n in ("objective", "server", "faults", "load"))
     default_type = server.string("default_type", "")
     if default_type and default_type not in names:
         raise server.error("default_type", f"must be one of {names}, got {default_type!r}")
@@ -89,6 +94,7 @@ def load_scenario(path: str | Path) -> Scenario:
         thinking_budget_supported=_flag(server, "thinking_budget_supported", True),
         faults=fault_rates,
         phases=read_phases(load),
+        engine=engine,
     )
     for t in (objective, server, faults, load, root):
         t.close()

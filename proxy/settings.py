@@ -13,7 +13,7 @@ from typing import Any
 
 from thinkcap.controller import METHODS
 from thinkcap.estimators import accuracy, arrival, mix, service, service_model
-from thinkcap.proxy.config import ConfigError, ModelConfig, Table, load_model, read_toml
+from thinkcap.proxy.config import ConfigError, ModelConfig, Table, load_model, read_queue, read_toml
 from thinkcap.proxy.transport import client, server
 
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens")
@@ -41,6 +41,7 @@ class BackendSettings:
     probe: bool = True
     model: str | None = None
     max_answer_bytes: int = client.MAX_ANSWER_BYTES
+    slots: int = 1  # requests the server runs at once ([backend.step] is read with the model)
 
     @property
     def base(self) -> str:
@@ -61,7 +62,7 @@ class ProxySettings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8002
     admin_token: str | None = None
-    max_concurrency: int = 1
+    max_concurrency: int = 1  # default: the backend's slots
     max_queue: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_s: int = 1
@@ -186,12 +187,13 @@ def _backend(t: Table) -> BackendSettings:
         probe=BackendSettings.probe if probe is None else probe,
         model=model,
         max_answer_bytes=t.integer("max_answer_bytes", BackendSettings.max_answer_bytes, lo=1024),
+        slots=read_queue(t).slots,
     )
     t.close()
     return out
 
 
-def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
+def _proxy(t: Table, type_names: list[str], slots: int = 1) -> ProxySettings:
     host, port = parse_hostport(t.string("listen", f"{ProxySettings.host}:{ProxySettings.port}"), where=t, key="listen")
     admin_host, admin_port = parse_hostport(
         t.string("admin_listen", f"{ProxySettings.admin_host}:{ProxySettings.admin_port}"), where=t, key="admin_listen"
@@ -211,7 +213,7 @@ def _proxy(t: Table, type_names: list[str]) -> ProxySettings:
         admin_host=admin_host,
         admin_port=admin_port,
         admin_token=token,
-        max_concurrency=t.integer("max_concurrency", ProxySettings.max_concurrency, lo=1),
+        max_concurrency=t.integer("max_concurrency", slots, lo=1),
         max_queue=t.integer("max_queue", ProxySettings.max_queue, lo=0),
         max_body_bytes=t.integer("max_body_bytes", ProxySettings.max_body_bytes, lo=1024),
         retry_after_s=t.integer("retry_after_s", ProxySettings.retry_after_s, lo=1),
@@ -276,7 +278,7 @@ def load_settings(path: str | Path, data: Mapping[str, Any] | None = None) -> Se
     if "backend" not in root.data:
         raise ConfigError(path, "backend", "a [backend] table with at least url is required")
     backend = _backend(root.table("backend"))
-    proxy = _proxy(root.table("proxy"), [t.task.name for t in model.types])
+    proxy = _proxy(root.table("proxy"), [t.task.name for t in model.types], backend.slots)
     controller = _controller(root.table("controller"))
     estimators = _estimators(root.table("estimators"))
     return Settings(model=model, backend=backend, proxy=proxy, controller=controller, estimators=estimators)

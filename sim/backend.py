@@ -5,6 +5,11 @@ type k thinks for ``min(natural, caps)`` reasoning tokens, then writes its answe
 time ``overhead + per_token x tokens (+ noise)``, times ``time_scale``, is actually spent.
 Everything random (noise, correctness, faults) is drawn from one seeded generator at arrival.
 
+With an engine (``[server] step``) the server batches continuously instead: one engine runs
+up to ``slots`` sequences, each engine step takes ``base_s + per_seq_s x j`` (times
+``time_scale``) with j sequences and gives each of them one token; a new sequence's prefill
+(its type's ``overhead_s``) pauses the engine before it joins (:class:`Engine`).
+
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` and
 ``GET /sim/state`` and ``GET /sim/requests`` (counters and recent bodies, for
 tests). A request may force a fault with the header
@@ -81,6 +86,99 @@ class FifoSlots:
         self.free += 1
 
 
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the batching engine."""
+
+    need: int
+    prefill_s: float
+    done: int = 0
+    cancelled: bool = False
+    wake_at: int = 0  # the engine sets ``progress`` once ``done`` reaches this (or at the end)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def made(self, tokens: int) -> None:
+        """Wait until the engine has made ``tokens`` tokens (or all of them)."""
+        while self.done < min(tokens, self.need):
+            self.wake_at = tokens
+            self.progress.clear()
+            await self.progress.wait()
+
+    @property
+    def finished(self) -> bool:
+        """Every token is out."""
+        return self.done >= self.need
+
+
+class Engine:
+    """A continuous-batching engine: FIFO admission to ``slots``, one token per step each.
+
+    The step clock runs ahead of the wall clock by less than ``MIN_SLEEP_S`` and sleeps when
+    it is further ahead, so short steps cost no timer each; every step yields to the event loop.
+    """
+
+    def __init__(self, slots: int, base_s: float, per_seq_s: float) -> None:
+        self.slots = slots
+        self.base_s = base_s
+        self.per_seq_s = per_seq_s
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.steps = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence (it joins at the next step boundary with a free slot)."""
+        self.waiting.append(seq)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop the step loop."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _pace(self, due: float) -> float:
+        """Sleep until ``due`` when it is at least ``MIN_SLEEP_S`` ahead; returns the clock."""
+        loop = asyncio.get_running_loop()
+        delay = due - loop.time()
+        await asyncio.sleep(delay if delay >= MIN_SLEEP_S else 0)
+        return due
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        clock = loop.time()
+        while True:
+            while self.waiting and len(self.active) < self.slots:
+                seq = self.waiting.popleft()
+                if seq.cancelled:
+                    continue
+                if seq.prefill_s > 0:
+                    clock = await self._pace(max(clock, loop.time()) + seq.prefill_s)
+                self.active.append(seq)
+            if not self.active:
+                self._wake.clear()
+                await self._wake.wait()
+                clock = loop.time()
+                continue
+            j = len(self.active)
+            step = self.base_s + self.per_seq_s * j
+            # Steps that take no time (time_scale 0) are taken together up to the next finish.
+            k = 1 if step > 0 else max(1, min(seq.need - seq.done for seq in self.active))
+            clock = await self._pace(max(clock, loop.time() - MIN_SLEEP_S) + step)
+            self.steps += k
+            still = []
+            for seq in self.active:
+                seq.done += k
+                if seq.done >= seq.wake_at or seq.done >= seq.need:
+                    seq.progress.set()
+                if not seq.finished and not seq.cancelled:
+                    still.append(seq)
+            self.active = still
+
+
 @dataclass
 class ServerState:
     """Live counters of the simulated server."""
@@ -94,13 +192,16 @@ class ServerState:
     cancelled: int = 0
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
     seen: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=SEEN_REQUESTS))
+    engine: Engine | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form for ``GET /sim/state``."""
+        engine = self.engine
         return {
             "received": self.received,
-            "in_service": self.in_service,
-            "queued": self.slots.queued,
+            "in_service": self.in_service if engine is None else len(engine.active),
+            "queued": self.slots.queued if engine is None else sum(not s.cancelled for s in engine.waiting),
+            "steps": None if engine is None else engine.steps,
             "completed": self.completed,
             "cancelled": self.cancelled,
             "faults": dict(self.faults),
@@ -282,20 +383,39 @@ def _chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: st
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str) -> web.StreamResponse:
-    """Chunks due within ``MIN_SLEEP_S`` of each other leave in one write; a pause flushes them."""
+async def _stream(
+    request: web.Request, scenario: Scenario, plan: Plan, rid: str, seq: Sequence | None
+) -> web.StreamResponse:
+    """Chunks due within ``MIN_SLEEP_S`` of each other leave in one write; a pause flushes them.
+
+    Without an engine the tokens are paced by the plan's service time; with one (``seq``) each
+    token leaves when the engine has made it.
+    """
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_truth_headers(plan)}
     )
     await resp.prepare(request)
     created, model, field_name = int(time.time()), scenario.model, scenario.reasoning_field
-    pacer = Pacer(plan)
+    pacer = Pacer(plan) if seq is None else None
     pending = [_chunk(rid, created, model, {"role": "assistant", "content": ""})]
 
     async def flush() -> None:
         if pending:
             await resp.write(b"".join(pending))
             pending.clear()
+
+    async def until(tokens: int) -> None:
+        """Wait until ``tokens`` tokens are made, writing what is pending first."""
+        if pacer is not None:
+            delay = pacer.delay(tokens)
+            if delay >= MIN_SLEEP_S:
+                await flush()
+                await asyncio.sleep(delay)
+            return
+        assert seq is not None
+        if seq.done < tokens:
+            await flush()
+            await seq.made(tokens)
 
     step = scenario.chunk_tokens
     n = plan.completion_tokens
@@ -316,20 +436,14 @@ async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str
             trouble_at = n + 1
         thinking = done < plan.reasoning
         k = min(step, (plan.reasoning - done) if thinking else n - done)
-        delay = pacer.delay(done + k)
-        if delay >= MIN_SLEEP_S:
-            await flush()
-            await asyncio.sleep(delay)
+        await until(done + k)
         chunk = made.get((thinking, k))
         if chunk is None:
             delta = {field_name: "hmm " * k} if thinking else {"content": "yes " * k}
             chunk = made[thinking, k] = _chunk(rid, created, model, delta)
         pending.append(chunk)
         done += k
-    delay = pacer.delay(n)
-    if delay >= MIN_SLEEP_S:
-        await flush()
-        await asyncio.sleep(delay)
+    await until(n)
     pending.append(_chunk(rid, created, model, {}, plan.finish_reason))
     if plan.include_usage:
         usage = {
@@ -347,19 +461,26 @@ async def _stream(request: web.Request, scenario: Scenario, plan: Plan, rid: str
     return resp
 
 
-async def _respond(request: web.Request, scenario: Scenario, plan: Plan, rid: str) -> web.StreamResponse:
+async def _respond(
+    request: web.Request, scenario: Scenario, plan: Plan, rid: str, seq: Sequence | None = None
+) -> web.StreamResponse:
     if plan.fault == "error":
         return _json_error(500, "simulated internal error", "server_error", code="sim_fault")
     if plan.stream:
-        return await _stream(request, scenario, plan, rid)
+        return await _stream(request, scenario, plan, rid, seq)
     if plan.fault == "stall":
         await asyncio.sleep(scenario.faults.stall_s)
     if plan.fault == "drop":
-        await asyncio.sleep(plan.service_s / 2)
+        if seq is None:
+            await asyncio.sleep(plan.service_s / 2)
+        else:
+            await seq.made(seq.need // 2)
         if request.transport is not None:
             request.transport.close()
         return web.Response(status=500)
-    if plan.service_s >= MIN_SLEEP_S:
+    if seq is not None:
+        await seq.made(seq.need)
+    elif plan.service_s >= MIN_SLEEP_S:
         await asyncio.sleep(plan.service_s)
     headers = _truth_headers(plan)
     if plan.fault == "malformed":
@@ -397,6 +518,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BadRequestError as exc:
         return _json_error(400, str(exc), "invalid_request_error", param=exc.param)
     rid = f"chatcmpl-sim-{next(state.ids)}"
+    if state.engine is not None:
+        return await _engine_request(request, scenario, state, state.engine, plan, rid=rid)
     await state.slots.acquire()
     state.in_service += 1
     try:
@@ -411,6 +534,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         state.in_service -= 1
         state.slots.release()
+
+
+async def _engine_request(
+    request: web.Request, scenario: Scenario, state: ServerState, engine: Engine, plan: Plan, *, rid: str
+) -> web.StreamResponse:
+    """One request through the batching engine; leaving early frees its slot at the next step."""
+    if plan.fault is not None:
+        state.faults[plan.fault] += 1
+    if plan.fault == "error":
+        return await _respond(request, scenario, plan, rid)
+    scale = scenario.time_scale
+    seq = Sequence(need=plan.completion_tokens, prefill_s=plan.sim_type.task.overhead_s * scale)
+    engine.submit(seq)
+    try:
+        resp = await _respond(request, scenario, plan, rid, seq)
+        state.completed += 1
+        return resp
+    except (asyncio.CancelledError, ConnectionResetError):
+        state.cancelled += 1
+        raise
+    finally:
+        seq.cancelled = True
 
 
 async def models(request: web.Request) -> web.Response:
@@ -463,7 +608,18 @@ def create_app(scenario: Scenario) -> web.Application:
     """
     app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY_BYTES)
     app[SCENARIO_KEY] = scenario
-    app[STATE_KEY] = ServerState(FifoSlots(scenario.slots), random.Random(scenario.seed))
+    state = ServerState(FifoSlots(scenario.slots), random.Random(scenario.seed))
+    app[STATE_KEY] = state
+    engine = scenario.engine
+    if engine is not None:
+        scale = scenario.time_scale
+        state.engine = Engine(engine.slots, engine.step_base_s * scale, engine.step_per_seq_s * scale)
+
+        async def stop_engine(_: web.Application) -> None:
+            assert state.engine is not None
+            await state.engine.close()
+
+        app.on_cleanup.append(stop_engine)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)

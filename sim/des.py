@@ -1,6 +1,8 @@
-"""A discrete-event FIFO single-server queue (M/G/1) driven by the typed service model.
+"""A discrete-event FIFO queue driven by the typed service model: the paper's single server
+(M/G/1), or a continuous-batching engine simulated step by step (:mod:`sim.engine`) when the
+problem's queue model is one.
 
-The waits follow Lindley's recursion ``W_{n+1} = max(0, W_n + S_n - A_{n+1})``, evaluated
+The single server's waits follow Lindley's recursion ``W_{n+1} = max(0, W_n + S_n - A_{n+1})``, evaluated
 without a Python loop: with ``X_n = sum_{k<n} (S_k - A_{k+1})`` (X_0 = 0) it is
 ``W_n = X_n - min_{k<=n} X_k``.
 """
@@ -14,6 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from thinkcap.controller import Problem
+from thinkcap.controller.queue import BatchingEngine
+from thinkcap.sim.engine import run_engine
 
 Array = NDArray[np.float64]
 
@@ -98,11 +102,22 @@ def simulate(problem: Problem, caps: Array | NDArray[np.int64], work: Workload) 
 
 def serve(problem: Problem, tokens: Array, work: Workload) -> Outcome:
     """Serve ``work`` FIFO where request ``i`` reasons for ``tokens[i]`` tokens (any policy,
-    e.g. caps that change while the queue runs)."""
+    e.g. caps that change while the queue runs).
+
+    On a batching engine a request's service time alone is its work in engine steps at one
+    sequence, ``round(service / tau(1))``, the unit of the queue model; ``service`` in the
+    outcome is then the time from getting a slot to the last token.
+    """
     k = work.type
     service = np.maximum(0.0, problem.t0[k] + problem.c[k] * tokens + np.sqrt(problem.v[k]) * work.noise)
-    wait = lindley(work.arrival, service)
     p = problem.base[k] + problem.gain[k] * -np.expm1(-problem.rate[k] * tokens)
+    engine = problem.queue
+    if isinstance(engine, BatchingEngine):
+        steps = np.rint(service / engine.step_time(1.0)).astype(np.int64)
+        run = run_engine(work.arrival, steps, None, slots=engine.slots, step_base_s=engine.step_base_s,
+                         step_per_seq_s=engine.step_per_seq_s)  # fmt: skip
+        return Outcome(run.wait, run.system - run.wait, run.system, work.uniform < p, tokens)
+    wait = lindley(work.arrival, service)
     return Outcome(wait, service, wait + service, work.uniform < p, tokens)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from thinkcap.controller import Problem, TaskType
+from thinkcap.controller.queue import BatchingEngine
 
 #: Streaming field names under which reasoning-token deltas are sent.
 REASONING_FIELDS = ("reasoning", "reasoning_content")
@@ -140,6 +141,10 @@ class Scenario:
     thinking_budget_supported: bool = True
     faults: Faults = field(default_factory=Faults)
     phases: tuple[LoadPhase, ...] = ()
+    #: A continuous-batching engine (``[server] step``): its ``slots`` sequences advance one
+    #: token per step; a type's ``overhead_s`` is then its prefill. ``None``: ``slots``
+    #: independent servers, each serving one request at its own pace.
+    engine: BatchingEngine | None = None
 
     def __post_init__(self) -> None:
         if not self.types:
@@ -159,6 +164,8 @@ class Scenario:
             raise ValueError(f"usage_shape must be one of {list(USAGE_SHAPES)}, got {self.usage_shape!r}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.engine is not None and self.engine.slots != self.slots:
+            raise ValueError(f"the engine has {self.engine.slots} slots, the server {self.slots}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -199,9 +206,14 @@ class Scenario:
         answer``), and caps above the natural length buy nothing, so ``max_tokens`` is clipped
         to it. With ``wall_clock`` (the default) times are in wall-clock seconds: service
         times are multiplied by ``time_scale``, the penalty is :attr:`wall_penalty`, and
-        ``arrival_rate`` is per wall-clock second.
+        ``arrival_rate`` is per wall-clock second. With an engine, the queue model is the
+        batching engine (its step scaled alike) and ``per_token`` is its step at one sequence.
         """
         s = self.time_scale if wall_clock and self.time_scale > 0 else 1.0
+        engine = self.engine
+        queue = None  # M/G/1; an engine with one slot is exactly that
+        if engine is not None and engine.slots > 1:
+            queue = BatchingEngine(engine.slots, s * engine.step_base_s, s * engine.step_per_seq_s)
         tasks = []
         for t in self.types:
             k = t.task
@@ -216,7 +228,9 @@ class Scenario:
                     max_tokens=hi,
                 )
             )
-        return Problem(tuple(tasks), arrival_rate, self.latency_penalty / s, self.rho_max)
+        if queue is None:
+            return Problem(tuple(tasks), arrival_rate, self.latency_penalty / s, self.rho_max)
+        return Problem(tuple(tasks), arrival_rate, self.latency_penalty / s, self.rho_max, queue)
 
     def with_phases(self, phases: Sequence[LoadPhase]) -> Scenario:
         """A copy with another load schedule."""

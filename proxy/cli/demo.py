@@ -8,9 +8,11 @@ the same request draws the same luck). The proxies differ only in their caps:
 - ``static``: the best fixed caps for the schedule's average load (true parameters);
 - ``maximal``: every type at its maximum.
 
-The schedule goes light -> heavy -> overload -> light; a live view follows the adaptive
+The simulated server is a continuous-batching engine with 8 slots (``--slots 1``: one request
+at a time, the paper's M/G/1 world), and each proxy lets as many requests through as it has
+slots. The schedule goes light -> heavy -> overload -> light; a live view follows the adaptive
 proxy, and at the end the policies are compared per phase on accuracy, mean and p99 system
-time and the measured objective.
+time, the measured objective and the mean number of requests in service.
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ PHASE_NAMES = ("light", "heavy", "overload", "light")
 LIVE_EVERY_S = 2.0
 
 
-def demo_scenario(duration_s: float | None) -> Scenario:
-    """The embedded world, its phases scaled to ``duration_s`` seconds in total."""
+def demo_scenario(duration_s: float | None, slots: int | None = None) -> Scenario:
+    """The embedded world, its phases scaled to ``duration_s`` seconds in total, its engine
+    with ``slots`` slots (default: the file's 8)."""
     scenario = load_scenario(str(files("thinkcap.sim") / "demo_scenario.toml"))
+    if slots is not None:
+        if slots < 1:
+            raise ValueError(f"--slots: must be at least 1, got {slots}")
+        engine = None if scenario.engine is None else replace(scenario.engine, slots=slots)
+        scenario = replace(scenario, slots=slots, engine=engine)
     if duration_s is None:
         return scenario
     if not (math.isfinite(duration_s) and duration_s >= 4):
@@ -79,14 +87,16 @@ def demo_settings(scenario: Scenario, sim_url: str, policy: str, interval_s: flo
     """The proxy configuration: true curves and weights, wall-clock service times, marker rules."""
     truth = scenario.problem(scenario.phases[0].mean_rate)
     types = tuple(TypeConfig(task=t, keywords=(s.marker,)) for t, s in zip(truth.types, scenario.types, strict=True))
-    model = ModelConfig("<demo>", types, truth.latency_penalty, truth.rho_max, scenario.phases[0].mean_rate)
+    model = ModelConfig(
+        "<demo>", types, truth.latency_penalty, truth.rho_max, scenario.phases[0].mean_rate, truth.queue
+    )
     return Settings(
         model=model,
-        backend=BackendSettings(url=sim_url, dialect="vllm", probe=False, read_timeout_s=120.0),
+        backend=BackendSettings(url=sim_url, dialect="vllm", probe=False, read_timeout_s=120.0, slots=scenario.slots),
         proxy=ProxySettings(
             port=0,
             admin_port=0,
-            max_concurrency=1,
+            max_concurrency=scenario.slots,
             max_queue=512,
             default_type=scenario.default_type or types[-1].task.name,
         ),
@@ -105,6 +115,7 @@ class Stack:
     runners: list[web.AppRunner]
     url: str
     records: list[Record] = field(default_factory=list)
+    busy: dict[int, list[int]] = field(default_factory=dict)  # per phase: requests in service at each tick
 
     async def close(self) -> None:
         await self.plane.close()
@@ -155,6 +166,8 @@ class LiveView:
     def tick(self, t: float) -> None:
         adaptive = self.stacks[0].state
         k = self.phase_at(t)
+        for s in self.stacks:
+            s.busy.setdefault(k, []).append(s.state.admission.in_flight)
         caps = adaptive.caps.effective()
         self.phase_caps.setdefault(k, []).append(caps)
         snap = adaptive.estimators.snapshot(adaptive.clock())
@@ -162,7 +175,8 @@ class LiveView:
         name = PHASE_NAMES[k] if k < len(PHASE_NAMES) else str(k)
         head = (
             f"t={t:5.1f}s  phase {k} {name:<8} offered {self.scenario.phases[k].mean_rate:5.1f}/s  "
-            f"estimated {snap.arrival_rate:5.1f}/s  rho {'-' if rho is None else f'{rho:.2f}'}"
+            f"estimated {snap.arrival_rate:5.1f}/s  rho {'-' if rho is None else f'{rho:.2f}'}  "
+            f"in service {adaptive.admission.in_flight}/{adaptive.admission.max_concurrency}"
             f"{'  SHEDDING' if adaptive.shedding else ''}"
         )
         lines = [head, "  caps " + "  ".join(f"{n}={c}" for n, c in caps.items())]
@@ -185,7 +199,7 @@ class LiveView:
 def report(scenario: Scenario, stacks: list[Stack], view: LiveView, elapsed: float) -> dict[str, Any]:
     """Per phase and per policy: accuracy, mean/p99 system time, objective, counts and caps."""
     weights = {t.name: t.task.weight for t in scenario.types}
-    out: dict[str, Any] = {"duration_s": elapsed, "phases": [], "totals": {}}
+    out: dict[str, Any] = {"duration_s": elapsed, "slots": scenario.slots, "phases": [], "totals": {}}
     per: dict[str, list[PhaseSummary]] = {}
     for s in stacks:
         per[s.policy] = summarise_records(
@@ -195,6 +209,8 @@ def report(scenario: Scenario, stacks: list[Stack], view: LiveView, elapsed: flo
         flat = [replace(r, phase=0) for r in s.records]
         (total,) = summarise_records(flat, [whole], weights=weights, latency_penalty=scenario.wall_penalty)
         out["totals"][s.policy] = _row(total, s, None)
+        ticks = [n for busy in s.busy.values() for n in busy]
+        out["totals"][s.policy]["mean_in_service"] = float(np.mean(ticks)) if ticks else None
     for k, p in enumerate(scenario.phases):
         entry: dict[str, Any] = {
             "phase": k,
@@ -206,6 +222,8 @@ def report(scenario: Scenario, stacks: list[Stack], view: LiveView, elapsed: flo
         for s in stacks:
             caps = view.phase_caps.get(k) if s.policy == "adaptive" else [dict(s.state.caps.pins)]
             entry["policies"][s.policy] = _row(per[s.policy][k], s, caps)
+            busy = s.busy.get(k)
+            entry["policies"][s.policy]["mean_in_service"] = float(np.mean(busy)) if busy else None
         out["phases"].append(entry)
     return out
 
@@ -235,7 +253,7 @@ def render(rep: dict[str, Any]) -> str:
 
     lines = [
         f"{'phase':<14} {'policy':<9} {'accuracy':>8} {'mean T s':>9} {'p99 T s':>9} {'objective':>9} "
-        f"{'sent':>5} {'ok':>5} {'shed':>5} {'err':>5}"
+        f"{'sent':>5} {'ok':>5} {'shed':>5} {'err':>5} {'busy':>5}"
     ]
     rows = [(f"{p['phase']} {p['name']} {p['offered_rate']:g}/s", p["policies"]) for p in rep["phases"]]
     rows.append(("whole run", rep["totals"]))
@@ -245,7 +263,7 @@ def render(rep: dict[str, Any]) -> str:
             lines.append(
                 f"{label:<14} {policy:<9} {f(r['accuracy'], '8.3f')} {f(r['mean_system_time_s'], '9.3f')} "
                 f"{f(r['p99_system_time_s'], '9.3f')} {f(r['objective'], '9.4f')} {r['sent']:>5} "
-                f"{r['answered']:>5} {r['shed']:>5} {r['errored']:>5}"
+                f"{r['answered']:>5} {r['shed']:>5} {r['errored']:>5} {f(r.get('mean_in_service'), '5.2f')}"
             )
             label = ""
     return "\n".join(lines)
@@ -300,19 +318,20 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--report", help="write the JSON report here (default LOG_DIR/report.json)")
     sp.add_argument("--log-dir", default="thinkcap-demo", help="directory for the JSON-lines logs")
     sp.add_argument("--seed", type=int, default=0, help="seed of the arrival sequence")
+    sp.add_argument("--slots", type=int, help="the engine's slots (default 8; 1: one request at a time, M/G/1)")
     sp.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``thinkcap demo``."""
-    scenario = demo_scenario(args.duration)
+    scenario = demo_scenario(args.duration, args.slots)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     report_path = Path(args.report) if args.report else log_dir / "report.json"
     log_path = log_dir / "thinkcap.jsonl"
     total = sum(p.duration_s for p in scenario.phases)
     print(
-        f"thinkcap demo: {total:.0f} s, phases "
+        f"thinkcap demo: {total:.0f} s, {scenario.slots} slot(s), phases "
         + ", ".join(f"{PHASE_NAMES[k]} {p.mean_rate:g}/s" for k, p in enumerate(scenario.phases))
         + "; policies adaptive, static, maximal",
         flush=True,

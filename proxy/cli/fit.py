@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -175,17 +176,19 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fitted_config(config_path: str, snap: Snapshot, report: dict[str, Any]) -> str:
-    """The config file with the fitted priors, service parameters and arrival rate."""
+def fitted_config(config_path: str, snap: Snapshot, report: dict[str, Any], *, service: bool = True) -> str:
+    """The config file with the fitted priors, service parameters (unless ``service`` is false:
+    in front of a batching engine a logged service time is not a time alone on the engine) and
+    arrival rate."""
     data = read_toml(config_path)
     by_name = snap.by_name()
     for entry in data.get("types", []):
         est = by_name[entry["name"]]
         entry["prior"] = est.prior
-        if est.fitted:
-            service = dict(entry.get("service", {}))
-            service.update(overhead_s=est.overhead_s, per_token_s=est.per_token_s, variance_s2=est.variance_s2)
-            entry["service"] = service
+        if est.fitted and service:
+            table = dict(entry.get("service", {}))
+            table.update(overhead_s=est.overhead_s, per_token_s=est.per_token_s, variance_s2=est.variance_s2)
+            entry["service"] = table
     rate = report["mean_arrival_rate"] if report["mean_arrival_rate"] is not None else snap.arrival_rate
     data.setdefault("workload", {})["arrival_rate"] = rate
     return dumps(data)
@@ -218,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
     snap = fit(replay, defaults)
     report = as_dict(snap, replay)
     if args.write_config:
-        Path(args.write_config).write_text(fitted_config(args.config, snap, report))
+        batching = cfg.queue.slots > 1
+        Path(args.write_config).write_text(fitted_config(args.config, snap, report, service=not batching))
+        if batching:
+            print("note: [backend] slots > 1: the service tables are kept as configured", file=sys.stderr)
     print(json.dumps(report) if args.json else render(report))
     return 0

@@ -38,6 +38,8 @@ def _overrides(scenario: Scenario, args: argparse.Namespace) -> Scenario:
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
+    if scenario.engine is not None and "slots" in changes:  # the engine's slots follow
+        changes["engine"] = replace(scenario.engine, slots=changes["slots"])
     return replace(scenario, **changes) if changes else scenario
 
 
@@ -81,7 +83,8 @@ def run_mock_backend(args: argparse.Namespace) -> int:
         runner = await serve(scenario, args.host, args.port)
         print(
             f"thinkcap mock-backend: {scenario.model} on http://{args.host}:{args.port} "
-            f"({scenario.slots} slot(s), time_scale {scenario.time_scale:g}, types {', '.join(scenario.names)})",
+            f"({scenario.slots} slot(s){', batching' if scenario.engine is not None else ''}, "
+            f"time_scale {scenario.time_scale:g}, types {', '.join(scenario.names)})",
             flush=True,
         )
         stop = asyncio.Event()

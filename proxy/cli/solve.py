@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from thinkcap.controller import DEFAULT_METHOD, METHODS, Problem, Rounded, SolveResult, decide
+from thinkcap.controller.queue import BatchingEngine
 from thinkcap.proxy.config import ModelConfig, load_model
 
 
@@ -38,6 +39,8 @@ class Allocation:
                 "arrival_rate": p.arrival_rate,
                 "latency_penalty": p.latency_penalty,
                 "rho_max": p.rho_max,
+                "queue": p.queue.record(),
+                "occupancy": q.occupancy,
                 "objective": self.rounded.fun,
                 "objective_continuous": r.fun,
                 "rho": q.rho,
@@ -93,6 +96,17 @@ def _fmt(value: float, spec: str) -> str:
     return format(text, f">{width or 0}")
 
 
+def describe_queue(p: Problem) -> str:
+    """One line naming the queue model."""
+    q = p.queue
+    if isinstance(q, BatchingEngine):
+        return (
+            f"batching engine, {q.slots} slots, step {q.step_base_s * 1e3:g} ms + {q.step_per_seq_s * 1e3:g} ms"
+            f" per sequence (full batch {q.step_time(q.slots) * 1e3:g} ms)"
+        )
+    return "M/G/1 (one request at a time)"
+
+
 def render_table(a: Allocation) -> str:
     """The human-readable allocation table."""
     d = a.as_dict()
@@ -112,7 +126,10 @@ def render_table(a: Allocation) -> str:
     lines += [
         "",
         f"arrival rate      {p.arrival_rate:g} /s   (latency penalty {p.latency_penalty:g}, rho_max {p.rho_max:g})",
-        f"rho               {_fmt(q.rho, '.4f')}",
+        f"queue model       {describe_queue(p)}",
+        f"rho               {_fmt(q.rho, '.4f')}"
+        + ("   (of the full batch's throughput)" if p.queue.slots > 1 else ""),
+        f"in service        {_fmt(q.occupancy, '.3f')}   (mean requests running, E[min(N, slots)])",
         f"mean wait         {_fmt(q.mean_wait, '.4f')} s",
         f"mean system time  {_fmt(q.mean_system_time, '.4f')} s",
         f"mean accuracy     {p.mean_accuracy(caps):.4f}",
@@ -146,14 +163,15 @@ def render_sweep(rows: list[Allocation]) -> str:
     names = rows[0].problem.names
     cols = [max(6, len(n)) for n in names]
     head = f"{'rate':>8}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=True))
-    head += f"  {'rho':>6}  {'E[T]_s':>8}  {'accuracy':>8}  status"
+    head += f"  {'rho':>6}  {'busy':>6}  {'E[T]_s':>8}  {'accuracy':>8}  status"
     lines = [head]
     for a in rows:
         caps = a.rounded.caps
         q = a.problem.metrics(caps.astype(float))
         cells = "  ".join(f"{int(c):>{w}d}" for c, w in zip(caps, cols, strict=True))
         lines.append(
-            f"{a.problem.arrival_rate:>8.3f}  {cells}  {_fmt(q.rho, '6.3f')}  {_fmt(q.mean_system_time, '8.3f')}"
+            f"{a.problem.arrival_rate:>8.3f}  {cells}  {_fmt(q.rho, '6.3f')}  {_fmt(q.occupancy, '6.2f')}"
+            f"  {_fmt(q.mean_system_time, '8.3f')}"
             f"  {a.problem.mean_accuracy(caps.astype(float)):>8.4f}  {a.result.status.name.lower()}"
         )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ def referee(p: Problem) -> tuple[np.ndarray, float]:
     Variables are scaled by ``hi`` so that every coordinate lives in [lo/hi, 1].
     """
     scale = np.maximum(p.hi, 1.0)
-    a = p.arrival_rate * p.prior * p.c * scale
+    a = p.kappa * p.prior * p.c * scale
 
     def f(u: np.ndarray) -> float:
         val = p.objective(u * scale)
@@ -25,15 +25,15 @@ def referee(p: Problem) -> tuple[np.ndarray, float]:
 
     cons = {
         "type": "ineq",
-        "fun": lambda u: p.rho_max - p.arrival_rate * p.moments(u * scale)[0],
+        "fun": lambda u: p.rho_max - p.kappa * p.moments(u * scale)[0],
         "jac": lambda u: -a,
     }
     bounds = list(zip(p.lo / scale, p.hi / scale, strict=True))
     best_x, best_u = p.lo.copy(), p.objective(p.lo)
     centre = 0.5 * (p.lo + p.hi)
     m1_lo, m1_c = p.moments(p.lo)[0], p.moments(centre)[0]
-    if p.arrival_rate * m1_c > p.rho_max:  # pull the centre back inside the margin
-        w = (p.rho_max / p.arrival_rate - m1_lo) / (m1_c - m1_lo) * 0.99
+    if p.kappa * m1_c > p.rho_max:  # pull the centre back inside the margin
+        w = (p.rho_max / p.kappa - m1_lo) / (m1_c - m1_lo) * 0.99
         centre = p.lo + w * (centre - p.lo)
     for start in (p.lo, centre):
         r = minimize(f, start / scale, jac=g, method="SLSQP", bounds=bounds, constraints=[cons],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from thinkcap.controller import (
     Problem,
@@ -16,6 +18,7 @@ from thinkcap.controller import (
     problem_record,
     should_publish,
 )
+from thinkcap.controller.queue import MG1, BatchingEngine
 
 CHAT = TaskType("chat", prior=0.6, accuracy_base=0.2, accuracy_gain=0.7, accuracy_rate=0.01,
                 overhead_s=0.1, per_token_s=0.002, min_tokens=4, max_tokens=512, variance_s2=0.001)  # fmt: skip
@@ -69,3 +72,20 @@ def test_the_record_round_trips_exactly_through_json() -> None:
     p = problem(2.345678901234567)
     back = problem_from_record(json.loads(json.dumps(problem_record(p))))
     assert back.types == p.types and back.arrival_rate == p.arrival_rate and back.rho_max == p.rho_max
+
+
+def test_the_record_keeps_the_queue_model_and_old_records_read_as_mg1() -> None:
+    """A batching engine survives the record; a record without a queue (an old log) is M/G/1."""
+    p = replace(problem(2.0), queue=BatchingEngine(8, 0.015, 0.004))
+    record = json.loads(json.dumps(problem_record(p)))
+    back = problem_from_record(record)
+    assert back.queue == p.queue and back.metrics(back.lo) == p.metrics(p.lo)
+    del record["queue"]
+    assert problem_from_record(record).queue == MG1()
+
+
+def test_the_admitted_share_of_a_batching_engine_uses_its_load() -> None:
+    """Shedding brings the engine's load (not lambda m1) to the release level."""
+    p = replace(problem(200.0), queue=BatchingEngine(8, 0.015, 0.004))
+    assert load_at_min_caps(p) == pytest.approx(p.metrics(p.lo).rho)
+    assert np.isclose(admit_fraction(p, 0.9) * load_at_min_caps(p), 0.9 * p.rho_max)

@@ -23,7 +23,7 @@ from thinkcap.controller import (
 )
 from thinkcap.controller.kkt import certify, contraction_factor
 from thinkcap.controller.sweep import make_sweep
-from thinkcap.sim.instances import random_problem
+from thinkcap.sim.instances import random_engine, random_problem
 
 REL = 1e-9
 #: Every method, and the exact method with each of its two per-type kernels forced.
@@ -79,6 +79,36 @@ def test_overload_returns_minimal_caps(method: str, seed: int, n: int) -> None:
     assert not r.success
     np.testing.assert_array_equal(r.x, p.lo)
     assert "rho_max" in r.message
+
+
+@pytest.mark.parametrize("method", VARIANTS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 24),
+    regime=st.sampled_from(["light", "heavy", "margin"]),
+    variance=st.booleans(),
+)
+def test_every_method_reaches_the_optimum_with_a_batching_engine(
+    method: str, seed: int, n: int, regime: str, variance: bool
+) -> None:
+    """The same agreement with the batching engine's queue model (2 to 256 slots)."""
+    queue = random_engine(np.random.default_rng(seed))
+    p = random_problem(seed, min(n, MAX_TYPES[method]), regime, variance=variance, queue=queue)
+    assert_optimal(method, p, run(method, p))
+
+
+@pytest.mark.parametrize("method", VARIANTS)
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20))
+def test_a_batching_engine_overloads_on_its_own_load(method: str, seed: int, n: int) -> None:
+    """Overload is judged on the engine's load rho = lambda m1 tau(c) / (c tau(1))."""
+    queue = random_engine(np.random.default_rng(seed))
+    p = random_problem(seed, n, "overloaded", queue=queue)
+    assert p.metrics(p.lo).rho > p.rho_max
+    r = run(method, p)
+    assert r.status is Status.OVERLOAD
+    np.testing.assert_array_equal(r.x, p.lo)
 
 
 def _single(**kw: float) -> TaskType:

@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.sim.conftest import ServerFactory, sim_type
+from thinkcap.controller.queue import BatchingEngine
 from thinkcap.sim.backend import CORRECT_HEADER, REASONING_HEADER, TYPE_HEADER, FifoSlots
 from thinkcap.sim.backend import FAULT_HEADER as FAULT
 from thinkcap.sim.scenario import Faults
@@ -286,3 +287,51 @@ async def test_fifo_slots_skip_cancelled_waiters() -> None:
     assert order == [0, 2] and slots.queued == 0
     slots.release()
     assert slots.free == 1
+
+
+async def _state(server: TestServer) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/sim/state")) as r:
+        out: dict[str, Any] = await r.json()
+        return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_engine_runs_its_slots_in_one_batch(sim_server: ServerFactory, stream: bool) -> None:
+    """Four requests on a 4-slot engine share their steps (one step per token of the longest);
+    a fifth waits for a slot, so the engine takes its steps after theirs."""
+    engine = BatchingEngine(4, 0.0, 0.001)
+    server = await sim_server(slots=4, engine=engine, time_scale=1.0)
+    body = {"model": "sim-reasoner", "messages": ask("easy"), "stream": stream, "thinking_token_budget": 30}
+    async with aiohttp.ClientSession() as s:
+
+        async def one() -> bytes:
+            async with s.post(server.make_url("/v1/chat/completions"), json=body) as r:
+                assert r.status == 200
+                return await r.read()
+
+        answers = await asyncio.gather(*(one() for _ in range(4)))
+        state = await _state(server)
+        assert state["steps"] == 36  # 30 reasoning + 6 answer tokens, made together
+        await asyncio.gather(*(one() for _ in range(5)))
+    state = await _state(server)
+    assert state["steps"] == 36 + 36 + 36 and state["completed"] == 9
+    if stream:
+        text = answers[0].decode()
+        assert text.count('"reasoning":"hmm ') == 6 and text.endswith("data: [DONE]\n\n")  # 5 tokens a chunk
+    else:
+        usage = json.loads(answers[0])["usage"]
+        assert usage["completion_tokens"] == 36 and usage["completion_tokens_details"]["reasoning_tokens"] == 30
+
+
+async def test_a_client_that_leaves_frees_its_engine_slot(sim_server: ServerFactory) -> None:
+    """A streamed request whose client goes away stops taking engine steps."""
+    server = await sim_server(slots=2, engine=BatchingEngine(2, 0.005, 0.0), time_scale=1.0)
+    body = {"model": "sim-reasoner", "messages": ask("hard"), "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/chat/completions"), json=body) as r:
+        await r.content.readline()
+    for _ in range(200):
+        state = await _state(server)
+        if state["in_service"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert state["in_service"] == 0 and state["steps"] < 406

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,22 @@ def test_missing_log_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     """A log that cannot be read names its path."""
     assert main(["fit", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_written_config_of_a_batching_engine_keeps_its_service_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With slots > 1 a logged service time is not a time alone on the engine: the written
+    config keeps the configured prefill and step, updates priors and rate, and still loads."""
+    text = re.sub(r"overhead_s = ([0-9.]+), per_token_s = [0-9.]+", r"prefill_s = \1", EXAMPLE.read_text())
+    text = text.replace('dialect = "vllm"', 'dialect = "vllm"\nslots = 8\nstep = { base_s = 0.008, per_seq_s = 0.004 }')
+    cfg = tmp_path / "batching.toml"
+    cfg.write_text(text)
+    log = tmp_path / "trace.jsonl"
+    write_trace(log)
+    out_cfg = tmp_path / "fitted.toml"
+    assert main(["fit", str(log), "--config", str(cfg), "--write-config", str(out_cfg)]) == 0
+    assert "kept as configured" in capsys.readouterr().err
+    before, after = load_model(cfg), load_model(out_cfg)
+    assert [t.task.overhead_s for t in after.types] == [t.task.overhead_s for t in before.types]
+    assert after.queue == before.queue and after.arrival_rate != before.arrival_rate

@@ -38,6 +38,24 @@ def test_example_scenario_loads_and_its_true_problem_solves() -> None:
 @pytest.mark.parametrize(
     ("edit", "key"),
     [
+        (("slots = 1", "slots = 1\nstep = { base_s = 0.01, per_seq_s = 0.0 }"), "server.step"),
+        (("slots = 1", "slots = 4\nstep = { per_seq_s = 0.01 }"), "server.step.base_s"),
+        (("slots = 1", "slots = 4\nstep = { base_s = 0.01, per_seq_s = 0.0 }"), "types[0].service.per_token_s"),
+    ],
+)
+def test_engine_scenario_errors_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[str, str], key: str
+) -> None:
+    """A batching engine needs slots > 1 and a whole step, and its types give a prefill, not a per-token time."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace(edit[0], edit[1], 1))
+    assert main(["loadgen", "--target", "http://127.0.0.1:9", "--scenario", str(bad)]) == 2
+    assert f": {key}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
         (("slots = 1", "slots = 0"), "server.slots"),
         (("time_scale = 0.02", "time_scale = -1"), "server.time_scale"),
         (("error_rate = 0.0", "error_rate = 0.6\ndrop_rate_x = 1"), "faults.drop_rate_x"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from thinkcap.proxy.cli import main
@@ -26,6 +27,11 @@ max_tokens = 2000
 accuracy = { base = 0.1, gain = 0.8, rate = 0.004 }
 service = { overhead_s = 0.1, per_token_s = 0.002 }
 """
+
+
+BATCHING = "[backend]\nslots = 8\nstep = { base_s = 0.015, per_seq_s = 0.004 }\n" + MINIMAL.replace(
+    "service = { overhead_s = 0.1, per_token_s = 0.002 }", "service = { prefill_s = 0.1 }"
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -122,6 +128,14 @@ def test_sweep_table(capsys: pytest.CaptureFixture[str]) -> None:
         (MINIMAL.replace("per_token_s = 0.002", "per_token_s = 'fast'"), "types[0].service.per_token_s"),
         (MINIMAL + "\n[surprise]\nx = 1\n", "surprise"),
         (MINIMAL.replace("[[types]]", "[[typos]]"), "typos"),
+        (BATCHING.replace("slots = 8", "slots = 0"), "backend.slots"),
+        (BATCHING.replace("step = { base_s = 0.015, per_seq_s = 0.004 }", ""), "backend.step"),
+        (BATCHING.replace("base_s = 0.015", "base_s = -1.0"), "backend.step.base_s"),
+        (BATCHING.replace("base_s = 0.015, per_seq_s = 0.004", "base_s = 0, per_seq_s = 0"), "backend.step.base_s"),
+        (BATCHING.replace("per_seq_s = 0.004", "per_seq_s = 0.004, extra = 1"), "backend.step.extra"),
+        (BATCHING.replace("slots = 8", "slots = 1"), "backend.step"),
+        (BATCHING.replace("prefill_s = 0.1", "prefill_s = 0.1, per_token_s = 0.01"), "types[0].service.per_token_s"),
+        (MINIMAL.replace("overhead_s = 0.1", "prefill_s = 0.1"), "types[0].service.prefill_s"),
         ("[objective]\nlatency_penalty = 0.1\n", "types"),
         ("this is = not toml [", "(syntax)"),
     ],
@@ -165,3 +179,28 @@ def test_console_script_runs() -> None:
     exe = Path(sys.executable).with_name("thinkcap")
     out = subprocess.run([str(exe), "solve", str(EXAMPLE), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["status"] == "converged"
+
+
+def test_a_batching_engine_is_solved_and_described(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """slots > 1 with a step: the table names the engine and its occupancy; --json carries them;
+    a type's per-token time is the step at one sequence and its overhead the prefill."""
+    text = BATCHING.replace("latency_penalty = 0.05", "latency_penalty = 0.05\n[workload]\narrival_rate = 20")
+    path = write(tmp_path, text)
+    cfg = load_model(path)
+    assert cfg.queue.slots == 8
+    task = cfg.types[0].task
+    assert (task.overhead_s, task.per_token_s) == (0.1, pytest.approx(0.019))
+    assert main(["solve", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "batching engine, 8 slots" in table and "in service" in table
+    assert main(["solve", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["queue"] == {"model": "batching", "slots": 8, "step_base_s": 0.015, "step_per_seq_s": 0.004}
+    p = cfg.problem()
+    caps = [float(t["tokens"]) for t in out["types"]]
+    q = p.metrics(np.array(caps))
+    assert out["occupancy"] == pytest.approx(q.occupancy) and 1.0 < out["occupancy"] < 8.0
+    assert out["rho"] == pytest.approx(q.rho)
+    assert main(["solve", str(path), "--sweep-arrival-rate", "1:60:4"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert "busy" in rows[0] and len(rows) == 5

@@ -1,0 +1,95 @@
+"""The queue models: M/G/1 in closed form and the batching engine's chain."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from thinkcap.controller.queue import MG1, BatchingEngine, QueueTerms, queue_from_record
+
+FIELDS = ("ta", "ta1", "ta2", "tb", "tb1", "tb2")
+
+
+def values(t: QueueTerms) -> list[float]:
+    return [getattr(t, f) for f in FIELDS]
+
+
+@pytest.mark.parametrize("b", [0.0, 0.004, 0.05])
+@pytest.mark.parametrize(("lam", "m1", "m2"), [(0.5, 0.3, 0.2), (2.0, 0.45, 0.5), (10.0, 0.001, 2e-6), (3.0, 0.0, 0.0)])
+def test_one_slot_is_pollaczek_khinchine_exactly(b: float, lam: float, m1: float, m2: float) -> None:
+    """With one slot the chain is M/G/1 whatever the step's per-sequence part:
+    E[T] = m1 + lambda m2 / (2 (1 - lambda m1))."""
+    engine = BatchingEngine(1, 0.02, b).terms(lam, m1)
+    closed = MG1().terms(lam, m1)
+    np.testing.assert_allclose(values(engine), values(closed), rtol=1e-12, atol=1e-12)
+    assert engine.system_time(m2) == pytest.approx(m1 + lam * m2 / (2 * (1 - lam * m1)), rel=1e-12)
+
+
+def test_a_constant_step_is_erlang_c_for_exponential_work() -> None:
+    """With b = 0 the chain is M/M/c: E[T] = m1 + C(c, a) m1 / (c - a) (Erlang's C formula)."""
+    c, lam, m1 = 4, 3.0, 1.0
+    a = lam * m1
+    head = sum(a**k / math.factorial(k) for k in range(c))
+    tail = a**c / math.factorial(c) * c / (c - a)
+    erlang_c = tail / (head + tail)
+    expected = m1 + erlang_c * m1 / (c - a)
+    t = BatchingEngine(c, 0.01, 0.0).terms(lam, m1)
+    assert t.system_time(2 * m1 * m1) == pytest.approx(expected, rel=1e-12)  # exponential: m2 = 2 m1^2
+    assert BatchingEngine(c, 0.01, 0.0).occupancy(lam, m1) == pytest.approx(a, rel=1e-12)
+
+
+@pytest.mark.parametrize("slots", [2, 5, 24, 25, 64, 256])
+@pytest.mark.parametrize("rho", [1e-4, 0.2, 0.6, 0.95])
+def test_derivatives_match_finite_differences(slots: int, rho: float) -> None:
+    """Ta', Ta'', Tb', Tb'' against central differences in m1 (both summation paths)."""
+    q = BatchingEngine(slots, 0.015, 0.0065)
+    lam = 5.0
+    m1 = rho / (lam * q.load_factor())
+    h = 1e-5 * m1
+    t, up, down = q.terms(lam, m1), q.terms(lam, m1 + h), q.terms(lam, m1 - h)
+    for value, lo, hi in (("ta1", "ta", "ta"), ("ta2", "ta1", "ta1"), ("tb1", "tb", "tb"), ("tb2", "tb1", "tb1")):
+        numeric = (getattr(up, hi) - getattr(down, lo)) / (2 * h)
+        assert getattr(t, value) == pytest.approx(numeric, rel=1e-5, abs=1e-9 * abs(getattr(t, lo)) / m1), value
+
+
+def test_terms_are_those_a_convex_cost_needs() -> None:
+    """Over the stable range Tb, Tb' and Tb'' never fall and Ta'' is never negative (the solvers'
+    a-priori bounds rely on it)."""
+    for slots in (2, 8, 64):
+        for a, b in ((1.0, 0.0), (1.0, 0.3), (0.01, 1.0)):
+            q = BatchingEngine(slots, a, b)
+            rows = np.array([values(q.terms(1.0, r / q.load_factor())) for r in np.linspace(0.01, 0.99, 200)])
+            assert np.all(rows[:, 2] >= -1e-9)
+            for k in (3, 4, 5):
+                assert np.all(np.diff(rows[:, k]) >= -1e-9 * rows[:, k].max())
+
+
+def test_load_is_the_full_batch_utilisation() -> None:
+    """rho = lambda m1 tau(c) / (c tau(1)): the share of the full batch's throughput in use."""
+    q = BatchingEngine(4, 0.015, 0.0065)
+    assert q.load_factor() == pytest.approx(q.step_time(4) / (4 * q.step_time(1)))
+
+
+def test_record_round_trips_and_old_records_are_mg1() -> None:
+    q = BatchingEngine(16, 0.02, 0.001)
+    assert queue_from_record(q.record()) == q
+    assert queue_from_record(None) == MG1()
+    assert queue_from_record(MG1().record()) == MG1()
+    with pytest.raises(ValueError, match="unknown model"):
+        queue_from_record({"model": "mmc"})
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        ((0, 0.01, 0.0), "slots"),
+        ((2, -0.01, 0.01), "step.base_s"),
+        ((2, 0.01, math.inf), "step.per_seq_s"),
+        ((2, 0.0, 0.0), "step"),
+    ],
+)
+def test_bad_engines_are_rejected(args: tuple[int, float, float], key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        BatchingEngine(*args)

@@ -1,0 +1,37 @@
+"""``thinkcap serve`` settings read from the config file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from thinkcap.controller.queue import MG1, BatchingEngine
+from thinkcap.proxy.settings import load_settings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
+
+
+def _config(tmp_path: Path, backend: str, proxy: str = "") -> Path:
+    text = EXAMPLE.read_text()
+    text = text[: text.index("[backend]")] + text[text.index("[objective]") :]
+    if "slots" in backend:  # a batching engine: per type the prefill, the per-token time from the step
+        text = re.sub(r"overhead_s = ([0-9.]+), per_token_s = [0-9.]+", r"prefill_s = \1", text)
+    path = tmp_path / "c.toml"
+    path.write_text(f'[backend]\nurl = "http://127.0.0.1:9"\n{backend}\n[proxy]\n{proxy}\n' + text)
+    return path
+
+
+def test_one_slot_is_mg1_and_admits_one_request_at_a_time(tmp_path: Path) -> None:
+    s = load_settings(_config(tmp_path, ""))
+    assert s.backend.slots == 1 and s.proxy.max_concurrency == 1 and s.model.queue == MG1()
+
+
+def test_slots_set_the_queue_model_and_the_default_concurrency(tmp_path: Path) -> None:
+    """With slots = 8 the proxy lets 8 requests run upstream unless max_concurrency says otherwise."""
+    text = "slots = 8\nstep = { base_s = 0.015, per_seq_s = 0.004 }"
+    s = load_settings(_config(tmp_path, text))
+    assert s.backend.slots == 8 and s.proxy.max_concurrency == 8
+    assert s.model.queue == BatchingEngine(8, 0.015, 0.004)
+    assert s.model.types[0].task.per_token_s == 0.015 + 0.004  # the step at one sequence
+    s = load_settings(_config(tmp_path, text, "max_concurrency = 3"))
+    assert s.proxy.max_concurrency == 3
