@@ -23,9 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 from scipy.special import gammaln
 
-#: Engines with at most this many slots sum their chain in Python floats (faster than numpy's
-#: per-call overhead there; the terms stay far from overflow, u^n / n! <= e^u with u < slots).
+#: Engines with at most this many slots sum their chain in Python floats, term by term
+#: (faster than numpy's per-call overhead there; the terms u^n prod g / n! stay below e^u,
+#: u < slots, far from overflow); larger ones in log space with numpy.
 SCALAR_MAX_SLOTS = 24
+#: The term-by-term sum stops once a term falls below this share of the sum while the terms
+#: shrink at least twofold each (what is left, the queue's tail included, is below it too).
+NEGLIGIBLE = 1e-20
 
 #: Below this u = lambda m1 the second derivatives of the batching chain are taken at this u
 #: (their closed form cancels there); the error it leaves is below 1e-9 relative.
@@ -185,17 +189,23 @@ class BatchingEngine:
         c = self.slots
         sigma = u * self._load_factor
         if c <= SCALAR_MAX_SLOTS:
+            # w_n / w_{n-1} = u g(n) / n falls with n: past the mode the terms only shrink.
             w = 1.0
             p0, p1, p2, p3 = 1.0, 0.0, 0.0, 0.0
+            cut = False
             for n, r in enumerate(self._ratios[:-1], start=1):
-                w *= u * r
+                ratio = u * r
+                w *= ratio
                 wn = w * n
                 p0 += w
                 p1 += wn
                 wn *= n
                 p2 += wn
                 p3 += wn * n
-            wc = w * u * self._ratios[-1]
+                if ratio < 0.5 and w < NEGLIGIBLE * p0:
+                    cut = True
+                    break
+            wc = 0.0 if cut else w * u * self._ratios[-1]
         else:
             log_w = self._coef + self._n * math.log(u)
             ws = np.exp(log_w - log_w.max())
