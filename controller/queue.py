@@ -250,7 +250,8 @@ class BatchingEngine:
         u = lam * m1
         a, a1, a2, h, h1, h2 = self._chain(u)
         if u < SMALL_LOAD:  # the second derivatives' closed form cancels: take them a bit higher
-            a2, h2 = self._chain(SMALL_LOAD)[2], self._chain(SMALL_LOAD)[5]
+            higher = self._chain(SMALL_LOAD)
+            a2, h2 = higher[2], higher[5]
         return QueueTerms(a / lam, a1, lam * a2, lam * h, lam * lam * h1, lam**3 * h2)
 
     def occupancy(self, lam: float, m1: float) -> float:

@@ -20,8 +20,8 @@ def check_half_life(name: str, value: float) -> float:
 
 
 def check_time(now: float, last: float | None) -> float:
-    """``now`` must be finite and not go backwards."""
-    if type(now) is not float and (isinstance(now, bool) or not isinstance(now, int)):
+    """``now`` must be finite and not go backwards (any real number type but bool)."""
+    if type(now) is not float and (isinstance(now, bool) or not isinstance(now, int | float)):
         raise ValueError(f"now: must be a finite time in seconds, got {now!r}")
     if not -math.inf < now < math.inf:
         raise ValueError(f"now: must be a finite time in seconds, got {now!r}")
