@@ -204,3 +204,15 @@ def test_a_batching_engine_is_solved_and_described(tmp_path: Path, capsys: pytes
     assert main(["solve", str(path), "--sweep-arrival-rate", "1:60:4"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert "busy" in rows[0] and len(rows) == 5
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
+    """``thinkcap solve ... | head -1``: exit status 141 (SIGPIPE's), no traceback on stderr."""
+    cmd = [sys.executable, "-m", "thinkcap.proxy", "solve", str(EXAMPLE), "--sweep-arrival-rate", "0.1:1:3000"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().split()[0] == b"rate"
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
