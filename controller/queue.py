@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from scipy.special import gammaln
@@ -36,9 +36,12 @@ NEGLIGIBLE = 1e-20
 SMALL_LOAD = 1e-6
 
 
-@dataclass(frozen=True, slots=True)
-class QueueTerms:
-    """``E[T] = ta + m2 tb`` at one (lambda, m1), with the derivatives of both in m1."""
+class QueueTerms(NamedTuple):
+    """``E[T] = ta + m2 tb`` at one (lambda, m1), with the derivatives of both in m1.
+
+    A named tuple (immutable): the solvers make one per iteration, and a frozen dataclass
+    costs several times as much to build.
+    """
 
     ta: float
     ta1: float
