@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from thinkcap.controller import Problem, TaskType
-from thinkcap.controller.queue import BatchingEngine
+from thinkcap.controller.queue import MG1, BatchingEngine, QueueModel
 
 #: Streaming field names under which reasoning-token deltas are sent.
 REASONING_FIELDS = ("reasoning", "reasoning_content")
@@ -211,7 +211,7 @@ class Scenario:
         """
         s = self.time_scale if wall_clock and self.time_scale > 0 else 1.0
         engine = self.engine
-        queue = None  # M/G/1; an engine with one slot is exactly that
+        queue: QueueModel = MG1()  # an engine with one slot is exactly that
         if engine is not None and engine.slots > 1:
             queue = BatchingEngine(engine.slots, s * engine.step_base_s, s * engine.step_per_seq_s)
         tasks = []
@@ -228,8 +228,6 @@ class Scenario:
                     max_tokens=hi,
                 )
             )
-        if queue is None:
-            return Problem(tuple(tasks), arrival_rate, self.latency_penalty / s, self.rho_max)
         return Problem(tuple(tasks), arrival_rate, self.latency_penalty / s, self.rho_max, queue)
 
     def with_phases(self, phases: Sequence[LoadPhase]) -> Scenario:
