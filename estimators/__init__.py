@@ -14,17 +14,21 @@ from thinkcap.estimators.mix import TypeMix
 from thinkcap.estimators.service import ServiceRLS
 from thinkcap.estimators.service_model import ServiceModel, ServiceParams
 from thinkcap.estimators.snapshot import Estimators, Snapshot, TypeEstimate
+from thinkcap.estimators.step import GapTally, StepEstimate, StepFit
 
 __all__ = [
     "AccuracyCurve",
     "AnswerLength",
     "ArrivalRate",
     "Estimators",
+    "GapTally",
     "RateEstimate",
     "ServiceModel",
     "ServiceParams",
     "ServiceRLS",
     "Snapshot",
+    "StepEstimate",
+    "StepFit",
     "TypeEstimate",
     "TypeMix",
     "UsedShare",

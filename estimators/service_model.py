@@ -154,6 +154,10 @@ class ServiceModel:
                 out[name] = ServiceParams(t0, c, v, stats.n, False)
         return out
 
+    def prompt_tokens(self) -> dict[str, float]:
+        """Mean evaluated prompt tokens of every type seen so far (forgetting as the fit)."""
+        return {name: m.mean for name, m in self._prompt.items() if m.n > 0}
+
     @property
     def pooled(self) -> ServiceRLS:
         """The pooled regression (read it, do not update it directly)."""

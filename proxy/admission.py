@@ -52,3 +52,57 @@ class Admission:
                 ticket.set_result(None)
                 return
         self.in_flight -= 1
+
+
+class Occupancy:
+    """How many requests are in service upstream, over time, and when a prefill may be running.
+
+    ``area`` is the integral of the number in service since the start, so a request's
+    time-averaged number in service is the change of ``area`` over its own service time.
+    A streamed request is in its prefill from :meth:`start` to :meth:`first_token`; a
+    whole one is taken to be in its prefill for ``prefill_s`` after it starts (no token
+    shows when it ends). ``quiet_since`` is when the last known prefill ended: a token gap
+    that began before it may hold another request's prompt and is no step sample.
+    """
+
+    __slots__ = ("_last", "area", "in_service", "prefilling", "quiet_since")
+
+    def __init__(self) -> None:
+        self.in_service = 0
+        self.prefilling = 0
+        self.area = 0.0
+        self.quiet_since = float("-inf")
+        self._last = 0.0
+
+    def _advance(self, now: float) -> None:
+        if now > self._last:
+            self.area += self.in_service * (now - self._last)
+            self._last = now
+
+    def start(self, now: float, *, streamed: bool, prefill_s: float = 0.0) -> float:
+        """A request is sent upstream at ``now``; returns ``area`` then (its starting mark)."""
+        self._advance(now)
+        self.in_service += 1
+        if streamed:
+            self.prefilling += 1
+        else:
+            self.quiet_since = max(self.quiet_since, now + prefill_s)
+        return self.area
+
+    def first_token(self, now: float) -> None:
+        """A streamed request's first token arrived: its prefill is over."""
+        self.prefilling -= 1
+        self.quiet_since = max(self.quiet_since, now)
+
+    def stop(self, now: float, *, prefilling: bool = False) -> float:
+        """A request left service at ``now`` (still ``prefilling``: it never sent a token); returns ``area``."""
+        self._advance(now)
+        self.in_service -= 1
+        if prefilling:
+            self.prefilling -= 1
+            self.quiet_since = max(self.quiet_since, now)
+        return self.area
+
+    def clean(self, since: float) -> bool:
+        """Whether no prefill ran between ``since`` and now."""
+        return self.prefilling == 0 and self.quiet_since <= since

@@ -84,6 +84,8 @@ CAP_FIELD_ADVICE = {
     ),
     "sglang": "start SGLang with --reasoning-parser and --enable-strict-thinking so that it takes "
     "custom_params.thinking_budget",
+    "llama-server": "llama-server takes thinking_budget_tokens where the model's chat template thinks (start it "
+    "with --jinja); for a model that does not think set [backend] thinks = false (the cap is then max_tokens)",
 }
 #: Characters of a backend's error body kept in the probe's verdict.
 PROBE_ERROR_CHARS = 2000
@@ -120,7 +122,7 @@ async def probe(state: ProxyState) -> dict[str, Any]:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             body["model"] = "default"
     bare = dict(body, max_tokens=2 * PROBE_CAP)  # without the cap field, if it is the trouble
-    applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance)
+    applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance, thinks=b.thinks)
     try:
         status, raw = await _probe_post(state, body)
         if status != 200:
@@ -140,7 +142,9 @@ async def probe(state: ProxyState) -> dict[str, Any]:
     tokens = from_usage(data.get("usage") if isinstance(data, dict) else None)
     reasoning = None if tokens is None else tokens.reasoning
     completion = None if tokens is None else tokens.completion
-    verdict = honoured(b.dialect, applied.effective, reasoning_tokens=reasoning, completion_tokens=completion)
+    verdict = honoured(
+        b.dialect, applied.effective, reasoning_tokens=reasoning, completion_tokens=completion, thinks=b.thinks
+    )
     status_word = {True: "honoured", False: "not_honoured", None: "unknown"}[verdict]
     return {
         "status": status_word,

@@ -27,7 +27,8 @@ from thinkcap.controller import (
     problem_record,
     should_publish,
 )
-from thinkcap.estimators import Snapshot
+from thinkcap.controller.queue import BatchingEngine
+from thinkcap.estimators import Snapshot, StepEstimate
 from thinkcap.proxy.config import ModelConfig
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.settings import ControllerSettings
@@ -46,6 +47,8 @@ def build_problem(
     used_share: Mapping[str, float] | None = None,
     *,
     accuracy: Mapping[str, tuple[float, float, float]] | None = None,
+    step: StepEstimate | None = None,
+    prompt_tokens: Mapping[str, float] | None = None,
 ) -> Problem:
     """The allocation problem from the configured curves and weights and the estimates.
 
@@ -54,22 +57,35 @@ def build_problem(
 
     Priors and service parameters come from the snapshot (which holds the configured values
     until enough samples exist). In front of a batching engine (``[backend] slots > 1``) the
-    service parameters stay the configured ones: the live fit measures a request's time under
-    the batch it shared, not its time alone on the engine that the queue model needs. The
-    service time of the answer that follows the reasoning
+    per-type service fit is not used: it measures a request's time under the batch it shared,
+    not its time alone on the engine that the queue model needs. There a fitted ``step``
+    (``fitted`` true) replaces the configured step: the queue model's ``tau(j) = a + b j``,
+    the per-token time ``tau(1)``, and each type's prefill ``o + p P`` at its mean evaluated
+    prompt tokens ``P`` (``prompt_tokens``; a type not seen yet keeps its configured time).
+    The service time of the answer that follows the reasoning
     (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead. When
     a type's answers stop before their cap (they use a share ``u < 1`` of it on average),
     a cap token costs ``u x per_token_s``.
     """
     used_share = used_share or {}
     accuracy = accuracy or {}
-    batching = model.queue.slots > 1
+    prompt_tokens = prompt_tokens or {}
+    queue = model.queue
+    live = isinstance(queue, BatchingEngine) and step is not None and step.fitted
+    if live:
+        assert step is not None
+        queue = BatchingEngine(queue.slots, step.base_s, step.per_seq_s)
     tasks = []
     for cfg, fit in zip(model.types, snap.types, strict=True):
         est = fit
-        if batching:
+        if queue.slots > 1:
             est = fit._replace(overhead_s=cfg.task.overhead_s, per_token_s=cfg.task.per_token_s,
                                variance_s2=cfg.task.variance_s2)  # fmt: skip
+            if live:
+                assert step is not None
+                prompt = prompt_tokens.get(est.name)
+                overhead = cfg.task.overhead_s if prompt is None else step.prefill_s(prompt)
+                est = est._replace(overhead_s=overhead, per_token_s=step.step_time(1))
         values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"type {est.name!r}: non-finite estimate {values}")
@@ -91,7 +107,7 @@ def build_problem(
         )
     total = sum(t.prior for t in tasks)
     tasks = [replace(t, prior=t.prior / total) for t in tasks]
-    return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, model.queue)
+    return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, queue)
 
 
 class ControlLoop:
@@ -157,7 +173,19 @@ class ControlLoop:
             use_estimate = st.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
             curves, accuracy = self.curves()
-            problem = build_problem(st.settings.model, snap, st.answer_offsets(), rate, st.used.get(), accuracy=curves)
+            step = None if st.step is None else st.step.get()
+            problem = build_problem(
+                st.settings.model,
+                snap,
+                st.answer_offsets(),
+                rate,
+                st.used.get(),
+                accuracy=curves,
+                step=step,
+                prompt_tokens=st.estimators.service.prompt_tokens(),
+            )
+            if step is not None:
+                st.prefill_guess_s = max(t.overhead_s for t in problem.types)
             x0 = self.x0
             started = time.perf_counter()
             decision = decide(problem, method=s.method, x0=x0)
@@ -227,22 +255,46 @@ class ControlLoop:
             "admit_fraction": st.admit_fraction,
             "overload_evidence": evidence,
             "accuracy": accuracy,
+            "step": None if step is None else self._step_record(step),
             "solve_time_s": solve_time,
         }
         st.last_decision = event
         log.info("decision", **event)
         return event
 
+    @staticmethod
+    def _step_record(step: StepEstimate) -> dict[str, Any]:
+        """The live step fit behind a decision: used (``fitted``) or not, and its evidence."""
+
+        def finite(v: float) -> float | None:
+            return v if math.isfinite(v) else None
+
+        return {
+            "source": "fitted" if step.fitted else "configured",
+            "base_s": step.base_s,
+            "per_seq_s": step.per_seq_s,
+            "prefill_base_s": step.prefill_base_s,
+            "prefill_per_token_s": step.prefill_per_token_s,
+            "base_stderr_s": finite(step.base_stderr_s),
+            "per_seq_stderr_s": finite(step.per_seq_stderr_s),
+            "requests": step.requests,
+            "gaps": step.gaps,
+        }
+
     def _evidence(self, snap: Snapshot) -> str | None:
         """What shows a predicted overload is real: ``service_fit`` (the types that carry 95 % of
         the arrivals have a service model fitted from live traffic, and the model uses it: one
-        slot), ``queue`` (the admission queue grew since the decision before) or ``None`` (only
+        slot), ``step_fit`` (a batching engine's step time is fitted from live traffic),
+        ``queue`` (the admission queue grew since the decision before) or ``None`` (only
         the configured guess says so)."""
         queued, before = self.state.admission.queued, self._queued
         self._queued = queued
         fitted = sum(t.prior for t in snap.types if t.fitted) >= FITTED_SHARE * sum(t.prior for t in snap.types)
         if fitted and self.state.settings.model.queue.slots == 1:
             return "service_fit"
+        step = self.state.step
+        if step is not None and step.get().fitted:
+            return "step_fit"
         if queued > before:
             return "queue"
         return None

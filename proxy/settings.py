@@ -16,7 +16,12 @@ from thinkcap.estimators import accuracy, arrival, mix, service, service_model
 from thinkcap.proxy.config import ConfigError, ModelConfig, Table, load_model, read_queue, read_toml
 from thinkcap.proxy.transport import client, server
 
-DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens")
+DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens", "llama-server")
+
+
+def reasoning_cap(dialect: str, thinks: bool = True) -> bool:
+    """Whether a dialect's cap bounds the reasoning alone (else the whole answer)."""
+    return dialect in ("vllm", "sglang") or (dialect == "llama-server" and thinks)
 
 
 def parse_hostport(text: str, *, where: Table, key: str) -> tuple[str, int]:
@@ -42,6 +47,12 @@ class BackendSettings:
     model: str | None = None
     max_answer_bytes: int = client.MAX_ANSWER_BYTES
     slots: int = 1  # requests the server runs at once ([backend.step] is read with the model)
+    thinks: bool = True  # llama-server: the model reasons (cap: thinking_budget_tokens), else max_tokens
+
+    @property
+    def reasoning_cap(self) -> bool:
+        """Whether the cap bounds the reasoning alone (else the whole answer)."""
+        return reasoning_cap(self.dialect, self.thinks)
 
     @property
     def base(self) -> str:
@@ -176,9 +187,16 @@ def _backend(t: Table) -> BackendSettings:
     probe = t.raw("probe")
     if probe is not None and not isinstance(probe, bool):
         raise t.error("probe", f"must be true or false, got {probe!r}")
+    dialect = t.string("dialect", BackendSettings.dialect, choices=DIALECTS)
+    thinks = t.raw("thinks")
+    if thinks is not None and not isinstance(thinks, bool):
+        raise t.error("thinks", f"must be true or false, got {thinks!r}")
+    if thinks is not None and dialect != "llama-server":
+        raise t.error("thinks", 'is read with dialect = "llama-server" only')
     out = BackendSettings(
         url=url,
-        dialect=t.string("dialect", BackendSettings.dialect, choices=DIALECTS),
+        dialect=dialect,
+        thinks=BackendSettings.thinks if thinks is None else thinks,
         api_key=api_key,
         connect_timeout_s=t.number("connect_timeout_s", BackendSettings.connect_timeout_s, lo=0.0, lo_open=True),
         read_timeout_s=_optional_timeout(t, "read_timeout_s", BackendSettings.read_timeout_s),

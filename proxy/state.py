@@ -13,16 +13,15 @@ import aiohttp
 from aiohttp import web
 
 from thinkcap.controller import decide
-from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, UsedShare
-from thinkcap.proxy.admission import Admission
+from thinkcap.controller.queue import BatchingEngine
+from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, StepFit, UsedShare
+from thinkcap.proxy.admission import Admission, Occupancy
 from thinkcap.proxy.caps import CapStore, CapTable
 from thinkcap.proxy.classify import Classifier
 from thinkcap.proxy.metrics import Metrics
 from thinkcap.proxy.settings import Settings
 from thinkcap.proxy.transport.client import Upstream
 
-#: Dialects whose cap bounds the reasoning tokens only (the others bound the whole answer).
-REASONING_DIALECTS = ("vllm", "sglang")
 #: How many finished requests are remembered for graded feedback.
 RECENT_REQUESTS = 10_000
 
@@ -48,6 +47,9 @@ class ProxyState:
     answer: AnswerLength  # tokens after the reasoning, per type
     used: UsedShare  # share of its limit an answer uses, per type
     metrics: Metrics
+    step: StepFit | None = None  # the engine's step time, fitted live (batching engines only)
+    occupancy: Occupancy = field(default_factory=Occupancy)  # requests in service upstream
+    prefill_guess_s: float = 0.0  # how long a whole request's prefill is taken to last (see Occupancy)
     clock: Callable[[], float] = time.monotonic  # every measurement; the wall clock only stamps log lines
     session: aiohttp.ClientSession | None = None
     upstream: Upstream | None = None
@@ -84,7 +86,7 @@ class ProxyState:
 
     def answer_offsets(self) -> dict[str, float]:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
-        return self.answer.get() if self.settings.backend.dialect in REASONING_DIALECTS else {}
+        return self.answer.get() if self.settings.backend.reasoning_cap else {}
 
     def lean(self) -> Upstream:
         """The keep-alive client of the shaped routes (open while the app runs)."""
@@ -129,6 +131,17 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
     metrics.set_caps(table.caps)
     admission = Admission(settings.proxy.max_concurrency, settings.proxy.max_queue)
     metrics.watch(admission)
+    queue = settings.model.queue
+    step = None
+    prefill = max(t.task.overhead_s for t in types)
+    if isinstance(queue, BatchingEngine):
+        step = StepFit(
+            queue.step_base_s,
+            queue.step_per_seq_s,
+            prefill,
+            forgetting=e.service_forgetting,
+            min_samples=e.service_min_samples,
+        )
     return ProxyState(
         settings=settings,
         classifier=Classifier(types, settings.proxy.default_type),
@@ -150,6 +163,8 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         answer=AnswerLength(names),
         used=UsedShare(names),
         metrics=metrics,
+        step=step,
+        prefill_guess_s=prefill,
         clock=clock,
     )
 

@@ -9,7 +9,11 @@ The effective limit is never above one the client set: ``effective = min(client,
 - ``openai``: ``max_completion_tokens`` (reasoning and answer together);
 - ``llamacpp`` / ``max_tokens``: ``max_tokens``, at least 1, because llama.cpp reads
   ``max_tokens: 0`` as "no limit"; a client's ``max_completion_tokens``, which llama.cpp
-  ignores, is enforced through ``max_tokens`` too.
+  ignores, is enforced through ``max_tokens`` too;
+- ``llama-server`` (llama.cpp's own server): for a model that thinks (``thinks``, the
+  default), ``thinking_budget_tokens``, which bounds the reasoning alone (a client's own
+  ``thinking_budget_tokens`` or ``reasoning_budget_tokens`` is kept where smaller; ``-1``
+  is its "unlimited"); for a model that does not, ``max_tokens`` as ``llamacpp``.
 
 For the total-count dialects the cap is raised by ``answer_allowance`` tokens for the answer.
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from thinkcap.proxy.settings import reasoning_cap
 
 
 class ClientLimitError(ValueError):
@@ -57,7 +63,15 @@ def _min(*values: int | None) -> int | None:
     return min(present) if present else None
 
 
-def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance: int = 0, chat: bool = True) -> Applied:
+def apply_cap(
+    body: dict[str, Any],
+    cap: int,
+    dialect: str,
+    *,
+    answer_allowance: int = 0,
+    chat: bool = True,
+    thinks: bool = True,
+) -> Applied:
     """Set the cap in ``body`` (in place) and report the effective limit. Top-level values are
     replaced, never changed in place (``proxy.upstream_body`` relies on it).
 
@@ -79,6 +93,15 @@ def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance:
         effective = cap if client is None else min(client, cap)
         body["custom_params"] = {**params, "thinking_budget": effective}  # a new object: the client's is left as it was
         return Applied("custom_params.thinking_budget", client, effective)
+    if dialect == "llama-server" and thinks:
+        client = _min(
+            _client(body, "thinking_budget_tokens", "thinking_budget_tokens", minus_one_is_unset=True),
+            _client(body, "reasoning_budget_tokens", "reasoning_budget_tokens", minus_one_is_unset=True),
+        )
+        effective = cap if client is None else min(client, cap)
+        body["thinking_budget_tokens"] = effective
+        body.pop("reasoning_budget_tokens", None)  # the server reads this one first
+        return Applied("thinking_budget_tokens", client, effective)
     total = cap + answer_allowance
     if dialect == "openai" and chat:
         client = _min(
@@ -90,7 +113,7 @@ def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance:
         if "max_tokens" in body:
             body["max_tokens"] = effective
         return Applied("max_completion_tokens", client, effective)
-    if dialect in ("llamacpp", "max_tokens", "openai"):
+    if dialect in ("llamacpp", "max_tokens", "openai", "llama-server"):
         client = _min(
             _client(body, "max_tokens", "max_tokens", zero_is_unset=True),
             _client(body, "max_completion_tokens", "max_completion_tokens", zero_is_unset=True),
@@ -101,8 +124,10 @@ def apply_cap(body: dict[str, Any], cap: int, dialect: str, *, answer_allowance:
     raise ValueError(f"unknown dialect {dialect!r}")
 
 
-def honoured(dialect: str, limit: int, *, reasoning_tokens: int | None, completion_tokens: int | None) -> bool | None:
+def honoured(
+    dialect: str, limit: int, *, reasoning_tokens: int | None, completion_tokens: int | None, thinks: bool = True
+) -> bool | None:
     """Whether an answer respected ``limit`` (``None`` when the usage needed is missing)."""
-    if dialect in ("vllm", "sglang"):
+    if reasoning_cap(dialect, thinks):
         return None if reasoning_tokens is None else reasoning_tokens <= limit
     return None if completion_tokens is None else completion_tokens <= limit

@@ -17,14 +17,15 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from thinkcap.estimators import GapTally
 from thinkcap.proxy.admission import QueueFullError
 from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.dialects import ClientLimitError, apply_cap
 from thinkcap.proxy.request.errors import REQUEST_ID, ProxyError, error_response
-from thinkcap.proxy.request.sse import MalformedStreamError, StreamTally, Tokens, from_usage
-from thinkcap.proxy.state import REASONING_DIALECTS, Finished, ProxyState
+from thinkcap.proxy.request.sse import CONTENT, REASONING, MalformedStreamError, StreamTally, Tokens, from_usage
+from thinkcap.proxy.state import Finished, ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
 from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply
 
@@ -171,6 +172,10 @@ class Exchange:
         }
         self.tokens: Tokens | None = None
         self.stream: StreamReply | None = None
+        # Service measurements for the step fit (batching engines only, see dispatch).
+        self.gaps: GapTally | None = None
+        self.t_first_token: float | None = None
+        self.t_token: float | None = None
 
     def fail(self, exc: ProxyError) -> Reply:
         self.event["status"] = exc.status
@@ -220,6 +225,7 @@ class Exchange:
                     backend.dialect,
                     answer_allowance=backend.answer_allowance,
                     chat=self.request.path == SHAPED[0],
+                    thinks=backend.thinks,
                 )
             except ClientLimitError as exc:
                 raise ProxyError(
@@ -240,6 +246,10 @@ class Exchange:
         headers["Accept-Encoding"] = "identity"
         data = upstream_body(raw, before, body)
         self.t_dispatch = self.loop.time()
+        occupancy = st.occupancy
+        mark = occupancy.start(self.t_dispatch, streamed=stream, prefill_s=st.prefill_guess_s)
+        if stream and st.step is not None:
+            self.gaps = GapTally()
         try:
             if backend.total_timeout_s is None:  # the default: no timer to set and cancel
                 return await self.relay(headers, data, stream=stream, asked_usage=asked_usage)
@@ -257,6 +267,11 @@ class Exchange:
             if self.stream is not None and self.stream.prepared:  # the total limit struck mid-stream
                 return await self.end_stream(self.stream, err)
             raise err from None
+        finally:
+            end = self.loop.time()
+            area = occupancy.stop(end, prefilling=stream and self.t_first_token is None)
+            # Time-averaged number in service while this request was (itself included).
+            self.event["mean_in_service"] = (area - mark) / (end - self.t_dispatch) if end > self.t_dispatch else 1.0
 
     async def relay(
         self, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
@@ -300,8 +315,11 @@ class Exchange:
         resp = self.stream = StreamReply(status=200, headers=returned_headers(up.headers, self.rid))
         resp.build_head(self.request)  # while the upstream has yet to send the body, often
         last = b""
+        gaps = self.gaps
         try:
             async for data in up.iter_chunks():
+                if gaps is not None:
+                    self.timed(data, gaps)
                 rest = data
                 if not resp.prepared:  # the head and the first event leave before the rest of the read is looked at
                     events = tally.feed(data, first_only=True)
@@ -350,6 +368,21 @@ class Exchange:
         self.event["status"] = 200
         return resp
 
+    def timed(self, data: bytes, gaps: GapTally) -> None:
+        """Time the tokens in one upstream read: the first ends the prefill, each later read is
+        a step sample unless a prefill ran since the read before (see :class:`Occupancy`)."""
+        tokens = len(CONTENT.findall(data)) + len(REASONING.findall(data))
+        if not tokens:
+            return
+        now = self.loop.time()
+        occupancy = self.state.occupancy
+        if self.t_first_token is None:
+            self.t_first_token = now
+            occupancy.first_token(now)
+        elif occupancy.clean(self.t_token or now):
+            gaps.add(now - (self.t_token or now), tokens, occupancy.in_service)
+        self.t_token = now
+
     def finish(self) -> None:
         """Account, remember and log the request (exactly once)."""
         st, ev = self.state, self.event
@@ -383,7 +416,18 @@ class Exchange:
                     cached_tokens=t.cached,
                     now=now,
                 )
-            reasoning_dialect = st.settings.backend.dialect in REASONING_DIALECTS
+                if st.step is not None:
+                    first = self.t_first_token
+                    st.step.update(
+                        prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
+                        tokens=t.completion,
+                        service_s=ev["service_time_s"],
+                        mean_in_service=ev.get("mean_in_service", 1.0),
+                        gaps=self.gaps,
+                        first_token_s=None if first is None else first - self.t_dispatch,
+                        now=now,
+                    )
+            reasoning_dialect = st.settings.backend.reasoning_cap
             used = t.reasoning if reasoning_dialect else t.completion
             st.remember(self.rid, Finished(name, used))
             limit = ev.get("effective_limit")

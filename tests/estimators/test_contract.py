@@ -46,6 +46,20 @@ def _accuracy_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         yield {"tokens": tokens, "correct": correct, "now": float(i)}
 
 
+def _step_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    for i in range(60):
+        gaps = estimators.GapTally()
+        for _ in range(int(rng.integers(0, 40))):
+            j = int(rng.integers(1, 5))
+            gaps.add(0.015 + 0.006 * j + float(rng.normal(0, 0.002)), 1, j)
+        prompt, tokens = float(rng.integers(0, 300)), float(gaps.samples + 1)
+        streamed = bool(rng.random() < 0.5)
+        service = 0.05 + 0.004 * prompt + tokens * (0.015 + 0.006 * 2.5)
+        first = 0.05 + 0.004 * prompt if streamed else None
+        yield {"prompt_tokens": prompt, "tokens": tokens, "mean_in_service": 2.5, "now": float(i),
+               "service_s": service, "gaps": gaps if streamed else None, "first_token_s": first}  # fmt: skip
+
+
 def _answer_stream(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     for i in range(60):
         yield {"name": "default", "tokens": float(rng.integers(0, 300)), "now": float(i)}
@@ -66,6 +80,7 @@ STREAMS: dict[str, Callable[[np.random.Generator], Iterator[dict[str, Any]]]] = 
     "AccuracyCurve": _accuracy_stream,
     "AnswerLength": _answer_stream,
     "UsedShare": _used_stream,
+    "StepFit": _step_stream,
 }
 
 ESTIMATORS = sorted(
@@ -77,17 +92,19 @@ def _feed(est: Any, row: dict[str, Any]) -> None:
     row = dict(row)
     if "name" in row:
         est.update(row.pop("name"), **row)
-    elif "tokens" in row:
+    elif "correct" in row:
         est.update(row.pop("tokens"), row.pop("correct"), **row)
     else:
         est.update(**row)
 
 
 def _numbers(value: Any) -> list[float]:
-    """Every number in an estimate (a dataclass, tuple, array or dict of them), except a
-    standard error, which is infinite while nothing has been seen."""
+    """Every number in an estimate (a dataclass, named tuple, tuple, array or dict of them),
+    except a standard error, which is infinite while nothing has been seen."""
     if hasattr(value, "__dataclass_fields__"):
-        value = [getattr(value, f) for f in value.__dataclass_fields__ if f != "stderr"]
+        value = [getattr(value, f) for f in value.__dataclass_fields__ if "stderr" not in f]
+    elif hasattr(value, "_fields"):
+        value = [getattr(value, f) for f in value._fields if "stderr" not in f]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, bool):

@@ -1,0 +1,148 @@
+"""The online step-time fit: token gaps, whole answers, the prefill guard, evidence, forgetting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from thinkcap.estimators import GapTally, StepFit
+
+A, B, PRE, P = 0.016, 0.0065, 0.04, 0.005  # seconds: step base, per sequence, prefill base, per prompt token
+
+
+def _streamed(fit: StepFit, rng: np.random.Generator, now: float, *, noise: float = 0.002, jmax: int = 4) -> None:
+    gaps = GapTally()
+    prompt = float(rng.integers(10, 200))
+    for _ in range(int(rng.integers(20, 80))):
+        j = int(rng.integers(1, jmax + 1))
+        n = 1 if rng.random() < 0.9 else 2  # two tokens in one read now and then
+        gaps.add(n * (A + B * j) + float(rng.normal(0, noise)), n, j)
+    fit.update(prompt_tokens=prompt, tokens=gaps.samples + 1, service_s=1.0, mean_in_service=2.0, gaps=gaps,
+               first_token_s=PRE + P * prompt + float(rng.normal(0, noise)), now=now)  # fmt: skip
+
+
+def _whole(fit: StepFit, rng: np.random.Generator, now: float, *, noise: float = 0.01) -> None:
+    prompt, tokens, n = float(rng.integers(10, 200)), float(rng.integers(5, 120)), float(rng.uniform(1, 4))
+    service = PRE + P * prompt + tokens * (A + B * n) + float(rng.normal(0, noise))
+    fit.update(prompt_tokens=prompt, tokens=tokens, service_s=service, mean_in_service=n, now=now)
+
+
+def test_gaps_alone_equal_least_squares_on_every_gap() -> None:
+    """Without forgetting, the step from streamed gaps is ordinary least squares on the gaps."""
+    rng = np.random.default_rng(0)
+    fit = StepFit(forgetting=1.0)
+    rows, ys = [], []
+    for i in range(20):
+        gaps = GapTally()
+        for _ in range(50):
+            j, n = int(rng.integers(1, 5)), int(rng.integers(1, 3))
+            y = n * (A + B * j) + float(rng.normal(0, 0.003))
+            gaps.add(y, n, j)
+            rows.append([n, n * j])
+            ys.append(y)
+        fit.update(prompt_tokens=0, tokens=51, service_s=1.0, mean_in_service=2.0, gaps=gaps, now=float(i))
+    ref, *_ = np.linalg.lstsq(np.array(rows, float), np.array(ys), rcond=None)
+    est = fit.get()
+    np.testing.assert_allclose([est.base_s, est.per_seq_s], ref, rtol=1e-4)
+    assert est.gaps == 1000 and est.requests == 20
+
+
+@pytest.mark.parametrize("kind", ["streamed", "whole", "both"])
+def test_recovers_step_and_prefill_with_honest_errors(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    fit = StepFit(base_s=0.05, per_seq_s=0.0, prefill_s=0.5, min_samples=30)
+    for i in range(300):
+        streamed = kind == "streamed" or (kind == "both" and i % 2 == 0)
+        (_streamed if streamed else _whole)(fit, rng, float(i))
+    est = fit.get()
+    assert est.fitted
+    for got, true, se in ((est.base_s, A, est.base_stderr_s), (est.per_seq_s, B, est.per_seq_stderr_s)):
+        assert abs(got - true) <= max(4 * se, 1e-5), (got, true, se)
+        assert abs(got - true) / true < 0.05
+    assert est.prefill_base_s == pytest.approx(PRE, abs=0.01)
+    assert est.prefill_per_token_s == pytest.approx(P, rel=0.05)
+    assert est.step_time(4) == pytest.approx(A + 4 * B, rel=0.03)
+    assert est.prefill_s(100) == pytest.approx(PRE + 100 * P, rel=0.05)
+
+
+def test_the_first_tokens_wait_is_not_a_step() -> None:
+    """A long time to the first token moves the prefill, never the step."""
+    rng, slow_rng = np.random.default_rng(2), np.random.default_rng(2)
+    fit, slow = StepFit(), StepFit()
+    for i in range(50):
+        _streamed(fit, rng, float(i), noise=0.0)
+        gaps = GapTally()
+        for _ in range(30):
+            j = int(slow_rng.integers(1, 5))
+            gaps.add(A + B * j, 1, j)
+        slow.update(prompt_tokens=50, tokens=31, service_s=9.0, mean_in_service=2.0, gaps=gaps, first_token_s=8.0,
+                    now=float(i))  # fmt: skip
+    a, b = fit.get(), slow.get()
+    assert (b.base_s, b.per_seq_s) == pytest.approx((A, B), rel=1e-6)
+    assert (a.base_s, a.per_seq_s) == pytest.approx((A, B), rel=1e-6)
+    assert b.prefill_s(50) == pytest.approx(8.0, rel=1e-3)
+
+
+def test_not_fitted_before_enough_requests_or_without_spread_in_the_batch() -> None:
+    rng = np.random.default_rng(3)
+    fit = StepFit(base_s=0.02, per_seq_s=0.01, min_samples=30)
+    for i in range(29):
+        _streamed(fit, rng, float(i))
+    assert not fit.get().fitted
+    _streamed(fit, rng, 29.0)
+    assert fit.get().fitted
+    # Always two in service: tau(2) is known, a and b apart are not.
+    flat = StepFit(base_s=0.02, per_seq_s=0.01, min_samples=5)
+    for i in range(100):
+        gaps = GapTally()
+        for _ in range(40):
+            gaps.add(A + 2 * B + float(rng.normal(0, 0.002)), 1, 2)
+        flat.update(prompt_tokens=0, tokens=41, service_s=1.0, mean_in_service=2.0, gaps=gaps, now=float(i))
+    est = flat.get()
+    assert not est.fitted
+    assert est.step_time(2) == pytest.approx(A + 2 * B, rel=0.01)
+
+
+def test_forgetting_follows_a_slower_engine() -> None:
+    rng = np.random.default_rng(4)
+    fit = StepFit(forgetting=0.98)
+    for i in range(200):
+        _streamed(fit, rng, float(i))
+    gaps_scale = 2.0
+    for i in range(200, 600):
+        gaps = GapTally()
+        for _ in range(40):
+            j = int(rng.integers(1, 5))
+            gaps.add(gaps_scale * (A + B * j), 1, j)
+        fit.update(prompt_tokens=0, tokens=41, service_s=1.0, mean_in_service=2.0, gaps=gaps, now=float(i))
+    est = fit.get()
+    assert est.base_s == pytest.approx(2 * A, rel=0.02) and est.per_seq_s == pytest.approx(2 * B, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("prompt_tokens", -1),
+        ("tokens", float("nan")),
+        ("service_s", True),
+        ("mean_in_service", float("inf")),
+        ("first_token_s", -0.1),
+    ],
+)
+def test_bad_observations_are_refused_and_change_nothing(field: str, value: object) -> None:
+    fit = StepFit(base_s=0.02, per_seq_s=0.01)
+    _whole(fit, np.random.default_rng(5), 0.0)
+    before = fit.get()
+    row = {"prompt_tokens": 10, "tokens": 10, "service_s": 0.5, "mean_in_service": 1.0, "now": 1.0, field: value}
+    with pytest.raises(ValueError, match=field):
+        fit.update(**row)  # type: ignore[arg-type]
+    assert fit.get() == before and fit.count == 1
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="base_s"):
+        StepFit(base_s=-1.0)
+    with pytest.raises(ValueError, match="forgetting"):
+        StepFit(forgetting=0.0)
+    with pytest.raises(ValueError, match="min_samples"):
+        StepFit(min_samples=0)
