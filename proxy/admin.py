@@ -9,7 +9,7 @@ from aiohttp import web
 
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.request.errors import error_body
-from thinkcap.proxy.state import STATE_KEY, ProxyState
+from thinkcap.proxy.state import STATE_KEY, ProxyState, step_record
 
 
 def _admin_error(status: int, message: str) -> web.Response:
@@ -51,7 +51,12 @@ async def admin_state(request: web.Request) -> web.Response:
         "last_decision": st.last_decision,
         "probe": st.probe,
         "shedding": st.shedding,
-        "queue": {"in_flight": st.admission.in_flight, "queued": st.admission.queued},
+        "queue": {
+            "in_flight": st.admission.in_flight,
+            "queued": st.admission.queued,
+            "in_service": st.occupancy.in_service,
+        },
+        "step": None if st.step is None else step_record(st.step.get()),
         "feedback": st.feedback,
     }
     return web.json_response(body)

@@ -63,6 +63,10 @@ async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
 async def metrics(st: ProxyState, _: HttpRequest) -> Reply:
     """Prometheus text; estimator gauges are refreshed at each scrape."""
     st.metrics.set_estimates(st.estimators.snapshot(st.clock()))
+    if st.step is not None:
+        step = st.step.get()
+        st.metrics.step_seconds.labels("base").set(step.base_s)
+        st.metrics.step_seconds.labels("per_seq").set(step.per_seq_s)
     st.metrics.set_caps(st.caps.effective())
     return Reply(st.metrics.render(), content_type="text/plain; charset=utf-8")
 

@@ -32,7 +32,7 @@ from thinkcap.estimators import Snapshot, StepEstimate
 from thinkcap.proxy.config import ModelConfig
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.settings import ControllerSettings
-from thinkcap.proxy.state import ProxyState
+from thinkcap.proxy.state import ProxyState, step_record
 
 #: Share of the arrivals whose types need a fitted service model before that model counts as
 #: evidence of an overload.
@@ -255,31 +255,12 @@ class ControlLoop:
             "admit_fraction": st.admit_fraction,
             "overload_evidence": evidence,
             "accuracy": accuracy,
-            "step": None if step is None else self._step_record(step),
+            "step": None if step is None else step_record(step),
             "solve_time_s": solve_time,
         }
         st.last_decision = event
         log.info("decision", **event)
         return event
-
-    @staticmethod
-    def _step_record(step: StepEstimate) -> dict[str, Any]:
-        """The live step fit behind a decision: used (``fitted``) or not, and its evidence."""
-
-        def finite(v: float) -> float | None:
-            return v if math.isfinite(v) else None
-
-        return {
-            "source": "fitted" if step.fitted else "configured",
-            "base_s": step.base_s,
-            "per_seq_s": step.per_seq_s,
-            "prefill_base_s": step.prefill_base_s,
-            "prefill_per_token_s": step.prefill_per_token_s,
-            "base_stderr_s": finite(step.base_stderr_s),
-            "per_seq_stderr_s": finite(step.per_seq_stderr_s),
-            "requests": step.requests,
-            "gaps": step.gaps,
-        }
 
     def _evidence(self, snap: Snapshot) -> str | None:
         """What shows a predicted overload is real: ``service_fit`` (the types that carry 95 % of

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from thinkcap.estimators import Snapshot
-from thinkcap.proxy.admission import Admission
+from thinkcap.proxy.admission import Admission, Occupancy
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
@@ -40,6 +40,13 @@ class Metrics:
         self.in_flight = Gauge(
             "thinkcap_in_flight", "Requests holding an admission slot (being served upstream)", registry=r
         )
+        self.in_service = Gauge(
+            "thinkcap_in_service", "Requests sent upstream and not yet answered in full", registry=r
+        )
+        self.step_seconds = Gauge(
+            "thinkcap_step_seconds", "Fitted engine step time tau(j) = a + b j: a (base) and b (per_seq)", ["term"],
+            registry=r,
+        )  # fmt: skip
         self.arrival_rate = Gauge("thinkcap_arrival_rate", "Estimated arrival rate, requests/s", registry=r)
         self.prior = Gauge("thinkcap_type_prior", "Estimated share of requests by type", ["type"], registry=r)
         self.overhead = Gauge(
@@ -92,11 +99,13 @@ class Metrics:
             hist = self._wait[name] = self.queue_wait.labels(name)
         hist.observe(seconds)
 
-    def watch(self, admission: Admission) -> None:
-        """Read the queue length and the requests in flight from ``admission`` at each scrape
-        (nothing to update on the request path)."""
+    def watch(self, admission: Admission, occupancy: Occupancy | None = None) -> None:
+        """Read the queue length, the requests in flight and those in service upstream at
+        each scrape (nothing to update on the request path)."""
         self.queue_length.set_function(lambda: admission.queued)
         self.in_flight.set_function(lambda: admission.in_flight)
+        if occupancy is not None:
+            self.in_service.set_function(lambda: occupancy.in_service)
 
     def set_caps(self, caps: Mapping[str, int]) -> None:
         """Show the caps in force."""

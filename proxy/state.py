@@ -14,7 +14,7 @@ from aiohttp import web
 
 from thinkcap.controller import decide
 from thinkcap.controller.queue import BatchingEngine
-from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, StepFit, UsedShare
+from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, StepEstimate, StepFit, UsedShare
 from thinkcap.proxy.admission import Admission, Occupancy
 from thinkcap.proxy.caps import CapStore, CapTable
 from thinkcap.proxy.classify import Classifier
@@ -101,6 +101,25 @@ class ProxyState:
         return self.session
 
 
+def step_record(step: StepEstimate) -> dict[str, Any]:
+    """The live step fit, JSON-able: used by the control loop (``fitted``) or not, and its evidence."""
+
+    def finite(v: float) -> float | None:
+        return v if math.isfinite(v) else None
+
+    return {
+        "source": "fitted" if step.fitted else "configured",
+        "base_s": step.base_s,
+        "per_seq_s": step.per_seq_s,
+        "prefill_base_s": step.prefill_base_s,
+        "prefill_per_token_s": step.prefill_per_token_s,
+        "base_stderr_s": finite(step.base_stderr_s),
+        "per_seq_stderr_s": finite(step.per_seq_stderr_s),
+        "requests": step.requests,
+        "gaps": step.gaps,
+    }
+
+
 def initial_caps(settings: Settings) -> CapTable:
     """The caps before the control loop speaks: the solve at ``[workload] arrival_rate``."""
     p = settings.model.problem()
@@ -130,7 +149,8 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
     metrics = Metrics(table.caps)
     metrics.set_caps(table.caps)
     admission = Admission(settings.proxy.max_concurrency, settings.proxy.max_queue)
-    metrics.watch(admission)
+    occupancy = Occupancy()
+    metrics.watch(admission, occupancy)
     queue = settings.model.queue
     step = None
     prefill = max(t.task.overhead_s for t in types)
@@ -164,6 +184,7 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         used=UsedShare(names),
         metrics=metrics,
         step=step,
+        occupancy=occupancy,
         prefill_guess_s=prefill,
         clock=clock,
     )

@@ -276,8 +276,9 @@ def _limit(body: dict[str, Any], key: str, *, zero_unlimited: bool = False, hold
 def plan_request(scenario: Scenario, state: ServerState, body: Any, forced_fault: str | None) -> Plan:
     """Validate a chat completions body and decide, with the server's generator, its answer.
 
-    Caps honoured: ``thinking_token_budget`` (vLLM) and ``custom_params.thinking_budget``
-    (SGLang strict thinking) bound the reasoning; ``max_completion_tokens`` and
+    Caps honoured: ``thinking_token_budget`` (vLLM), ``custom_params.thinking_budget``
+    (SGLang strict thinking) and ``thinking_budget_tokens`` (llama.cpp's llama-server)
+    bound the reasoning; ``max_completion_tokens`` and
     ``max_tokens`` (0 = unlimited, as on llama.cpp) bound reasoning plus answer.
     """
     if not isinstance(body, dict):
@@ -303,7 +304,9 @@ def plan_request(scenario: Scenario, state: ServerState, body: Any, forced_fault
         )
     vllm_budget = _limit(body, "thinking_token_budget")
     sglang_budget = _limit(body, "thinking_budget", holder="custom_params")
-    budgets = [b for b in (vllm_budget, sglang_budget) if b is not None]
+    llama_budget = body.get("thinking_budget_tokens")
+    llama_budget = None if llama_budget == -1 else _limit(body, "thinking_budget_tokens")  # -1: unlimited
+    budgets = [b for b in (vllm_budget, sglang_budget, llama_budget) if b is not None]
     total_limits = (_limit(body, "max_completion_tokens"), _limit(body, "max_tokens", zero_unlimited=True))
     totals = [t for t in total_limits if t is not None]
     reasoning = min([sim_type.natural_tokens, *budgets, *totals])

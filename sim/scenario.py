@@ -23,7 +23,14 @@ REASONING_FIELDS = ("reasoning", "reasoning_content")
 #: (``usage.reasoning_tokens``), ``none`` nowhere (older vLLM, llama.cpp).
 USAGE_SHAPES = ("openai", "sglang", "none")
 #: The usage shape each thinkcap dialect's servers send.
-DIALECT_USAGE = {"vllm": "openai", "openai": "openai", "sglang": "sglang", "llamacpp": "none", "max_tokens": "none"}
+DIALECT_USAGE = {
+    "vllm": "openai",
+    "openai": "openai",
+    "sglang": "sglang",
+    "llamacpp": "none",
+    "max_tokens": "none",
+    "llama-server": "none",
+}
 
 
 @dataclass(frozen=True)

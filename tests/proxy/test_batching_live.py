@@ -1,0 +1,163 @@
+"""The proxy in front of a batching engine (the simulated one, step 12 + 6 ms x j): it runs
+``slots`` requests at once, measures the number in service, fits the step live and plans with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+from tests.sim.conftest import make_scenario, sim_type
+from thinkcap.controller.decision import problem_from_record
+from thinkcap.controller.queue import BatchingEngine
+from thinkcap.proxy.app import DataPlane, create_app
+from thinkcap.proxy.control import ControlLoop
+from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim.backend import create_app as create_sim
+
+A, B = 0.012, 0.006  # the simulated engine's true step: tau(j) = A + B j (in-process: well above the loop's jitter)
+
+CONFIG = """
+[objective]
+latency_penalty = 0.05
+
+[backend]
+url = "{url}"
+dialect = "llama-server"
+thinks = true
+probe = false
+slots = 4
+step = {{ base_s = 0.03, per_seq_s = 0.0 }}
+
+[proxy]
+default_type = "short"
+
+[controller]
+enabled = false
+
+[estimators]
+service_min_samples = 20
+
+[[types]]
+name = "short"
+prior = 1.0
+max_tokens = 512
+accuracy = {{ base = 0.2, gain = 0.7, rate = 0.02 }}
+service = {{ prefill_s = 0.2 }}
+"""
+
+
+async def _start(tmp_path: Path) -> AsyncIterator[tuple[ProxyState, DataPlane]]:
+    scenario = make_scenario(
+        types=(sim_type("short", natural=40, answer=4, overhead=0.0, rate=0.02),),
+        slots=4,
+        engine=BatchingEngine(4, A, B),
+        time_scale=1.0,
+        chunk_tokens=1,
+        usage_shape="none",
+        reasoning_field="reasoning_content",
+    )
+    sim = TestServer(create_sim(scenario), host="127.0.0.1")
+    await sim.start_server()
+    path = tmp_path / "thinkcap.toml"
+    path.write_text(CONFIG.format(url=sim.make_url("/v1")))
+    state = build_state(load_settings(path))
+    front = create_app(state)
+    await front.start("127.0.0.1", 0)
+    try:
+        yield state, front
+    finally:
+        await front.close()
+        await sim.close()
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[tuple[ProxyState, DataPlane]]:
+    async for pair in _start(tmp_path):
+        yield pair
+
+
+async def _closed_loop(url: str, clients: int, each: int, *, stream: bool) -> list[dict[str, Any]]:
+    """``clients`` closed-loop clients, ``each`` requests apiece, each with its own ``max_tokens``
+    (answers of 10 to 44 tokens); returns the answers' usage."""
+    out: list[dict[str, Any]] = []
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        for i in range(each):
+            body = {
+                "model": "m",
+                "messages": [{"role": "user", "content": "a short question"}],
+                "stream": stream,
+                "max_tokens": 10 + (7 * i + clients) % 35,
+            }
+            async with session.post(url + "/chat/completions", json=body) as r:
+                assert r.status == 200
+                raw = await r.read()
+            if not stream:
+                out.append(json.loads(raw)["usage"])
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    return out
+
+
+async def test_four_requests_run_at_once_and_each_records_its_mean_in_service(
+    live: tuple[ProxyState, DataPlane],
+) -> None:
+    """slots = 4: four clients are in service together, not one after another; each request's
+    event carries the time-averaged number in service while it ran."""
+    state, front = live
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(state.occupancy.in_service)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    with capture_logs() as logs:
+        await _closed_loop(str(front.make_url("/v1")), 4, 3, stream=True)
+        watcher.cancel()
+        await asyncio.sleep(0.05)
+    assert max(seen) == 4 and state.occupancy.in_service == 0 and state.occupancy.prefilling == 0
+    events = [e for e in logs if e["event"] == "request"]
+    assert len(events) == 12
+    means = [e["mean_in_service"] for e in events]
+    assert all(1.0 <= m <= 4.0 for m in means)
+    assert sum(means) / len(means) > 3.0  # four closed-loop clients keep the engine nearly full
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_step_is_fitted_from_live_traffic_and_planned_with(
+    live: tuple[ProxyState, DataPlane], stream: bool
+) -> None:
+    """Closed loops at 1, 2, 3 and 4 clients: the fitted a and b are within 20 % of the engine's;
+    the next decision plans with them, says so, and its record replays to the same problem."""
+    state, front = live
+    url = str(front.make_url("/v1"))
+    for clients in (1, 2, 3, 4):
+        await _closed_loop(url, clients, 12 // clients, stream=stream)
+    await asyncio.sleep(0.05)
+    assert state.step is not None
+    est = state.step.get()
+    assert est.fitted, est
+    assert est.base_s == pytest.approx(A, rel=0.2), est
+    assert est.per_seq_s == pytest.approx(B, rel=0.2), est
+    assert (est.gaps > 0) is stream
+    event = ControlLoop(state, state.settings.controller).step(now=state.clock())
+    assert event is not None
+    assert event["step"]["source"] == "fitted"
+    queue = event["inputs"]["queue"]
+    assert (queue["step_base_s"], queue["step_per_seq_s"]) == (est.base_s, est.per_seq_s)
+    problem = problem_from_record(event["inputs"])
+    # A cap token costs tau(1) times the share of its cap an answer uses.
+    assert problem.types[0].per_token_s == pytest.approx(est.step_time(1) * state.used.get()["short"])
+    assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s)
