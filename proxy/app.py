@@ -18,7 +18,7 @@ from thinkcap.proxy.request.errors import ProxyError, error_response
 from thinkcap.proxy.request.forward import SHAPED, new_request_id, passthrough, shaped
 from thinkcap.proxy.request.sse import from_usage
 from thinkcap.proxy.state import ProxyState
-from thinkcap.proxy.transport.client import Upstream
+from thinkcap.proxy.transport.client import MAX_IDLE, Upstream
 from thinkcap.proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 
 #: The cap the start-up probe asks for.
@@ -259,6 +259,7 @@ class DataPlane:
             connect_timeout_s=b.connect_timeout_s,
             read_timeout_s=b.read_timeout_s,
             max_answer_bytes=b.max_answer_bytes,
+            max_idle=MAX_IDLE if b.keep_alive else 0,
         )
         if b.probe:
             self._tasks.append(asyncio.create_task(_run_probe(state)))

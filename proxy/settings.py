@@ -19,6 +19,14 @@ from thinkcap.proxy.transport import client, server
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens", "llama-server")
 
 
+#: Whether the shaped routes keep upstream connections alive, by dialect (default: true).
+#: llama-server closes a connection it answered with ``Keep-Alive`` now and then just as the
+#: next request goes out on it (seen here under load: a 502 ``upstream_disconnected`` 3 ms
+#: after sending); the request may have been read, so it is not sent again, and a new
+#: connection per request (about 0.1 ms on loopback) avoids the race.
+KEEP_ALIVE = {"llama-server": False}
+
+
 def reasoning_cap(dialect: str, thinks: bool = True) -> bool:
     """Whether a dialect's cap bounds the reasoning alone (else the whole answer)."""
     return dialect in ("vllm", "sglang") or (dialect == "llama-server" and thinks)
@@ -48,6 +56,7 @@ class BackendSettings:
     max_answer_bytes: int = client.MAX_ANSWER_BYTES
     slots: int = 1  # requests the server runs at once ([backend.step] is read with the model)
     thinks: bool = True  # llama-server: the model reasons (cap: thinking_budget_tokens), else max_tokens
+    keep_alive: bool = True  # default: see KEEP_ALIVE
 
     @property
     def reasoning_cap(self) -> bool:
@@ -193,9 +202,13 @@ def _backend(t: Table) -> BackendSettings:
         raise t.error("thinks", f"must be true or false, got {thinks!r}")
     if thinks is not None and dialect != "llama-server":
         raise t.error("thinks", 'is read with dialect = "llama-server" only')
+    keep_alive = t.raw("keep_alive")
+    if keep_alive is not None and not isinstance(keep_alive, bool):
+        raise t.error("keep_alive", f"must be true or false, got {keep_alive!r}")
     out = BackendSettings(
         url=url,
         dialect=dialect,
+        keep_alive=KEEP_ALIVE.get(dialect, BackendSettings.keep_alive) if keep_alive is None else keep_alive,
         thinks=BackendSettings.thinks if thinks is None else thinks,
         api_key=api_key,
         connect_timeout_s=t.number("connect_timeout_s", BackendSettings.connect_timeout_s, lo=0.0, lo_open=True),

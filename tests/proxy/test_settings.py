@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from thinkcap.controller.queue import MG1, BatchingEngine
+from thinkcap.proxy.config import ConfigError
 from thinkcap.proxy.settings import load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
@@ -35,3 +38,17 @@ def test_slots_set_the_queue_model_and_the_default_concurrency(tmp_path: Path) -
     assert s.model.types[0].task.per_token_s == 0.015 + 0.004  # the step at one sequence
     s = load_settings(_config(tmp_path, text, "max_concurrency = 3"))
     assert s.proxy.max_concurrency == 3
+
+
+def test_llama_server_dialect_keys(tmp_path: Path) -> None:
+    """dialect = "llama-server": the model thinks unless told, and upstream connections are not
+    kept alive unless told; ``thinks`` belongs to that dialect alone."""
+    s = load_settings(_config(tmp_path, 'dialect = "llama-server"'))
+    assert s.backend.thinks and s.backend.reasoning_cap and not s.backend.keep_alive
+    s = load_settings(_config(tmp_path, 'dialect = "llama-server"\nthinks = false\nkeep_alive = true'))
+    assert not s.backend.thinks and not s.backend.reasoning_cap and s.backend.keep_alive
+    assert load_settings(_config(tmp_path, 'dialect = "vllm"')).backend.keep_alive
+    with pytest.raises(ConfigError, match=r"backend\.thinks: is read with dialect"):
+        load_settings(_config(tmp_path, 'dialect = "vllm"\nthinks = false'))
+    with pytest.raises(ConfigError, match=r"backend\.keep_alive: must be true or false"):
+        load_settings(_config(tmp_path, 'keep_alive = "no"'))

@@ -50,3 +50,27 @@ def test_answer_allowance_and_client_limit_errors() -> None:
     assert honoured("vllm", 8, reasoning_tokens=9, completion_tokens=3) is False
     assert honoured("llamacpp", 8, reasoning_tokens=None, completion_tokens=8) is True
     assert honoured("openai", 8, reasoning_tokens=None, completion_tokens=None) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [({}, 40), ({"thinking_budget_tokens": 10}, 10), ({"thinking_budget_tokens": -1}, 40),
+     ({"reasoning_budget_tokens": 7}, 7), ({"thinking_budget_tokens": 90, "reasoning_budget_tokens": 20}, 20)],
+)  # fmt: skip
+def test_llama_server_caps_the_thinking_budget_where_the_model_thinks(body: dict[str, Any], want: int) -> None:
+    """thinking_budget_tokens = min(client's budget, cap), -1 being no client limit; the alias
+    reasoning_budget_tokens, which the server reads first, is folded into it."""
+    body = dict(body)
+    applied = apply_cap(body, 40, "llama-server")
+    assert applied.field == "thinking_budget_tokens" and applied.effective == want
+    assert body["thinking_budget_tokens"] == want and "reasoning_budget_tokens" not in body
+    with pytest.raises(ClientLimitError, match="thinking_budget_tokens"):
+        apply_cap({"thinking_budget_tokens": -2}, 40, "llama-server")
+    assert honoured("llama-server", 8, reasoning_tokens=None, completion_tokens=3) is None
+
+
+def test_llama_server_caps_max_tokens_where_the_model_does_not_think() -> None:
+    body: dict[str, Any] = {"max_tokens": 0}
+    applied = apply_cap(body, 12, "llama-server", answer_allowance=4, thinks=False)
+    assert applied.field == "max_tokens" and body == {"max_tokens": 16}
+    assert honoured("llama-server", 16, reasoning_tokens=None, completion_tokens=16, thinks=False) is True

@@ -1,0 +1,81 @@
+"""llama-server benchmark: thinkcap in front of a real continuous-batching server, judged.
+
+Run: .venv/bin/python bench/llama_server.py [--runs 3] [--phase-s 120] [--json]
+(``make backend`` first: it builds ``llama-server`` into ``.venv/bin``)
+
+The walk-through of ``make demo-real`` (``examples/real_backend.py``: llama-server
+``--parallel 4``, SmolLM2-135M, one thread) with more of everything, then its figures
+against the goals:
+
+1. throughput at saturation through thinkcap with slots = 4, at least 95 % of direct (and
+   what ``max_concurrency = 1`` costs), three saturation measurements alternated per round;
+2. thinkcap's live step fit, a and b within 20 % of the direct calibration;
+3. predicted against observed mean system time within 25 % in every Poisson run at about
+   50 % and 80 % of the capacity, and on average; caps smaller under the heavier load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.real_backend import render, summary, walk_through
+
+GOALS = {"throughput_ratio": 0.95, "step_error": 0.20, "prediction_error": 0.25}
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """One line per goal: the figure, the goal, met or missed."""
+    s = report["summary"]
+    lines = []
+
+    def line(what: str, ok: bool) -> None:
+        lines.append(f"{'met   ' if ok else 'MISSED'} {what}")
+
+    line(f"throughput through thinkcap / direct = {s['throughput_ratio']:.3f} (goal >= {GOALS['throughput_ratio']})",
+         s["throughput_ratio"] >= GOALS["throughput_ratio"])  # fmt: skip
+    for key, name in (("base_error", "a"), ("per_seq_error", "b")):
+        line(f"fitted {name} against direct: {100 * s[key]:+.1f} % (goal within 20 %)",
+             abs(s[key]) <= GOALS["step_error"])  # fmt: skip
+    for load, ratios in s["ratios"].items():
+        text = ", ".join(f"{r:.2f}" for r in ratios)
+        line(f"predicted / observed at {load}, run by run: {text} (goal within 25 %)",
+             all(abs(r - 1) <= GOALS["prediction_error"] for r in ratios))  # fmt: skip
+        mean = s["mean_ratio"][load]
+        line(f"predicted / observed at {load}, over the runs: {mean:.2f}", abs(mean - 1) <= GOALS["prediction_error"])
+    light, heavy = (sum(c.values()) for c in s["caps"].values())
+    line(f"caps under the heavier load smaller: {heavy:.0f} against {light:.0f} tokens in all", heavy < light)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--phase-s", type=float, default=120.0)
+    ap.add_argument("--settle-s", type=float, default=20.0)
+    ap.add_argument("--throughput-s", type=float, default=30.0)
+    ap.add_argument("--throughput-rounds", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--log-dir")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = asyncio.run(walk_through(Path(tmp), args))
+    report["summary"] = summary(report)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(render(report))
+    print()
+    print("\n".join(verdicts(report)))
+
+
+if __name__ == "__main__":
+    main()
