@@ -185,6 +185,7 @@ class StepFit:
         mean_in_service: float,
         gaps: GapTally | None = None,
         first_token_s: float | None = None,
+        first_token_in_service: float = 1.0,
         now: float,
     ) -> None:
         """One finished request: streamed (``gaps`` and ``first_token_s``) or whole.
@@ -192,7 +193,10 @@ class StepFit:
         ``prompt_tokens`` are the evaluated (not cached) prompt tokens, ``tokens`` the
         completion tokens, ``service_s`` the time from sending it to its end, and
         ``mean_in_service`` the time-averaged number of requests in service meanwhile
-        (itself included, so at least 1).
+        (itself included, so at least 1). ``first_token_in_service`` is how many were in
+        service when its first token came: the prefill sample is read as its time alone
+        slowed by that batch, ``first_token_s = (o + p P) tau(j) / tau(1)`` with the step
+        fitted so far, as the queue model reads a request's work.
         """
         now = check_time(now, self._last)
         for name, value in (
@@ -206,6 +210,10 @@ class StepFit:
         bad = isinstance(first_token_s, bool) or not isinstance(first_token_s, int | float)
         if first_token_s is not None and (bad or not 0 <= first_token_s < math.inf):
             raise ValueError(f"first_token_s: must be a finite number >= 0, got {first_token_s!r}")
+        j = first_token_in_service
+        if isinstance(j, bool) or not isinstance(j, int | float) or not 1 <= j < math.inf:
+            raise ValueError(f"first_token_in_service: must be a finite number >= 1, got {j!r}")
+        slowdown = self._slowdown(j) if first_token_s is not None and j > 1 else 1.0
         f = self.forgetting
         info, vec = self._info, self._vec
         info *= f
@@ -230,13 +238,19 @@ class StepFit:
                 self._n += gaps.samples
                 self._gaps += gaps.samples
             if first_token_s is not None:
-                self._add(np.array([1.0, pt, 0.0, 0.0]), first_token_s, 1.0)
+                self._add(np.array([slowdown, slowdown * pt, 0.0, 0.0]), first_token_s, 1.0)
             return
         if tokens <= 0:
             self._add(np.array([1.0, pt, 0.0, 0.0]), service_s, 1.0)
             return
         x = np.array([1.0, pt, tokens, tokens * max(mean_in_service, 1.0)])
         self._add(x, service_s, 1.0 / tokens)
+
+    def _slowdown(self, j: float) -> float:
+        """g(j) = tau(j) / tau(1) from the fit so far, between 1 and j (1 while it is unknown)."""
+        est = self.get()
+        tau1 = est.step_time(1)
+        return min(max(est.step_time(j) / tau1, 1.0), j) if tau1 > 0 else 1.0
 
     def _add(self, x: NDArray[np.float64], y: float, w: float) -> None:
         self._info += w * np.outer(x, x)

@@ -13,12 +13,13 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--runs R] [
    directly, through thinkcap with slots = 4, and through thinkcap with
    ``max_concurrency = 1`` (serialised). The direct requests/s is the capacity.
 4. ``thinkcap serve`` (dialect ``llama-server``, slots = 4) with a deliberately wrong step
-   (30 ms, flat) and prefill: a warm-up of the same closed loops as step 2 through it (its
-   step fit is read then, to compare with step 2), then open-loop streamed Poisson load at
-   50 % and 80 % of the capacity, ``--runs`` runs of each, alternated. Per run: the caps,
-   and the mean system time the controller predicted (the decision in force at each
-   arrival, at the caps then in force) against the one observed, leaving out the first
-   ``--settle-s`` seconds of each run while the rate estimate moves to the new rate.
+   (30 ms, flat) and prefill: a warm-up of the same closed loops as step 2 through it, its
+   caps pinned to their length (its step fit is read then, to compare with step 2), then
+   open-loop streamed Poisson load at 50 % and 80 % of the capacity, ``--runs`` runs of
+   each, alternated. Per run: the caps, and the mean system time the controller predicted
+   (the decision in force at each arrival, at the caps then in force) against the one
+   observed, leaving out the first ``--settle-s`` seconds of each run while the rate
+   estimate moves to the new rate.
 5. Meanwhile it polls llama-server's own gauge (``llamacpp:requests_processing``) and
    thinkcap's (``thinkcap_in_service``) at 5 Hz, and compares the two views.
 6. Reports thinkcap's fitted step against the direct calibration, and all of the above.
@@ -432,6 +433,14 @@ def start_proxy(tmp: Path, name: str, url: str, slots: int, *, concurrency: int,
     return Proxy(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
 
 
+def admin_caps(proxy: Proxy, method: str, body: dict[str, Any] | None = None) -> None:
+    """Pin caps (``PUT``) or unpin them all (``DELETE``) through the admin API."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(proxy.admin + "/admin/caps", data, {"Content-Type": "application/json"}, method=method)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+
+
 def admin_state(proxy: Proxy) -> dict[str, Any]:
     with urllib.request.urlopen(proxy.admin + "/admin/state", timeout=10) as r:
         out: dict[str, Any] = json.loads(r.read())
@@ -548,7 +557,11 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             capacity = report["throughput"]["direct"]["requests_per_s"]
             proxy = start_proxy(tmp, "thinkcap", llama.url, slots, concurrency=slots, controller=True)
             try:
-                await calibrate(proxy.url, slots, rounds=3, seed=1)  # the warm-up: the step is learnt from it
+                # The warm-up, the direct calibration's closed loops through thinkcap (caps pinned
+                # to its answer length): the step is learnt from it, and compared.
+                admin_caps(proxy, "PUT", {"caps": dict.fromkeys(TYPES, CALIBRATION_TOKENS)})
+                await calibrate(proxy.url, slots, rounds=3, seed=1)
+                admin_caps(proxy, "DELETE")
                 report["fitted_step_warmup"] = admin_state(proxy)["step"]
                 windows, gauges = await poisson_runs(proxy, llama, capacity, args.runs, args.phase_s)
                 state = admin_state(proxy)

@@ -175,6 +175,7 @@ class Exchange:
         # Service measurements for the step fit (batching engines only, see dispatch).
         self.gaps: GapTally | None = None
         self.t_first_token: float | None = None
+        self.first_in_service = 1  # requests in service when the first token came
         self.t_token: float | None = None
 
     def fail(self, exc: ProxyError) -> Reply:
@@ -378,6 +379,7 @@ class Exchange:
         occupancy = self.state.occupancy
         if self.t_first_token is None:
             self.t_first_token = now
+            self.first_in_service = occupancy.in_service
             occupancy.first_token(now)
         elif occupancy.clean(self.t_token or now):
             gaps.add(now - (self.t_token or now), tokens, occupancy.in_service)
@@ -425,6 +427,7 @@ class Exchange:
                         mean_in_service=ev.get("mean_in_service", 1.0),
                         gaps=self.gaps,
                         first_token_s=None if first is None else first - self.t_dispatch,
+                        first_token_in_service=max(self.first_in_service, 1),
                         now=now,
                     )
             reasoning_dialect = st.settings.backend.reasoning_cap

@@ -83,6 +83,25 @@ def test_the_first_tokens_wait_is_not_a_step() -> None:
     assert b.prefill_s(50) == pytest.approx(8.0, rel=1e-3)
 
 
+def test_a_prefill_under_a_batch_is_read_as_its_time_alone_slowed_by_the_batch() -> None:
+    """Times to the first token measured with j in service are (o + p P) tau(j) / tau(1): the
+    fit recovers the prefill alone, as the queue model reads a request's work."""
+    rng = np.random.default_rng(6)
+    fit = StepFit()
+    for i in range(200):
+        gaps = GapTally()
+        for _ in range(40):
+            j = int(rng.integers(1, 5))
+            gaps.add(A + B * j, 1, j)
+        prompt, j = float(rng.integers(10, 200)), int(rng.integers(1, 5))
+        first = (PRE + P * prompt) * (A + B * j) / (A + B)
+        fit.update(prompt_tokens=prompt, tokens=41, service_s=1.0, mean_in_service=2.0, gaps=gaps,
+                   first_token_s=first, first_token_in_service=j, now=float(i))  # fmt: skip
+    est = fit.get()
+    assert est.prefill_base_s == pytest.approx(PRE, rel=0.02)
+    assert est.prefill_per_token_s == pytest.approx(P, rel=0.02)
+
+
 def test_not_fitted_before_enough_requests_or_without_spread_in_the_batch() -> None:
     rng = np.random.default_rng(3)
     fit = StepFit(base_s=0.02, per_seq_s=0.01, min_samples=30)
@@ -127,6 +146,7 @@ def test_forgetting_follows_a_slower_engine() -> None:
         ("service_s", True),
         ("mean_in_service", float("inf")),
         ("first_token_s", -0.1),
+        ("first_token_in_service", 0.5),
     ],
 )
 def test_bad_observations_are_refused_and_change_nothing(field: str, value: object) -> None:

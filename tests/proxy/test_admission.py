@@ -1,4 +1,4 @@
-"""FIFO admission with a bounded queue."""
+"""FIFO admission with a bounded queue, and the count of requests in service."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from thinkcap.proxy.admission import Admission, QueueFullError
+from thinkcap.proxy.admission import Admission, Occupancy, QueueFullError
 
 
 async def test_admission_is_fifo_and_bounded() -> None:
@@ -30,3 +30,31 @@ async def test_admission_is_fifo_and_bounded() -> None:
     assert order == [1] and adm.in_flight == 1 and adm.queued == 0
     adm.leave()
     assert adm.in_flight == 0
+
+
+def test_occupancy_integrates_the_number_in_service() -> None:
+    """Two requests overlapping for 1 s of their 2 and 3: each one's mean in service is the
+    change of ``area`` over its own time."""
+    occ = Occupancy()
+    a0 = occ.start(0.0, streamed=False)
+    b0 = occ.start(1.0, streamed=False)
+    a1 = occ.stop(2.0)
+    b1 = occ.stop(4.0)
+    assert (a1 - a0) / 2.0 == 1.5  # alone 1 s, with the other 1 s
+    assert (b1 - b0) / 3.0 == pytest.approx(4 / 3)
+    assert occ.in_service == 0 and occ.area == 5.0
+
+
+def test_a_gap_is_clean_only_when_no_prompt_was_being_read() -> None:
+    """A streamed request reads its prompt until its first token; a whole one for the
+    prefill time it is taken to last; a gap that began before either ended is no step."""
+    occ = Occupancy()
+    occ.start(0.0, streamed=True)
+    assert not occ.clean(-1.0)
+    occ.first_token(0.5)
+    assert not occ.clean(0.4) and occ.clean(0.5)
+    occ.start(1.0, streamed=False, prefill_s=0.3)
+    assert not occ.clean(1.2) and occ.clean(1.3)
+    occ.start(2.0, streamed=True)
+    occ.stop(2.5, prefilling=True)  # it ended before a token: its prefill is over too
+    assert occ.prefilling == 0 and not occ.clean(2.4) and occ.clean(2.5)
