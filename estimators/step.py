@@ -85,7 +85,7 @@ class StepEstimate(NamedTuple):
     per_seq_stderr_s: float
     requests: int
     gaps: int
-    fitted: bool  # enough requests, a > 0, and tau(1) and b pinned down (see StepFit)
+    fitted: bool  # enough requests, and tau(1) and b pinned down (see StepFit)
 
     def step_time(self, j: float) -> float:
         """tau(j) = a + b j."""
@@ -260,14 +260,27 @@ class StepFit:
         self._n += 1
 
     def _solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+        """Least squares with the step's coefficients a, b >= 0: one that comes out negative is
+        held at 0 and the rest fitted again (a step cannot shrink with the batch, nor take less
+        than no time; noise on a small intercept would otherwise keep the fit out of use)."""
         prior = PRIOR_INFORMATION * np.eye(4)
-        a = self._info + prior
-        v = self._vec + prior @ self._prior
-        cov = np.asarray(np.linalg.inv(a), dtype=np.float64)
-        theta = np.asarray(cov @ v, dtype=np.float64)
+        info = self._info + prior
+        vec = self._vec + prior @ self._prior
+        free = [0, 1, 2, 3]
+        while True:
+            sub = np.ix_(free, free)
+            cov_free = np.asarray(np.linalg.inv(info[sub]), dtype=np.float64)
+            theta = np.zeros(4)
+            theta[free] = cov_free @ vec[free]
+            negative = [i for i in (2, 3) if i in free and theta[i] < 0]
+            if not negative:
+                break
+            free.remove(min(negative, key=lambda i: theta[i]))
+        cov = np.zeros((4, 4))
+        cov[np.ix_(free, free)] = cov_free
         # Weighted residual sum of squares: y'Wy - 2 theta'v + theta' I theta (data part only).
         rss = self._syy - 2.0 * float(theta @ self._vec) + float(theta @ self._info @ theta)
-        dof = self._samples - 4.0
+        dof = self._samples - len(free)
         sigma2 = max(rss, 0.0) / dof if dof > 0 else math.inf
         return theta, cov, sigma2
 
@@ -292,12 +305,11 @@ class StepFit:
         tau1 = a + b
         fitted = (
             self._requests >= self.min_samples
-            and a > 0
             and tau1 > 0
             and se_tau1 <= self.max_rel_stderr * tau1
             and se_b <= self.max_rel_stderr * tau1
         )
-        est = StepEstimate(a, max(b, 0.0), o, p, se_a, se_b, self._requests, self._gaps, fitted)
+        est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted)
         self._cached = est
         return est
 

@@ -122,6 +122,30 @@ def test_not_fitted_before_enough_requests_or_without_spread_in_the_batch() -> N
     assert est.step_time(2) == pytest.approx(A + 2 * B, rel=0.01)
 
 
+def test_a_step_that_cannot_shrink_with_the_batch_nor_take_no_time() -> None:
+    """Gaps that a line would fit with a negative intercept (or slope) give a = 0 (b = 0) and
+    the other coefficient fitted alone: the least squares with a, b >= 0."""
+    fit = StepFit(min_samples=1)
+    for i in range(20):
+        gaps = GapTally()
+        for j in (1, 2, 3, 4):
+            gaps.add(0.010 * j - 0.002, 1, j)  # a line through -2 ms
+        fit.update(prompt_tokens=0, tokens=5, service_s=1.0, mean_in_service=2.0, gaps=gaps, now=float(i))
+    est = fit.get()
+    js = np.array([1, 2, 3, 4] * 20, dtype=float)
+    assert est.base_s == 0.0
+    assert est.per_seq_s == pytest.approx(float(js @ (0.010 * js - 0.002) / (js @ js)), rel=1e-3)
+    assert est.fitted and est.base_stderr_s == 0.0
+    flat = StepFit(min_samples=1)
+    for i in range(20):
+        gaps = GapTally()
+        for j in (1, 2, 3, 4):
+            gaps.add(0.030 - 0.001 * j, 1, j)  # a step that shrinks with the batch
+        flat.update(prompt_tokens=0, tokens=5, service_s=1.0, mean_in_service=2.0, gaps=gaps, now=float(i))
+    est = flat.get()
+    assert est.per_seq_s == 0.0 and est.base_s == pytest.approx(0.030 - 0.0025, rel=1e-3)
+
+
 def test_forgetting_follows_a_slower_engine() -> None:
     rng = np.random.default_rng(4)
     fit = StepFit(forgetting=0.98)

@@ -166,7 +166,7 @@ async def test_the_step_is_learnt_from_live_traffic(proxied: tuple[str, ProxySta
     (b > 0), replaces the configured flat 50 ms, and the next decision plans with it."""
     url, state = proxied
     for clients in range(1, SLOTS + 1):
-        await _closed_loop(url, clients, max(1, 8 // clients), 48)
+        await _closed_loop(url, clients, 12 // clients, 48)
     assert state.step is not None
     est = state.step.get()
     assert est.fitted and est.gaps > 500, est
