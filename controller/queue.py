@@ -140,6 +140,12 @@ class BatchingEngine:
     come from the chain being an exponential family in ``ln u``: ``u dE[X]/du = Cov(X, N)``.
     With one slot it is Pollaczek-Khinchine exactly, whatever the step.
 
+    A ``pool`` of replicas (their slots, summing to ``slots``; each with the same step) is
+    read as one engine whose n requests in service are spread as a least-loaded router
+    spreads them (:func:`spread`): a sequence on replica r advances at ``1 / tau(n_r)``, so
+    ``g(n) = n / (tau(1) sum_r n_r / tau(n_r))``. With equal replicas of one slot each it is
+    M/G/c with Allen-Cunneen's correction.
+
     Examples
     --------
     >>> q = BatchingEngine(slots=4, step_base_s=0.015, step_per_seq_s=0.0065)
@@ -150,6 +156,8 @@ class BatchingEngine:
     slots: int
     step_base_s: float
     step_per_seq_s: float
+    pool: tuple[int, ...] = ()
+    _g: Any = field(init=False, repr=False, compare=False)
     _coef: Any = field(init=False, repr=False, compare=False)
     _n: Any = field(init=False, repr=False, compare=False)
     _powers: Any = field(init=False, repr=False, compare=False)
@@ -160,13 +168,22 @@ class BatchingEngine:
         c = self.slots
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"slots: must be an integer >= 1, got {c!r}")
+        if self.pool and (sum(self.pool) != c or min(self.pool) < 1):
+            raise ValueError(f"pool: replica slots must be >= 1 and sum to slots = {c}, got {self.pool!r}")
         for key, value in (("step.base_s", self.step_base_s), ("step.per_seq_s", self.step_per_seq_s)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{key}: must be a finite number >= 0, got {value!r}")
         if self.step_base_s + self.step_per_seq_s <= 0:
             raise ValueError("step: base_s + per_seq_s must be > 0 (a step takes time)")
         n = np.arange(c, dtype=float)
-        g = self.slowdown(np.arange(1, c + 1, dtype=float))
+        j = np.arange(1, c + 1, dtype=float)
+        if len(self.pool) > 1:
+            a, b = self.step_base_s, self.step_per_seq_s
+            rate = [sum(k / (a + b * k) for k in spread(m, self.pool)) for m in range(1, c + 1)]
+            g = j / ((a + b) * np.asarray(rate))
+        else:
+            g = (self.step_base_s + self.step_per_seq_s * j) / (self.step_base_s + self.step_per_seq_s)
+        object.__setattr__(self, "_g", g)
         # ln of prod_{i<=n} g(i) / n! for n = 0..c
         log_coef = np.concatenate([[0.0], np.cumsum(np.log(g))]) - gammaln(np.arange(c + 1) + 1.0)
         object.__setattr__(self, "_coef", log_coef)
@@ -175,8 +192,15 @@ class BatchingEngine:
         object.__setattr__(self, "_load_factor", float(self.slowdown(float(c))) / c)
         object.__setattr__(self, "_ratios", (g / np.arange(1, c + 1)).tolist())  # w_n / w_{n-1} = u g(n) / n
 
+    @property
+    def batches(self) -> bool:
+        """Whether a replica runs more than one sequence at once (else each is a FIFO server)."""
+        return max(self.pool, default=self.slots) > 1
+
     def slowdown(self, j: Any) -> Any:
-        """g(j) = tau(j) / tau(1): how much slower a sequence advances with j in service."""
+        """g(j): how much slower a sequence advances with j in service (``tau(j) / tau(1)`` on one engine)."""
+        if len(self.pool) > 1:
+            return self._g[np.asarray(j, dtype=int) - 1]
         a, b = self.step_base_s, self.step_per_seq_s
         return (a + b * j) / (a + b)
 
@@ -263,12 +287,29 @@ class BatchingEngine:
         return self._moments(lam * m1)[2]
 
     def record(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model": "batching",
             "slots": self.slots,
             "step_base_s": self.step_base_s,
             "step_per_seq_s": self.step_per_seq_s,
         }
+        if self.pool:
+            out["pool"] = list(self.pool)
+        return out
+
+
+def spread(n: int, pool: tuple[int, ...]) -> list[int]:
+    """How a least-loaded router spreads ``n`` requests over replicas with ``pool`` slots: each
+    goes to the replica with the fewest in service relative to its slots (the first on ties).
+
+    >>> spread(5, (4, 4)), spread(3, (2, 4))
+    ([3, 2], [1, 2])
+    """
+    out = [0] * len(pool)
+    for _ in range(min(n, sum(pool))):
+        r = min((k / c, i) for i, (k, c) in enumerate(zip(out, pool, strict=True)) if k < c)[1]
+        out[r] += 1
+    return out
 
 
 def queue_from_record(record: dict[str, Any] | None) -> QueueModel:
@@ -276,5 +317,10 @@ def queue_from_record(record: dict[str, Any] | None) -> QueueModel:
     if record is None or record.get("model", "mg1") == "mg1":
         return MG1()
     if record["model"] == "batching":
-        return BatchingEngine(int(record["slots"]), float(record["step_base_s"]), float(record["step_per_seq_s"]))
+        return BatchingEngine(
+            int(record["slots"]),
+            float(record["step_base_s"]),
+            float(record["step_per_seq_s"]),
+            tuple(int(c) for c in record.get("pool", ())),
+        )
     raise ValueError(f"queue: unknown model {record['model']!r}")

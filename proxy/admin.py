@@ -54,10 +54,13 @@ async def admin_state(request: web.Request) -> web.Response:
         "queue": {
             "in_flight": st.admission.in_flight,
             "queued": st.admission.queued,
-            "in_service": st.occupancy.in_service,
+            "in_service": st.pool.in_service,
+            "limit": st.admission.max_concurrency,
         },
+        "replicas": [r.record(st.clock()) for r in st.pool.replicas],
         "step": None if st.step is None else step_record(st.step.get()),
         "feedback": st.feedback,
+        "cluster": None if st.cluster is None else st.cluster.record(),
     }
     return web.json_response(body)
 

@@ -45,13 +45,25 @@ class Admission:
             raise
 
     def leave(self) -> None:
-        """Give the slot to the next in line, or free it."""
-        while self._queue:
+        """Give the slot to the next in line, or free it (and drop it, above a smaller limit)."""
+        if self.in_flight <= self.max_concurrency:
+            while self._queue:
+                ticket = self._queue.popleft()
+                if not ticket.done():
+                    ticket.set_result(None)
+                    return
+        self.in_flight -= 1
+
+    def resize(self, max_concurrency: int) -> None:
+        """A new limit: more slots go to the waiters at once; fewer take effect as requests leave."""
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.max_concurrency = max_concurrency
+        while self.in_flight < max_concurrency and self._queue:
             ticket = self._queue.popleft()
             if not ticket.done():
+                self.in_flight += 1
                 ticket.set_result(None)
-                return
-        self.in_flight -= 1
 
 
 class Occupancy:

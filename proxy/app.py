@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from thinkcap.proxy.cluster import Cluster
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.request.dialects import apply_cap, honoured
@@ -34,9 +35,9 @@ async def healthz(_: ProxyState, __: HttpRequest) -> Reply:
     return json_reply({"status": "ok"})
 
 
-async def upstream_reachable(state: ProxyState) -> tuple[bool, str]:
-    """``GET /v1/models`` on the backend answers (any status below 500)."""
-    url = state.settings.backend.base + "/v1/models"
+async def upstream_reachable(state: ProxyState, base: str | None = None) -> tuple[bool, str]:
+    """``GET /v1/models`` on the backend (or the replica at ``base``) answers (any status below 500)."""
+    url = (state.settings.backend.base if base is None else base) + "/v1/models"
     headers = {"Authorization": f"Bearer {state.settings.backend.api_key}"} if state.settings.backend.api_key else {}
     try:
         async with state.http().get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT_S)) as r:
@@ -47,16 +48,28 @@ async def upstream_reachable(state: ProxyState) -> tuple[bool, str]:
 
 
 async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
-    """Upstream reachable and caps loaded; the probe's verdict is in the body."""
-    ok, detail = await upstream_reachable(st)
-    body = {
-        "ready": ok,
-        "upstream": detail,
-        "caps": st.caps.effective(),
-        "caps_applied": not st.cap_rejected,  # False while the backend rejects the cap field (see probe)
-        "probe": st.probe,
-        "shedding": st.shedding,
-    }
+    """Some replica reachable and caps loaded; each replica's state and the probe's verdict are in the body."""
+    replicas = st.pool.replicas
+    checks = await asyncio.gather(*(upstream_reachable(st, r.url) for r in replicas))
+    ok = any(up for up, _ in checks)
+    body: dict[str, Any] = {"ready": ok, "upstream": checks[0][1] if len(replicas) == 1 else None}
+    if len(replicas) > 1:
+        now = st.clock()
+        body["upstream"] = f"{sum(up for up, _ in checks)} of {len(replicas)} replicas answer"
+        body["replicas"] = [
+            {**r.record(now), "reachable": up, "detail": detail}
+            for r, (up, detail) in zip(replicas, checks, strict=True)
+        ]
+    body.update(
+        {
+            "caps": st.caps.effective(),
+            "caps_applied": not st.cap_rejected,  # False while the backend rejects the cap field (see probe)
+            "probe": st.probe,
+            "shedding": st.shedding,
+        }
+    )
+    if st.cluster is not None:
+        body["cluster"] = st.cluster.record()
     return json_reply(body, status=200 if ok else 503)
 
 
@@ -100,7 +113,10 @@ async def _probe_post(state: ProxyState, body: dict[str, Any]) -> tuple[int, byt
     b = state.settings.backend
     headers = {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {}
     async with state.http().post(
-        b.base + SHAPED[0], json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        state.pool.route().url + SHAPED[0],
+        json=body,
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
     ) as r:
         return r.status, await r.read()
 
@@ -120,7 +136,9 @@ async def probe(state: ProxyState) -> dict[str, Any]:
         body["model"] = b.model
     else:
         try:
-            async with state.http().get(b.base + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with state.http().get(
+                state.pool.route().url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
                 models = (await r.json()).get("data") or []
                 body["model"] = models[0]["id"] if models else "default"
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
@@ -198,6 +216,22 @@ async def _run_probe(state: ProxyState) -> None:
         )
 
 
+async def watch_replicas(state: ProxyState) -> None:
+    """Probe each ejected replica every ``probe_interval_s`` (``GET /v1/models``) and take it
+    back once it answers below 500."""
+    log = logger()
+    while True:
+        await asyncio.sleep(state.settings.backend.probe_interval_s)
+        for replica in state.pool.replicas:
+            if replica.healthy:
+                continue
+            up, detail = await upstream_reachable(state, replica.url)
+            if up:
+                state.pool.readmit(replica)
+                log.warning("replica", action="readmitted", replica=replica.url, detail=detail,
+                            healthy=state.pool.healthy_slots())  # fmt: skip
+
+
 Route = Callable[[ProxyState, HttpRequest], Awaitable[Reply | StreamReply]]
 #: Fixed routes of the data plane, by (method, path); other ``/v1/`` routes pass through.
 ROUTES: dict[tuple[str, str], Route] = {
@@ -254,22 +288,25 @@ class DataPlane:
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
         )
         b = s.backend
-        state.upstream = Upstream(
-            b.base,
-            connect_timeout_s=b.connect_timeout_s,
-            read_timeout_s=b.read_timeout_s,
-            max_answer_bytes=b.max_answer_bytes,
-            max_idle=MAX_IDLE if b.keep_alive else 0,
-        )
+        for replica in state.pool.replicas:
+            replica.upstream = Upstream(
+                replica.url,
+                connect_timeout_s=b.connect_timeout_s,
+                read_timeout_s=b.read_timeout_s,
+                max_answer_bytes=b.max_answer_bytes,
+                max_idle=MAX_IDLE if b.keep_alive else 0,
+            )
         if b.probe:
             self._tasks.append(asyncio.create_task(_run_probe(state)))
+        if len(state.pool) > 1:
+            self._tasks.append(asyncio.create_task(watch_replicas(state)))
         self.host = s.proxy.host if host is None else host
         try:
             self.port = await self.server.start(self.host, s.proxy.port if port is None else port)
             logger().info(
                 "startup",
                 listen=f"{self.host}:{self.port}",
-                upstream=b.base,
+                upstream=[r.url for r in state.pool.replicas] if len(state.pool) > 1 else b.base,
                 dialect=b.dialect,
                 caps=dict(state.caps.table.caps),
                 caps_source=state.caps.table.source,
@@ -281,6 +318,9 @@ class DataPlane:
             if s.controller.enabled:
                 state.controller = ControlLoop(state, s.controller)
                 self._tasks.append(asyncio.create_task(state.controller.run()))
+            if s.cluster.redis_url is not None:
+                state.cluster = Cluster(state, s.cluster, state.controller)
+                state.cluster.start()
         except BaseException:  # e.g. the port is taken: leave nothing open behind
             await self.close()
             raise
@@ -290,6 +330,9 @@ class DataPlane:
         """Stop accepting, drain, stop the background tasks and close the clients (idempotent)."""
         state = self.state
         await self.server.shutdown(state.settings.proxy.drain_timeout_s)
+        if state.cluster is not None:  # a leader hands the lease on before it stops deciding
+            await state.cluster.close()
+            state.cluster = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -300,9 +343,10 @@ class DataPlane:
         if state.session is not None:
             await state.session.close()
             state.session = None
-        if state.upstream is not None:
-            await state.upstream.close()
-            state.upstream = None
+        for replica in state.pool.replicas:
+            if replica.upstream is not None:
+                await replica.upstream.close()
+                replica.upstream = None
 
     def make_url(self, path: str = "") -> URL:
         """The URL of ``path`` on this listener."""

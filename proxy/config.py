@@ -13,7 +13,7 @@ from thinkcap.controller import Problem, TaskType
 from thinkcap.controller.queue import MG1, BatchingEngine, QueueModel
 
 #: Tables a config may hold; the ones this module does not read yet are passed through.
-SECTIONS = ("backend", "proxy", "objective", "controller", "estimators", "workload", "types")
+SECTIONS = ("backend", "backends", "proxy", "objective", "controller", "estimators", "cluster", "workload", "types")
 DEFAULT_RHO_MAX = 0.95
 DEFAULT_ARRIVAL_RATE = 1.0
 
@@ -31,16 +31,19 @@ class ConfigError(ValueError):
 class Table:
     """Typed, key-tracking reads from one TOML table; unread keys are errors at ``close``."""
 
-    def __init__(self, path: str | Path, prefix: str, data: Any) -> None:
+    def __init__(self, path: str | Path, prefix: str, data: Any, aliases: Mapping[str, str] | None = None) -> None:
         self.path = path
         self.prefix = prefix
         if not isinstance(data, Mapping):
             raise ConfigError(path, prefix, f"must be a table, got {type(data).__name__}")
         self.data: Mapping[str, Any] = data
         self.seen: set[str] = set()
+        self.aliases = dict(aliases or {})  # keys read here that the file spells elsewhere
 
     def key(self, name: str) -> str:
         """The dotted path of ``name`` in the file."""
+        if name in self.aliases:
+            return self.aliases[name]
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def error(self, name: str, why: str) -> ConfigError:
@@ -167,32 +170,86 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(path, "(syntax)", str(exc)) from None
 
 
-def read_queue(backend: Table) -> QueueModel:
-    """``[backend] slots`` and ``[backend.step]``: M/G/1 with one slot, a batching engine above.
+def backend_table(path: str | Path, root: Mapping[str, Any]) -> Table:
+    """The ``[backend]`` table, with a top-level ``[[backends]]`` list read as its replicas."""
+    backend = root.get("backend", {})
+    if "backends" not in root:
+        return Table(path, "backend", backend)
+    if isinstance(backend, Mapping) and ("url" in backend or "replicas" in backend):
+        raise ConfigError(path, "backends", "give [backend] url, [[backend.replicas]] or [[backends]], one of them")
+    if not isinstance(backend, Mapping):
+        return Table(path, "backend", backend)
+    return Table(path, "backend", {**backend, "replicas": root["backends"]}, aliases={"replicas": "backends"})
 
-    The caller closes ``backend``; the step table is closed here.
-    """
+
+def read_replicas(backend: Table) -> tuple[tuple[str, int], ...]:
+    """The backend's replicas, ``(url, slots)`` each: ``url`` (one URL or a list, each with
+    ``[backend] slots``) or ``[[backend.replicas]]`` (``url`` and ``slots`` each, ``slots``
+    defaulting to ``[backend] slots``)."""
     slots = backend.integer("slots", 1, lo=1)
+    url = backend.raw("url")
+    entries = backend.raw("replicas")
+    if url is not None and entries is not None:
+        raise backend.error("replicas", "give url or [[backend.replicas]], not both")
+    out: list[tuple[str, int]] = []
+    if entries is not None:
+        if not isinstance(entries, list) or not entries:
+            raise backend.error("replicas", "must be a non-empty array of tables: [[backend.replicas]] url = ...")
+        for i, raw in enumerate(entries):
+            entry = Table(backend.path, f"{backend.key('replicas')}[{i}]", raw)
+            out.append((_url(entry, entry.string("url")), entry.integer("slots", slots, lo=1)))
+            entry.close()
+    elif isinstance(url, list):
+        if not url or not all(isinstance(u, str) for u in url):
+            raise backend.error("url", "must be a URL or a non-empty list of URLs")
+        out = [(_url(backend, u), slots) for u in url]
+    else:
+        out = [(_url(backend, backend.string("url")), slots)]
+    bases = [u.rstrip("/").removesuffix("/v1") for u, _ in out]
+    for i, b in enumerate(bases):
+        if b in bases[:i]:
+            raise backend.error("url" if entries is None else "replicas", f"replica {b!r} is listed twice")
+    return tuple(out)
+
+
+def _url(where: Table, url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise where.error("url", f"must be an http(s) URL, got {url!r}")
+    return url
+
+
+def read_queue(backend: Table) -> QueueModel:
+    """``[backend] slots``, the replicas and ``[backend.step]``: M/G/1 for one replica with one
+    slot, a batching engine otherwise (several replicas: a pool of them, each with the step).
+
+    The caller closes ``backend``; the step table is closed here. A ``[backend]`` without a
+    URL (a model-only file) is read as one replica.
+    """
+    if backend.data.get("url") is None and backend.data.get("replicas") is None:
+        pool: tuple[int, ...] = (backend.integer("slots", 1, lo=1),)
+    else:
+        pool = tuple(slots for _, slots in read_replicas(backend))
     step = backend.table("step")
-    if slots == 1:
+    if pool == (1,):
         if step.data:
             raise backend.error("step", "is only read with slots > 1 (one slot is the M/G/1 model)")
         step.close()
         return MG1()
     if not step.data:
-        raise backend.error("step", f"slots = {slots} needs the engine's step time: [backend.step] base_s, per_seq_s")
+        what = f"slots = {pool[0]}" if len(pool) == 1 else f"{len(pool)} replicas"
+        raise backend.error("step", f"{what} needs the engine's step time: [backend.step] base_s, per_seq_s")
     base = step.number("base_s", lo=0.0)
     per_seq = step.number("per_seq_s", lo=0.0)
     step.close()
     if base + per_seq <= 0:
         raise step.error("base_s", "base_s + per_seq_s must be > 0 (a step takes time)")
-    return BatchingEngine(slots, base, per_seq)
+    return BatchingEngine(sum(pool), base, per_seq, pool if len(pool) > 1 else ())
 
 
 def read_task(entry: Table, queue: QueueModel | None = None) -> TaskType:
     """The model parameters of one ``[[types]]`` entry (the caller closes ``entry``).
 
-    With a batching engine (``slots > 1``) a type's service time alone on the engine is
+    With a batching engine (``slots > 1`` or several replicas) a type's service time alone on the engine is
     ``prefill_s + overhead_s + tau(1) l``: the per-token time is the engine's step at one
     sequence, so ``service.per_token_s`` is an error there.
     """
@@ -274,7 +331,7 @@ def load_model(path: str | Path, data: Mapping[str, Any] | None = None) -> Model
     objective = root.table("objective")
     workload = root.table("workload")
     # The [backend] table belongs to the serve settings; the model reads its queue keys only.
-    queue = read_queue(Table(path, "backend", root.data.get("backend", {})))
+    queue = read_queue(backend_table(path, root.data))
     types = tuple(_type_config(t, queue) for t in type_tables(root))
     check_types(path, [t.task for t in types])
     cfg = ModelConfig(

@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ def build_problem(
     accuracy: Mapping[str, tuple[float, float, float]] | None = None,
     step: StepEstimate | None = None,
     prompt_tokens: Mapping[str, float] | None = None,
+    replicas: tuple[int, ...] | None = None,
 ) -> Problem:
     """The allocation problem from the configured curves and weights and the estimates.
 
@@ -68,6 +69,8 @@ def build_problem(
     tokens, that predicted the observed mean system time to 0.78-1.07 of it in six runs,
     where stretching the steps by the prefills' share of the engine's time over-predicted
     by 25-33 % (``docs/BENCHMARKS.md``, "llama-server").
+    ``replicas`` are the slots of the backend replicas in use (one is ejected: the pool that is
+    left; see :class:`BatchingEngine`'s ``pool``).
     The service time of the answer that follows the reasoning
     (``answer_tokens`` per type, for the reasoning-budget dialects) joins the overhead. When
     a type's answers stop before their cap (they use a share ``u < 1`` of it on average),
@@ -78,13 +81,14 @@ def build_problem(
     prompt_tokens = prompt_tokens or {}
     queue = model.queue
     live = isinstance(queue, BatchingEngine) and step is not None and step.fitted
-    if live:
-        assert step is not None
-        queue = BatchingEngine(queue.slots, step.base_s, step.per_seq_s)
+    if isinstance(queue, BatchingEngine):
+        pool = (queue.pool or (queue.slots,)) if replicas is None else replicas
+        a, b = (step.base_s, step.per_seq_s) if live and step is not None else (queue.step_base_s, queue.step_per_seq_s)
+        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else ())
     tasks = []
     for cfg, fit in zip(model.types, snap.types, strict=True):
         est = fit
-        if queue.slots > 1:
+        if isinstance(model.queue, BatchingEngine):
             est = fit._replace(overhead_s=cfg.task.overhead_s, per_token_s=cfg.task.per_token_s,
                                variance_s2=cfg.task.variance_s2)  # fmt: skip
             if live:
@@ -116,13 +120,39 @@ def build_problem(
     return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, queue)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What one decision reads: the estimates (this proxy's, or merged from every replica of
+    it in a cluster) and the backend replicas in use."""
+
+    snap: Snapshot
+    arrivals: int  # requests classified so far (the estimate replaces the configured rate past min_arrivals)
+    curves: dict[str, tuple[float, float, float]]  # accuracy curves pinned down by feedback
+    accuracy: dict[str, Any]  # per type, what was decided about its curve and why
+    curve_samples: dict[str, int]  # graded samples behind each curve
+    step: StepEstimate | None
+    answer: dict[str, float]  # answer tokens added to the overhead, per type
+    used: dict[str, float]  # share of its limit an answer uses, per type
+    prompt_tokens: dict[str, float]
+    replicas: tuple[int, ...]  # slots of the backend replicas in use
+    cluster: dict[str, Any] | None = field(default=None)  # the replicas merged (None: this proxy alone)
+
+
 class ControlLoop:
-    """Re-solves the allocation from the proxy's estimators and publishes integer caps."""
+    """Re-solves the allocation from the proxy's estimators and publishes integer caps.
+
+    In a cluster (:mod:`thinkcap.proxy.cluster`), ``source`` gives the merged inputs,
+    ``deciding`` tells whether this replica decides now (it holds the lease), and each
+    decision's event goes to every ``on_decision`` listener.
+    """
 
     def __init__(self, state: ProxyState, settings: ControllerSettings, *, clock: Callable[[], float] | None = None):
         self.state = state
         self.settings = settings
         self.clock = clock or state.clock
+        self.source: Callable[[float], Inputs] = self.local_inputs
+        self.deciding: Callable[[], bool] = lambda: True
+        self.on_decision: list[Callable[[dict[str, Any]], None]] = []
         self.x0: np.ndarray[Any, Any] | None = None
         self.decisions = 0
         self.failures = 0
@@ -165,6 +195,23 @@ class ControlLoop:
             }
         return used, record
 
+    def local_inputs(self, now: float) -> Inputs:
+        """This proxy's own estimates at ``now``."""
+        st = self.state
+        curves, accuracy = self.curves()
+        return Inputs(
+            snap=st.estimators.snapshot(now),
+            arrivals=st.arrivals,
+            curves=curves,
+            accuracy=accuracy,
+            curve_samples={n: c.samples for n, c in st.accuracy.items()},
+            step=None if st.step is None else st.step.get(),
+            answer=st.answer_offsets(),
+            used=st.used.get(),
+            prompt_tokens=st.estimators.service.prompt_tokens(),
+            replicas=st.pool.healthy_slots(),
+        )
+
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """One decision at ``now``; returns its event (``None`` if it failed: caps kept)."""
         st, s = self.state, self.settings
@@ -175,20 +222,22 @@ class ControlLoop:
         self._seen_changes = st.estimators.arrival.changes
         log = logger()
         try:
-            snap = st.estimators.snapshot(now)
-            use_estimate = st.arrivals >= s.min_arrivals
+            inputs = self.source(now)
+            snap = inputs.snap
+            use_estimate = inputs.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
-            curves, accuracy = self.curves()
-            step = None if st.step is None else st.step.get()
+            accuracy = inputs.accuracy
+            step = inputs.step
             problem = build_problem(
                 st.settings.model,
                 snap,
-                st.answer_offsets(),
+                inputs.answer,
                 rate,
-                st.used.get(),
-                accuracy=curves,
+                inputs.used,
+                accuracy=inputs.curves,
                 step=step,
-                prompt_tokens=st.estimators.service.prompt_tokens(),
+                prompt_tokens=inputs.prompt_tokens,
+                replicas=inputs.replicas,
             )
             if step is not None:
                 st.prefill_guess_s = max(t.overhead_s for t in problem.types)
@@ -264,8 +313,12 @@ class ControlLoop:
             "step": None if step is None else step_record(step),
             "solve_time_s": solve_time,
         }
+        if inputs.cluster is not None:
+            event["cluster"] = inputs.cluster
         st.last_decision = event
         log.info("decision", **event)
+        for listener in self.on_decision:
+            listener(event)
         return event
 
     def _evidence(self, snap: Snapshot) -> str | None:
@@ -342,6 +395,8 @@ class ControlLoop:
                 if gap > 0:
                     await asyncio.sleep(gap)
             self.wake.clear()
+            if not self.deciding():
+                continue
             try:
                 self.step()
             except Exception as exc:  # a crash is logged at once and the loop goes on

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from thinkcap.estimators import Snapshot
-from thinkcap.proxy.admission import Admission, Occupancy
+from thinkcap.proxy.admission import Admission
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+
+
+def _reader(obj: Any, name: str) -> Callable[[], float]:
+    """Reads ``obj.name`` as a number at each scrape."""
+    return lambda: float(getattr(obj, name))
 
 
 class Metrics:
@@ -42,6 +47,16 @@ class Metrics:
         )
         self.in_service = Gauge(
             "thinkcap_in_service", "Requests sent upstream and not yet answered in full", registry=r
+        )
+        self.replica_healthy = Gauge(
+            "thinkcap_replica_healthy", "1 while a backend replica is in use, 0 while it is ejected", ["replica"],
+            registry=r,
+        )  # fmt: skip
+        self.replica_in_service = Gauge(
+            "thinkcap_replica_in_service", "Requests in service on a backend replica", ["replica"], registry=r
+        )
+        self.replica_ejections = Gauge(
+            "thinkcap_replica_ejections", "Times a backend replica was ejected since start", ["replica"], registry=r
         )
         self.step_seconds = Gauge(
             "thinkcap_step_seconds", "Fitted engine step time tau(j) = a + b j: a (base) and b (per_seq)", ["term"],
@@ -99,13 +114,18 @@ class Metrics:
             hist = self._wait[name] = self.queue_wait.labels(name)
         hist.observe(seconds)
 
-    def watch(self, admission: Admission, occupancy: Occupancy | None = None) -> None:
-        """Read the queue length, the requests in flight and those in service upstream at
-        each scrape (nothing to update on the request path)."""
+    def watch(self, admission: Admission, pool: Any = None) -> None:
+        """Read the queue length, the requests in flight and those in service upstream (each
+        replica's, if ``pool`` has several) at each scrape (nothing to update on the request path)."""
         self.queue_length.set_function(lambda: admission.queued)
         self.in_flight.set_function(lambda: admission.in_flight)
-        if occupancy is not None:
-            self.in_service.set_function(lambda: occupancy.in_service)
+        if pool is None:
+            return
+        self.in_service.set_function(lambda: pool.in_service)
+        for r in pool.replicas:
+            self.replica_healthy.labels(r.url).set_function(_reader(r, "healthy"))
+            self.replica_in_service.labels(r.url).set_function(_reader(r, "in_service"))
+            self.replica_ejections.labels(r.url).set_function(_reader(r, "ejections"))
 
     def set_caps(self, caps: Mapping[str, int]) -> None:
         """Show the caps in force."""

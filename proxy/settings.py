@@ -13,7 +13,16 @@ from typing import Any
 
 from thinkcap.controller import METHODS
 from thinkcap.estimators import accuracy, arrival, mix, service, service_model
-from thinkcap.proxy.config import ConfigError, ModelConfig, Table, load_model, read_queue, read_toml
+from thinkcap.proxy.config import (
+    ConfigError,
+    ModelConfig,
+    Table,
+    backend_table,
+    load_model,
+    read_queue,
+    read_replicas,
+    read_toml,
+)
 from thinkcap.proxy.transport import client, server
 
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens", "llama-server")
@@ -41,8 +50,27 @@ def parse_hostport(text: str, *, where: Table, key: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class ReplicaSettings:
+    """One replica of the backend: its URL and how many requests it runs at once."""
+
+    url: str
+    slots: int = 1
+
+    @property
+    def base(self) -> str:
+        """The replica's root URL without a trailing ``/`` or ``/v1``."""
+        return self.url.rstrip("/").removesuffix("/v1")
+
+
+@dataclass(frozen=True)
 class BackendSettings:
-    """The upstream model server."""
+    """The upstream model server: one replica (``url``), or several (``replicas``; ``url`` is
+    then the first's and ``slots`` their sum).
+
+    A replica is ejected after ``eject_after`` consecutive failures (connection refused,
+    dropped mid-answer, or 5xx) and probed (``GET /v1/models``) every ``probe_interval_s``
+    seconds until it answers, then taken back.
+    """
 
     url: str
     dialect: str = "vllm"
@@ -57,6 +85,13 @@ class BackendSettings:
     slots: int = 1  # requests the server runs at once ([backend.step] is read with the model)
     thinks: bool = True  # llama-server: the model reasons (cap: thinking_budget_tokens), else max_tokens
     keep_alive: bool = True  # default: see KEEP_ALIVE
+    replicas: tuple[ReplicaSettings, ...] = ()  # default: one, (url, slots)
+    eject_after: int = 3
+    probe_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if len(self.replicas) <= 1:  # one replica is (url, slots), also in a copy that changes them
+            object.__setattr__(self, "replicas", (ReplicaSettings(self.url, self.slots),))
 
     @property
     def reasoning_cap(self) -> bool:
@@ -98,6 +133,32 @@ class ProxySettings:
         return (
             f"ProxySettings(listen={self.host}:{self.port}, admin={self.admin_host}:{self.admin_port}, token={token})"
         )
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``[cluster]`` table: several thinkcap replicas sharing one Redis (off without
+    ``redis_url``).
+
+    Every ``sync_interval_s`` each replica writes its estimates to Redis (they expire after
+    ``3 x sync_interval_s`` unless rewritten) and reads the others'. One replica holds the
+    leader lease (``lease_s``, renewed every sync) and decides on the merged estimates; every
+    replica applies the newest published decision. With Redis unreachable a replica keeps the
+    caps in force (``fallback = "static"``) or decides alone on its own estimates with the
+    arrival rate scaled by the replicas last seen (``fallback = "local"``). ``replica_id``
+    defaults to the host name and process id.
+    """
+
+    redis_url: str | None = None
+    key_prefix: str = "thinkcap"
+    replica_id: str | None = None
+    lease_s: float = 5.0
+    sync_interval_s: float = 1.0
+    fallback: str = "static"
+    redis_timeout_s: float = 1.0
+
+
+FALLBACKS = ("static", "local")
 
 
 @dataclass(frozen=True)
@@ -164,6 +225,7 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     estimators: EstimatorSettings = field(default_factory=EstimatorSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def with_backend(self, **changes: Any) -> Settings:
         """A copy with some backend settings changed."""
@@ -184,9 +246,7 @@ def _optional_timeout(t: Table, name: str, default: float | None) -> float | Non
 
 
 def _backend(t: Table) -> BackendSettings:
-    url = t.string("url")
-    if not url.startswith(("http://", "https://")):
-        raise t.error("url", f"must be an http(s) URL, got {url!r}")
+    replicas = tuple(ReplicaSettings(url, slots) for url, slots in read_replicas(t))
     api_key = t.raw("api_key")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise t.error("api_key", "must be a non-empty string")
@@ -206,7 +266,10 @@ def _backend(t: Table) -> BackendSettings:
     if keep_alive is not None and not isinstance(keep_alive, bool):
         raise t.error("keep_alive", f"must be true or false, got {keep_alive!r}")
     out = BackendSettings(
-        url=url,
+        url=replicas[0].url,
+        replicas=replicas,
+        eject_after=t.integer("eject_after", BackendSettings.eject_after, lo=1),
+        probe_interval_s=t.number("probe_interval_s", BackendSettings.probe_interval_s, lo=0.0, lo_open=True),
         dialect=dialect,
         keep_alive=KEEP_ALIVE.get(dialect, BackendSettings.keep_alive) if keep_alive is None else keep_alive,
         thinks=BackendSettings.thinks if thinks is None else thinks,
@@ -218,7 +281,7 @@ def _backend(t: Table) -> BackendSettings:
         probe=BackendSettings.probe if probe is None else probe,
         model=model,
         max_answer_bytes=t.integer("max_answer_bytes", BackendSettings.max_answer_bytes, lo=1024),
-        slots=read_queue(t).slots,
+        slots=read_queue(t).slots,  # the replicas' sum
     )
     t.close()
     return out
@@ -280,6 +343,31 @@ def _controller(t: Table) -> ControllerSettings:
     return out
 
 
+def _cluster(t: Table) -> ClusterSettings:
+    d = ClusterSettings()
+    url = t.raw("redis_url")
+    if url is not None and (not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://"))):
+        raise t.error("redis_url", f"must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    replica_id = t.raw("replica_id")
+    if replica_id is not None and (not isinstance(replica_id, str) or not replica_id.strip()):
+        raise t.error("replica_id", "must be a non-empty string")
+    out = ClusterSettings(
+        redis_url=url,
+        key_prefix=t.string("key_prefix", d.key_prefix),
+        replica_id=replica_id,
+        lease_s=t.number("lease_s", d.lease_s, lo=0.0, lo_open=True),
+        sync_interval_s=t.number("sync_interval_s", d.sync_interval_s, lo=0.0, lo_open=True),
+        fallback=t.string("fallback", d.fallback, choices=FALLBACKS),
+        redis_timeout_s=t.number("redis_timeout_s", d.redis_timeout_s, lo=0.0, lo_open=True),
+    )
+    if out.sync_interval_s * 2 > out.lease_s:
+        raise t.error(
+            "sync_interval_s", f"must be at most half of lease_s ({out.lease_s:g}) so the lease is renewed in time"
+        )
+    t.close()
+    return out
+
+
 def _estimators(t: Table) -> EstimatorSettings:
     d = EstimatorSettings()
     out = EstimatorSettings(
@@ -306,10 +394,14 @@ def load_settings(path: str | Path, data: Mapping[str, Any] | None = None) -> Se
     raw = read_toml(path) if data is None else data
     model = load_model(path, raw)
     root = Table(path, "", raw)
-    if "backend" not in root.data:
+    if "backend" not in root.data and "backends" not in root.data:
         raise ConfigError(path, "backend", "a [backend] table with at least url is required")
-    backend = _backend(root.table("backend"))
+    root.seen.update({"backend", "backends"})
+    backend = _backend(backend_table(path, root.data))
     proxy = _proxy(root.table("proxy"), [t.task.name for t in model.types], backend.slots)
     controller = _controller(root.table("controller"))
     estimators = _estimators(root.table("estimators"))
-    return Settings(model=model, backend=backend, proxy=proxy, controller=controller, estimators=estimators)
+    cluster = _cluster(root.table("cluster"))
+    return Settings(
+        model=model, backend=backend, proxy=proxy, controller=controller, estimators=estimators, cluster=cluster
+    )

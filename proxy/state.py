@@ -15,12 +15,12 @@ from aiohttp import web
 from thinkcap.controller import decide
 from thinkcap.controller.queue import BatchingEngine
 from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, StepEstimate, StepFit, UsedShare
-from thinkcap.proxy.admission import Admission, Occupancy
+from thinkcap.proxy.admission import Admission
 from thinkcap.proxy.caps import CapStore, CapTable
 from thinkcap.proxy.classify import Classifier
 from thinkcap.proxy.metrics import Metrics
+from thinkcap.proxy.pool import Pool, Replica
 from thinkcap.proxy.settings import Settings
-from thinkcap.proxy.transport.client import Upstream
 
 #: How many finished requests are remembered for graded feedback.
 RECENT_REQUESTS = 10_000
@@ -47,15 +47,15 @@ class ProxyState:
     answer: AnswerLength  # tokens after the reasoning, per type
     used: UsedShare  # share of its limit an answer uses, per type
     metrics: Metrics
-    step: StepFit | None = None  # the engine's step time, fitted live (batching engines only)
-    occupancy: Occupancy = field(default_factory=Occupancy)  # requests in service upstream
+    pool: Pool  # the backend's replicas, each with its requests in service upstream
+    step: StepFit | None = None  # one replica's step time, fitted live (batching engines only)
     prefill_guess_s: float = 0.0  # how long a whole request's prefill is taken to last (see Occupancy)
     clock: Callable[[], float] = time.monotonic  # every measurement; the wall clock only stamps log lines
     session: aiohttp.ClientSession | None = None
-    upstream: Upstream | None = None
     shedding: bool = False
     admit_fraction: float = 1.0
     controller: Any = None
+    cluster: Any = None  # thinkcap.proxy.cluster.Cluster, with [cluster] redis_url
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
     cap_rejected: bool = False  # the probe saw the backend reject the cap field: requests go without it
     last_decision: dict[str, Any] | None = None
@@ -88,11 +88,16 @@ class ProxyState:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
         return self.answer.get() if self.settings.backend.reasoning_cap else {}
 
-    def lean(self) -> Upstream:
-        """The keep-alive client of the shaped routes (open while the app runs)."""
-        if self.upstream is None:
-            raise RuntimeError("the upstream pool is not open")
-        return self.upstream
+    def pool_changed(self, replica: Replica) -> None:
+        """A replica was ejected or taken back: the admission limit follows the slots in use
+        (``max_concurrency`` scaled by their share of all slots), and the control loop re-plans."""
+        p = self.settings.proxy
+        total = sum(r.slots for r in self.pool.replicas)
+        used = sum(self.pool.healthy_slots())
+        self.admission.resize(max(1, round(p.max_concurrency * used / total)))
+        ctl = self.controller
+        if ctl is not None:
+            ctl.wake.set()
 
     def http(self) -> aiohttp.ClientSession:
         """The upstream client session (open while the app runs)."""
@@ -149,8 +154,8 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
     metrics = Metrics(table.caps)
     metrics.set_caps(table.caps)
     admission = Admission(settings.proxy.max_concurrency, settings.proxy.max_queue)
-    occupancy = Occupancy()
-    metrics.watch(admission, occupancy)
+    pool = Pool(settings.backend.replicas, settings.backend.eject_after)
+    metrics.watch(admission, pool)
     queue = settings.model.queue
     step = None
     prefill = max(t.task.overhead_s for t in types)
@@ -162,7 +167,7 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
             forgetting=e.service_forgetting,
             min_samples=e.service_min_samples,
         )
-    return ProxyState(
+    state = ProxyState(
         settings=settings,
         classifier=Classifier(types, settings.proxy.default_type),
         caps=CapStore(table),
@@ -183,11 +188,13 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         answer=AnswerLength(names),
         used=UsedShare(names),
         metrics=metrics,
+        pool=pool,
         step=step,
-        occupancy=occupancy,
         prefill_guess_s=prefill,
         clock=clock,
     )
+    state.pool.on_change.append(state.pool_changed)
+    return state
 
 
 STATE_KEY = web.AppKey("thinkcap_state", ProxyState)

@@ -130,3 +130,97 @@ def batch_means(values: Array, batches: int = 20, warmup: float = 0.1) -> tuple[
     means = usable.reshape(batches, -1).mean(axis=1)
     half = float(student.ppf(0.975, batches - 1) * means.std(ddof=1) / math.sqrt(batches))
     return float(means.mean()), half
+
+
+class _Replica:
+    """One engine of a pool: its clock at its last step boundary, step counter and sequences."""
+
+    __slots__ = ("area", "counter", "heap", "slots", "t")
+
+    def __init__(self, slots: int, t: float) -> None:
+        self.slots = slots
+        self.t = t
+        self.counter = 0
+        self.heap: list[tuple[int, int]] = []
+        self.area = 0.0
+
+    def advance(self, k: int, tau: float) -> None:
+        self.counter += k
+        self.t += k * tau
+        self.area += len(self.heap) * k * tau
+
+
+def run_pool(
+    arrival: Array,
+    steps: NDArray[np.int64] | Array,
+    *,
+    pool: tuple[int, ...],
+    step_base_s: float,
+    step_per_seq_s: float,
+) -> EngineRun:
+    """Serve requests on a pool of engines (``pool``: each replica's slots, each with step time
+    ``a + b j``) behind one FIFO queue and a least-loaded router, as the proxy routes: a request
+    goes to the replica with the fewest in service relative to its slots (ties rotate) and joins
+    it at that replica's next step boundary; a queued request takes the first slot that frees.
+    The replicas step independently. ``occupancy`` is the pool's time-averaged number in service.
+    """
+    n = int(arrival.size)
+    need = np.asarray(steps, dtype=np.int64).tolist()
+    if len(need) != n or (n and (min(need) < 1 or np.any(np.diff(arrival) < 0))):
+        raise ValueError("steps must be >= 1, one per arrival, and arrivals sorted")
+    if not pool or min(pool) < 1:
+        raise ValueError(f"pool: every replica needs >= 1 slot, got {pool!r}")
+    a, b = float(step_base_s), float(step_per_seq_s)
+    arr = arrival.tolist()
+    start = [0.0] * n
+    done = [0.0] * n
+    t0 = arr[0] if n else 0.0
+    reps = [_Replica(c, t0) for c in pool]
+    waiting: list[int] = []  # FIFO of requests that found every slot taken
+    w_head = 0
+    head = 0
+    turn = 0  # where the tie-break rotation starts
+
+    def join(r: _Replica, i: int, now: float) -> None:
+        if r.heap:  # the next step boundary at or after now
+            tau = a + b * len(r.heap)
+            r.advance(max(0, math.ceil((now - r.t) / tau - 1e-12)), tau)
+        else:
+            r.t = max(r.t, now)
+        start[i] = r.t
+        heapq.heappush(r.heap, (r.counter + need[i], i))
+
+    while head < n or any(r.heap for r in reps):
+        nxt, nxt_t = None, math.inf
+        for r in reps:
+            if r.heap:
+                when = r.t + (r.heap[0][0] - r.counter) * (a + b * len(r.heap))
+                if when < nxt_t:
+                    nxt, nxt_t = r, when
+        if head < n and arr[head] <= nxt_t:
+            i, now = head, arr[head]
+            head += 1
+            free = [k for k, r in enumerate(reps) if len(r.heap) < r.slots]
+            if w_head < len(waiting) or not free:
+                waiting.append(i)
+                continue
+            low = min(len(reps[k].heap) / reps[k].slots for k in free)
+            ties = [k for k in free if len(reps[k].heap) / reps[k].slots == low]
+            pick = min(ties, key=lambda k: (k - turn) % len(reps))
+            turn = (pick + 1) % len(reps)
+            join(reps[pick], i, now)
+            continue
+        assert nxt is not None
+        tau = a + b * len(nxt.heap)
+        nxt.advance(nxt.heap[0][0] - nxt.counter, tau)
+        while nxt.heap and nxt.heap[0][0] <= nxt.counter:
+            _, i = heapq.heappop(nxt.heap)
+            done[i] = nxt.t
+        while w_head < len(waiting) and len(nxt.heap) < nxt.slots:
+            join(nxt, waiting[w_head], nxt.t)
+            w_head += 1
+    arrival_f = np.asarray(arrival, dtype=float)
+    start_a, done_a = np.asarray(start), np.asarray(done)
+    span = float(done_a.max() - arrival_f[0]) if n else 0.0
+    area = sum(r.area for r in reps)
+    return EngineRun(start_a - arrival_f, done_a - arrival_f, area / span if span > 0 else 0.0)

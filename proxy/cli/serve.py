@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend:
         if not args.backend.startswith(("http://", "https://")):
             raise ValueError(f"--backend: must be an http(s) URL, got {args.backend!r}")
-        settings = settings.with_backend(url=args.backend)
+        settings = settings.with_backend(url=args.backend, replicas=())  # one replica, all the slots
     if args.listen:
         host, _, port = args.listen.rpartition(":")
         if not host or not port.isdigit():

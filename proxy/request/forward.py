@@ -21,6 +21,7 @@ from thinkcap.estimators import GapTally
 from thinkcap.proxy.admission import QueueFullError
 from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
 from thinkcap.proxy.logs import logger
+from thinkcap.proxy.pool import Replica
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.dialects import ClientLimitError, apply_cap
 from thinkcap.proxy.request.errors import REQUEST_ID, ProxyError, error_response
@@ -52,6 +53,8 @@ NOT_RETURNED_DECODED = NOT_RETURNED | {"content-encoding"}
 TYPE_HEADER = "X-Thinkcap-Type"
 GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SHAPED = ("/v1/chat/completions", "/v1/completions")
+#: Outcomes that count against a replica's health (with any 5xx it answers).
+FAILURES = frozenset({"upstream_unreachable", "upstream_disconnected", "upstream_truncated"})
 
 
 #: New request ids: a random prefix per process and a counter, 32 hex digits in all (unique
@@ -177,6 +180,7 @@ class Exchange:
         self.t_first_token: float | None = None
         self.first_in_service = 1  # requests in service when the first token came
         self.t_token: float | None = None
+        self.replica: Replica | None = None
 
     def fail(self, exc: ProxyError) -> Reply:
         self.event["status"] = exc.status
@@ -246,39 +250,82 @@ class Exchange:
         headers["Content-Type"] = "application/json"
         headers["Accept-Encoding"] = "identity"
         data = upstream_body(raw, before, body)
+        pool = st.pool
+        tried: frozenset[int] = frozenset()
+        replica = pool.pick(tried)
+        while True:
+            assert replica is not None
+            try:
+                return await self.attempt(replica, headers, data, stream=stream, asked_usage=asked_usage)
+            except UpstreamError as exc:  # refused: nothing was sent, so another replica may take it
+                tried |= {replica.index}
+                replica = pool.pick(tried)
+                if replica is None:
+                    raise ProxyError(502, str(exc), "upstream_error", code="upstream_unreachable") from None
+
+    async def attempt(
+        self, replica: Replica, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
+    ) -> Reply | StreamReply:
+        """Send the request to one replica. Raises :class:`UpstreamError` only when it could not
+        be sent (a refused connection); every other failure is the client's answer."""
+        st = self.state
+        backend = st.settings.backend
+        self.replica = replica
+        if len(st.pool) > 1:
+            self.event["replica"] = replica.url
+        replica.sent += 1
         self.t_dispatch = self.loop.time()
-        occupancy = st.occupancy
+        occupancy = replica.occupancy
         mark = occupancy.start(self.t_dispatch, streamed=stream, prefill_s=st.prefill_guess_s)
         if stream and st.step is not None:
             self.gaps = GapTally()
+        failure: str | None = None
         try:
             if backend.total_timeout_s is None:  # the default: no timer to set and cancel
-                return await self.relay(headers, data, stream=stream, asked_usage=asked_usage)
-            async with asyncio.timeout(backend.total_timeout_s):
-                return await self.relay(headers, data, stream=stream, asked_usage=asked_usage)
+                reply = await self.relay(replica, headers, data, stream=stream, asked_usage=asked_usage)
+            else:
+                async with asyncio.timeout(backend.total_timeout_s):
+                    reply = await self.relay(replica, headers, data, stream=stream, asked_usage=asked_usage)
+            status = self.event.get("upstream_status")
+            if self.event["error_kind"] in FAILURES:
+                failure = self.event["error_kind"]
+            elif isinstance(status, int) and status >= 500:
+                failure = f"HTTP {status}"
+            return reply
         except UpstreamError as exc:
-            code = {
-                "unreachable": "upstream_unreachable",
-                "malformed": "upstream_malformed",
-                "too_large": "upstream_too_large",
-            }.get(exc.kind, "upstream_disconnected")
+            failure = str(exc)
+            if exc.kind == "unreachable":
+                raise
+            code = {"malformed": "upstream_malformed", "too_large": "upstream_too_large"}.get(
+                exc.kind, "upstream_disconnected"
+            )
             raise ProxyError(502, str(exc), "upstream_error", code=code) from None
         except TimeoutError:
             err = ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
             if self.stream is not None and self.stream.prepared:  # the total limit struck mid-stream
                 return await self.end_stream(self.stream, err)
             raise err from None
+        except ProxyError as exc:
+            if exc.code in FAILURES:
+                failure = exc.code
+            raise
         finally:
             end = self.loop.time()
             area = occupancy.stop(end, prefilling=stream and self.t_first_token is None)
-            # Time-averaged number in service while this request was (itself included).
+            # Time-averaged number in service on this replica while this request was (itself included).
             self.event["mean_in_service"] = (area - mark) / (end - self.t_dispatch) if end > self.t_dispatch else 1.0
+            if failure is None:
+                st.pool.succeeded(replica)
+            elif st.pool.failed(replica, failure, st.clock()):
+                logger().error(
+                    "replica", action="ejected", replica=replica.url, error=failure, healthy=st.pool.healthy_slots()
+                )
 
     async def relay(
-        self, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
+        self, replica: Replica, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
     ) -> Reply | StreamReply:
         """Send the shaped request upstream and relay the answer, streamed or whole."""
-        async with await self.state.lean().request("POST", self.request.path_qs, headers, data) as up:
+        async with await replica.lean().request("POST", self.request.path_qs, headers, data) as up:
             self.event["upstream_status"] = up.status
             if stream and up.status == 200 and up.content_type == "text/event-stream":
                 return await self.relay_stream(up, strip_usage=not asked_usage)
@@ -376,7 +423,8 @@ class Exchange:
         if not tokens:
             return
         now = self.loop.time()
-        occupancy = self.state.occupancy
+        assert self.replica is not None
+        occupancy = self.replica.occupancy
         if self.t_first_token is None:
             self.t_first_token = now
             self.first_in_service = occupancy.in_service
@@ -486,7 +534,7 @@ async def passthrough(st: ProxyState, request: HttpRequest) -> Reply | StreamRep
     resp: StreamReply | None = None
     try:
         raw = await read_body(request, st.settings.proxy.max_body_bytes)
-        url = st.settings.backend.base + request.path_qs
+        url = st.pool.route().url + request.path_qs
         headers = upstream_headers(request.headers, st.settings.backend.api_key)
         async with st.http().request(
             request.method, url, data=raw or None, headers=headers, timeout=client_timeout(st)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from thinkcap.controller.queue import MG1, BatchingEngine, QueueTerms, queue_from_record
+from thinkcap.controller.queue import MG1, BatchingEngine, QueueTerms, queue_from_record, spread
 
 FIELDS = ("ta", "ta1", "ta2", "tb", "tb1", "tb2")
 
@@ -93,3 +93,45 @@ def test_record_round_trips_and_old_records_are_mg1() -> None:
 def test_bad_engines_are_rejected(args: tuple[int, float, float], key: str) -> None:
     with pytest.raises(ValueError, match=key):
         BatchingEngine(*args)
+
+
+def test_spread_is_the_least_loaded_routers() -> None:
+    """Each request goes to the replica with the fewest in service relative to its slots."""
+    assert spread(0, (4, 4)) == [0, 0]
+    assert spread(5, (4, 4)) == [3, 2]
+    assert spread(3, (2, 4)) == [1, 2]
+    assert spread(6, (2, 4)) == [2, 4]
+    assert spread(99, (1, 1, 1)) == [1, 1, 1]  # never beyond the slots
+
+
+def test_a_pool_of_one_slot_replicas_advances_like_separate_servers() -> None:
+    """c replicas of one slot: n in service run at full speed each (g(n) = 1), unlike one
+    engine whose step grows with n."""
+    q = BatchingEngine(3, 0.015, 0.0065, (1, 1, 1))
+    np.testing.assert_allclose(q.slowdown(np.array([1, 2, 3])), [1.0, 1.0, 1.0])
+    assert not q.batches
+    assert q.load_factor() == pytest.approx(1 / 3)  # rho = lambda m1 / 3: three servers
+
+
+def test_a_pool_slows_down_less_than_one_engine_with_its_slots() -> None:
+    """Two replicas of 4: n = 2 runs one per replica, each at tau(1); one engine of 8 steps at tau(2)."""
+    a, b = 0.015, 0.0065
+    pool = BatchingEngine(8, a, b, (4, 4))
+    one = BatchingEngine(8, a, b)
+    assert pool.batches
+    assert pool.slowdown(2) == pytest.approx(1.0)
+    # n = 8: four on each, each at tau(4)
+    assert pool.slowdown(8) == pytest.approx((a + 4 * b) / (a + b))
+    assert one.slowdown(8) == pytest.approx((a + 8 * b) / (a + b))
+    lam, m1, m2 = 20.0, 0.1, 0.02
+    assert pool.terms(lam, m1).system_time(m2) < one.terms(lam, m1).system_time(m2)
+
+
+def test_a_pool_record_round_trips_and_bad_pools_are_rejected() -> None:
+    q = BatchingEngine(6, 0.02, 0.001, (2, 4))
+    assert q.record()["pool"] == [2, 4]
+    assert queue_from_record(q.record()) == q
+    with pytest.raises(ValueError, match="pool"):
+        BatchingEngine(6, 0.02, 0.001, (2, 2))
+    with pytest.raises(ValueError, match="pool"):
+        BatchingEngine(4, 0.02, 0.001, (4, 0))

@@ -158,7 +158,7 @@ async def test_four_requests_share_the_engine_through_the_proxy(
     requests = [e for e in logs if e["event"] == "request"]
     assert len(requests) == 2 * SLOTS and all(e["status"] == 200 for e in requests)
     assert max(e["mean_in_service"] for e in requests) > SLOTS - 1
-    assert state.occupancy.in_service == 0 and state.occupancy.prefilling == 0
+    assert state.pool.in_service == 0 and state.pool.prefilling == 0
 
 
 async def test_the_step_is_learnt_from_live_traffic(proxied: tuple[str, ProxyState]) -> None:

@@ -205,6 +205,6 @@ async def test_a_start_that_fails_after_listening_leaves_nothing_open(
     plane = app.create_app(state)
     with pytest.raises(RuntimeError, match="the log is gone"):
         await plane.start("127.0.0.1", 0)
-    assert state.session is None and state.upstream is None
+    assert state.session is None and all(r.upstream is None for r in state.pool.replicas)
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", plane.port)

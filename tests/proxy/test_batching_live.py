@@ -119,7 +119,7 @@ async def test_four_requests_run_at_once_and_each_records_its_mean_in_service(
 
     async def watch() -> None:
         while True:
-            seen.append(state.occupancy.in_service)
+            seen.append(state.pool.in_service)
             await asyncio.sleep(0.002)
 
     watcher = asyncio.create_task(watch())
@@ -127,7 +127,7 @@ async def test_four_requests_run_at_once_and_each_records_its_mean_in_service(
         await _closed_loop(str(front.make_url("/v1")), 4, 3, stream=True)
         watcher.cancel()
         await asyncio.sleep(0.05)
-    assert max(seen) == 4 and state.occupancy.in_service == 0 and state.occupancy.prefilling == 0
+    assert max(seen) == 4 and state.pool.in_service == 0 and state.pool.prefilling == 0
     events = [e for e in logs if e["event"] == "request"]
     assert len(events) == 12
     means = [e["mean_in_service"] for e in events]

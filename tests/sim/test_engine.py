@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from thinkcap.controller.queue import BatchingEngine
-from thinkcap.sim.engine import batch_means, run_engine
+from thinkcap.sim.engine import batch_means, run_engine, run_pool
 
 
 def test_a_hand_computed_schedule() -> None:
@@ -56,3 +56,48 @@ def test_the_queue_model_predicts_the_simulated_mean_system_time(slots: int, rho
     predicted = q.terms(lam, m1).system_time(m2)
     assert abs(predicted - mean) <= half + 0.05 * mean
     assert run.occupancy == pytest.approx(q.occupancy(lam, m1), rel=0.05)
+
+
+def test_a_pool_of_one_replica_is_the_engine() -> None:
+    """run_pool with one replica serves exactly as run_engine does."""
+    rng = np.random.default_rng(3)
+    arrival = np.cumsum(rng.exponential(0.05, 2000))
+    steps = rng.geometric(1 / 20, 2000)
+    one = run_engine(arrival, steps, None, slots=4, step_base_s=0.015, step_per_seq_s=0.0065)
+    pool = run_pool(arrival, steps, pool=(4,), step_base_s=0.015, step_per_seq_s=0.0065)
+    np.testing.assert_allclose(pool.system, one.system, rtol=1e-9, atol=1e-9)
+    assert pool.occupancy == pytest.approx(one.occupancy)
+
+
+def test_a_pool_routes_to_the_least_loaded_replica() -> None:
+    """Two replicas of 2 slots, step 1 + 1 j: the second request goes to the idle replica and
+    runs at tau(1), not at tau(2) beside the first; the fifth waits for the first slot to free."""
+    arrival = np.array([0.0, 0.0, 0.0, 0.0, 0.0])
+    run = run_pool(arrival, np.array([1, 1, 2, 2, 1]), pool=(2, 2), step_base_s=1.0, step_per_seq_s=1.0)
+    # replica 0: requests 0 and 2 (steps of 3 s): 0 done at 3, 2 at 6 -- request 4 joins at 3: 2 at 6, 4 at 6
+    # replica 1: requests 1 and 3: 1 done at 3, 3 at 6 (alone from 3: 2 s step) -> 5
+    np.testing.assert_allclose(run.system, [3.0, 3.0, 6.0, 5.0, 6.0])
+    np.testing.assert_allclose(run.wait, [0.0, 0.0, 0.0, 0.0, 3.0])
+
+
+@pytest.mark.parametrize(("pool", "rho"), [((4, 4), 0.6), ((1, 1, 1), 0.7), ((2, 4), 0.8)])
+def test_the_pooled_model_predicts_the_simulated_pool(pool: tuple[int, ...], rho: float) -> None:
+    """The pooled chain's E[T] within the simulation's 95 % interval plus 10 %."""
+    rng = np.random.default_rng(sum(pool))
+    q = BatchingEngine(sum(pool), 0.015, 0.0065, pool)
+    n = 60_000
+    steps = rng.geometric(1 / 100, n)
+    work = steps * q.step_time(1)
+    m1, m2 = float(work.mean()), float((work**2).mean())
+    lam = rho / (m1 * q.load_factor())
+    arrival = np.cumsum(rng.exponential(1 / lam, n))
+    run = run_pool(arrival, steps, pool=pool, step_base_s=0.015, step_per_seq_s=0.0065)
+    mean, half = batch_means(run.system)
+    assert abs(q.terms(lam, m1).system_time(m2) - mean) <= half + 0.10 * mean
+
+
+def test_bad_pools_are_rejected() -> None:
+    with pytest.raises(ValueError, match="pool"):
+        run_pool(np.zeros(1), np.array([1]), pool=(), step_base_s=1.0, step_per_seq_s=0.0)
+    with pytest.raises(ValueError, match="steps"):
+        run_pool(np.zeros(2), np.array([1]), pool=(1,), step_base_s=1.0, step_per_seq_s=0.0)

@@ -1,0 +1,96 @@
+"""Pool benchmark: a pool of batching replicas read as one engine, against the step-level
+simulation of the pool.
+
+Run: .venv/bin/python bench/pool.py [--requests N] [--quick]
+
+Poisson arrivals are served by ``sim.engine.run_pool``: replicas with their own slots and step
+time a + b j (a = 15 ms, b = 6.5 ms), stepping independently, behind one FIFO queue and the
+proxy's least-loaded router. The simulated mean system time (95 % batch-means interval, 20
+batches after a 10 % warm-up) is compared with the pooled chain
+(``controller.queue.BatchingEngine`` with ``pool``: the n in service spread as the router
+spreads them) and with the naive reading, one engine with the summed slots and the replicas'
+step (``tau(n) = a + b n`` over all n in service), which over-states the slowdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from thinkcap.controller.queue import BatchingEngine
+from thinkcap.sim.engine import batch_means, run_pool
+
+STEP_BASE_S = 0.015
+STEP_PER_SEQ_S = 0.0065
+MEAN_STEPS = 200.0
+GOAL = 0.10
+POOLS = [(4, 4), (4, 4, 4), (4, 4, 4, 4), (1, 1), (1, 1, 1, 1), (2, 4), (16, 16)]
+
+
+def tokens(rng: np.random.Generator, dist: str, n: int) -> np.ndarray:
+    """Decode steps per request: geometric, or lognormal with the named C^2 (``lognormal:C2``)."""
+    if dist == "geometric":
+        return rng.geometric(1.0 / MEAN_STEPS, n)
+    c2 = float(dist.split(":")[1])
+    s2 = np.log1p(c2)
+    draw = rng.lognormal(np.log(MEAN_STEPS) - s2 / 2, np.sqrt(s2), n)
+    return np.maximum(1, np.rint(draw)).astype(np.int64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200_000, help="requests per simulated run")
+    ap.add_argument("--quick", action="store_true", help="20,000 requests a run")
+    args = ap.parse_args()
+    n = 20_000 if args.quick else args.requests
+    print(f"{n:,} requests a run; step {STEP_BASE_S * 1e3:g} + {STEP_PER_SEQ_S * 1e3:g} ms x j on each replica; "
+          f"mean {MEAN_STEPS:g} steps")  # fmt: skip
+    print()
+    print("| replicas (slots) | rho | tokens | simulated E[T] (95 %) | pooled model | pooled / simulated |"
+          " within 10 % | one engine, summed slots / simulated | run |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios, naive_ratios = [], []
+    k = 0
+    for pool in POOLS:
+        for dist in ("geometric", "lognormal:4"):
+            for rho in (0.3, 0.6, 0.85):
+                rng = np.random.default_rng(k)
+                k += 1
+                q = BatchingEngine(sum(pool), STEP_BASE_S, STEP_PER_SEQ_S, pool)
+                naive = BatchingEngine(sum(pool), STEP_BASE_S, STEP_PER_SEQ_S)
+                steps = tokens(rng, dist, n)
+                work = steps * q.step_time(1.0)
+                m1, m2 = float(work.mean()), float((work**2).mean())
+                lam = rho / (m1 * q.load_factor())
+                arrival = np.cumsum(rng.exponential(1.0 / lam, n))
+                started = time.perf_counter()
+                run = run_pool(arrival, steps, pool=pool, step_base_s=STEP_BASE_S, step_per_seq_s=STEP_PER_SEQ_S)
+                elapsed = time.perf_counter() - started
+                mean, half = batch_means(run.system)
+                pred = q.terms(lam, m1).system_time(m2)
+                ratio = pred / mean
+                ratios.append(ratio)
+                if lam * m1 * naive.load_factor() < 1:
+                    naive_text = f"{naive.terms(lam, m1).system_time(m2) / mean:.3f}"
+                    naive_ratios.append(naive.terms(lam, m1).system_time(m2) / mean)
+                else:
+                    naive_text = "unstable"
+                within = abs(pred - mean) <= GOAL * mean + half
+                print(f"| {len(pool)} ({', '.join(map(str, pool))}) | {rho} | {dist} | {mean:.3f} ± {half:.3f} s | "
+                      f"{pred:.3f} s | {ratio:.3f} | {'yes' if within else '**no**'} | {naive_text} | "
+                      f"{elapsed:.1f} s |")  # fmt: skip
+                sys.stdout.flush()
+    print()
+    print(f"pooled model: predicted / simulated from {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} rows; "
+          f"one engine with the summed slots: {min(naive_ratios):.3f} to {max(naive_ratios):.3f} where stable "
+          f"({len(ratios) - len(naive_ratios)} rows unstable)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The backend's replicas: least-loaded routing, passive ejection and re-admission.
+
+A request goes to the healthy replica with the fewest requests in service relative to its
+slots; ties rotate. A replica is ejected after ``eject_after`` consecutive failures (refused
+connection, an answer cut off, or a 5xx); the health watch (``proxy.app``) probes it until it
+answers and takes it back. While every replica is ejected, all of them are tried (an
+ejection may be wrong; a refused connection is a quick, clear 502).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from thinkcap.proxy.admission import Occupancy
+from thinkcap.proxy.settings import ReplicaSettings
+from thinkcap.proxy.transport.client import Upstream
+
+
+class Replica:
+    """One backend replica as the proxy sees it."""
+
+    def __init__(self, index: int, settings: ReplicaSettings) -> None:
+        self.index = index
+        self.url = settings.base
+        self.slots = settings.slots
+        self.occupancy = Occupancy()  # its requests in service, for routing and the step fit
+        self.upstream: Upstream | None = None  # the shaped routes' client (open while the app runs)
+        self.healthy = True
+        self.failures = 0  # consecutive
+        self.ejections = 0
+        self.ejected_at: float | None = None
+        self.last_error: str | None = None
+        self.sent = 0
+
+    @property
+    def in_service(self) -> int:
+        """Its requests sent and not yet answered in full."""
+        return self.occupancy.in_service
+
+    def lean(self) -> Upstream:
+        """The keep-alive client of the shaped routes."""
+        if self.upstream is None:
+            raise RuntimeError("the upstream pool is not open")
+        return self.upstream
+
+    def record(self, now: float) -> dict[str, Any]:
+        """What ``/admin/state`` and ``/readyz`` show of it."""
+        return {
+            "url": self.url,
+            "slots": self.slots,
+            "healthy": self.healthy,
+            "in_service": self.in_service,
+            "sent": self.sent,
+            "consecutive_failures": self.failures,
+            "ejections": self.ejections,
+            "ejected_for_s": None if self.ejected_at is None else now - self.ejected_at,
+            "last_error": self.last_error,
+        }
+
+
+class Pool:
+    """The replicas, with routing and health. ``on_change(replica)`` hears of every ejection
+    and re-admission."""
+
+    def __init__(self, replicas: Sequence[ReplicaSettings], eject_after: int) -> None:
+        if not replicas or eject_after < 1:
+            raise ValueError("a pool needs >= 1 replica and eject_after >= 1")
+        self.replicas = [Replica(i, r) for i, r in enumerate(replicas)]
+        self.eject_after = eject_after
+        self.on_change: list[Callable[[Replica], None]] = []
+        self._turn = 0
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    @property
+    def in_service(self) -> int:
+        """Requests in service on every replica."""
+        return sum(r.in_service for r in self.replicas)
+
+    @property
+    def prefilling(self) -> int:
+        """Streamed requests sent that have no token yet, on every replica."""
+        return sum(r.occupancy.prefilling for r in self.replicas)
+
+    def healthy(self) -> list[Replica]:
+        """The replicas in use: the healthy ones, or every one while none is."""
+        up = [r for r in self.replicas if r.healthy]
+        return up or self.replicas
+
+    def healthy_slots(self) -> tuple[int, ...]:
+        """The slots of the replicas in use, in order."""
+        return tuple(r.slots for r in self.healthy())
+
+    def pick(self, exclude: frozenset[int] = frozenset()) -> Replica | None:
+        """The replica for the next request (``None`` once every one in use is in ``exclude``)."""
+        replicas = self.replicas
+        if len(replicas) == 1:
+            return None if 0 in exclude else replicas[0]
+        candidates = [r for r in self.healthy() if r.index not in exclude]
+        if not candidates:
+            return None
+        low = min(r.in_service / r.slots for r in candidates)
+        n = len(replicas)
+        turn = self._turn
+        best = min(
+            (r for r in candidates if r.in_service / r.slots == low), key=lambda r: (r.index - turn) % n
+        )  # fmt: skip
+        self._turn = (best.index + 1) % n
+        return best
+
+    def route(self) -> Replica:
+        """The replica for the next request, every one in use being a candidate."""
+        replica = self.pick()
+        assert replica is not None  # healthy() is never empty
+        return replica
+
+    def succeeded(self, replica: Replica) -> None:
+        """A request on ``replica`` was answered."""
+        replica.failures = 0
+
+    def failed(self, replica: Replica, why: str, now: float) -> bool:
+        """A request on ``replica`` failed; returns whether that ejected it."""
+        replica.failures += 1
+        replica.last_error = why
+        if not replica.healthy or replica.failures < self.eject_after:
+            return False
+        replica.healthy = False
+        replica.ejected_at = now
+        replica.ejections += 1
+        for listener in self.on_change:
+            listener(replica)
+        return True
+
+    def readmit(self, replica: Replica) -> None:
+        """A probe of an ejected replica succeeded: take it back."""
+        if replica.healthy:
+            return
+        replica.healthy = True
+        replica.failures = 0
+        replica.ejected_at = None
+        for listener in self.on_change:
+            listener(replica)

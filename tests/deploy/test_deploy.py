@@ -1,0 +1,172 @@
+"""deploy/, validated statically (no container runtime or cluster here): the Kubernetes
+manifests render with kustomize and pass the API's schemas offline; the compose file and the
+Dockerfile name only what the project has; the configs they mount load."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from thinkcap.proxy.cli.main import build_parser
+from thinkcap.proxy.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes release the manifests are checked against
+KUBECTL = shutil.which("kubectl")
+
+
+def render(folder: str) -> list[dict[str, Any]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed: the kustomize rendering is not checked")
+    out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / folder)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def test_the_manifests_render_and_pass_the_kubernetes_schemas() -> None:
+    objs = render("k8s")
+    assert sorted(o["kind"] for o in objs) == [
+        "ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget", "Service", "Service",
+    ]  # fmt: skip
+    for o in objs:
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+def test_a_schema_violation_is_caught() -> None:
+    """The validation is real: a misspelt field fails it."""
+    deployment = by_kind(render("k8s"), "Deployment")[0]
+    deployment["spec"]["replica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_the_deployment_probes_and_runs_thinkcap_from_its_config_map() -> None:
+    objs = render("k8s")
+    thinkcap = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "thinkcap")
+    pod = thinkcap["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert thinkcap["spec"]["replicas"] >= 2
+    # the arguments are a real command line of the CLI, reading the mounted config
+    args = build_parser().parse_args(container["args"])
+    assert args.run.__module__ == "thinkcap.proxy.cli.serve"
+    (mount,) = container["volumeMounts"]
+    assert args.config == f"{mount['mountPath']}/thinkcap.toml"
+    (config_map,) = by_kind(objs, "ConfigMap")
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]  # the generated name, hash included
+    # the config in the map is one thinkcap serve reads, listening where the probes look
+    text = config_map["data"]["thinkcap.toml"]
+    settings = load_settings("thinkcap.toml", tomllib.loads(text))
+    (port,) = container["ports"]
+    assert settings.proxy.port == port["containerPort"] and settings.proxy.host == "0.0.0.0"
+    # it finds Redis at the example's Service
+    redis_service = next(s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "thinkcap-redis")
+    assert settings.cluster.redis_url == f"redis://thinkcap-redis:{redis_service['spec']['ports'][0]['port']}/0"
+
+
+def test_the_service_and_the_budget_select_the_pods() -> None:
+    objs = render("k8s")
+    for d in by_kind(objs, "Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    pods = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "thinkcap")
+    labels = pods["spec"]["template"]["metadata"]["labels"]
+    service = next(s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "thinkcap")
+    assert service["spec"]["selector"].items() <= labels.items()
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < pods["spec"]["replicas"]  # a drain can always proceed
+
+
+def test_the_prometheus_overlay_adds_a_service_monitor_on_the_metrics() -> None:
+    """The ServiceMonitor is a CRD (no schema in the API's): its fields are checked here."""
+    objs = render("k8s-prometheus")
+    (monitor,) = by_kind(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = next(s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "thinkcap")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    for o in objs:
+        if o["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load((DEPLOY / "compose.yaml").read_text()))
+
+
+def test_compose_runs_two_thinkcap_replicas_redis_and_a_model_server() -> None:
+    services = compose()["services"]
+    thinkcaps = {n: s for n, s in services.items() if s.get("image", "").startswith("thinkcap:")}
+    assert len(thinkcaps) == 2 and {"redis", "model"} <= services.keys()
+    for service in thinkcaps.values():
+        build = service["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+        args = build_parser().parse_args(service["command"])  # a real command of the CLI
+        assert args.run.__module__ == "thinkcap.proxy.cli.serve"
+        mounts = dict(v.split(":")[:2] for v in service["volumes"])
+        host = next(h for h, c in mounts.items() if c == args.config)
+        settings = load_settings(DEPLOY / host)  # the file exists and loads
+        backend_host = settings.backend.url.split("//")[1].split(":")[0]
+        redis_host = (settings.cluster.redis_url or "").split("//")[1].split(":")[0]
+        assert {backend_host, redis_host} <= services.keys()
+        assert set(service["depends_on"]) == {backend_host, redis_host}
+    published = [p.split(":")[0] for s in thinkcaps.values() for p in s["ports"]]
+    assert len(set(published)) == 2
+    assert "--parallel" in services["model"]["command"]  # a batching llama-server: slots = --parallel
+    n = services["model"]["command"][services["model"]["command"].index("--parallel") + 1]
+    assert load_settings(DEPLOY / "thinkcap.toml").backend.slots == int(n)
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    lines, out = (DEPLOY / "Dockerfile").read_text().splitlines(), []
+    joined = ""
+    for line in lines:
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        joined += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            word, _, rest = joined.strip().partition(" ")
+            out.append((word.upper(), rest))
+            joined = ""
+    return out
+
+
+def test_the_dockerfile_is_slim_non_root_checks_health_and_copies_what_exists() -> None:
+    steps = dockerfile()
+    bases = [rest for word, rest in steps if word == "FROM"]
+    assert all(b.split()[0].endswith("-slim") for b in bases)
+    (user,) = [rest for word, rest in steps if word == "USER"]
+    assert user not in {"root", "0"}
+    (health,) = [rest for word, rest in steps if word == "HEALTHCHECK"]
+    assert "/healthz" in health and ":8000/" in health
+    for word, rest in steps:
+        if word == "COPY" and not rest.startswith("--from"):
+            for source in rest.split()[:-1]:
+                assert (ROOT / source).exists(), source
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
+    assert "'.[fast]'" in runs and "--constraint constraints.txt" in runs
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "fast" in pyproject["project"]["optional-dependencies"]
+    (entry,) = [rest for word, rest in steps if word == "ENTRYPOINT"]
+    assert yaml.safe_load(entry) == ["thinkcap"] and "thinkcap" in pyproject["project"]["scripts"]
+    (cmd,) = [rest for word, rest in steps if word == "CMD"]
+    build_parser().parse_args(yaml.safe_load(cmd))
+    assert shlex.split(health)  # the health check is one well-formed command line

@@ -1,0 +1,479 @@
+"""Three thinkcap replicas (processes) sharing one real Redis, in front of two simulated
+batching backends, behind a round-robin client that retries a refused or dropped connection on
+the next replica, as a load balancer does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from tests.proxy.cli.test_sim import free_port
+from tests.proxy.test_pool import _mock_backend, _wait_up
+from thinkcap.proxy.cli.audit import audit
+from thinkcap.proxy.cluster import REDIS_DOWN, Cluster
+from thinkcap.proxy.config import ConfigError
+from thinkcap.proxy.control import ControlLoop
+from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.state import build_state
+
+REDIS = shutil.which("redis-server")
+RATE = 10.0  # requests per second, all replicas together, evenly spaced
+LEASE_S = 2.0
+SYNC_S = 0.25
+INTERVAL_S = 1.0
+
+CONFIG = """
+[objective]
+latency_penalty = 0.4
+
+[workload]
+arrival_rate = 2.0
+
+[backend]
+url = ["{a}", "{b}"]
+dialect = "vllm"
+slots = 4
+probe = false
+step = {{ base_s = 0.0012, per_seq_s = 0.0006 }}
+
+[proxy]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+
+[controller]
+interval_s = {interval}
+min_resolve_interval_s = 0.2
+min_arrivals = 10
+
+[estimators]
+arrival_half_life_s = 60
+
+[cluster]
+redis_url = "redis://127.0.0.1:{redis}/0"
+replica_id = "{rid}"
+lease_s = {lease}
+sync_interval_s = {sync}
+
+[[types]]
+name = "short"
+prior = 1.0
+max_tokens = 400
+accuracy = {{ base = 0.2, gain = 0.7, rate = 0.02 }}
+service = {{ prefill_s = 0.0 }}
+"""
+
+SCENARIO_SCALE = 0.1  # the simulated engines run ten times faster than the model they stand for
+
+
+def need_redis() -> str:
+    if REDIS is None:
+        message = "redis-server is not installed (make tools installs Debian's redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return REDIS
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, nothing persisted."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [need_redis(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(self.tmp)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@dataclass
+class Replica:
+    rid: str
+    port: int
+    admin: int
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+
+@dataclass
+class Outcome:
+    index: int
+    sent: float
+    status: int | None = None
+    attempts: int = 0
+    replicas: list[str] = field(default_factory=list)
+
+
+async def _state(session: aiohttp.ClientSession, r: Replica) -> dict[str, Any]:
+    async with session.get(f"http://127.0.0.1:{r.admin}/admin/state") as resp:
+        return dict(await resp.json())
+
+
+class Client:
+    """Evenly spaced requests, round-robin over the replicas; a connection refused or dropped
+    is retried on the next one (nothing else is)."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.replicas = replicas
+        self.outcomes: list[Outcome] = []
+        self._stop = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def _one(self, session: aiohttp.ClientSession, out: Outcome) -> None:
+        body = {"model": "sim", "messages": [{"role": "user", "content": "a short question"}]}
+        n = len(self.replicas)
+        while out.attempts < 2 * n:
+            r = self.replicas[(out.index + out.attempts) % n]
+            out.attempts += 1
+            out.replicas.append(r.rid)
+            try:
+                async with session.post(r.url + "/v1/chat/completions", json=body) as resp:
+                    await resp.read()
+                    out.status = resp.status
+                    return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+            start = loop.time()
+            i = 0
+            while not self._stop.is_set():
+                due = start + i / RATE
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                out = Outcome(i, time.time())
+                self.outcomes.append(out)
+                task = asyncio.create_task(self._one(session, out))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+                i += 1
+            await asyncio.gather(*self._inflight)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@pytest.fixture
+async def fleet(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[list[Replica], RedisServer, list[subprocess.Popen[bytes]]]]:
+    backends = []
+    for seed in (1, 2):
+        port = free_port()
+        scenario_dir = tmp_path / f"b{seed}"
+        scenario_dir.mkdir()
+        backends.append(
+            (f"http://127.0.0.1:{port}", _mock_backend(scenario_dir, port, seed, time_scale=SCENARIO_SCALE))
+        )
+    replicas: list[Replica] = []
+    try:
+        for url, proc in backends:
+            await _wait_up(url, proc)
+        for k in range(3):
+            rid, port, admin = f"r{k + 1}", free_port(), free_port()
+            path = tmp_path / f"{rid}.toml"
+            path.write_text(CONFIG.format(a=backends[0][0], b=backends[1][0], port=port, admin=admin,
+                                          redis=redis_server.port, rid=rid, interval=INTERVAL_S, lease=LEASE_S,
+                                          sync=SYNC_S))  # fmt: skip
+            log = tmp_path / f"{rid}.jsonl"
+            with log.open("wb") as fh:
+                cmd = [sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(path)]
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            replicas.append(Replica(rid, port, admin, log, proc))
+        async with aiohttp.ClientSession() as s:
+            for r in replicas:
+                deadline = time.monotonic() + 30
+                while True:
+                    assert r.proc.poll() is None, r.log.read_text()[-3000:]
+                    try:
+                        async with s.get(r.url + "/healthz") as resp:
+                            if resp.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    assert time.monotonic() < deadline, f"{r.rid} did not start"
+                    await asyncio.sleep(0.1)
+        yield replicas, redis_server, [p for _, p in backends]
+    finally:
+        for r in replicas:
+            if r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGTERM)
+        for r in replicas:
+            try:
+                r.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+        for _, proc in backends:
+            proc.kill()
+            proc.wait()
+
+
+async def _leaders(session: aiohttp.ClientSession, replicas: list[Replica]) -> list[str]:
+    states = [await _state(session, r) for r in replicas]
+    return [s["cluster"]["replica"] for s in states if s["cluster"]["leader"]]
+
+
+async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(
+    fleet: tuple[list[Replica], RedisServer, list[subprocess.Popen[bytes]]],
+) -> None:
+    replicas, redis_server, _ = fleet
+    client = Client(replicas)
+    load = asyncio.create_task(client.run())
+    async with aiohttp.ClientSession() as session:
+        # 1. steady load: one leader, deciding on the merged estimate of the whole stream
+        await asyncio.sleep(15.0)
+        leaders = await _leaders(session, replicas)
+        assert len(leaders) == 1, leaders
+        leader = next(r for r in replicas if r.rid == leaders[0])
+        decision = (await _state(session, leader))["last_decision"]
+        assert set(decision["cluster"]["merged"]) == {r.rid for r in replicas}
+        merged_rate = decision["inputs"]["arrival_rate"]
+        assert merged_rate == pytest.approx(RATE, rel=0.05), merged_rate
+        local = (await _state(session, leader))["estimates"]["arrival_rate"]
+        assert local == pytest.approx(RATE / 3, rel=0.1)  # each replica alone sees a third
+
+        # 2. the leader is killed: another takes the lease when it expires
+        others = [r for r in replicas if r is not leader]
+        leader.proc.send_signal(signal.SIGKILL)
+        killed = time.time()
+        new: list[str] = []
+        while not new and time.time() - killed < 3 * LEASE_S:
+            new = await _leaders(session, others)
+            await asyncio.sleep(0.02)
+        takeover_s = time.time() - killed
+        assert len(new) == 1, "no replica took the lease"
+        print(
+            f"merged rate {merged_rate:.3f}/s (true {RATE:g}), leader's own {local:.3f}/s; takeover {takeover_s:.3f} s"
+        )
+        assert takeover_s <= LEASE_S + 0.25, takeover_s  # the lease's rest, and the sync that sees it expire
+        await asyncio.sleep(3 * INTERVAL_S)
+        states = [await _state(session, r) for r in others]
+        assert states[0]["caps"] == states[1]["caps"]
+        assert states[0]["cluster"]["version"] == states[1]["cluster"]["version"]
+
+        # 3. Redis is lost, then back: nothing is lost, the caps are held, the replicas rejoin
+        held = [s["caps"] for s in states]
+        version = max(s["cluster"]["version"] for s in states)
+        redis_server.kill()
+        await asyncio.sleep(3.0)
+        states = [await _state(session, r) for r in others]
+        assert [s["caps"] for s in states] == held
+        assert all(s["cluster"]["connected"] is False and not s["cluster"]["leader"] for s in states)
+        redis_server.start()
+        deadline = time.time() + 5 * INTERVAL_S + LEASE_S
+        while time.time() < deadline:
+            states = [await _state(session, r) for r in others]
+            if (
+                all(s["cluster"]["connected"] for s in states)
+                and min(s["cluster"]["version"] for s in states) > version
+            ):
+                break
+            await asyncio.sleep(0.1)
+        assert all(s["cluster"]["connected"] for s in states)
+        assert sum(s["cluster"]["leader"] for s in states) == 1
+        assert min(s["cluster"]["version"] for s in states) > version  # decisions flow again, newer than before
+        await asyncio.sleep(2 * INTERVAL_S)
+        client.stop()
+        await load
+        final = [await _state(session, r) for r in others]
+        assert final[0]["caps"] == final[1]["caps"]
+
+    # no request lost: every one answered, some after a retry on the next replica
+    assert len(client.outcomes) >= 15 * RATE
+    lost = [o for o in client.outcomes if o.status != 200]
+    assert not lost, lost[:5]
+    assert any(o.attempts > 1 for o in client.outcomes)  # the killed leader's share was retried
+
+    # every replica applied every decision within one control interval of its publication
+    published: dict[int, float] = {}
+    applied: dict[tuple[str, int], float] = {}
+    for r in replicas:
+        for e in r.events():
+            if e.get("event") == "cluster" and e.get("action") == "published":
+                published[e["version"]] = e["ts"]
+            elif e.get("event") == "decision" and "cluster_version" in e:
+                applied[(r.rid, e["cluster_version"])] = e["ts"]
+    assert len(published) >= 5
+    lags = [ts - published[v] for (_, v), ts in applied.items() if v in published]
+    retried = sum(o.attempts > 1 for o in client.outcomes)
+    print(f"{len(client.outcomes)} requests, {retried} retried; {len(published)} decisions published, "
+          f"{len(lags)} applied by followers, lag max {max(lags):.4f} s")  # fmt: skip
+    for (rid, v), ts in applied.items():
+        if v in published:
+            assert ts - published[v] <= INTERVAL_S, (rid, v, ts - published[v])
+    for r in others:
+        seen = {v for (rid, v) in applied if rid == r.rid} | {v for v, _ in published.items()}
+        assert len(seen) >= 3
+    lost_logged = [
+        e for r in others for e in r.events() if e.get("event") == "cluster" and e.get("action") == "redis_lost"
+    ]
+    rejoined = [e for r in others for e in r.events() if e.get("event") == "cluster" and e.get("action") == "rejoined"]
+    assert len(lost_logged) == 2 and len(rejoined) == 2
+
+    # every replica's log replays exactly
+    for r in replicas:
+        report = audit(str(r.log))
+        assert report.decisions > 0 and not report.mismatches, (r.rid, report.mismatches[:3])
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('redis_url = "http://127.0.0.1:6379"', "cluster.redis_url"),
+        ('redis_url = "redis://x"\nlease_s = 1.0\nsync_interval_s = 0.8', "cluster.sync_interval_s"),
+        ('redis_url = "redis://x"\nfallback = "guess"', "cluster.fallback"),
+        ('redis_url = "redis://x"\nleader = true', "cluster.leader"),
+    ],
+)
+def test_bad_cluster_tables_name_the_key(tmp_path: Path, table: str, key: str) -> None:
+    path = tmp_path / "t.toml"
+    text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=1, admin=2, redis=3, rid="r",
+                         interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
+    head, _, _ = text.partition("[cluster]")
+    tail = text[text.index("[[types]]") :]
+    path.write_text(f"{head}[cluster]\n{table}\n\n{tail}")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(path)
+
+
+def test_the_cluster_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=1, admin=2, redis=3, rid="r",
+                         interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
+    path.write_text(text[: text.index("[cluster]")] + text[text.index("[[types]]") :])
+    c = load_settings(path).cluster
+    assert c.redis_url is None and c.lease_s == 5.0 and c.sync_interval_s == 1.0 and c.fallback == "static"
+
+
+def _member(tmp_path: Path, rid: str, redis_port: int, fallback: str = "static") -> tuple[Any, Cluster]:
+    """A replica's state, control loop and cluster membership, in this process (clock: fake)."""
+    path = tmp_path / f"{rid}.toml"
+    text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=0, admin=0, redis=redis_port, rid=rid,
+                         interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
+    path.write_text(text.replace("[cluster]", f'[cluster]\nfallback = "{fallback}"'))
+    clock = [100.0]
+    state = build_state(load_settings(path), clock=lambda: clock[0])
+    loop = ControlLoop(state, state.settings.controller)
+    state.controller = loop
+    for k in range(40):  # 40 arrivals over 10 s: 4/s on this replica
+        state.arrived("short", 90.0 + k * 0.25)
+    return state, Cluster(state, state.settings.cluster, loop)
+
+
+async def test_the_leader_decides_on_merged_estimates_and_the_follower_applies_them(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """In one process, with a real Redis: the first to sync leads; the leader's inputs add the
+    follower's arrival rate to its own; its decision reaches the follower, which applies it and
+    logs it; a lost Redis keeps the caps (static) or lets a replica decide alone on its rate
+    scaled by the replicas it saw (local); a leader that stops hands the lease on at once."""
+    a_state, a = _member(tmp_path, "a", redis_server.port)
+    b_state, b = _member(tmp_path, "b", redis_server.port, fallback="local")
+    try:
+        for m in (a, b, a):
+            await m.sync_once()
+            m.connected = True
+        assert a.leader and not b.leader and a.deciding() and not b.deciding()
+        assert set(a.peers) == {"b"} and set(b.peers) == {"a"}
+        assert 0 < b.lease_left_s <= LEASE_S
+        merged = a.inputs(100.0)
+        alone = a.loop.local_inputs(100.0)
+        assert merged.snap.arrival_rate == pytest.approx(2 * alone.snap.arrival_rate)
+        assert merged.arrivals == 80 and merged.cluster == {"replica": "a", "leader": "a", "merged": ["a", "b"]}
+
+        with capture_logs() as logs:
+            event = a.loop.step(100.0)
+            assert event is not None and event["cluster"]["merged"] == ["a", "b"]
+            await asyncio.gather(*a._sends)
+            assert a.version >= 1
+            await b.sync_once()  # the key, had the channel been missed
+        assert b.version == a.version and b.applied == 1
+        assert dict(b_state.caps.table.caps) == dict(a_state.caps.table.caps)
+        applied = [e for e in logs if e["event"] == "decision" and e.get("applied_from") == "a"]
+        assert len(applied) == 1 and applied[0]["decision_id"] == event["decision_id"]
+        assert applied[0]["caps"] == event["caps"] and applied[0]["inputs"] == event["inputs"]
+        assert not b.apply({"version": b.version, "leader": "a", "caps": {}, "event": {}})  # not newer: ignored
+
+        redis_server.kill()
+        with capture_logs() as logs:
+            for m in (a, b):
+                with pytest.raises(REDIS_DOWN):
+                    await m.sync_once()
+                m._lost(ConnectionError("gone"))
+        assert [e["action"] for e in logs if e["event"] == "cluster"] == ["redis_lost", "redis_lost"]
+        assert not a.deciding()  # static: the caps in force stay
+        assert b.deciding()  # local: b decides alone, on its rate times the two replicas it saw
+        scaled = b.inputs(100.0)
+        assert scaled.snap.arrival_rate == pytest.approx(2 * b.loop.local_inputs(100.0).snap.arrival_rate)
+        assert scaled.cluster == {"replica": "b", "fallback": "local", "scaled_by": 2}
+
+        redis_server.start()
+        for m in (a, b):
+            await m.sync_once()
+            m.connected = True
+        leader = a if a.leader else b
+        follower = b if leader is a else a
+        assert leader.leader and not follower.leader
+        await leader.close()  # releases the lease
+        await follower.sync_once()
+        assert follower.leader
+    finally:
+        for m in (a, b):
+            await m.close()
