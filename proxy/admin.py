@@ -128,6 +128,8 @@ async def feedback(request: web.Request) -> web.Response:
         return _admin_error(409, f"request {rid!r} has no token count to learn from")
     st.accuracy[item.type].update(item.reasoning_tokens, correct, now=st.clock())
     st.feedback += 1
+    logger().info("feedback", request_id=rid, type=item.type, reasoning_tokens=item.reasoning_tokens, correct=correct,
+                  time=st.clock())  # fmt: skip
     return web.json_response({"accepted": True, "type": item.type, "reasoning_tokens": item.reasoning_tokens})
 
 

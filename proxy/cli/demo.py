@@ -33,6 +33,7 @@ from aiohttp import web
 
 from thinkcap.controller import Problem, decide
 from thinkcap.proxy.app import DataPlane
+from thinkcap.proxy.cli.report import MissingExtraError, write_report
 from thinkcap.proxy.cli.serve import start
 from thinkcap.proxy.config import ModelConfig, TypeConfig
 from thinkcap.proxy.logs import configure
@@ -347,6 +348,11 @@ def run(args: argparse.Namespace) -> int:
     print(render(rep))
     print()
     print(f"report: {report_path}")
+    try:
+        page = write_report(log_path, log_path.with_suffix(".html"))
+        print(f"page:   {page} (plots of what the adaptive proxy did: open it in a browser)")
+    except MissingExtraError as exc:
+        print(f"page:   not written ({exc})")
     print(f"logs:   {log_path} (decisions and requests of the adaptive proxy; check with `thinkcap audit {log_path}`)")
     print(f"        {log_dir}/requests-<policy>.jsonl (the load generator's record of every request)")
     return 0

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from thinkcap.proxy.cli import audit, demo, fit, serve, sim, solve
+from thinkcap.proxy.cli import audit, calibrate, demo, fit, report, serve, sim, solve
 from thinkcap.proxy.config import ConfigError
 
 
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     audit.add_parser(sub)
     demo.add_parser(sub)
+    report.add_parser(sub)
+    calibrate.add_parser(sub)
     return parser
 
 

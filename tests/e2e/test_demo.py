@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.proxy.cli.test_report import check_in_browser
 from thinkcap.proxy.cli import main
 
 POLICIES = ("adaptive", "static", "maximal")
@@ -19,6 +20,8 @@ def test_short_demo_report_is_consistent(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["demo", "--duration", "16", "--log-dir", str(log_dir), "--report", str(report_path)]) == 0
     out = capsys.readouterr().out
     assert "whole run" in out and "adaptive" in out
+    page = log_dir / "thinkcap.html"
+    assert f"page:   {page}" in out  # the demo writes its page of plots next to its log and says where
     rep = json.loads(report_path.read_text())
     phases = rep["phases"]
     assert [p["name"] for p in phases] == ["light", "heavy", "overload", "light"]
@@ -44,3 +47,6 @@ def test_short_demo_report_is_consistent(tmp_path: Path, capsys: pytest.CaptureF
     assert audit["decisions"] >= 8 and audit["mismatches"] == [] and audit["bad_lines"] == []
     adaptive = rep["totals"]["adaptive"]
     assert audit["requests"] >= adaptive["answered"] + adaptive["shed"]
+    # the page of the demo's log, in a real browser: the demo sends no graded feedback
+    check_in_browser(page, tmp_path / "demo.png", ("arrival", "caps", "latency", "service"))
+    assert "no graded feedback in this log" in page.read_text()
