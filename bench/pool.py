@@ -23,24 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.batching import GOAL, MEAN_STEPS, STEP_BASE_S, STEP_PER_SEQ_S, tokens  # the same workload
 from thinkcap.controller.queue import BatchingEngine
 from thinkcap.sim.engine import batch_means, run_pool
 
-STEP_BASE_S = 0.015
-STEP_PER_SEQ_S = 0.0065
-MEAN_STEPS = 200.0
-GOAL = 0.10
 POOLS = [(4, 4), (4, 4, 4), (4, 4, 4, 4), (1, 1), (1, 1, 1, 1), (2, 4), (16, 16)]
-
-
-def tokens(rng: np.random.Generator, dist: str, n: int) -> np.ndarray:
-    """Decode steps per request: geometric, or lognormal with the named C^2 (``lognormal:C2``)."""
-    if dist == "geometric":
-        return rng.geometric(1.0 / MEAN_STEPS, n)
-    c2 = float(dist.split(":")[1])
-    s2 = np.log1p(c2)
-    draw = rng.lognormal(np.log(MEAN_STEPS) - s2 / 2, np.sqrt(s2), n)
-    return np.maximum(1, np.rint(draw)).astype(np.int64)
 
 
 def main() -> None:

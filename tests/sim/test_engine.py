@@ -40,17 +40,23 @@ def test_bad_input_is_rejected() -> None:
         run_engine(np.zeros(1), np.array([1]), None, slots=0, step_base_s=1.0, step_per_seq_s=0.0)
 
 
-@pytest.mark.parametrize(("slots", "rho"), [(1, 0.7), (4, 0.6), (16, 0.85)])
-def test_the_queue_model_predicts_the_simulated_mean_system_time(slots: int, rho: float) -> None:
-    """Geometric token counts: the chain's E[T] within the simulation's 95 % interval plus 5 %."""
-    rng = np.random.default_rng(slots)
-    q = BatchingEngine(slots, 0.015, 0.0065)
+def _workload(q: BatchingEngine, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """60,000 Poisson arrivals at load ``rho`` with geometric token counts (mean 100): arrivals,
+    steps, rate and the work's two moments."""
+    rng = np.random.default_rng(seed)
     n = 60_000
     steps = rng.geometric(1 / 100, n)
     work = steps * q.step_time(1)
     m1, m2 = float(work.mean()), float((work**2).mean())
     lam = rho / (m1 * q.load_factor())
-    arrival = np.cumsum(rng.exponential(1 / lam, n))
+    return np.cumsum(rng.exponential(1 / lam, n)), steps, lam, m1, m2
+
+
+@pytest.mark.parametrize(("slots", "rho"), [(1, 0.7), (4, 0.6), (16, 0.85)])
+def test_the_queue_model_predicts_the_simulated_mean_system_time(slots: int, rho: float) -> None:
+    """Geometric token counts: the chain's E[T] within the simulation's 95 % interval plus 5 %."""
+    q = BatchingEngine(slots, 0.015, 0.0065)
+    arrival, steps, lam, m1, m2 = _workload(q, rho, slots)
     run = run_engine(arrival, steps, None, slots=slots, step_base_s=0.015, step_per_seq_s=0.0065)
     mean, half = batch_means(run.system)
     predicted = q.terms(lam, m1).system_time(m2)
@@ -83,14 +89,8 @@ def test_a_pool_routes_to_the_least_loaded_replica() -> None:
 @pytest.mark.parametrize(("pool", "rho"), [((4, 4), 0.6), ((1, 1, 1), 0.7), ((2, 4), 0.8)])
 def test_the_pooled_model_predicts_the_simulated_pool(pool: tuple[int, ...], rho: float) -> None:
     """The pooled chain's E[T] within the simulation's 95 % interval plus 10 %."""
-    rng = np.random.default_rng(sum(pool))
     q = BatchingEngine(sum(pool), 0.015, 0.0065, pool)
-    n = 60_000
-    steps = rng.geometric(1 / 100, n)
-    work = steps * q.step_time(1)
-    m1, m2 = float(work.mean()), float((work**2).mean())
-    lam = rho / (m1 * q.load_factor())
-    arrival = np.cumsum(rng.exponential(1 / lam, n))
+    arrival, steps, lam, m1, m2 = _workload(q, rho, sum(pool))
     run = run_pool(arrival, steps, pool=pool, step_base_s=0.015, step_per_seq_s=0.0065)
     mean, half = batch_means(run.system)
     assert abs(q.terms(lam, m1).system_time(m2) - mean) <= half + 0.10 * mean

@@ -53,6 +53,7 @@ class Stub:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for t in tokens:
+            await asyncio.sleep(0.001)  # a token's step
             chunk = {"choices": [{"index": 0, "delta": {"content": t}}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         usage = {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(tokens)}}
