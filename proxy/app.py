@@ -283,11 +283,13 @@ class DataPlane:
         """Open the clients, start the background tasks, listen; returns the bound port."""
         state = self.state
         s = state.settings
-        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0)
+        b = s.backend
+        # keep_alive false (llama-server's default): it closes idle connections, so a reused one
+        # can fail the next request (the probe, the passthrough routes) as well as the shaped ones
+        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, force_close=not b.keep_alive)
         state.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
         )
-        b = s.backend
         for replica in state.pool.replicas:
             replica.upstream = Upstream(
                 replica.url,
