@@ -42,7 +42,9 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     line(f"throughput through thinkcap / direct = {s['throughput_ratio']:.3f} (goal >= {GOALS['throughput_ratio']})",
          s["throughput_ratio"] >= GOALS["throughput_ratio"])  # fmt: skip
     for key, name in (("base_error", "a"), ("per_seq_error", "b")):
-        line(f"fitted {name} against direct: {100 * s[key]:+.1f} % (goal within 20 %)",
+        line(f"fitted {name} against direct: {100 * s[key]:+.1f} % (goal within 20 %; the direct calibration "
+             f"repeated at the end moved {100 * s['direct_' + key.replace('error', 'drift')]:+.1f} %; thinkcap's is "
+             f"{100 * s['client_' + key]:+.1f} % from the client's fit of the loops it saw)",
              abs(s[key]) <= GOALS["step_error"])  # fmt: skip
     for load, ratios in s["ratios"].items():
         text = ", ".join(f"{r:.2f}" for r in ratios)

@@ -554,13 +554,17 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                 # The warm-up, the direct calibration's closed loops through thinkcap (caps pinned
                 # to its answer length): the step is learnt from it, and compared.
                 admin_caps(proxy, "PUT", {"caps": dict.fromkeys(TYPES, CALIBRATION_TOKENS)})
-                await calibrate(proxy.url, slots, rounds=3, seed=1)
+                # the client's least squares of these loops: the same gaps the fit saw, seen at
+                # the client, against the nominal j
+                report["client_step"] = await calibrate(proxy.url, slots, rounds=3, seed=1)
                 admin_caps(proxy, "DELETE")
                 report["fitted_step_warmup"] = admin_state(proxy)["step"]
                 windows, gauges = await poisson_runs(proxy, llama, capacity, args.runs, args.phase_s)
                 state = admin_state(proxy)
             finally:
                 proxy.stop()
+            # the direct calibration once more, at the end: how far the reference itself moves
+            report["direct_step_end"] = await calibrate(llama.url, slots, seed=2)
             report["fitted_step"] = state["step"]
             report["runs"] = analyse_runs(events(proxy.log), windows, args.settle_s)
             engine = np.array([g[0] for g in gauges])
@@ -594,6 +598,10 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "serialised_ratio": t["serialised"]["tokens_per_s"] / t["direct"]["tokens_per_s"],
         "base_error": f["base_s"] / d["base_s"] - 1,
         "per_seq_error": f["per_seq_s"] / d["per_seq_s"] - 1,
+        "client_base_error": f["base_s"] / report["client_step"]["base_s"] - 1,
+        "client_per_seq_error": f["per_seq_s"] / report["client_step"]["per_seq_s"] - 1,
+        "direct_base_drift": report["direct_step_end"]["base_s"] / d["base_s"] - 1,
+        "direct_per_seq_drift": report["direct_step_end"]["per_seq_s"] / d["per_seq_s"] - 1,
         "ratios": {k: [r["predicted_over_observed"] for r in v] for k, v in by_load.items()},
         "mean_ratio": {
             k: float(np.mean([r["predicted_mean_system_time"] for r in v]))
@@ -612,15 +620,24 @@ def render(report: dict[str, Any]) -> str:
     s = report["summary"]
     d, f, end = report["direct_step"], report["fitted_step_warmup"], report["fitted_step"]
     t = report["throughput"]
+    c, d_end = report["client_step"], report["direct_step_end"]
+
+    def gaps(step: dict[str, Any]) -> str:
+        return ", ".join(f"{1e3 * v:.1f}" for v in step["mean_gap_s"].values())
+
     lines = [
         f"llama-server --parallel {report['slots']}, SmolLM2-135M, one thread",
         f"step, direct calibration   tau(j) = {1e3 * d['base_s']:.1f} + {1e3 * d['per_seq_s']:.1f} ms x j "
-        f"(mean gap at j = 1..{report['slots']}: "
-        + ", ".join(f"{1e3 * v:.1f}" for v in d["mean_gap_s"].values())
-        + " ms)",
+        f"(mean gap at j = 1..{report['slots']}: {gaps(d)} ms)",
+        f"                           tau(j) = {1e3 * d_end['base_s']:.1f} + {1e3 * d_end['per_seq_s']:.1f} ms x j "
+        f"again at the end ({gaps(d_end)} ms; a {100 * s['direct_base_drift']:+.0f} %, "
+        f"b {100 * s['direct_per_seq_drift']:+.0f} % from the first)",
         f"step, thinkcap's live fit  tau(j) = {1e3 * f['base_s']:.1f} + {1e3 * f['per_seq_s']:.1f} ms x j "
         f"after the same closed loops through it ({f['requests']} requests, {f['gaps']} gaps; "
         f"a {100 * s['base_error']:+.0f} %, b {100 * s['per_seq_error']:+.0f} %)",
+        f"step, the client's fit     tau(j) = {1e3 * c['base_s']:.1f} + {1e3 * c['per_seq_s']:.1f} ms x j "
+        f"of those loops through thinkcap ({gaps(c)} ms; thinkcap's fit a {100 * s['client_base_error']:+.0f} %, "
+        f"b {100 * s['client_per_seq_error']:+.0f} % from it)",
         f"                           tau(j) = {1e3 * end['base_s']:.1f} + {1e3 * end['per_seq_s']:.1f} ms x j "
         f"at the end, after the Poisson runs ({end['requests']} requests, {end['gaps']} gaps)",
         "",
