@@ -16,8 +16,10 @@ batching engine: its prefill plus its decode steps at one sequence, ``tau(1)`` e
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -178,9 +180,9 @@ class BatchingEngine:
         n = np.arange(c, dtype=float)
         j = np.arange(1, c + 1, dtype=float)
         if len(self.pool) > 1:
-            a, b = self.step_base_s, self.step_per_seq_s
-            rate = [sum(k / (a + b * k) for k in spread(m, self.pool)) for m in range(1, c + 1)]
-            g = j / ((a + b) * np.asarray(rate))
+            g = j / (
+                (self.step_base_s + self.step_per_seq_s) * pool_rate(self.pool, self.step_base_s, self.step_per_seq_s)
+            )
         else:
             g = (self.step_base_s + self.step_per_seq_s * j) / (self.step_base_s + self.step_per_seq_s)
         object.__setattr__(self, "_g", g)
@@ -298,6 +300,41 @@ class BatchingEngine:
         return out
 
 
+@lru_cache(maxsize=64)
+def _fill_order(pool: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
+    """The replica each of the ``sum(pool)`` requests goes to as a least-loaded router fills
+    ``pool`` one request at a time, and that replica's count after it (one heap, O(c log R))."""
+    heap = [(0.0, i) for i in range(len(pool))]
+    counts = [0] * len(pool)
+    order: list[int] = []
+    after: list[int] = []
+    for _ in range(sum(pool)):
+        _, r = heapq.heappop(heap)
+        counts[r] += 1
+        order.append(r)
+        after.append(counts[r])
+        if counts[r] < pool[r]:
+            heapq.heappush(heap, (counts[r] / pool[r], r))
+    counts_after = np.asarray(after, dtype=float)
+    counts_after.flags.writeable = False
+    return tuple(order), counts_after
+
+
+def pool_rate(pool: tuple[int, ...], a: float, b: float) -> Any:
+    """For n = 1..sum(pool) requests spread over ``pool`` (:func:`spread`), the pool's token
+    rate ``sum_r n_r / tau(n_r)``, ``tau(k) = a + b k``: built incrementally, O(c) after the
+    fill order (cached per pool), and a replica with no request adds nothing (also at a = 0).
+
+    >>> [round(float(v), 6) for v in pool_rate((2, 2), 0.0, 0.01)]
+    [100.0, 200.0, 200.0, 200.0]
+    """
+    _, n = _fill_order(pool)
+    before = n - 1.0
+    # The increment of the chosen replica's term when its count goes from n - 1 to n.
+    gained = n / (a + b * n) - np.divide(before, a + b * before, out=np.zeros_like(before), where=before > 0)
+    return np.cumsum(gained)
+
+
 def spread(n: int, pool: tuple[int, ...]) -> list[int]:
     """How a least-loaded router spreads ``n`` requests over replicas with ``pool`` slots: each
     goes to the replica with the fewest in service relative to its slots (the first on ties).
@@ -305,9 +342,9 @@ def spread(n: int, pool: tuple[int, ...]) -> list[int]:
     >>> spread(5, (4, 4)), spread(3, (2, 4))
     ([3, 2], [1, 2])
     """
+    order, _ = _fill_order(tuple(pool))
     out = [0] * len(pool)
-    for _ in range(min(n, sum(pool))):
-        r = min((k / c, i) for i, (k, c) in enumerate(zip(out, pool, strict=True)) if k < c)[1]
+    for r in order[: max(0, min(n, len(order)))]:
         out[r] += 1
     return out
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
+from scipy.special import expit
 
 from thinkcap.estimators._decay import check_time
 
@@ -41,8 +42,21 @@ class CurveEvidence:
     stderr: float
 
 
+#: Bounds of ln(rate) in the fit: a rate of e^-60 is a flat curve, e^30 a step at zero tokens.
+#: Unanimous feedback drives the unconstrained optimum to infinity; the bounds keep every
+#: evaluation finite there.
+LOG_RATE_BOUNDS = (-60.0, 30.0)
+
+
 def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z))
+    """The logistic function, finite for any finite or infinite ``z`` (no overflow)."""
+    return float(expit(z))
+
+
+def _rate(u: float) -> float:
+    """The curve's rate from its unconstrained parameter, clipped to :data:`LOG_RATE_BOUNDS`."""
+    lo, hi = LOG_RATE_BOUNDS
+    return math.exp(min(max(float(u), lo), hi))
 
 
 def _logit(p: float) -> float:
@@ -110,6 +124,7 @@ class AccuracyCurve:
         self._fit: tuple[float, float, float] | None = (self.base, self.gain, self.rate)
         self._evidence: CurveEvidence | None = None
         self._last: float | None = None
+        self._version = 0  # feedback updates so far (a fit made on a copy is taken back only at the same version)
 
     def update(self, tokens: float, correct: bool, *, now: float) -> None:
         """Record one graded answer, given at ``now``, that used ``tokens`` reasoning tokens."""
@@ -125,6 +140,20 @@ class AccuracyCurve:
         self._tokens[b] += float(tokens)
         self._fit = None
         self._evidence = None
+        self._version += 1
+
+    @property
+    def cached(self) -> bool:
+        """Whether the fit and its evidence for the feedback so far are computed (reading them is then free)."""
+        return self._fit is not None and self._evidence is not None
+
+    def adopt(self, other: AccuracyCurve) -> bool:
+        """Take the fit and evidence of ``other``, a copy of this curve fitted elsewhere (a worker
+        thread), if no feedback arrived here since the copy was made; returns whether it did."""
+        if other._version != self._version or other._fit is None:
+            return False
+        self._fit, self._evidence = other._fit, other._evidence
+        return True
 
     @property
     def samples(self) -> int:
@@ -132,7 +161,7 @@ class AccuracyCurve:
         return int(self._n.sum())
 
     def _curve(self, u: NDArray[np.float64], x: NDArray[np.float64]) -> NDArray[np.float64]:
-        top, frac, rate = _sigmoid(u[0]), _sigmoid(u[1]), math.exp(u[2])
+        top, frac, rate = _sigmoid(u[0]), _sigmoid(u[1]), _rate(u[2])
         base = top * frac
         out: NDArray[np.float64] = base + (top - base) * -np.expm1(-rate * x)
         return out
@@ -172,7 +201,7 @@ class AccuracyCurve:
         )  # fmt: skip
         u = res.x if np.isfinite(res.fun) else u0
         top_f, frac_f = _sigmoid(u[0]), _sigmoid(u[1])
-        self._fit = (top_f * frac_f, top_f * (1 - frac_f), math.exp(u[2]))
+        self._fit = (top_f * frac_f, top_f * (1 - frac_f), _rate(u[2]))
         return self._fit
 
     def evidence(self) -> CurveEvidence:

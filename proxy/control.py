@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import math
 import time
 import uuid
@@ -34,9 +35,14 @@ from thinkcap.proxy.logs import logger
 from thinkcap.proxy.settings import ControllerSettings
 from thinkcap.proxy.state import ProxyState, step_record
 
-#: Share of the arrivals whose types need a fitted service model before that model counts as
-#: evidence of an overload.
-FITTED_SHARE = 0.95
+#: Standard errors of the arrival-rate estimate below its point value at which an overload
+#: must still hold to count (a one-sided bound at about 98 %): a rate restarted from a short,
+#: noisy segment after a detected change does not start shedding.
+OVERLOAD_Z = 2.0
+#: Each failed decision while shedding halves the share of arrivals shed.
+FAILED_SHED_DECAY = 0.5
+#: Shedding ends once it would shed less than this share of the arrivals.
+MIN_SHED_SHARE = 0.05
 
 
 def build_problem(
@@ -50,8 +56,13 @@ def build_problem(
     step: StepEstimate | None = None,
     prompt_tokens: Mapping[str, float] | None = None,
     replicas: tuple[int, ...] | None = None,
+    pins: Mapping[str, int] | None = None,
 ) -> Problem:
     """The allocation problem from the configured curves and weights and the estimates.
+
+    ``pins`` are caps fixed by an operator (``/admin/caps``): a pinned type enters the problem
+    with its cap as both bounds, so the other types' caps and the overload check see the load
+    it really brings.
 
     ``accuracy`` replaces the configured (base, gain, rate) of the types it names (the
     curves fitted from graded feedback, see :meth:`ControlLoop.curves`).
@@ -78,6 +89,7 @@ def build_problem(
     """
     used_share = used_share or {}
     accuracy = accuracy or {}
+    pins = pins or {}
     prompt_tokens = prompt_tokens or {}
     queue = model.queue
     live = isinstance(queue, BatchingEngine) and step is not None and step.fitted
@@ -106,6 +118,8 @@ def build_problem(
         if est.name in accuracy:
             base, gain, rate = accuracy[est.name]
             task = replace(task, accuracy_base=base, accuracy_gain=gain, accuracy_rate=rate)
+        if est.name in pins:
+            task = replace(task, min_tokens=int(pins[est.name]), max_tokens=int(pins[est.name]))
         tasks.append(
             replace(
                 task,
@@ -170,7 +184,11 @@ class ControlLoop:
     def curves(self) -> tuple[dict[str, tuple[float, float, float]], dict[str, Any]]:
         """The accuracy curves fitted from graded feedback that are pinned down well enough to
         replace the configured ones (``[estimators] accuracy_*``), and per type what was
-        decided and why (for the ``decision`` event)."""
+        decided and why (for the ``decision`` event).
+
+        A fit that fails, or gives a curve the problem cannot take, leaves that type on its
+        configured curve (the record says why); the other types are not affected.
+        """
         e = self.state.settings.estimators
         used: dict[str, tuple[float, float, float]] = {}
         record: dict[str, Any] = {}
@@ -178,7 +196,17 @@ class ControlLoop:
             if curve.samples == 0:
                 record[name] = {"source": "configured", "samples": 0}
                 continue
-            ev = curve.evidence()
+            try:
+                ev = curve.evidence()
+                valid = all(math.isfinite(v) for v in (ev.base, ev.gain, ev.rate)) and (
+                    ev.base >= 0 and ev.gain > 0 and ev.rate > 0 and ev.base + ev.gain <= 1
+                )
+                if not valid:
+                    raise ValueError(f"fitted curve out of range: {(ev.base, ev.gain, ev.rate)}")
+            except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+                record[name] = {"source": "configured", "samples": curve.samples,
+                                "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+                continue
             pinned = (
                 ev.samples >= e.accuracy_min_samples
                 and ev.levels >= e.accuracy_min_levels
@@ -194,6 +222,20 @@ class ControlLoop:
                 "fitted": {"base": ev.base, "gain": ev.gain, "rate": ev.rate},
             }
         return used, record
+
+    async def refresh_curves(self) -> None:
+        """Fit the accuracy curves that new feedback changed, in a worker thread (a fit is a
+        few hundred likelihood evaluations: too long for the event loop). Each fit runs on a
+        copy; it is taken back only if no feedback arrived meanwhile."""
+        stale = {n: c for n, c in self.state.accuracy.items() if c.samples and not c.cached}
+        for name, curve in stale.items():
+            work = copy.deepcopy(curve)
+            try:
+                await asyncio.to_thread(work.evidence)
+            except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+                continue  # the decision records the failure and keeps the configured curve
+            curve.adopt(work)
+            logger().debug("accuracy_refit", type=name, samples=work.samples)
 
     def local_inputs(self, now: float) -> Inputs:
         """This proxy's own estimates at ``now``."""
@@ -213,7 +255,8 @@ class ControlLoop:
         )
 
     def step(self, now: float | None = None) -> dict[str, Any] | None:
-        """One decision at ``now``; returns its event (``None`` if it failed: caps kept)."""
+        """One decision at ``now``; returns its event (``None`` if it failed: caps kept, and
+        shedding decays)."""
         st, s = self.state, self.settings
         now = self.clock() if now is None else now
         self._last_step = now
@@ -226,6 +269,7 @@ class ControlLoop:
             snap = inputs.snap
             use_estimate = inputs.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
+            rate_stderr = snap.arrival_rate_stderr if use_estimate else 0.0
             accuracy = inputs.accuracy
             step = inputs.step
             problem = build_problem(
@@ -238,6 +282,7 @@ class ControlLoop:
                 step=step,
                 prompt_tokens=inputs.prompt_tokens,
                 replicas=inputs.replicas,
+                pins=st.caps.pins,
             )
             if step is not None:
                 st.prefill_guess_s = max(t.overhead_s for t in problem.types)
@@ -258,9 +303,10 @@ class ControlLoop:
                 error=f"{type(exc).__name__}: {exc}",
                 caps_kept=st.caps.effective(),
             )
+            self._decay_shedding(decision_id, now)
             return None
         overload = result.status == Status.OVERLOAD
-        evidence = self._shedding(problem, overload, snap, decision_id, now)
+        evidence = self._shedding(problem, rate_stderr, decision_id, now)
         if not overload:
             self.x0 = result.x
         q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
@@ -294,6 +340,7 @@ class ControlLoop:
             "x0": None if x0 is None else [float(v) for v in x0],
             "inputs": problem_record(problem),
             "arrival_source": "estimate" if use_estimate else "config",
+            "arrival_rate_stderr": rate_stderr if math.isfinite(rate_stderr) else None,
             "status": result.status.name.lower(),
             "message": result.message,
             "iterations": result.nit,
@@ -306,6 +353,7 @@ class ControlLoop:
             "published": publish,
             "caps_in_force": st.caps.effective(),
             "pinned": dict(st.caps.pins),
+            "load_at_min_caps": load_at_min_caps(problem),
             "shedding": st.shedding,
             "admit_fraction": st.admit_fraction,
             "overload_evidence": evidence,
@@ -321,55 +369,60 @@ class ControlLoop:
             listener(event)
         return event
 
-    def _evidence(self, snap: Snapshot) -> str | None:
-        """What shows a predicted overload is real: ``service_fit`` (the types that carry 95 % of
-        the arrivals have a service model fitted from live traffic, and the model uses it: one
-        slot), ``step_fit`` (a batching engine's step time is fitted from live traffic),
-        ``queue`` (the admission queue grew since the decision before) or ``None`` (only
-        the configured guess says so)."""
+    def _queue_confirms(self) -> bool:
+        """Whether the admission queue confirms an overload: requests wait for a slot, and no
+        fewer than at the decision before (a queue that drains is a burst being served)."""
         queued, before = self.state.admission.queued, self._queued
         self._queued = queued
-        fitted = sum(t.prior for t in snap.types if t.fitted) >= FITTED_SHARE * sum(t.prior for t in snap.types)
-        if fitted and self.state.settings.model.queue.slots == 1:
-            return "service_fit"
-        step = self.state.step
-        if step is not None and step.get().fitted:
-            return "step_fit"
-        if queued > before:
-            return "queue"
-        return None
+        return queued > 0 and queued >= before
 
-    def _shedding(self, p: Problem, overload: bool, snap: Snapshot, decision_id: str, now: float) -> str | None:
-        """Start, adjust or stop shedding; returns the evidence for an overload (see :meth:`_evidence`).
+    def _shedding(self, p: Problem, rate_stderr: float, decision_id: str, now: float) -> str | None:
+        """Start, follow or stop shedding; returns the evidence of an overload that started it.
 
-        Shedding starts on a predicted overload with evidence only, and neither starts nor
-        stops within ``shed_min_dwell_s`` of its last change.
+        The load the server would see at the minimum caps, ``L``, reads the arrival rate of
+        every request, admitted or shed. Shedding starts when ``L`` stays above ``rho_max``
+        at the rate's lower confidence bound (rate - ``OVERLOAD_Z`` standard errors) *and*
+        the admission queue confirms it (:meth:`_queue_confirms`). While shedding, the admit
+        fraction follows ``L`` at every decision (``shed_release x rho_max / L``, at most 1),
+        and shedding ends once ``L <= rho_max`` or it would shed less than
+        ``MIN_SHED_SHARE``. Neither start nor end happens within ``shed_min_dwell_s`` of the
+        last change (the admit fraction follows the load meanwhile).
         """
         st, s = self.state, self.settings
-        load_at_min = load_at_min_caps(p)
-        evidence = self._evidence(snap)
+        load = load_at_min_caps(p)
+        rate = p.arrival_rate
+        lower = (
+            load * max(rate - OVERLOAD_Z * rate_stderr, 0.0) / rate if rate > 0 and math.isfinite(rate_stderr) else 0.0
+        )
+        confirmed = self._queue_confirms()
         was = st.shedding
         settled = self._flipped is None or now - self._flipped >= s.shed_min_dwell_s
-        if overload:
-            if was or (evidence is not None and settled):
+        evidence: str | None = None
+        if was:
+            st.admit_fraction = admit_fraction(p, s.shed_release)
+            if settled and (load <= p.rho_max or st.admit_fraction >= 1.0 - MIN_SHED_SHARE):
+                st.shedding = False
+                st.admit_fraction = 1.0
+        elif load > p.rho_max:
+            if lower > p.rho_max and confirmed and settled:
                 st.shedding = True
                 st.admit_fraction = admit_fraction(p, s.shed_release)
+                evidence = "queue"
                 self._unconfirmed = False
-            elif evidence is None and not self._unconfirmed:
+            elif not self._unconfirmed:
                 self._unconfirmed = True
+                why = "the queue does not confirm it" if lower > p.rho_max else "it does not survive the rate's noise"
                 logger().warning(
                     "overload_unconfirmed",
                     decision_id=decision_id,
                     time=now,
-                    load_at_min_caps=load_at_min,
-                    detail="the configured service model predicts an overload that no fitted model or growing "
-                    "queue confirms; admitting everything",
+                    load_at_min_caps=load,
+                    load_lower_bound=lower,
+                    queued=st.admission.queued,
+                    detail=f"an overload is predicted but {why}; admitting everything",
                 )
         else:
             self._unconfirmed = False
-            if was and settled and load_at_min <= s.shed_release * p.rho_max:
-                st.shedding = False
-                st.admit_fraction = 1.0
         if st.shedding != was:
             self._flipped = now
             logger().warning(
@@ -377,11 +430,27 @@ class ControlLoop:
                 decision_id=decision_id,
                 time=now,
                 on=st.shedding,
-                load_at_min_caps=load_at_min,
+                load_at_min_caps=load,
+                load_lower_bound=lower,
                 admit_fraction=st.admit_fraction,
                 evidence=evidence,
             )
-        return evidence if overload else None
+        return evidence
+
+    def _decay_shedding(self, decision_id: str, now: float) -> None:
+        """A failed decision keeps the caps but not the shedding: its share halves, and ends
+        once below ``MIN_SHED_SHARE`` (a controller that cannot decide must not keep
+        rejecting traffic on an old reading)."""
+        st = self.state
+        if not st.shedding:
+            return
+        st.admit_fraction = 1.0 - (1.0 - st.admit_fraction) * FAILED_SHED_DECAY
+        if st.admit_fraction >= 1.0 - MIN_SHED_SHARE:
+            st.shedding = False
+            st.admit_fraction = 1.0
+            self._flipped = now
+            logger().warning("overload", decision_id=decision_id, time=now, on=False, admit_fraction=1.0,
+                             evidence="decisions_failing")  # fmt: skip
 
     async def run(self) -> None:
         """Decide every ``interval_s`` (or at once when the change detector fires) until cancelled."""
@@ -398,6 +467,7 @@ class ControlLoop:
             if not self.deciding():
                 continue
             try:
+                await self.refresh_curves()
                 self.step()
             except Exception as exc:  # a crash is logged at once and the loop goes on
                 log.error("control_loop_crash", error=f"{type(exc).__name__}: {exc}")

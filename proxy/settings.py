@@ -170,11 +170,13 @@ class ControllerSettings:
     mean system time at the caps in force exceeds the new caps' by more than
     ``hysteresis_latency`` (a fraction), and in overload when the caps in force are not the
     minimum caps. Overload (no stable allocation even at the minimum caps) sheds the share of
-    arrivals the server cannot take; shedding stops once the load at the minimum caps falls
-    below ``shed_release x rho_max``. Shedding starts only on evidence: a service model fitted
-    from live traffic for the types that carry 95 % of the arrivals, or an admission queue
-    that grew since the decision before; an overload read from the configured guess alone is
-    logged (``overload_unconfirmed``) and everything is admitted. Once shedding starts or
+    arrivals the server cannot take, on evidence only: the load at the minimum caps exceeds
+    ``rho_max`` at the arrival rate's lower confidence bound, and the admission queue holds
+    requests (no fewer than at the decision before). An overload without that evidence is
+    logged (``overload_unconfirmed``) and everything is admitted. While shedding, the admit
+    fraction follows the load at every decision (``shed_release x rho_max`` over the load at
+    the minimum caps, which counts shed arrivals too), and shedding ends once that load is
+    at most ``rho_max``; a failed decision halves the share shed. Once shedding starts or
     stops it holds for ``shed_min_dwell_s`` seconds. The arrival-rate change detector asks for
     an early decision at most once every ``min_resolve_interval_s`` seconds. The estimated
     arrival rate replaces ``[workload] arrival_rate`` once ``min_arrivals`` requests have

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from thinkcap.controller.queue import MG1, BatchingEngine, QueueTerms, queue_from_record, spread
+from thinkcap.controller.queue import MG1, BatchingEngine, QueueTerms, pool_rate, queue_from_record, spread
 
 FIELDS = ("ta", "ta1", "ta2", "tb", "tb1", "tb2")
 
@@ -135,3 +135,23 @@ def test_a_pool_record_round_trips_and_bad_pools_are_rejected() -> None:
         BatchingEngine(6, 0.02, 0.001, (2, 2))
     with pytest.raises(ValueError, match="pool"):
         BatchingEngine(4, 0.02, 0.001, (4, 0))
+
+
+@pytest.mark.parametrize("pool", [(4, 4), (2, 4), (3, 5, 7), (1, 1, 1), (8, 8, 8), (5,) * 6])
+@pytest.mark.parametrize(("a", "b"), [(0.007, 0.008), (0.0, 0.01), (0.02, 0.0)])
+def test_the_pooled_rate_is_the_sum_over_the_spread_built_incrementally(pool: tuple[int, ...], a: float,
+                                                                        b: float) -> None:  # fmt: skip
+    """pool_rate(n) = sum_r n_r / tau(n_r) over spread(n, pool), also at a zero intercept
+    (where a replica with no request is 0 / 0 term by term)."""
+    direct = [sum(k / (a + b * k) for k in spread(n, pool) if k) for n in range(1, sum(pool) + 1)]
+    assert pool_rate(pool, a, b) == pytest.approx(direct, rel=1e-12)
+
+
+def test_a_vllm_size_pool_is_built_and_its_chain_is_finite() -> None:
+    """8 replicas of 256 slots (vLLM's default max_num_seqs) with a zero intercept build (no
+    batching gain: each replica is as fast as one server, load factor 1/8), and the chain's
+    terms are finite at a heavy load."""
+    q = BatchingEngine(8 * 256, 0.0, 0.0001, (256,) * 8)
+    assert q.load_factor() == pytest.approx(1 / 8)
+    terms = q.terms(1000.0, 0.5)
+    assert all(math.isfinite(v) for v in terms)

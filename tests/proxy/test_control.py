@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -136,32 +138,47 @@ def test_nan_estimates_are_fail_static(state: ProxyState, monkeypatch: pytest.Mo
     assert "finite" in events(logs, "decision_failed")[0]["error"]
 
 
+@asynccontextmanager
+async def waiting(state: ProxyState, n: int) -> AsyncIterator[None]:
+    """``n`` requests waiting in the admission queue (its one slot taken) while inside."""
+    await state.admission.enter()
+    tasks = [asyncio.create_task(state.admission.enter()) for _ in range(n)]
+    await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        state.admission.leave()
+
+
 @pytest.mark.parametrize("hysteresis_tokens", [8, 10_000])
-def test_overload_sheds_and_recovers(state: ProxyState, hysteresis_tokens: int) -> None:
-    """No stable allocation, confirmed by a fitted service model: minimum caps (whatever the
-    hysteresis) and partial shedding; when load falls, shedding stops."""
+async def test_overload_sheds_and_recovers(state: ProxyState, hysteresis_tokens: int) -> None:
+    """No stable allocation, confirmed by the queue: minimum caps (whatever the hysteresis)
+    and partial shedding; when load falls, shedding stops."""
     ctl = ControlLoop(state, ControllerSettings(hysteresis_tokens=hysteresis_tokens))
     serve(state, 40)
     with capture_logs() as logs:
         t = feed(state, 40.0, 0.0, 300.0)  # minimum caps need 0.1 s each: 40/s is 4x the capacity
-        over = ctl.step(t)
+        async with waiting(state, 8):
+            over = ctl.step(t)
         assert over is not None and over["status"] == "overload"
         assert state.shedding and 0.15 < state.admit_fraction < 0.3
         assert state.caps.effective() == {"hard": 0, "easy": 0}
         t = feed(state, 1.0, t, 1200.0, seed=2)
         calm = ctl.step(t)
     assert calm is not None and calm["status"] == "converged" and not state.shedding and state.admit_fraction == 1.0
-    assert [(e["on"], e["evidence"]) for e in events(logs, "overload")] == [
-        (True, "service_fit"),
-        (False, "service_fit"),
-    ]
-    assert over["overload_evidence"] == "service_fit"
+    assert [(e["on"], e["evidence"]) for e in events(logs, "overload")] == [(True, "queue"), (False, None)]
+    assert over["overload_evidence"] == "queue"
 
 
-def test_an_overload_only_the_configured_guess_predicts_sheds_nothing(state: ProxyState) -> None:
-    """Without a fitted service model or a growing queue, a predicted overload admits everything
-    and is logged once as unconfirmed; the caps still go to the minimum."""
+def test_an_overload_the_queue_does_not_confirm_sheds_nothing(state: ProxyState) -> None:
+    """Without requests waiting in the admission queue, a predicted overload (here with a fitted
+    service model) admits everything and is logged once as unconfirmed; the caps still go to
+    the minimum."""
     ctl = ControlLoop(state, ControllerSettings())
+    serve(state, 40)
     with capture_logs() as logs:
         t = feed(state, 40.0, 0.0, 300.0)
         first = ctl.step(t)
@@ -190,7 +207,7 @@ async def test_a_growing_queue_confirms_an_overload(state: ProxyState) -> None:
         await asyncio.gather(*waiting, return_exceptions=True)
 
 
-def test_shedding_holds_for_its_dwell_time(tmp_path: Path) -> None:
+async def test_shedding_holds_for_its_dwell_time(tmp_path: Path) -> None:
     """Once on, shedding stays on for shed_min_dwell_s even when the load has fallen at once."""
     estimators = "arrival_half_life_s = 1.0\ndetector_window_s = 0.5\ndetector_reference_s = 10.0"
     path = write_config(tmp_path, "http://127.0.0.1:9/v1")
@@ -199,7 +216,8 @@ def test_shedding_holds_for_its_dwell_time(tmp_path: Path) -> None:
     serve(state, 40)
     ctl = ControlLoop(state, ControllerSettings(shed_min_dwell_s=10.0))
     t = feed(state, 40.0, 0.0, 30.0)
-    assert ctl.step(t) is not None and state.shedding
+    async with waiting(state, 8):
+        assert ctl.step(t) is not None and state.shedding
     t = feed(state, 0.5, t, 8.0, seed=1)  # 8 half-lives later the estimate has fallen
     calm = ctl.step(t)
     assert calm is not None and calm["status"] == "converged" and state.shedding  # 8 s < 10 s
