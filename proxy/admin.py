@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.request.errors import error_body
-from thinkcap.proxy.state import STATE_KEY, ProxyState, step_record
+from thinkcap.estimators import AccuracyCurve
+from thinkcap.proxy.state import STATE_KEY, ProxyState, refit_curves, step_record
 
 
 def _admin_error(status: int, message: str) -> web.Response:
@@ -32,6 +35,7 @@ async def admin_state(request: web.Request) -> web.Response:
     """Caps (table, pins, in force), estimates, last decision, probe, queue."""
     st = request.app[STATE_KEY]
     snap = st.estimators.snapshot(st.clock())
+    await refit_curves(st.accuracy)
     table = st.caps.table
     body = {
         "caps": st.caps.effective(),
@@ -46,7 +50,7 @@ async def admin_state(request: web.Request) -> web.Response:
             "arrival_rate": snap.arrival_rate,
             "arrival_rate_stderr": snap.arrival_rate_stderr if snap.arrival_rate_stderr != float("inf") else None,
             "types": {t.name: t._asdict() for t in snap.types},
-            "accuracy": {n: dict(zip(("base", "gain", "rate"), c.get(), strict=True)) for n, c in st.accuracy.items()},
+            "accuracy": {n: _curve(c) for n, c in st.accuracy.items()},
         },
         "last_decision": st.last_decision,
         "probe": st.probe,
@@ -107,7 +111,8 @@ async def unpin_caps(request: web.Request) -> web.Response:
 
 
 async def feedback(request: web.Request) -> web.Response:
-    """``POST /admin/feedback`` with ``{"request_id", "correct"}`` (or ``"score"`` in [0, 1])."""
+    """``POST /admin/feedback`` with ``{"request_id", "correct"}`` (or ``"score"`` in [0, 1]); a request
+    is graded once: a second grade answers 409."""
     st = request.app[STATE_KEY]
     body = await _json_object(request)
     if isinstance(body, web.Response):
@@ -126,11 +131,22 @@ async def feedback(request: web.Request) -> web.Response:
         return _admin_error(404, f"no recent request {rid!r} (only the last answered requests are kept)")
     if item.reasoning_tokens is None:
         return _admin_error(409, f"request {rid!r} has no token count to learn from")
+    if item.graded:
+        return _admin_error(409, f"request {rid!r} was graded already (one request, one grade)")
     st.accuracy[item.type].update(item.reasoning_tokens, correct, now=st.clock())
+    st.recent[rid] = replace(item, graded=True)
     st.feedback += 1
     logger().info("feedback", request_id=rid, type=item.type, reasoning_tokens=item.reasoning_tokens, correct=correct,
                   time=st.clock())  # fmt: skip
     return web.json_response({"accepted": True, "type": item.type, "reasoning_tokens": item.reasoning_tokens})
+
+
+def _curve(curve: AccuracyCurve) -> dict[str, Any]:
+    """A type's accuracy curve as fitted from feedback (the configured one, with the error, if the fit fails)."""
+    try:
+        return dict(zip(("base", "gain", "rate"), curve.get(), strict=True))
+    except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+        return {"base": curve.base, "gain": curve.gain, "rate": curve.rate, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _is_score(value: Any) -> bool:

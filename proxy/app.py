@@ -14,6 +14,7 @@ from yarl import URL
 from thinkcap.proxy.cluster import Cluster
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import logger
+from thinkcap.proxy.pool import Replica
 from thinkcap.proxy.request.dialects import apply_cap, honoured
 from thinkcap.proxy.request.errors import ProxyError, error_response
 from thinkcap.proxy.request.forward import SHAPED, new_request_id, passthrough, shaped
@@ -216,20 +217,46 @@ async def _run_probe(state: ProxyState) -> None:
         )
 
 
+async def replica_answers(state: ProxyState, replica: Replica) -> tuple[bool, str]:
+    """A small shaped request (one token) to the replica's chat route: answered below 500?
+    ``GET /v1/models`` is not enough: a replica can list its models while every generation fails."""
+    b = state.settings.backend
+    headers = {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {}
+    body = {"model": b.model or "default", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "Say OK."}]}  # fmt: skip
+    try:
+        async with state.http().post(
+            replica.url + SHAPED[0], json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        ) as r:
+            await r.read()
+            return r.status < 500, f"POST {SHAPED[0]} answered {r.status}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return False, f"POST {SHAPED[0]} failed: {type(exc).__name__}"
+
+
 async def watch_replicas(state: ProxyState) -> None:
-    """Probe each ejected replica every ``probe_interval_s`` (``GET /v1/models``) and take it
-    back once it answers below 500."""
+    """Probe each ejected replica when it is due (:meth:`Pool.probe_due`) with a small shaped
+    request, and take it back once that is answered below 500. Runs for one replica too: an
+    ejected single backend is taken back once it answers."""
     log = logger()
+    interval = state.settings.backend.probe_interval_s
     while True:
-        await asyncio.sleep(state.settings.backend.probe_interval_s)
+        await asyncio.sleep(min(interval, 1.0))
         for replica in state.pool.replicas:
-            if replica.healthy:
+            if not state.pool.probe_due(replica, state.clock(), interval):
                 continue
-            up, detail = await upstream_reachable(state, replica.url)
+            try:
+                up, detail = await replica_answers(state, replica)
+            except Exception as exc:  # the watch logs and goes on: it must not die silently
+                log.error("replica", action="probe_failed", replica=replica.url, error=f"{type(exc).__name__}: {exc}")
+                continue
             if up:
                 state.pool.readmit(replica)
                 log.warning("replica", action="readmitted", replica=replica.url, detail=detail,
                             healthy=state.pool.healthy_slots())  # fmt: skip
+            else:
+                replica.ejected_at = state.clock()  # the next probe waits again from now
+                replica.last_error = detail
 
 
 Route = Callable[[ProxyState, HttpRequest], Awaitable[Reply | StreamReply]]
@@ -300,8 +327,7 @@ class DataPlane:
             )
         if b.probe:
             self._tasks.append(asyncio.create_task(_run_probe(state)))
-        if len(state.pool) > 1:
-            self._tasks.append(asyncio.create_task(watch_replicas(state)))
+        self._tasks.append(asyncio.create_task(watch_replicas(state)))
         self.host = s.proxy.host if host is None else host
         try:
             self.port = await self.server.start(self.host, s.proxy.port if port is None else port)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import math
 import time
 import uuid
@@ -33,7 +32,7 @@ from thinkcap.estimators import Snapshot, StepEstimate
 from thinkcap.proxy.config import ModelConfig
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.settings import ControllerSettings
-from thinkcap.proxy.state import ProxyState, step_record
+from thinkcap.proxy.state import ProxyState, refit_curves, step_record
 
 #: Standard errors of the arrival-rate estimate below its point value at which an overload
 #: must still hold to count (a one-sided bound at about 98 %): a rate restarted from a short,
@@ -224,18 +223,8 @@ class ControlLoop:
         return used, record
 
     async def refresh_curves(self) -> None:
-        """Fit the accuracy curves that new feedback changed, in a worker thread (a fit is a
-        few hundred likelihood evaluations: too long for the event loop). Each fit runs on a
-        copy; it is taken back only if no feedback arrived meanwhile."""
-        stale = {n: c for n, c in self.state.accuracy.items() if c.samples and not c.cached}
-        for name, curve in stale.items():
-            work = copy.deepcopy(curve)
-            try:
-                await asyncio.to_thread(work.evidence)
-            except (ArithmeticError, ValueError, np.linalg.LinAlgError):
-                continue  # the decision records the failure and keeps the configured curve
-            curve.adopt(work)
-            logger().debug("accuracy_refit", type=name, samples=work.samples)
+        """Fit the accuracy curves that new feedback changed, off the event loop (see :func:`refit_curves`)."""
+        await refit_curves(self.state.accuracy)
 
     def local_inputs(self, now: float) -> Inputs:
         """This proxy's own estimates at ``now``."""

@@ -2,9 +2,12 @@
 
 A request goes to the healthy replica with the fewest requests in service relative to its
 slots; ties rotate. A replica is ejected after ``eject_after`` consecutive failures (refused
-connection, an answer cut off, or a 5xx); the health watch (``proxy.app``) probes it until it
-answers and takes it back. While every replica is ejected, all of them are tried (an
-ejection may be wrong; a refused connection is a quick, clear 502).
+connection, an answer cut off, a 5xx, or no byte before the read timeout); a client that goes
+away says nothing of the replica. The health watch (``proxy.app``) probes an ejected replica
+with a small shaped request and takes it back once that is answered; after repeated
+ejections without a success between them it waits longer before each probe (doubling from
+``probe_interval_s`` up to :data:`MAX_PROBE_BACKOFF_S`). While every replica is ejected, all
+of them are tried (an ejection may be wrong; a refused connection is a quick, clear 502).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any
 from thinkcap.proxy.admission import Occupancy
 from thinkcap.proxy.settings import ReplicaSettings
 from thinkcap.proxy.transport.client import Upstream
+
+#: Longest wait between two probes of a replica ejected again and again, seconds.
+MAX_PROBE_BACKOFF_S = 60.0
 
 
 class Replica:
@@ -30,6 +36,7 @@ class Replica:
         self.failures = 0  # consecutive
         self.ejections = 0
         self.ejected_at: float | None = None
+        self.strikes = 0  # ejections since its last answered request
         self.last_error: str | None = None
         self.sent = 0
 
@@ -119,6 +126,16 @@ class Pool:
     def succeeded(self, replica: Replica) -> None:
         """A request on ``replica`` was answered."""
         replica.failures = 0
+        replica.strikes = 0
+
+    def probe_due(self, replica: Replica, now: float, interval_s: float) -> bool:
+        """Whether an ejected replica is due for a probe: ``interval_s`` after its ejection,
+        doubled for each ejection since its last answered request (at most
+        :data:`MAX_PROBE_BACKOFF_S`)."""
+        if replica.healthy or replica.ejected_at is None:
+            return False
+        wait = min(interval_s * 2.0 ** max(replica.strikes - 1, 0), max(MAX_PROBE_BACKOFF_S, interval_s))
+        return now - replica.ejected_at >= wait
 
     def failed(self, replica: Replica, why: str, now: float) -> bool:
         """A request on ``replica`` failed; returns whether that ejected it."""
@@ -129,6 +146,7 @@ class Pool:
         replica.healthy = False
         replica.ejected_at = now
         replica.ejections += 1
+        replica.strikes += 1
         for listener in self.on_change:
             listener(replica)
         return True

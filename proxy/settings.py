@@ -68,8 +68,9 @@ class BackendSettings:
     then the first's and ``slots`` their sum).
 
     A replica is ejected after ``eject_after`` consecutive failures (connection refused,
-    dropped mid-answer, or 5xx) and probed (``GET /v1/models``) every ``probe_interval_s``
-    seconds until it answers, then taken back.
+    dropped mid-answer, a 5xx, or no byte within ``read_timeout_s``) and probed with a small
+    chat request once ``probe_interval_s`` seconds have passed (doubled for each ejection
+    since its last answered request, up to a minute) until it answers, then taken back.
     """
 
     url: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import math
 import time
 from collections import OrderedDict
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 
 from thinkcap.controller import decide
@@ -32,6 +35,7 @@ class Finished:
 
     type: str
     reasoning_tokens: int | None
+    graded: bool = False  # feedback on it was taken (one request, one grade)
 
 
 @dataclass
@@ -104,6 +108,20 @@ class ProxyState:
         if self.session is None:
             raise RuntimeError("the upstream session is not open")
         return self.session
+
+
+async def refit_curves(curves: dict[str, AccuracyCurve]) -> None:
+    """Fit the accuracy curves that new feedback changed, in a worker thread (a fit is a few
+    hundred likelihood evaluations: too long for the event loop). Each fit runs on a copy and
+    is taken back only if no feedback arrived meanwhile; a fit that fails is left to the
+    reader (the control loop then keeps that type's configured curve)."""
+    for curve in [c for c in curves.values() if c.samples and not c.cached]:
+        work = copy.deepcopy(curve)
+        try:
+            await asyncio.to_thread(work.evidence)
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+            continue
+        curve.adopt(work)
 
 
 def step_record(step: StepEstimate) -> dict[str, Any]:

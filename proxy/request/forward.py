@@ -279,7 +279,10 @@ class Exchange:
         mark = occupancy.start(self.t_dispatch, streamed=stream, prefill_s=st.prefill_guess_s)
         if stream and st.step is not None:
             self.gaps = GapTally()
+        # What the outcome says of the replica: a failure, a success (``counted``), or nothing
+        # (the client went away; a timeout after the answer started is the generation's length).
         failure: str | None = None
+        counted = False
         try:
             if backend.total_timeout_s is None:  # the default: no timer to set and cancel
                 reply = await self.relay(replica, headers, data, stream=stream, asked_usage=asked_usage)
@@ -287,6 +290,7 @@ class Exchange:
                 async with asyncio.timeout(backend.total_timeout_s):
                     reply = await self.relay(replica, headers, data, stream=stream, asked_usage=asked_usage)
             status = self.event.get("upstream_status")
+            counted = self.event["error_kind"] != "upstream_timeout"
             if self.event["error_kind"] in FAILURES:
                 failure = self.event["error_kind"]
             elif isinstance(status, int) and status >= 500:
@@ -304,10 +308,14 @@ class Exchange:
             err = ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
             if self.stream is not None and self.stream.prepared:  # the total limit struck mid-stream
                 return await self.end_stream(self.stream, err)
+            failure = "timed out before the first byte"
             raise err from None
         except ProxyError as exc:
             if exc.code in FAILURES:
                 failure = exc.code
+            elif exc.code == "upstream_timeout":  # raised by the stream before its first event
+                failure = "timed out before the first byte"
+            counted = True
             raise
         finally:
             end = self.loop.time()
@@ -315,7 +323,8 @@ class Exchange:
             # Time-averaged number in service on this replica while this request was (itself included).
             self.event["mean_in_service"] = (area - mark) / (end - self.t_dispatch) if end > self.t_dispatch else 1.0
             if failure is None:
-                st.pool.succeeded(replica)
+                if counted:
+                    st.pool.succeeded(replica)
             elif st.pool.failed(replica, failure, st.clock()):
                 logger().error(
                     "replica", action="ejected", replica=replica.url, error=failure, healthy=st.pool.healthy_slots()

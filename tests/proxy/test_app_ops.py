@@ -106,15 +106,23 @@ async def test_admin_pins_and_unpins_caps_that_the_upstream_then_sees(stack: Sta
 
 
 async def test_admin_state_and_feedback(stack: StackFactory) -> None:
-    """GET /admin/state shows caps and estimates; feedback by request id reaches the accuracy curve."""
+    """GET /admin/state shows caps and estimates; feedback by request id reaches the accuracy
+    curve, once per request: a second grade of the same request answers 409 and counts nothing."""
     s = await stack()
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{s.url}/chat/completions", json={"messages": HARD}) as r:
-            rid = r.headers["X-Request-Id"]
-        fb = s.admin.make_url("/admin/feedback")
+        rids = []
         for _ in range(30):
+            async with session.post(f"{s.url}/chat/completions", json={"messages": HARD}) as r:
+                rids.append(r.headers["X-Request-Id"])
+        fb = s.admin.make_url("/admin/feedback")
+        for rid in rids:
             async with session.post(fb, json={"request_id": rid, "correct": False}) as r:
                 assert r.status == 200 and (await r.json())["type"] == "hard"
+        for again in (False, True):
+            async with session.post(fb, json={"request_id": rids[0], "correct": again}) as r:
+                assert r.status == 409 and "graded already" in (await r.json())["error"]["message"]
+        assert s.state.accuracy["hard"].samples == 30
+        rid = rids[0]
         async with session.post(fb, json={"request_id": "nope", "correct": True}) as r:
             assert r.status == 404
         async with session.post(fb, json={"request_id": rid, "score": 7}) as r:
