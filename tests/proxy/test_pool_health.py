@@ -121,16 +121,15 @@ async def test_a_single_backend_once_ejected_is_taken_back(tmp_path: Path) -> No
     the health watch takes it back (a single backend stayed ``healthy: false`` for ever)."""
     stub = Stub("fail")
     backend = "probe = false\neject_after = 2\nprobe_interval_s = 0.1"
-    async with proxy(tmp_path, [stub], backend) as (state, url):
-        async with aiohttp.ClientSession() as session:
-            assert [await post(session, url) for _ in range(2)] == [500, 500]
-            replica = state.pool.replicas[0]
-            assert not replica.healthy
-            stub.mode = "ok"
-            deadline = time.monotonic() + 5
-            while not replica.healthy and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert replica.healthy and await post(session, url) == 200
+    async with proxy(tmp_path, [stub], backend) as (state, url), aiohttp.ClientSession() as session:
+        assert [await post(session, url) for _ in range(2)] == [500, 500]
+        replica = state.pool.replicas[0]
+        assert not replica.healthy
+        stub.mode = "ok"
+        deadline = time.monotonic() + 5
+        while not replica.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert replica.healthy and await post(session, url) == 200
 
 
 def test_probes_back_off_after_repeated_ejections() -> None:
