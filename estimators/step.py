@@ -32,6 +32,9 @@ from thinkcap.estimators.service import FORGETTING, TOKEN_SCALE
 MIN_SAMPLES = 30
 #: Default largest relative standard error of tau(1) and of b (as a share of tau(1)) for the fit to count.
 MAX_REL_STDERR = 0.1
+#: Largest condition number of the (a, b) information (scaled to unit diagonal) for the fit to
+#: count: occupancies 1..4 seen evenly give about 30; every gap at one occupancy, infinity.
+MAX_CONDITION = 1e3
 #: Information of the ridge prior, per coefficient (scaled features): about one sample's worth of a stray token.
 PRIOR_INFORMATION = 1e-4
 
@@ -85,7 +88,7 @@ class StepEstimate(NamedTuple):
     per_seq_stderr_s: float
     requests: int
     gaps: int
-    fitted: bool  # enough requests, and tau(1) and b pinned down (see StepFit)
+    fitted: bool  # enough requests, and a, b and tau(1) pinned down (see StepFit)
 
     def step_time(self, j: float) -> float:
         """tau(j) = a + b j."""
@@ -111,8 +114,10 @@ class StepFit:
     min_samples
         Finished requests before the fit may count.
     max_rel_stderr
-        The fit counts when the standard errors of ``tau(1)`` and of ``b`` are both at most
-        this share of ``tau(1)``.
+        The fit counts when the standard errors of ``tau(1)``, of ``b`` and of the intercept
+        ``a`` are each at most this share of ``tau(1)``, both coefficients are >= 0, and the
+        occupancies seen tell ``a`` from ``b`` (the condition number of their information is
+        at most :data:`MAX_CONDITION`).
 
     Notes
     -----
@@ -260,29 +265,32 @@ class StepFit:
         self._n += 1
 
     def _solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
-        """Least squares with the step's coefficients a, b >= 0: one that comes out negative is
-        held at 0 and the rest fitted again (a step cannot shrink with the batch, nor take less
-        than no time; noise on a small intercept would otherwise keep the fit out of use)."""
+        """Weighted least squares with the weak ridge prior: theta, (I + I0)^-1 and sigma^2.
+
+        No coefficient is clamped: a step that comes out shrinking with the batch, or taking
+        less than no time, is reported as fitted and kept out of use by :meth:`get`'s gate (a
+        clamped intercept would read as "no batching gain" and mislead the queue model).
+        """
         prior = PRIOR_INFORMATION * np.eye(4)
         info = self._info + prior
-        vec = self._vec + prior @ self._prior
-        free = [0, 1, 2, 3]
-        while True:
-            sub = np.ix_(free, free)
-            cov_free = np.asarray(np.linalg.inv(info[sub]), dtype=np.float64)
-            theta = np.zeros(4)
-            theta[free] = cov_free @ vec[free]
-            negative = [i for i in (2, 3) if i in free and theta[i] < 0]
-            if not negative:
-                break
-            free.remove(min(negative, key=lambda i: theta[i]))
-        cov = np.zeros((4, 4))
-        cov[np.ix_(free, free)] = cov_free
+        cov = np.asarray(np.linalg.inv(info), dtype=np.float64)
+        theta = cov @ (self._vec + prior @ self._prior)
         # Weighted residual sum of squares: y'Wy - 2 theta'v + theta' I theta (data part only).
         rss = self._syy - 2.0 * float(theta @ self._vec) + float(theta @ self._info @ theta)
-        dof = self._samples - len(free)
+        dof = self._samples - 4
         sigma2 = max(rss, 0.0) / dof if dof > 0 else math.inf
         return theta, cov, sigma2
+
+    def _condition(self) -> float:
+        """Condition number of the data's information on (a, b): large when the occupancies
+        seen do not tell the intercept from the slope (every gap at one occupancy, say),
+        however small the jitter."""
+        block = self._info[2:, 2:]
+        if not np.all(np.isfinite(block)) or block[0, 0] <= 0 or block[1, 1] <= 0:
+            return math.inf
+        scale = np.sqrt(np.diag(block))
+        eig = np.linalg.eigvalsh(block / np.outer(scale, scale))
+        return float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf
 
     def get(self, now: float | None = None) -> StepEstimate:
         """The estimate at ``now`` (default: the last update); it forgets per request, so it
@@ -303,11 +311,16 @@ class StepFit:
         else:
             se_a = se_b = se_tau1 = math.inf
         tau1 = a + b
+        limit = self.max_rel_stderr * tau1
         fitted = (
             self._requests >= self.min_samples
+            and a >= 0
+            and b >= 0
             and tau1 > 0
-            and se_tau1 <= self.max_rel_stderr * tau1
-            and se_b <= self.max_rel_stderr * tau1
+            and se_tau1 <= limit
+            and se_b <= limit
+            and se_a <= limit  # the batching gain rests on the intercept
+            and self._condition() <= MAX_CONDITION
         )
         est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted)
         self._cached = est
