@@ -254,11 +254,19 @@ class ArrivalRate:
 
     def get(self, now: float | None = None) -> RateEstimate:
         """The rate (1/s) and its standard error at ``now`` (default: the last update)."""
+        return self._read(self._main, self.half_life_s, now)
+
+    def recent(self, now: float | None = None) -> RateEstimate:
+        """The fast window's rate (half-life ``fast_half_life_s``) and its standard error at
+        ``now``: what the load is now, noisier than :meth:`get` but with no lag after a fall."""
+        return self._read(self._fast, self.fast_half_life_s, now)
+
+    def _read(self, window: _Decayed, half_life_s: float, now: float | None) -> RateEstimate:
         if now is None or self._last is None:
-            return self._main.estimate()
+            return window.estimate()
         now = check_time(now, self._last)
-        probe = _Decayed(self.half_life_s)
-        probe.count, probe.exposure, probe.exposure2 = self._main.count, self._main.exposure, self._main.exposure2
+        probe = _Decayed(half_life_s)
+        probe.count, probe.exposure, probe.exposure2 = window.count, window.exposure, window.exposure2
         probe.advance(now - self._last)
         return probe.estimate()
 

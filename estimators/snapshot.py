@@ -36,6 +36,8 @@ class Snapshot:
     changes: int
     last_change: float | None
     types: tuple[TypeEstimate, ...]
+    recent_rate: float = math.nan  # the fast window's rate (nan: not known, as in a merged snapshot)
+    recent_rate_stderr: float = math.nan
 
     def by_name(self) -> dict[str, TypeEstimate]:
         """The type estimates keyed by name."""
@@ -109,6 +111,7 @@ class Estimators:
         """Rate (decayed to ``now``), priors and per-type service parameters."""
         now = self._last if now is None else now
         rate = self.arrival.get(now)
+        recent = self.arrival.recent(now)
         priors = self.mix.get(now)
         service = self.service.get()
         types = []
@@ -116,5 +119,6 @@ class Estimators:
             s = service[name]
             types.append(TypeEstimate(name, prior, s.overhead_s, s.per_token_s, s.variance_s2, s.samples, s.fitted))
         return Snapshot(
-            now, rate.rate, rate.stderr, rate.events, self.arrival.changes, self.arrival.last_change, tuple(types)
-        )
+            now, rate.rate, rate.stderr, rate.events, self.arrival.changes, self.arrival.last_change, tuple(types),
+            recent.rate, recent.stderr,
+        )  # fmt: skip

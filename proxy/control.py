@@ -36,12 +36,23 @@ from thinkcap.proxy.state import ProxyState, refit_curves, step_record
 
 #: Standard errors of the arrival-rate estimate below its point value at which an overload
 #: must still hold to count (a one-sided bound at about 98 %): a rate restarted from a short,
-#: noisy segment after a detected change does not start shedding.
+#: noisy segment after a detected change does not start shedding, nor does the long memory of
+#: the estimate after a fall (the fast window's bound is taken too).
 OVERLOAD_Z = 2.0
 #: Each failed decision while shedding halves the share of arrivals shed.
 FAILED_SHED_DECAY = 0.5
 #: Shedding ends once it would shed less than this share of the arrivals.
 MIN_SHED_SHARE = 0.05
+
+
+def _lower_bound(snap: Snapshot) -> float:
+    """The arrival rate's lower confidence bound: the lower of the estimate's and the fast
+    window's, each ``OVERLOAD_Z`` standard errors below its value (0 where unknown)."""
+    bounds = [snap.arrival_rate - OVERLOAD_Z * snap.arrival_rate_stderr]
+    if math.isfinite(snap.recent_rate) and math.isfinite(snap.recent_rate_stderr):
+        bounds.append(snap.recent_rate - OVERLOAD_Z * snap.recent_rate_stderr)
+    low = min(bounds)
+    return max(low, 0.0) if math.isfinite(low) else 0.0
 
 
 def build_problem(
@@ -258,7 +269,10 @@ class ControlLoop:
             snap = inputs.snap
             use_estimate = inputs.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
-            rate_stderr = snap.arrival_rate_stderr if use_estimate else 0.0
+            # The configured rate is a guess with no error bar: it never starts shedding. The
+            # bound is the lower of the estimate's and the fast window's (no lag after a fall).
+            rate_low = _lower_bound(snap) if use_estimate else 0.0
+            rate_stderr = snap.arrival_rate_stderr if use_estimate else math.inf
             accuracy = inputs.accuracy
             step = inputs.step
             problem = build_problem(
@@ -295,7 +309,7 @@ class ControlLoop:
             self._decay_shedding(decision_id, now)
             return None
         overload = result.status == Status.OVERLOAD
-        evidence = self._shedding(problem, rate_stderr, decision_id, now)
+        evidence = self._shedding(problem, rate_low, decision_id, now)
         if not overload:
             self.x0 = result.x
         q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
@@ -365,13 +379,13 @@ class ControlLoop:
         self._queued = queued
         return queued > 0 and queued >= before
 
-    def _shedding(self, p: Problem, rate_stderr: float, decision_id: str, now: float) -> str | None:
+    def _shedding(self, p: Problem, rate_low: float, decision_id: str, now: float) -> str | None:
         """Start, follow or stop shedding; returns the evidence of an overload that started it.
 
         The load the server would see at the minimum caps, ``L``, reads the arrival rate of
         every request, admitted or shed. Shedding starts when ``L`` stays above ``rho_max``
-        at the rate's lower confidence bound (rate - ``OVERLOAD_Z`` standard errors) *and*
-        the admission queue confirms it (:meth:`_queue_confirms`). While shedding, the admit
+        at the rate's lower confidence bound ``rate_low`` (:func:`_lower_bound`) *and* the
+        admission queue confirms it (:meth:`_queue_confirms`). While shedding, the admit
         fraction follows ``L`` at every decision (``shed_release x rho_max / L``, at most 1),
         and shedding ends once ``L <= rho_max`` or it would shed less than
         ``MIN_SHED_SHARE``. Neither start nor end happens within ``shed_min_dwell_s`` of the
@@ -380,9 +394,7 @@ class ControlLoop:
         st, s = self.state, self.settings
         load = load_at_min_caps(p)
         rate = p.arrival_rate
-        lower = (
-            load * max(rate - OVERLOAD_Z * rate_stderr, 0.0) / rate if rate > 0 and math.isfinite(rate_stderr) else 0.0
-        )
+        lower = load * min(rate_low, rate) / rate if rate > 0 else 0.0
         confirmed = self._queue_confirms()
         was = st.shedding
         settled = self._flipped is None or now - self._flipped >= s.shed_min_dwell_s

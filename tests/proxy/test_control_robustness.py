@@ -68,7 +68,8 @@ async def test_an_overload_that_does_not_survive_the_rates_noise_sheds_nothing(s
     ctl = ControlLoop(state, ControllerSettings())
     t = feed(state, 6.5, 0.0, 300.0)
     local = ctl.local_inputs(t)
-    noisy = replace(local.snap, arrival_rate=12.0, arrival_rate_stderr=2.0)  # 12 - 2 x 2 = 8/s < 9.5/s
+    noisy = replace(local.snap, arrival_rate=12.0, arrival_rate_stderr=2.0, recent_rate=12.0, recent_rate_stderr=2.0)
+    # 12 - 2 x 2 = 8/s < 9.5/s
     ctl.source = lambda now: replace(local, snap=noisy)
     with capture_logs() as logs:
         async with waiting(state, 3):
@@ -77,7 +78,8 @@ async def test_an_overload_that_does_not_survive_the_rates_noise_sheds_nothing(s
     assert first is not None and second is not None and first["status"] == "overload"
     assert not state.shedding and state.admit_fraction == 1.0
     assert not events(logs, "overload") and len(events(logs, "overload_unconfirmed")) == 1
-    ctl.source = lambda now: replace(local, snap=replace(noisy, arrival_rate_stderr=0.5))  # 11/s: beyond noise
+    sure = replace(noisy, arrival_rate_stderr=0.5, recent_rate_stderr=0.5)  # 11/s: beyond the noise
+    ctl.source = lambda now: replace(local, snap=sure)
     async with waiting(state, 3):
         event = ctl.step(t + 4.0)
     assert event is not None and event["overload_evidence"] == "queue" and state.shedding
