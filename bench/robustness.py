@@ -31,10 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.proxy.conftest import write_config  # noqa: E402
-from thinkcap.proxy.control import ControlLoop  # noqa: E402
-from thinkcap.proxy.settings import ControllerSettings, load_settings  # noqa: E402
-from thinkcap.proxy.state import ProxyState, build_state  # noqa: E402
+from tests.proxy.conftest import write_config
+from tests.proxy.test_control import feed
+from thinkcap.proxy.control import ControlLoop
+from thinkcap.proxy.settings import ControllerSettings, load_settings
+from thinkcap.proxy.state import ProxyState, build_state
 
 STEP = "step = { base_s = 0.007, per_seq_s = 0.008 }"
 
@@ -49,15 +50,6 @@ def pool_state(tmp: Path, replicas: int, slots: int) -> ProxyState:
     return build_state(load_settings(path))
 
 
-def feed(state: ProxyState, rate: float, start: float, seconds: float, rng: np.random.Generator) -> float:
-    t = start
-    while True:
-        t += float(rng.exponential(1 / rate))
-        if t > start + seconds:
-            return start + seconds
-        state.arrived("hard" if rng.random() < 0.5 else "easy", t)
-
-
 def capacity(state: ProxyState) -> float:
     q = state.settings.model.queue
     return 1.0 / (0.05 * q.load_factor())
@@ -67,12 +59,11 @@ def decision_times(replicas: int, slots: int, n: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         state = pool_state(Path(tmp), replicas, slots)
         ctl = ControlLoop(state, ControllerSettings())
-        rng = np.random.default_rng(1)
         rate = 0.6 * capacity(state)
-        t = feed(state, rate, 0.0, 5.0, rng)
+        t = feed(state, rate, 0.0, 5.0)
         times = []
-        for _ in range(n):
-            t = feed(state, rate, t, 0.2, rng)
+        for k in range(n):
+            t = feed(state, rate, t, 0.2, seed=k + 1)
             started = time.perf_counter()
             assert ctl.step(t) is not None
             times.append(time.perf_counter() - started)
@@ -93,7 +84,7 @@ async def worst_stall(seconds: float) -> tuple[float, int]:
             now = state.clock()
             state.arrived("hard" if rng.random() < 0.5 else "easy", now)
             if k % 50 == 0:  # a batch of graded answers: the curves need a refit
-                for i in range(20):
+                for _ in range(20):
                     state.accuracy["hard"].update(float(rng.integers(1, 4000)), bool(rng.random() < 0.7), now=now)
             k += 1
             due = loop.time() + 0.001
@@ -108,14 +99,13 @@ async def spike_then_settle() -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         state = build_state(load_settings(write_config(Path(tmp), "http://127.0.0.1:9/v1")))
         ctl = ControlLoop(state, ControllerSettings())
-        rng = np.random.default_rng(3)
-        t = feed(state, 4.0, 0.0, 120.0, rng)
+        t = feed(state, 4.0, 0.0, 120.0)
         ctl.step(t)
         await state.admission.enter()
         waiting = [asyncio.create_task(state.admission.enter()) for _ in range(8)]
         await asyncio.sleep(0)
-        for _ in range(10):
-            t = feed(state, 100.0, t, 2.0, rng)
+        for k in range(10):
+            t = feed(state, 100.0, t, 2.0, seed=10 + k)
             ctl.step(t)
         for w in waiting:
             w.cancel()
@@ -124,8 +114,10 @@ async def spike_then_settle() -> tuple[float, float]:
         assert state.shedding
         settle = t
         back = ended = float("nan")
+        k = 100
         while t < settle + 600:
-            t = feed(state, 9.0, t, 2.0, rng)
+            k += 1
+            t = feed(state, 9.0, t, 2.0, seed=k)
             ctl.step(t)
             if back != back and state.admit_fraction >= 0.95:
                 back = t - settle
