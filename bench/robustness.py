@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import tempfile
@@ -119,7 +120,7 @@ async def spike_then_settle() -> tuple[float, float]:
             k += 1
             t = feed(state, 9.0, t, 2.0, seed=k)
             ctl.step(t)
-            if back != back and state.admit_fraction >= 0.95:
+            if math.isnan(back) and state.admit_fraction >= 0.95:
                 back = t - settle
             if not state.shedding:
                 ended = t - settle
