@@ -17,11 +17,14 @@ each of its per-type kernels (Python floats, numpy) forced, to place
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from scipy.optimize import minimize
@@ -171,7 +174,34 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="only compare the exact method's two kernels")
     ap.add_argument("--batching", action="store_true", help="batching engines (2-256 slots) instead of M/G/1")
     ap.add_argument("--instances", type=int, default=20, help="instances per size and load")
+    ap.add_argument("--out", type=Path, help="also append the tables to this file (docs/benchmarks/solver.md)")
     args = ap.parse_args()
+    if args.out is None:
+        run(args)
+        return
+    with args.out.open("a") as out, contextlib.redirect_stdout(Tee(sys.stdout, out)):
+        shown = [a for a in sys.argv[1:] if a not in ("--out", str(args.out))]
+        print(f"\n`{' '.join(['.venv/bin/python bench/solver.py', *shown])}`:\n")
+        run(args)
+
+
+class Tee(io.TextIOBase):
+    """Writes go to every stream given."""
+
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def run(args: argparse.Namespace) -> None:
     if args.kernels:
         kernel_table([1, 4, 8, 16, 24, 32, 48, 64], instances=10, repeats=21)
         return
