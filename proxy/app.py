@@ -255,7 +255,7 @@ async def watch_replicas(state: ProxyState) -> None:
                 log.warning("replica", action="readmitted", replica=replica.url, detail=detail,
                             healthy=state.pool.healthy_slots())  # fmt: skip
             else:
-                replica.ejected_at = state.clock()  # the next probe waits again from now
+                replica.probed_at = state.clock()  # the next probe waits again from now
                 replica.last_error = detail
 
 

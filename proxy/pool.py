@@ -36,6 +36,7 @@ class Replica:
         self.failures = 0  # consecutive
         self.ejections = 0
         self.ejected_at: float | None = None
+        self.probed_at: float | None = None  # its last failed probe while ejected
         self.strikes = 0  # ejections since its last answered request
         self.last_error: str | None = None
         self.sent = 0
@@ -134,8 +135,9 @@ class Pool:
         :data:`MAX_PROBE_BACKOFF_S`)."""
         if replica.healthy or replica.ejected_at is None:
             return False
+        since = max(replica.ejected_at, replica.probed_at or replica.ejected_at)
         wait = min(interval_s * 2.0 ** max(replica.strikes - 1, 0), max(MAX_PROBE_BACKOFF_S, interval_s))
-        return now - replica.ejected_at >= wait
+        return now - since >= wait
 
     def failed(self, replica: Replica, why: str, now: float) -> bool:
         """A request on ``replica`` failed; returns whether that ejected it."""
@@ -145,6 +147,7 @@ class Pool:
             return False
         replica.healthy = False
         replica.ejected_at = now
+        replica.probed_at = None
         replica.ejections += 1
         replica.strikes += 1
         for listener in self.on_change:
