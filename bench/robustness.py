@@ -15,6 +15,23 @@ Run: .venv/bin/python bench/robustness.py [--decisions N]
   spike at 100/s for 20 s with requests waiting in the admission queue, then 9/s (90 % of the
   capacity); a decision every 2 s on a fake clock. Reported: seconds after the spike until the
   admit fraction is >= 0.95, and until shedding ends. Goal: admit fraction >= 0.95 within 10 s.
+
+``--e2e`` runs the demo's world (``sim/demo_scenario.toml``: an 8-slot simulated engine, step
+5 + 7 ms x j at 20x speed) through the demo's in-process stacks, adaptive and static side by
+side on the same open-loop streamed arrivals:
+
+- *steady*: Poisson at 65 % of the capacity at the minimum caps for ``--steady-s`` (600 s);
+- *bursty*: a two-state process: 37 % of the capacity at the static caps for 120-240 s, then
+  a burst at 3x that capacity for 5-30 s, over ``--bursty-s`` (600 s), about 60 % on average;
+- *spike*: 10x the capacity at the minimum caps for 20 s, then 90 % of it for 60 s.
+
+Reported per run: requests shed (outside bursts: after a burst's end plus 10 s), the slowest
+return of the admit fraction to >= 0.95 after a burst or spike ends (from the adaptive
+proxy's decisions), the live step fit's tau(1) and tau(8) against the engine's, predicted
+over observed mean system time (decisions and answers after the first 30 s), and the
+measured objective of adaptive and static (caps optimal for the run's mean rate). Goals:
+0 shed in the steady run; in the bursty run shedding only in bursts and the admit fraction
+back within 10 s; the step fit within 10 %; the prediction within 15 %; adaptive >= static.
 """
 
 from __future__ import annotations
@@ -22,10 +39,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +53,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.proxy.conftest import write_config
 from tests.proxy.test_control import feed
+from thinkcap.controller import decide, load_at_min_caps
+from thinkcap.proxy.cli.demo import Stack, demo_scenario, open_stack
 from thinkcap.proxy.control import ControlLoop
+from thinkcap.proxy.logs import configure
 from thinkcap.proxy.settings import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim.loadgen import LoadSettings, Record, run_load
+from thinkcap.sim.scenario import LoadPhase, Scenario
+from thinkcap.sim.summary import summarise_records
+
+#: Decisions and answers in the first seconds of a run (estimates still settling) are not compared.
+SETTLE_S = 30.0
 
 STEP = "step = { base_s = 0.007, per_seq_s = 0.008 }"
 
@@ -128,11 +156,137 @@ async def spike_then_settle() -> tuple[float, float]:
         return back, ended
 
 
+def capacities(scenario: Scenario) -> tuple[float, float]:
+    """Requests/s the engine carries at the minimum caps, and at the static caps for 60 % of
+    the capacity those caps give (found by fixed-point iteration)."""
+    per_unit = load_at_min_caps(scenario.problem(1.0))
+    at_min = 1.0 / per_unit
+    rate = 0.6 * at_min
+    for _ in range(30):
+        p = scenario.problem(rate)
+        caps = decide(p).rounded.caps
+        cap_static = rate / p.metrics(np.asarray(caps, dtype=float)).rho
+        rate = 0.6 * cap_static
+    return at_min, cap_static
+
+
+def bursty_phases(
+    base: float, burst: float, seconds: float, rng: np.random.Generator
+) -> tuple[list[LoadPhase], list[tuple[float, float]]]:
+    phases, bursts, t = [], [], 0.0
+    while t < seconds:
+        calm = min(float(rng.uniform(120, 240)), seconds - t)
+        phases.append(LoadPhase(calm, base))
+        t += calm
+        if t >= seconds:
+            break
+        length = min(float(rng.uniform(5, 30)), seconds - t)
+        phases.append(LoadPhase(length, burst))
+        bursts.append((t, t + length))
+        t += length
+    return phases, bursts
+
+
+async def served_run(scenario: Scenario, bursts: list[tuple[float, float]], seed: int) -> dict[str, object]:
+    """Adaptive and static stacks on the same streamed arrivals; what the adaptive proxy decided."""
+    total = sum(p.duration_s for p in scenario.phases)
+    stacks: list[Stack] = [await open_stack(scenario, policy, 1.0) for policy in ("adaptive", "static")]
+    decisions: list[dict[str, object]] = []
+    adaptive = stacks[0]
+    assert adaptive.state.controller is not None
+    try:
+        started = time.monotonic()
+        offset = started - adaptive.state.clock()
+        adaptive.state.controller.on_decision.append(
+            lambda e: decisions.append({**e, "at": float(e["time"]) + offset - started})  # type: ignore[arg-type]
+        )
+        loads = [
+            run_load(
+                scenario,
+                LoadSettings(target=s.url, seed=seed, stream=True, drain_s=30.0, timeout_s=total + 60),
+                on_record=s.records.append,
+            )  # fmt: skip
+            for s in stacks
+        ]
+        await asyncio.gather(*loads)
+    finally:
+        for s in stacks:
+            await s.close()
+    truth = scenario.problem(1.0).queue
+    weights = {t.name: t.task.weight for t in scenario.types}
+    whole = [LoadPhase(total, 1.0)]
+
+    def objective(records: list[Record]) -> float | None:
+        flat = [replace(r, phase=0) for r in records]
+        (row,) = summarise_records(flat, whole, weights=weights, latency_penalty=scenario.wall_penalty)
+        return row.objective
+
+    records = adaptive.records
+    shed = [r for r in records if r.status == 503]
+    outside = [r for r in shed if not any(a <= r.send_s <= b + 10.0 for a, b in bursts)]
+    backs = []
+    for _, end in bursts:
+        after = [float(d["at"]) for d in decisions if float(d["at"]) >= end and float(d["admit_fraction"]) >= 0.95]  # type: ignore[arg-type]
+        backs.append(after[0] - end if after else math.inf)
+    settled = [d for d in decisions if float(d["at"]) >= SETTLE_S]  # type: ignore[arg-type]
+    predicted = [float(d["predicted_mean_system_time"]) for d in settled if d["predicted_mean_system_time"] is not None]  # type: ignore[arg-type]
+    observed = [r.system_time_s for r in records if r.answered and r.send_s >= SETTLE_S and r.system_time_s is not None]
+    step = decisions[-1]["step"] if decisions else None
+    engine = (truth.step_time(1), truth.step_time(truth.slots))  # type: ignore[attr-defined]
+    fit = None
+    if isinstance(step, dict):
+        fit = (step["base_s"] + step["per_seq_s"], step["base_s"] + step["per_seq_s"] * truth.slots, step["source"])  # type: ignore[attr-defined]
+    return {
+        "sent": len(records),
+        "shed": len(shed),
+        "shed_outside_bursts": len(outside),
+        "slowest_return_s": max(backs) if backs else None,
+        "step_engine": engine,
+        "step_fit": fit,
+        "predicted_over_observed": (statistics.mean(predicted) / statistics.mean(observed))
+        if predicted and observed
+        else None,
+        "objective_adaptive": objective(stacks[0].records),
+        "objective_static": objective(stacks[1].records),
+        "errors": sum(1 for r in records if not r.answered and r.status != 503),
+    }
+
+
+def e2e(steady_s: float, bursty_s: float, seed: int) -> None:
+    base = demo_scenario(None)
+    at_min, at_static = capacities(base)
+    rng = np.random.default_rng(seed)
+    phases, bursts = bursty_phases(0.37 * at_static, 3.0 * at_static, bursty_s, rng)
+    runs = {
+        "steady": (base.with_phases([LoadPhase(steady_s, 0.65 * at_min)]), []),
+        "bursty": (base.with_phases(phases), bursts),
+        "spike": (base.with_phases([LoadPhase(20.0, 10 * at_min), LoadPhase(60.0, 0.9 * at_min)]), [(0.0, 20.0)]),
+    }
+    print(f"capacity at the minimum caps {at_min:.1f}/s, at the static caps {at_static:.1f}/s")
+    for name, (scenario, spans) in runs.items():
+        mean = sum(p.mean_rate * p.duration_s for p in scenario.phases) / sum(p.duration_s for p in scenario.phases)
+        out = asyncio.run(served_run(scenario, spans, seed))
+        print(f"\n{name}: {sum(p.duration_s for p in scenario.phases):.0f} s, mean rate {mean:.1f}/s, "
+              f"{len(spans)} burst(s) {[(round(a), round(b)) for a, b in spans]}")  # fmt: skip
+        for key, value in out.items():
+            print(f"  {key}: {value}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--decisions", type=int, default=50)
     ap.add_argument("--stall-s", type=float, default=10.0)
+    ap.add_argument("--e2e", action="store_true", help="the steady, bursty and spike runs through the demo's stacks")
+    ap.add_argument("--steady-s", type=float, default=600.0)
+    ap.add_argument("--bursty-s", type=float, default=600.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--log", type=Path, default=Path(os.devnull), help="the proxies' JSON-lines log (--e2e)")
     args = ap.parse_args()
+    if args.e2e:
+        with args.log.open("w") as log:
+            configure(json_lines=True, stream=log)
+            e2e(args.steady_s, args.bursty_s, args.seed)
+        return
     print("decision time (ControlLoop.step), Poisson at 60 % of the capacity")
     print(f"{'pool':>10} {'median ms':>10} {'max ms':>8}")
     for replicas, slots in ((1, 4), (4, 256), (8, 128), (8, 256)):

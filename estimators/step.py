@@ -3,7 +3,7 @@
 An engine that runs ``j`` sequences at once takes ``tau(j)`` seconds per decode step, one
 token for each of them. Two kinds of finished request inform the fit:
 
-- a streamed answer gives one sample per gap between token events, ``gap = n (a + b j)`` for
+- a streamed answer gives one sample per gap between token events, ``gap = n tau(j)`` for
   ``n`` tokens arriving together while ``j`` requests were in service, plus its time to the
   first token, ``o + p P`` for ``P`` evaluated prompt tokens. The first token's wait is
   never read as a step: it is the prefill sample. Gaps during which another request was
@@ -12,9 +12,14 @@ token for each of them. Two kinds of finished request inform the fit:
   with ``n`` the time-averaged number in service while it ran: a regression in
   ``(1, P, T, T n)``.
 
-Both feed one weighted least-squares fit of ``theta = (o, p, a, b)`` in information form,
-with the same per-observation forgetting as :class:`ServiceRLS`, a weak ridge prior at the
-configured values, and standard errors from the residuals.
+Token gaps are kept per occupancy ``j``: each level's mean step ``tau(j)`` and its variance.
+The line ``a + b j`` is fitted to the levels with enough gaps, each level weighing the same,
+as a calibration that runs each occupancy in turn does: a real engine's step is not a line
+(llama-server: 11.7, 22.7, 35.8, 36.9 ms at 1..4), and a line weighted by how often each
+occupancy occurs moves with the traffic's mix (on llama-server its intercept went below 0).
+Whole answers and prefill samples feed one weighted least-squares fit of
+``theta = (o, p, a, b)`` in information form; its ``(a, b)`` stand where the gaps cover
+fewer than two occupancies. Both forget per request as :class:`ServiceRLS` does.
 """
 
 from __future__ import annotations
@@ -39,42 +44,62 @@ MAX_CONDITION = 1e3
 PRIOR_INFORMATION = 1e-4
 
 
-class GapTally:
-    """The sufficient statistics of one streamed answer's token gaps (pure, O(1) per gap).
+#: Gaps (decayed) an occupancy level needs before its mean step enters the line.
+MIN_LEVEL_GAPS = 5.0
+#: Occupancies tracked one by one; a larger one is counted at this level.
+MAX_LEVEL = 4096
 
-    Each :meth:`add` is one sample ``gap_s = tokens (a + b in_service)`` of unit weight.
+
+class GapTally:
+    """The sufficient statistics of one streamed answer's token gaps, per occupancy (pure, O(1)
+    per gap).
+
+    Each :meth:`add` is one sample ``gap_s = tokens tau(in_service)`` of unit weight; per
+    occupancy ``levels`` holds the sums of ``tokens^2``, ``tokens gap_s``, ``gap_s^2`` and
+    the count.
 
     Examples
     --------
     >>> g = GapTally()
     >>> g.add(0.030, 1, 2)
     >>> g.add(0.050, 1, 4)
-    >>> g.samples, round(g.seconds, 3)
-    (2, 0.08)
+    >>> g.samples, round(g.seconds, 3), sorted(g.levels)
+    (2, 0.08, [2, 4])
     """
 
-    __slots__ = ("samples", "seconds", "sxx", "sxy", "syy")
+    __slots__ = ("levels", "samples", "seconds", "tokens")
 
     def __init__(self) -> None:
+        self.levels: dict[int, list[float]] = {}
         self.samples = 0
         self.seconds = 0.0
-        self.sxx = [0.0, 0.0, 0.0]  # sum of x x' for x = (n, n j): xx00 xx01 xx11
-        self.sxy = [0.0, 0.0]
-        self.syy = 0.0
+        self.tokens = 0.0
+
+    def rescale(self, factor: float) -> None:
+        """Read every gap as having brought ``factor`` times the tokens counted: a server that
+        sends several tokens per event is seen to send one per event, and its usage says how
+        many there were in all."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor: must be a finite number > 0, got {factor!r}")
+        for row in self.levels.values():
+            row[0] *= factor * factor
+            row[1] *= factor
+        self.tokens *= factor
 
     def add(self, gap_s: float, tokens: int, in_service: float) -> None:
         """One gap of ``gap_s`` seconds that brought ``tokens`` tokens with ``in_service`` requests running."""
+        j = min(max(round(in_service), 1), MAX_LEVEL)
+        row = self.levels.get(j)
+        if row is None:
+            row = self.levels[j] = [0.0, 0.0, 0.0, 0.0]
         n = float(tokens)
-        nj = n * in_service
-        xx = self.sxx
-        xx[0] += n * n
-        xx[1] += n * nj
-        xx[2] += nj * nj
-        self.sxy[0] += n * gap_s
-        self.sxy[1] += nj * gap_s
-        self.syy += gap_s * gap_s
+        row[0] += n * n
+        row[1] += n * gap_s
+        row[2] += gap_s * gap_s
+        row[3] += 1.0
         self.samples += 1
         self.seconds += gap_s
+        self.tokens += n
 
 
 class StepEstimate(NamedTuple):
@@ -175,7 +200,7 @@ class StepFit:
         self._vec = np.zeros(4)
         self._syy = 0.0  # weighted sum of y^2
         self._samples = 0.0  # decayed number of samples (the residuals' degrees of freedom)
-        self._n = 0  # samples (not decayed)
+        self._levels = np.zeros((0, 4))  # per occupancy j (row j - 1): sums of n^2, n gap, gap^2, count (decayed)
         self._requests = 0
         self._gaps = 0
         self._last: float | None = None
@@ -223,6 +248,7 @@ class StepFit:
         info, vec = self._info, self._vec
         info *= f
         vec *= f
+        self._levels *= f
         self._syy *= f
         self._samples *= f
         self._last = now
@@ -231,16 +257,11 @@ class StepFit:
         pt = prompt_tokens / TOKEN_SCALE
         if gaps is not None:
             if gaps.samples:
-                xx, xy = gaps.sxx, gaps.sxy
-                info[2, 2] += xx[0]
-                info[2, 3] += xx[1]
-                info[3, 2] += xx[1]
-                info[3, 3] += xx[2]
-                vec[2] += xy[0]
-                vec[3] += xy[1]
-                self._syy += gaps.syy
-                self._samples += gaps.samples
-                self._n += gaps.samples
+                top = max(gaps.levels)
+                if top > len(self._levels):
+                    self._levels = np.vstack([self._levels, np.zeros((top - len(self._levels), 4))])
+                for j, row in gaps.levels.items():
+                    self._levels[j - 1] += row
                 self._gaps += gaps.samples
             if first_token_s is not None:
                 self._add(np.array([slowdown, slowdown * pt, 0.0, 0.0]), first_token_s, 1.0)
@@ -262,7 +283,6 @@ class StepFit:
         self._vec += w * y * x
         self._syy += w * y * y
         self._samples += 1.0
-        self._n += 1
 
     def _solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
         """Weighted least squares with the weak ridge prior: theta, (I + I0)^-1 and sigma^2.
@@ -292,6 +312,33 @@ class StepFit:
         eig = np.linalg.eigvalsh(block / np.outer(scale, scale))
         return float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf
 
+    def _level_line(self) -> tuple[float, float, NDArray[np.float64], float] | None:
+        """The line a + b j through the mean step of each occupancy with at least
+        ``MIN_LEVEL_GAPS`` gaps, every level weighing the same: (a, b, their covariance from
+        each level's own variance, the condition number of the levels' design). With one such
+        level, the configured line scaled through it (the slope unidentified: infinite
+        covariance and condition); ``None`` with none."""
+        lv = self._levels
+        use = (lv[:, 3] >= MIN_LEVEL_GAPS) & (lv[:, 0] > 0) if len(lv) else np.zeros(0, dtype=bool)
+        if not use.any():
+            return None
+        sxx, sxy, syy, count = lv[use].T
+        j = np.nonzero(use)[0] + 1.0
+        tau = sxy / sxx
+        if len(j) == 1:
+            at = self.base_s + self.per_seq_s * j[0]
+            a, b = (self.base_s * tau[0] / at, self.per_seq_s * tau[0] / at) if at > 0 else (0.0, tau[0] / j[0])
+            return float(a), float(b), np.full((2, 2), math.inf), math.inf
+        var = np.maximum(syy - sxy * tau, 0.0) / np.maximum(count - 1.0, 1.0) / sxx
+        x = np.column_stack([np.ones_like(j), j])
+        gram = x.T @ x
+        weights = np.linalg.solve(gram, x.T)  # theta = weights @ tau
+        a, b = (float(v) for v in weights @ tau)
+        cov = np.asarray((weights * var) @ weights.T, dtype=np.float64)
+        scale = np.sqrt(np.diag(gram))
+        eig = np.linalg.eigvalsh(gram / np.outer(scale, scale))
+        return a, b, cov, float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf
+
     def get(self, now: float | None = None) -> StepEstimate:
         """The estimate at ``now`` (default: the last update); it forgets per request, so it
         reads the same at any later time. Before the fit counts, the coefficients are still
@@ -304,12 +351,18 @@ class StepFit:
         theta, cov, sigma2 = self._solve()
         o, p, a, b = (float(v) for v in theta)
         p /= TOKEN_SCALE
-        if math.isfinite(sigma2):
-            se_a = math.sqrt(sigma2 * max(cov[2, 2], 0.0))
-            se_b = math.sqrt(sigma2 * max(cov[3, 3], 0.0))
-            se_tau1 = math.sqrt(sigma2 * max(cov[2, 2] + 2 * cov[2, 3] + cov[3, 3], 0.0))
+        line = self._level_line()
+        if line is not None:  # the token gaps set the step
+            a, b, cov_ab, condition = line
+        elif math.isfinite(sigma2):
+            cov_ab = sigma2 * cov[2:, 2:]
+            condition = self._condition()
         else:
-            se_a = se_b = se_tau1 = math.inf
+            cov_ab = np.full((2, 2), math.inf)
+            condition = math.inf
+        se_a = math.sqrt(max(cov_ab[0, 0], 0.0))
+        se_b = math.sqrt(max(cov_ab[1, 1], 0.0))
+        se_tau1 = math.sqrt(max(cov_ab[0, 0] + 2 * cov_ab[0, 1] + cov_ab[1, 1], 0.0))
         tau1 = a + b
         limit = self.max_rel_stderr * tau1
         fitted = (
@@ -320,7 +373,7 @@ class StepFit:
             and se_tau1 <= limit
             and se_b <= limit
             and se_a <= limit  # the batching gain rests on the intercept
-            and self._condition() <= MAX_CONDITION
+            and condition <= MAX_CONDITION
         )
         est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted)
         self._cached = est

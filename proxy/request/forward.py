@@ -180,6 +180,7 @@ class Exchange:
         self.t_first_token: float | None = None
         self.first_in_service = 1  # requests in service when the first token came
         self.t_token: float | None = None
+        self.counted = 0  # token events counted in the stream (a server may put several tokens in one)
         self.replica: Replica | None = None
 
     def fail(self, exc: ProxyError) -> Reply:
@@ -431,6 +432,7 @@ class Exchange:
         tokens = len(CONTENT.findall(data)) + len(REASONING.findall(data))
         if not tokens:
             return
+        self.counted += tokens
         now = self.loop.time()
         assert self.replica is not None
         occupancy = self.replica.occupancy
@@ -477,6 +479,9 @@ class Exchange:
                 )
                 if st.step is not None:
                     first = self.t_first_token
+                    if self.gaps is not None and self.counted and t.completion:
+                        # usage counts the tokens; the stream's events may carry several each
+                        self.gaps.rescale(t.completion / self.counted)
                     st.step.update(
                         prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
                         tokens=t.completion,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,16 @@ service = {{ prefill_s = 0.2 }}
 """
 
 
-async def _start(tmp_path: Path) -> AsyncIterator[tuple[ProxyState, DataPlane]]:
+async def _start(
+    tmp_path: Path, *, chunk_tokens: int = 1, usage_shape: str = "none"
+) -> AsyncIterator[tuple[ProxyState, DataPlane]]:
     scenario = make_scenario(
         types=(sim_type("short", natural=40, answer=4, overhead=0.0, rate=0.02),),
         slots=4,
         engine=BatchingEngine(4, A, B),
         time_scale=1.0,
-        chunk_tokens=1,
-        usage_shape="none",
+        chunk_tokens=chunk_tokens,
+        usage_shape=usage_shape,
         reasoning_field="reasoning_content",
     )
     sim = TestServer(create_sim(scenario), host="127.0.0.1")
@@ -161,3 +164,19 @@ async def test_the_step_is_fitted_from_live_traffic_and_planned_with(
     # A cap token costs tau(1) times the share of its cap an answer uses.
     assert problem.types[0].per_token_s == pytest.approx(est.step_time(1) * state.used.get()["short"])
     assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s)
+
+
+async def test_a_server_that_streams_several_tokens_per_event_is_read_by_its_usage(tmp_path: Path) -> None:
+    """The engine sends 4 tokens in each streamed event and reports its usage: each gap is four
+    steps, and the fit, rescaled by the usage's token count, still reads the engine's step
+    (it read it four times slower)."""
+    async with asynccontextmanager(_start)(tmp_path, chunk_tokens=4, usage_shape="openai") as (state, front):
+        url = str(front.make_url("/v1"))
+        for clients in (1, 2, 3, 4):
+            await _closed_loop(url, clients, 12 // clients, stream=True)
+        await asyncio.sleep(0.05)
+        assert state.step is not None
+        est = state.step.get()
+        assert est.gaps > 0 and est.fitted, est
+        assert est.step_time(1) == pytest.approx(A + B, rel=0.2), est
+        assert est.step_time(4) == pytest.approx(A + 4 * B, rel=0.2), est
