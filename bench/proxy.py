@@ -9,8 +9,10 @@ admission never waits, request logs to /dev/null) and a plain aiohttp pass-throu
 to CPU 1, and this client, a raw keep-alive HTTP/1.1 client, pinned to CPU 0. All requests ask
 for 64 tokens (``max_tokens``; the proxy's dialect is ``llamacpp`` with every cap >= 64, so
 every path generates the same answer; the control loop is off, so the caps and admission never
-change). For each rate, the same seeded open-loop Poisson schedule is sent direct, through the
-aiohttp pass-through and through the proxy, in turn, three rounds (seeds 0-2); each cell is the
+change; ``--controller`` turns it on, in front of an engine declared with 256 slots, so that
+what a decision costs the requests around it shows). For each rate, the same seeded open-loop
+Poisson schedule is sent direct, through the aiohttp pass-through and through the proxy, in
+turn, three rounds (seeds 0-2); each cell is the
 median over rounds. Latency is from the scheduled send time to the last byte (and, streaming,
 to the first body byte). Added latency = percentile through a forwarder - direct percentile.
 The aiohttp pass-through's row is what the usual Python gateway pays on the machine at the time
@@ -61,16 +63,20 @@ listen = "127.0.0.1:{proxy_port}"
 admin_listen = "127.0.0.1:0"
 max_concurrency = 256
 max_queue = 4096
+{engine}
 [controller]
-enabled = false
+enabled = {controller}
 [[types]]
 name = "chat"
 prior = 1.0
 min_tokens = 64
 max_tokens = 1024
 accuracy = {{ base = 0.7, gain = 0.2, rate = 0.01 }}
-service = {{ overhead_s = 0.15, per_token_s = 0.012 }}
+{service}
 """
+#: With --controller: the control loop on, in front of an engine declared with 256 slots (vLLM's
+#: default max_num_seqs), so every decision builds the batching queue model at that size.
+ENGINE = "slots = 256\nstep = { base_s = 0.007, per_seq_s = 0.0001 }"
 
 
 def free_port() -> int:
@@ -306,6 +312,11 @@ def main() -> None:
     ap.add_argument("--rates", default="200,1000", help="open-loop rates, requests/s (comma-separated)")
     ap.add_argument("--modes", default="plain,stream", help="plain, stream or both (comma-separated)")
     ap.add_argument("--no-closed-loop", action="store_true", help="skip the closed-loop throughput table")
+    ap.add_argument(
+        "--controller",
+        action="store_true",
+        help="run thinkcap with its control loop on (256 slots, a decision every 2 s) instead of off",
+    )
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
@@ -318,7 +329,17 @@ def main() -> None:
         scenario = Path(tmp) / "scenario.toml"
         scenario.write_text(SCENARIO.read_text().replace("chunk_tokens = 8", "chunk_tokens = 1"))
         config = Path(tmp) / "proxy.toml"
-        config.write_text(CONFIG.format(port=sim_port, proxy_port=proxy_port))
+        config.write_text(
+            CONFIG.format(
+                port=sim_port,
+                proxy_port=proxy_port,
+                controller=str(args.controller).lower(),
+                engine=ENGINE if args.controller else "",
+                service="service = { prefill_s = 0.15 }"
+                if args.controller
+                else "service = { overhead_s = 0.15, per_token_s = 0.012 }",
+            )
+        )
         exe = [sys.executable, "-m", "thinkcap.proxy"]
         sim = subprocess.Popen(
             [*exe, "mock-backend", "--scenario", str(scenario), "--port", str(sim_port), "--time-scale", "0"],

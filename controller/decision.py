@@ -105,10 +105,12 @@ def load_at_min_caps(p: Problem) -> float:
     return float(p.kappa * (p.prior @ (p.t0 + p.c * p.lo)))
 
 
-def admit_fraction(p: Problem, shed_release: float) -> float:
+def admit_fraction(p: Problem, shed_release: float, *, rate: float | None = None) -> float:
     """The share of arrivals to admit in overload: what brings the load at the minimum caps
-    down to ``shed_release x rho_max``."""
+    down to ``shed_release x rho_max`` (at arrival rate ``rate``; default: the problem's)."""
     load = load_at_min_caps(p)
+    if rate is not None and p.arrival_rate > 0:
+        load *= rate / p.arrival_rate
     return min(1.0, shed_release * p.rho_max / load) if load > 0 else 1.0
 
 

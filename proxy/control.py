@@ -272,6 +272,9 @@ class ControlLoop:
             # The configured rate is a guess with no error bar: it never starts shedding. The
             # bound is the lower of the estimate's and the fast window's (no lag after a fall).
             rate_low = _lower_bound(snap) if use_estimate else 0.0
+            # While shedding, the admit fraction follows the load now: the fast window after a fall.
+            recent = snap.recent_rate if use_estimate and math.isfinite(snap.recent_rate) else rate
+            rate_now = min(rate, recent)
             rate_stderr = snap.arrival_rate_stderr if use_estimate else math.inf
             accuracy = inputs.accuracy
             step = inputs.step
@@ -309,7 +312,7 @@ class ControlLoop:
             self._decay_shedding(decision_id, now)
             return None
         overload = result.status == Status.OVERLOAD
-        evidence = self._shedding(problem, rate_low, decision_id, now)
+        evidence = self._shedding(problem, rate_low, rate_now, decision_id, now)
         if not overload:
             self.x0 = result.x
         q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
@@ -379,17 +382,19 @@ class ControlLoop:
         self._queued = queued
         return queued > 0 and queued >= before
 
-    def _shedding(self, p: Problem, rate_low: float, decision_id: str, now: float) -> str | None:
+    def _shedding(self, p: Problem, rate_low: float, rate_now: float, decision_id: str, now: float) -> str | None:
         """Start, follow or stop shedding; returns the evidence of an overload that started it.
 
         The load the server would see at the minimum caps, ``L``, reads the arrival rate of
         every request, admitted or shed. Shedding starts when ``L`` stays above ``rho_max``
         at the rate's lower confidence bound ``rate_low`` (:func:`_lower_bound`) *and* the
         admission queue confirms it (:meth:`_queue_confirms`). While shedding, the admit
-        fraction follows ``L`` at every decision (``shed_release x rho_max / L``, at most 1),
-        and shedding ends once ``L <= rho_max`` or it would shed less than
-        ``MIN_SHED_SHARE``. Neither start nor end happens within ``shed_min_dwell_s`` of the
-        last change (the admit fraction follows the load meanwhile).
+        fraction follows the load now, ``L_now`` (``L`` at ``rate_now``, the lower of the
+        estimate and its fast window: no lag after a fall), at every decision
+        (``shed_release x rho_max / L_now``, at most 1), and shedding ends once ``L_now <=
+        rho_max`` or it would shed less than ``MIN_SHED_SHARE``. Neither start nor end
+        happens within ``shed_min_dwell_s`` of the last change (the admit fraction follows
+        the load meanwhile).
         """
         st, s = self.state, self.settings
         load = load_at_min_caps(p)
@@ -400,8 +405,9 @@ class ControlLoop:
         settled = self._flipped is None or now - self._flipped >= s.shed_min_dwell_s
         evidence: str | None = None
         if was:
-            st.admit_fraction = admit_fraction(p, s.shed_release)
-            if settled and (load <= p.rho_max or st.admit_fraction >= 1.0 - MIN_SHED_SHARE):
+            load_now = load * min(rate_now, rate) / rate if rate > 0 else 0.0
+            st.admit_fraction = admit_fraction(p, s.shed_release, rate=min(rate_now, rate))
+            if settled and (load_now <= p.rho_max or st.admit_fraction >= 1.0 - MIN_SHED_SHARE):
                 st.shedding = False
                 st.admit_fraction = 1.0
         elif load > p.rho_max:
