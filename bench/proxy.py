@@ -58,12 +58,12 @@ arrival_rate = 1.0
 url = "http://127.0.0.1:{port}"
 dialect = "llamacpp"
 probe = false
+{engine}
 [proxy]
 listen = "127.0.0.1:{proxy_port}"
 admin_listen = "127.0.0.1:0"
 max_concurrency = 256
 max_queue = 4096
-{engine}
 [controller]
 enabled = {controller}
 [[types]]
