@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.sim.conftest import make_scenario, sim_type
 from thinkcap.controller.decision import problem_from_record
 from thinkcap.controller.queue import BatchingEngine
+from thinkcap.estimators import StepEstimate
 from thinkcap.proxy.app import DataPlane, create_app
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.settings import load_settings
@@ -112,6 +113,16 @@ async def _closed_loop(url: str, clients: int, each: int, *, stream: bool) -> li
     return out
 
 
+async def _fit_after_closed_loops(state: ProxyState, front: DataPlane, *, stream: bool) -> StepEstimate:
+    """The live step fit after closed loops at 1, 2, 3 and 4 clients (12 requests a level)."""
+    url = str(front.make_url("/v1"))
+    for clients in (1, 2, 3, 4):
+        await _closed_loop(url, clients, 12 // clients, stream=stream)
+    await asyncio.sleep(0.05)
+    assert state.step is not None
+    return state.step.get()
+
+
 async def test_four_requests_run_at_once_and_each_records_its_mean_in_service(
     live: tuple[ProxyState, DataPlane],
 ) -> None:
@@ -145,12 +156,7 @@ async def test_the_step_is_fitted_from_live_traffic_and_planned_with(
     """Closed loops at 1, 2, 3 and 4 clients: the fitted a and b are within 20 % of the engine's;
     the next decision plans with them, says so, and its record replays to the same problem."""
     state, front = live
-    url = str(front.make_url("/v1"))
-    for clients in (1, 2, 3, 4):
-        await _closed_loop(url, clients, 12 // clients, stream=stream)
-    await asyncio.sleep(0.05)
-    assert state.step is not None
-    est = state.step.get()
+    est = await _fit_after_closed_loops(state, front, stream=stream)
     assert est.fitted, est
     assert est.base_s == pytest.approx(A, rel=0.2), est
     assert est.per_seq_s == pytest.approx(B, rel=0.2), est
@@ -171,12 +177,7 @@ async def test_a_server_that_streams_several_tokens_per_event_is_read_by_its_usa
     steps, and the fit, rescaled by the usage's token count, still reads the engine's step
     (it read it four times slower)."""
     async with asynccontextmanager(_start)(tmp_path, chunk_tokens=4, usage_shape="openai") as (state, front):
-        url = str(front.make_url("/v1"))
-        for clients in (1, 2, 3, 4):
-            await _closed_loop(url, clients, 12 // clients, stream=True)
-        await asyncio.sleep(0.05)
-        assert state.step is not None
-        est = state.step.get()
+        est = await _fit_after_closed_loops(state, front, stream=True)
         assert est.gaps > 0 and est.fitted, est
         assert est.step_time(1) == pytest.approx(A + B, rel=0.2), est
         assert est.step_time(4) == pytest.approx(A + 4 * B, rel=0.2), est
