@@ -44,6 +44,8 @@ MAX_CONDITION = 1e3
 PRIOR_INFORMATION = 1e-4
 
 
+#: Standard errors within which a negative intercept (or slope) of the level line reads as 0.
+NOISE_Z = 2.0
 #: Gaps (decayed) an occupancy level needs before its mean step enters the line.
 MIN_LEVEL_GAPS = 5.0
 #: Occupancies tracked one by one; a larger one is counted at this level.
@@ -140,7 +142,8 @@ class StepFit:
         Finished requests before the fit may count.
     max_rel_stderr
         The fit counts when the standard errors of ``tau(1)``, of ``b`` and of the intercept
-        ``a`` are each at most this share of ``tau(1)``, both coefficients are >= 0, and the
+        ``a`` are each at most this share of ``tau(1)``, both coefficients are >= 0 (a negative
+        one within ``NOISE_Z`` standard errors of 0 reads as 0), and the
         occupancies seen tell ``a`` from ``b`` (the condition number of their information is
         at most :data:`MAX_CONDITION`).
 
@@ -315,7 +318,10 @@ class StepFit:
     def _level_line(self) -> tuple[float, float, NDArray[np.float64], float] | None:
         """The line a + b j through the mean step of each occupancy with at least
         ``MIN_LEVEL_GAPS`` gaps, every level weighing the same: (a, b, their covariance from
-        each level's own variance, the condition number of the levels' design). With one such
+        each level's own variance, the condition number of the levels' design). A negative
+        coefficient within ``NOISE_Z`` standard errors of 0 is the constrained fit's 0 (the
+        line refitted without it); a significantly negative one stays, and keeps the fit out
+        of use. With one such
         level, the configured line scaled through it (the slope unidentified: infinite
         covariance and condition); ``None`` with none."""
         lv = self._levels
@@ -335,6 +341,14 @@ class StepFit:
         weights = np.linalg.solve(gram, x.T)  # theta = weights @ tau
         a, b = (float(v) for v in weights @ tau)
         cov = np.asarray((weights * var) @ weights.T, dtype=np.float64)
+        if a < 0 <= a + NOISE_Z * math.sqrt(max(cov[0, 0], 0.0)):
+            # Within noise of 0 (an engine whose step is proportional to the batch): the least
+            # squares line under a >= 0, through the origin; a's own uncertainty stays.
+            a, b = 0.0, float(j @ tau / (j @ j))
+            cov = np.diag([cov[0, 0], float((j * j) @ var / (j @ j) ** 2)])
+        elif b < 0 <= b + NOISE_Z * math.sqrt(max(cov[1, 1], 0.0)):
+            a, b = float(tau.mean()), 0.0  # a step that does not grow with the batch
+            cov = np.diag([float(var.sum() / len(var) ** 2), cov[1, 1]])
         scale = np.sqrt(np.diag(gram))
         eig = np.linalg.eigvalsh(gram / np.outer(scale, scale))
         return a, b, cov, float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf

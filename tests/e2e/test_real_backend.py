@@ -32,7 +32,7 @@ def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
     assert report["probe"]["status"] == "honoured"
     fitted = report["fitted_step"]
     assert fitted["source"] == "fitted" and fitted["gaps"] > 1000, fitted
-    assert fitted["per_seq_s"] > 0 and fitted["base_s"] > 0
+    assert fitted["per_seq_s"] > 0 and fitted["base_s"] >= 0  # an intercept within noise of 0 reads as 0
     assert all(r["step_source"] == "fitted" for r in runs)
     light, heavy = runs
     assert sum(heavy["caps_mean"].values()) < sum(light["caps_mean"].values()), runs

@@ -170,6 +170,29 @@ def test_a_step_that_shrinks_with_the_batch_or_takes_no_time_is_not_a_fit() -> N
     assert est.per_seq_s == pytest.approx(-0.001, rel=1e-3) and not est.fitted
 
 
+def test_an_engine_whose_step_is_proportional_to_the_batch_is_a_fit() -> None:
+    """A step of 8.6 ms per sequence and no intercept, read with 1 ms of jitter: the level line's
+    intercept comes out a little below 0 (-0.06 ms on a CI machine's llama-server), well inside
+    its noise. It reads as 0, the line refitted through the origin, and the fit counts (it was
+    kept out of use for good)."""
+    rng = np.random.default_rng(2)
+    fit = StepFit(base_s=0.02, per_seq_s=0.01, min_samples=5)
+    means: dict[int, list[float]] = {j: [] for j in (1, 2, 3, 4)}
+    for i in range(40):
+        gaps = GapTally()
+        for j in (1, 2, 3, 4):
+            for _ in range(10):
+                gap = 0.0086 * j + float(rng.normal(0, 0.001))
+                gaps.add(gap, 1, j)
+                means[j].append(gap)
+        fit.update(prompt_tokens=0, tokens=41, service_s=1.0, mean_in_service=2.5, gaps=gaps, now=float(i))
+    _slope, intercept = np.polyfit([1, 2, 3, 4], [np.mean(means[j]) for j in (1, 2, 3, 4)], 1)
+    assert -0.0002 < intercept < 0  # the unconstrained line's intercept: negative, inside the noise
+    est = fit.get()
+    assert est.fitted and est.base_s == 0.0
+    assert est.per_seq_s == pytest.approx(0.0086, rel=0.01)
+
+
 def test_gaps_at_one_occupancy_never_make_a_fit_however_small_the_jitter() -> None:
     """Every gap at one occupancy with a microsecond of jitter: the information on (a, b) is
     singular, so the fit does not count (it was declared fitted on its tiny residuals)."""
