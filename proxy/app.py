@@ -49,7 +49,8 @@ async def upstream_reachable(state: ProxyState, base: str | None = None) -> tupl
 
 
 async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
-    """Some replica reachable and caps loaded; each replica's state and the probe's verdict are in the body."""
+    """Some replica reachable, caps loaded and, in a cluster, its loops running; each replica's
+    state and the probe's verdict are in the body."""
     replicas = st.pool.replicas
     checks = await asyncio.gather(*(upstream_reachable(st, r.url) for r in replicas))
     ok = any(up for up, _ in checks)
@@ -71,6 +72,9 @@ async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
     )
     if st.cluster is not None:
         body["cluster"] = st.cluster.record()
+        if not body["cluster"]["tasks_running"]:  # a replica that no longer syncs is not ready
+            ok = body["ready"] = False
+            body["reason"] = "the cluster's sync or listen loop is not running"
     return json_reply(body, status=200 if ok else 503)
 
 

@@ -309,7 +309,7 @@ class ControlLoop:
                 error=f"{type(exc).__name__}: {exc}",
                 caps_kept=st.caps.effective(),
             )
-            self._decay_shedding(decision_id, now)
+            self.decay_shedding(decision_id, now)
             return None
         overload = result.status == Status.OVERLOAD
         evidence = self._shedding(problem, rate_low, rate_now, decision_id, now)
@@ -444,20 +444,21 @@ class ControlLoop:
             )
         return evidence
 
-    def _decay_shedding(self, decision_id: str, now: float) -> None:
+    def decay_shedding(self, decision_id: str, now: float, *, evidence: str = "decisions_failing",
+                       end: bool = False) -> None:  # fmt: skip
         """A failed decision keeps the caps but not the shedding: its share halves, and ends
-        once below ``MIN_SHED_SHARE`` (a controller that cannot decide must not keep
-        rejecting traffic on an old reading)."""
+        once below ``MIN_SHED_SHARE`` (or at once with ``end``): a controller that cannot
+        decide must not keep rejecting traffic on an old reading."""
         st = self.state
         if not st.shedding:
             return
         st.admit_fraction = 1.0 - (1.0 - st.admit_fraction) * FAILED_SHED_DECAY
-        if st.admit_fraction >= 1.0 - MIN_SHED_SHARE:
+        if end or st.admit_fraction >= 1.0 - MIN_SHED_SHARE:
             st.shedding = False
             st.admit_fraction = 1.0
             self._flipped = now
             logger().warning("overload", decision_id=decision_id, time=now, on=False, admit_fraction=1.0,
-                             evidence="decisions_failing")  # fmt: skip
+                             evidence=evidence)  # fmt: skip
 
     async def run(self) -> None:
         """Decide every ``interval_s`` (or at once when the change detector fires) until cancelled."""

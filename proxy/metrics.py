@@ -75,6 +75,12 @@ class Metrics:
             "thinkcap_predicted_system_time_seconds", "Predicted mean system time", registry=r
         )
         self.solve_time = Gauge("thinkcap_solve_time_seconds", "Duration of the last solve", registry=r)
+        self.cluster_errors = Counter(
+            "thinkcap_cluster_errors",
+            "Errors the cluster's sync and listen loops logged and went on from",
+            ["task"],
+            registry=r,
+        )
         self._requests: dict[tuple[str, str], Any] = {}
         self._system: dict[str, Any] = {}
         self._wait: dict[str, Any] = {}

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.proxy.cli.test_sim import free_port
+from tests.proxy.conftest import RedisServer
 from tests.proxy.test_pool import _mock_backend, _wait_up
 from thinkcap.proxy.cli.audit import audit
 from thinkcap.proxy.cluster import REDIS_DOWN, Cluster
@@ -31,7 +30,6 @@ from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.settings import load_settings
 from thinkcap.proxy.state import build_state
 
-REDIS = shutil.which("redis-server")
 RATE = 10.0  # requests per second, all replicas together, evenly spaced
 LEASE_S = 2.0
 SYNC_S = 0.25
@@ -78,54 +76,6 @@ service = {{ prefill_s = 0.0 }}
 """
 
 SCENARIO_SCALE = 0.1  # the simulated engines run ten times faster than the model they stand for
-
-
-def need_redis() -> str:
-    if REDIS is None:
-        message = "redis-server is not installed (make tools installs Debian's redis-server)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return REDIS
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, nothing persisted."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [need_redis(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(self.tmp)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @dataclass
@@ -265,6 +215,11 @@ async def fleet(
             proc.wait()
 
 
+def _version(state: dict[str, Any]) -> tuple[int, int]:
+    """A replica's newest decision, as ``/admin/state`` shows it: (epoch, seq)."""
+    return state["cluster"]["epoch"], state["cluster"]["version"]
+
+
 async def _leaders(session: aiohttp.ClientSession, replicas: list[Replica]) -> list[str]:
     states = [await _state(session, r) for r in replicas]
     return [s["cluster"]["replica"] for s in states if s["cluster"]["leader"]]
@@ -306,11 +261,11 @@ async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(
         await asyncio.sleep(3 * INTERVAL_S)
         states = [await _state(session, r) for r in others]
         assert states[0]["caps"] == states[1]["caps"]
-        assert states[0]["cluster"]["version"] == states[1]["cluster"]["version"]
+        assert _version(states[0]) == _version(states[1])
 
         # 3. Redis is lost, then back: nothing is lost, the caps are held, the replicas rejoin
         held = [s["caps"] for s in states]
-        version = max(s["cluster"]["version"] for s in states)
+        version = max(_version(s) for s in states)
         redis_server.kill()
         await asyncio.sleep(3.0)
         states = [await _state(session, r) for r in others]
@@ -320,15 +275,12 @@ async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(
         deadline = time.time() + 5 * INTERVAL_S + LEASE_S
         while time.time() < deadline:
             states = [await _state(session, r) for r in others]
-            if (
-                all(s["cluster"]["connected"] for s in states)
-                and min(s["cluster"]["version"] for s in states) > version
-            ):
+            if all(s["cluster"]["connected"] for s in states) and min(_version(s) for s in states) > version:
                 break
             await asyncio.sleep(0.1)
         assert all(s["cluster"]["connected"] for s in states)
         assert sum(s["cluster"]["leader"] for s in states) == 1
-        assert min(s["cluster"]["version"] for s in states) > version  # decisions flow again, newer than before
+        assert min(_version(s) for s in states) > version  # decisions flow again, newer than before
         await asyncio.sleep(2 * INTERVAL_S)
         client.stop()
         await load
@@ -342,14 +294,14 @@ async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(
     assert any(o.attempts > 1 for o in client.outcomes)  # the killed leader's share was retried
 
     # every replica applied every decision within one control interval of its publication
-    published: dict[int, float] = {}
-    applied: dict[tuple[str, int], float] = {}
+    published: dict[tuple[int, int], float] = {}
+    applied: dict[tuple[str, tuple[int, int]], float] = {}
     for r in replicas:
         for e in r.events():
             if e.get("event") == "cluster" and e.get("action") == "published":
-                published[e["version"]] = e["ts"]
+                published[(e["epoch"], e["version"])] = e["ts"]
             elif e.get("event") == "decision" and "cluster_version" in e:
-                applied[(r.rid, e["cluster_version"])] = e["ts"]
+                applied[(r.rid, (e["cluster_epoch"], e["cluster_version"]))] = e["ts"]
     assert len(published) >= 5
     lags = [ts - published[v] for (_, v), ts in applied.items() if v in published]
     retried = sum(o.attempts > 1 for o in client.outcomes)
@@ -436,20 +388,21 @@ async def test_the_leader_decides_on_merged_estimates_and_the_follower_applies_t
         merged = a.inputs(100.0)
         alone = a.loop.local_inputs(100.0)
         assert merged.snap.arrival_rate == pytest.approx(2 * alone.snap.arrival_rate)
-        assert merged.arrivals == 80 and merged.cluster == {"replica": "a", "leader": "a", "merged": ["a", "b"]}
+        assert merged.arrivals == 80
+        assert merged.cluster == {"replica": "a", "leader": "a", "merged": ["a", "b"], "epoch": a.epoch}
 
         with capture_logs() as logs:
             event = a.loop.step(100.0)
             assert event is not None and event["cluster"]["merged"] == ["a", "b"]
             await asyncio.gather(*a._sends)
-            assert a.version >= 1
+            assert a.version[1] >= 1
             await b.sync_once()  # the key, had the channel been missed
         assert b.version == a.version and b.applied == 1
         assert dict(b_state.caps.table.caps) == dict(a_state.caps.table.caps)
         applied = [e for e in logs if e["event"] == "decision" and e.get("applied_from") == "a"]
         assert len(applied) == 1 and applied[0]["decision_id"] == event["decision_id"]
         assert applied[0]["caps"] == event["caps"] and applied[0]["inputs"] == event["inputs"]
-        assert not b.apply({"version": b.version, "leader": "a", "caps": {}, "event": {}})  # not newer: ignored
+        assert not b.apply({"epoch": a.epoch, "version": b.version[1], "leader": "a", "caps": {}, "event": {}})
 
         redis_server.kill()
         with capture_logs() as logs:
