@@ -70,6 +70,9 @@ async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
             "shedding": st.shedding,
         }
     )
+    if st.draining:  # the load balancer stops sending here before the listener closes
+        ok = body["ready"] = False
+        body["reason"] = "draining: this replica is stopping"
     if st.cluster is not None:
         body["cluster"] = st.cluster.record()
         if not body["cluster"]["tasks_running"]:  # a replica that no longer syncs is not ready

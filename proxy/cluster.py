@@ -188,6 +188,7 @@ class Cluster:
         self.errors = 0  # errors the sync and listen loops logged and went on from
         self._heard = -math.inf  # monotonic time the listener last heard from Redis
         self._lost_at: float | None = None  # the state's clock when Redis was lost
+        self._ends_shedding_at: float | None = None  # when fallback shedding ends (state's clock)
         self._seq = 0  # decisions published in this replica's epoch
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: set[asyncio.Task[None]] = set()
@@ -397,15 +398,21 @@ class Cluster:
         if self.settings.fallback != "static" or not self.state.shedding or self.loop is None:
             return
         now = self.state.clock()
-        end = now - (now if self._lost_at is None else self._lost_at) >= self.loop.settings.shed_min_dwell_s
-        self.loop.decay_shedding("cluster_fallback", now, evidence="redis_lost", end=end)
+        lost_at = now if self._lost_at is None else self._lost_at
+        self._ends_shedding_at = lost_at + self.loop.settings.shed_min_dwell_s
+        self.loop.decay_shedding("cluster_fallback", now, evidence="redis_lost", end=now >= self._ends_shedding_at)
+        if not self.state.shedding:
+            self._ends_shedding_at = None
 
     def retry_delay(self) -> float:
         """Seconds to the next sync: one interval; the moment a held lease expires; doubling
         from one interval up to ``lease_s`` while Redis is lost."""
         tick = self.settings.sync_interval_s
         if self.connected is False:
-            return min(tick * 2.0 ** max(self.failures - 1, 0), max(self.settings.lease_s, tick))
+            delay = min(tick * 2.0 ** max(self.failures - 1, 0), max(self.settings.lease_s, tick))
+            if self._ends_shedding_at is not None:  # the failed sync that ends fallback shedding is on time
+                delay = min(delay, max(self._ends_shedding_at - self.state.clock(), 0.0) + 0.005)
+            return delay
         if not self.leader and self.lease_left_s is not None:
             return min(tick, self.lease_left_s + 0.005)  # try again the moment the lease expires
         return tick
@@ -424,7 +431,7 @@ class Cluster:
                 self._error("sync", exc)
             else:
                 self.failures = 0
-                self._lost_at = None
+                self._lost_at = self._ends_shedding_at = None
                 if self.connected is not True:
                     logger().info("cluster", action="joined" if self.connected is None else "rejoined",
                                   replica=self.id, peers=sorted(self.peers), leader=self.leader)  # fmt: skip

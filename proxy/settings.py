@@ -122,6 +122,7 @@ class ProxySettings:
     max_queue: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_s: int = 1
+    min_drain_s: float = 5.0
     drain_timeout_s: float = 30.0
     default_type: str = ""
     log_content: bool = False
@@ -145,7 +146,7 @@ class ClusterSettings:
     ``3 x sync_interval_s`` unless rewritten) and reads the others'. One replica holds the
     leader lease (``lease_s``, renewed every sync) and decides on the merged estimates; every
     replica applies the newest published decision. With Redis unreachable a replica keeps the
-    caps in force (``fallback = "static"``) or decides alone on its own estimates with the
+    caps in force (``fallback = "static"``; shedding decays to off) or decides alone on its own estimates with the
     arrival rate scaled by the replicas last seen (``fallback = "local"``). ``replica_id``
     defaults to the host name and process id.
     """
@@ -314,6 +315,7 @@ def _proxy(t: Table, type_names: list[str], slots: int = 1) -> ProxySettings:
         max_queue=t.integer("max_queue", ProxySettings.max_queue, lo=0),
         max_body_bytes=t.integer("max_body_bytes", ProxySettings.max_body_bytes, lo=1024),
         retry_after_s=t.integer("retry_after_s", ProxySettings.retry_after_s, lo=1),
+        min_drain_s=t.number("min_drain_s", ProxySettings.min_drain_s, lo=0.0),
         drain_timeout_s=t.number("drain_timeout_s", ProxySettings.drain_timeout_s, lo=0.0),
         default_type=default_type,
         log_content=bool(log_content),

@@ -58,6 +58,7 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None
     shedding: bool = False
     admit_fraction: float = 1.0
+    draining: bool = False  # a stop was asked for: /readyz answers 503 while requests are still taken
     controller: Any = None
     cluster: Any = None  # thinkcap.proxy.cluster.Cluster, with [cluster] redis_url
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
@@ -35,7 +36,9 @@ async def start(state: ProxyState) -> tuple[DataPlane, web.AppRunner, int, int]:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until a signal; then stop accepting, drain in-flight requests (up to the timeout), exit."""
+    """Run until a signal; then drain: ``/readyz`` fails at once, requests are still taken for
+    ``min_drain_s``, then the listener closes and requests in flight finish (up to
+    ``drain_timeout_s``; what still runs then ends with an error); a second signal stops at once."""
     files = raise_open_files()
     wanted = settings.proxy.max_connections
     if files is not None and wanted > files - RESERVED_FILES:
@@ -57,16 +60,31 @@ async def serve(settings: Settings) -> None:
         url=f"http://{settings.proxy.host}:{port}",
         admin=f"http://{settings.proxy.admin_host}:{admin_port}",
     )
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # the first drains; a second stops at once
+        if stop.is_set():
+            hurry.set()
+            plane.server.hurry()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
+    p = settings.proxy
+    # /readyz answers 503 at once; requests are still taken for min_drain_s, the time a load
+    # balancer needs to see it (its probe's period x failure threshold).
+    state.draining = True
+    logger().info("drain", min_drain_s=p.min_drain_s, in_flight=state.admission.in_flight,
+                  queued=state.admission.queued)  # fmt: skip
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), timeout=p.min_drain_s)
     logger().info(
         "shutdown",
         in_flight=state.admission.in_flight,
         queued=state.admission.queued,
-        drain_timeout_s=settings.proxy.drain_timeout_s,
+        drain_timeout_s=0.0 if hurry.is_set() else p.drain_timeout_s,
     )
     await admin.cleanup()
     await plane.close()

@@ -513,6 +513,15 @@ async def shaped(state: ProxyState, request: HttpRequest) -> Reply | StreamReply
     except ProxyError as exc:
         return ex.fail(exc)
     except asyncio.CancelledError:
+        if request.drain_expired:  # stopping: the drain ran out before this answer finished
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            err = ProxyError(503, "thinkcap is stopping and this answer did not finish within its drain_timeout_s; "
+                             "retry", "server_error", code="shutting_down")  # fmt: skip
+            if ex.stream is not None and ex.stream.prepared:
+                return await ex.end_stream(ex.stream, err)
+            return ex.fail(err)
         ex.event.update(status=499, error_kind="client_disconnected")
         raise
     except ConnectionResetError:

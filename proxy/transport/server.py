@@ -65,6 +65,8 @@ BODY_RATE_WINDOW_S = 5.0
 MAX_CONNECTIONS = 2048
 #: How long shutdown waits for closed connections to let go of their sockets.
 CLOSE_WAIT_S = 1.0
+#: Seconds a handler cancelled when the drain ran out has to answer with its error.
+EXPIRED_ANSWER_S = 1.0
 #: Pipelined requests parsed ahead of the one being answered before reading pauses.
 MAX_PIPELINED = 16
 #: Response framing is the server's: handlers' values for these are ignored.
@@ -109,6 +111,12 @@ class HttpRequest:
         self.keep_alive = keep_alive
         #: The body exceeded the server's limit and was not read; the connection closes after the answer.
         self.too_large = too_large
+
+    @property
+    def drain_expired(self) -> bool:
+        """The server's drain ran out (see :meth:`HttpServer.shutdown`): a handler cancelled for
+        that reason may still answer with an error instead of dropping the connection."""
+        return self._conn.server.expired
 
     async def read(self) -> bytes:
         """The body (it is already in memory); :class:`BodyTooLargeError` past the limit."""
@@ -660,7 +668,9 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self.expired = False  # the drain ran out: what still runs is cancelled
         self.failures = 0
+        self._hurry = asyncio.Event()
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -669,20 +679,34 @@ class HttpServer:
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
+    def hurry(self) -> None:
+        """End a :meth:`shutdown`'s wait for requests in progress now (a second stop signal)."""
+        self._hurry.set()
+
     async def shutdown(self, timeout_s: float) -> None:
-        """Stop accepting; let requests in progress finish (up to ``timeout_s``); close every connection."""
+        """Stop accepting; let requests in progress finish (up to ``timeout_s``, or until
+        :meth:`hurry`); cancel what still runs, with :attr:`HttpRequest.drain_expired` set so
+        that its handler can answer with an error (up to ``EXPIRED_ANSWER_S``); close every
+        connection."""
         self.stopping = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             if conn.task is None and not conn.queue:
                 conn.close()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        hurry = loop.create_task(self._hurry.wait())
+        try:
+            while self.tasks and not self._hurry.is_set() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait([*self.tasks, hurry], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+        self.expired = True
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=1.0)
+            await asyncio.wait(list(self.tasks), timeout=EXPIRED_ANSWER_S)
         for conn in list(self.connections):
             conn.close()
         # A closed transport lets go of its socket one loop turn later: wait for that (briefly),

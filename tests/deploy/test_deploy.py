@@ -80,6 +80,31 @@ def test_the_deployment_probes_and_runs_thinkcap_from_its_config_map() -> None:
     assert settings.cluster.redis_url == f"redis://thinkcap-redis:{redis_service['spec']['ports'][0]['port']}/0"
 
 
+def test_the_grace_periods_cover_the_drain() -> None:
+    """The pod's grace period covers the preStop sleep, min_drain_s, drain_timeout_s and the
+    close; min_drain_s outlasts the readiness probe's period x failure threshold (so the load
+    balancer has seen /readyz fail before the listener closes); compose's stop grace period
+    covers the drain too."""
+    objs = render("k8s")
+    thinkcap = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "thinkcap")
+    pod = thinkcap["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (config_map,) = by_kind(objs, "ConfigMap")
+    proxy = load_settings("thinkcap.toml", tomllib.loads(config_map["data"]["thinkcap.toml"])).proxy
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    probe = container["readinessProbe"]
+    assert proxy.min_drain_s > probe["periodSeconds"] * probe["failureThreshold"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + proxy.min_drain_s + proxy.drain_timeout_s + 2
+    assert proxy.drain_timeout_s >= 60  # reasoning answers run long
+    for service in compose()["services"].values():
+        if service.get("image", "").startswith("thinkcap:"):
+            local = load_settings(DEPLOY / "thinkcap.toml").proxy
+            grace = float(service["stop_grace_period"].removesuffix("s"))
+            assert grace >= local.min_drain_s + local.drain_timeout_s + 2
+
+
 def test_the_service_and_the_budget_select_the_pods() -> None:
     objs = render("k8s")
     for d in by_kind(objs, "Deployment"):

@@ -5,14 +5,10 @@ the next replica, as a load balancer does."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +16,20 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.proxy.cli.test_sim import free_port
 from tests.proxy.conftest import RedisServer
-from tests.proxy.test_pool import _mock_backend, _wait_up
+from tests.proxy.fleet import (
+    CONFIG,
+    INTERVAL_S,
+    LEASE_S,
+    RATE,
+    SYNC_S,
+    Client,
+    Replica,
+    _leaders,
+    _state,
+    _version,
+    launched,
+)
 from thinkcap.proxy.cli.audit import audit
 from thinkcap.proxy.cluster import REDIS_DOWN, Cluster
 from thinkcap.proxy.config import ConfigError
@@ -30,199 +37,13 @@ from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.settings import load_settings
 from thinkcap.proxy.state import build_state
 
-RATE = 10.0  # requests per second, all replicas together, evenly spaced
-LEASE_S = 2.0
-SYNC_S = 0.25
-INTERVAL_S = 1.0
-
-CONFIG = """
-[objective]
-latency_penalty = 0.4
-
-[workload]
-arrival_rate = 2.0
-
-[backend]
-url = ["{a}", "{b}"]
-dialect = "vllm"
-slots = 4
-probe = false
-step = {{ base_s = 0.0012, per_seq_s = 0.0006 }}
-
-[proxy]
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin}"
-
-[controller]
-interval_s = {interval}
-min_resolve_interval_s = 0.2
-min_arrivals = 10
-
-[estimators]
-arrival_half_life_s = 60
-
-[cluster]
-redis_url = "redis://127.0.0.1:{redis}/0"
-replica_id = "{rid}"
-lease_s = {lease}
-sync_interval_s = {sync}
-
-[[types]]
-name = "short"
-prior = 1.0
-max_tokens = 400
-accuracy = {{ base = 0.2, gain = 0.7, rate = 0.02 }}
-service = {{ prefill_s = 0.0 }}
-"""
-
-SCENARIO_SCALE = 0.1  # the simulated engines run ten times faster than the model they stand for
-
-
-@dataclass
-class Replica:
-    rid: str
-    port: int
-    admin: int
-    log: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
-
-
-@dataclass
-class Outcome:
-    index: int
-    sent: float
-    status: int | None = None
-    attempts: int = 0
-    replicas: list[str] = field(default_factory=list)
-
-
-async def _state(session: aiohttp.ClientSession, r: Replica) -> dict[str, Any]:
-    async with session.get(f"http://127.0.0.1:{r.admin}/admin/state") as resp:
-        return dict(await resp.json())
-
-
-class Client:
-    """Evenly spaced requests, round-robin over the replicas; a connection refused or dropped
-    is retried on the next one (nothing else is)."""
-
-    def __init__(self, replicas: list[Replica]) -> None:
-        self.replicas = replicas
-        self.outcomes: list[Outcome] = []
-        self._stop = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
-
-    async def _one(self, session: aiohttp.ClientSession, out: Outcome) -> None:
-        body = {"model": "sim", "messages": [{"role": "user", "content": "a short question"}]}
-        n = len(self.replicas)
-        while out.attempts < 2 * n:
-            r = self.replicas[(out.index + out.attempts) % n]
-            out.attempts += 1
-            out.replicas.append(r.rid)
-            try:
-                async with session.post(r.url + "/v1/chat/completions", json=body) as resp:
-                    await resp.read()
-                    out.status = resp.status
-                    return
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-            start = loop.time()
-            i = 0
-            while not self._stop.is_set():
-                due = start + i / RATE
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                out = Outcome(i, time.time())
-                self.outcomes.append(out)
-                task = asyncio.create_task(self._one(session, out))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-                i += 1
-            await asyncio.gather(*self._inflight)
-
-    def stop(self) -> None:
-        self._stop.set()
-
 
 @pytest.fixture
 async def fleet(
     tmp_path: Path, redis_server: RedisServer
 ) -> AsyncIterator[tuple[list[Replica], RedisServer, list[subprocess.Popen[bytes]]]]:
-    backends = []
-    for seed in (1, 2):
-        port = free_port()
-        scenario_dir = tmp_path / f"b{seed}"
-        scenario_dir.mkdir()
-        backends.append(
-            (f"http://127.0.0.1:{port}", _mock_backend(scenario_dir, port, seed, time_scale=SCENARIO_SCALE))
-        )
-    replicas: list[Replica] = []
-    try:
-        for url, proc in backends:
-            await _wait_up(url, proc)
-        for k in range(3):
-            rid, port, admin = f"r{k + 1}", free_port(), free_port()
-            path = tmp_path / f"{rid}.toml"
-            path.write_text(CONFIG.format(a=backends[0][0], b=backends[1][0], port=port, admin=admin,
-                                          redis=redis_server.port, rid=rid, interval=INTERVAL_S, lease=LEASE_S,
-                                          sync=SYNC_S))  # fmt: skip
-            log = tmp_path / f"{rid}.jsonl"
-            with log.open("wb") as fh:
-                cmd = [sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(path)]
-                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-            replicas.append(Replica(rid, port, admin, log, proc))
-        async with aiohttp.ClientSession() as s:
-            for r in replicas:
-                deadline = time.monotonic() + 30
-                while True:
-                    assert r.proc.poll() is None, r.log.read_text()[-3000:]
-                    try:
-                        async with s.get(r.url + "/healthz") as resp:
-                            if resp.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    assert time.monotonic() < deadline, f"{r.rid} did not start"
-                    await asyncio.sleep(0.1)
+    async with launched(tmp_path, redis_server) as (replicas, backends):
         yield replicas, redis_server, [p for _, p in backends]
-    finally:
-        for r in replicas:
-            if r.proc.poll() is None:
-                r.proc.send_signal(signal.SIGTERM)
-        for r in replicas:
-            try:
-                r.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                r.proc.kill()
-                r.proc.wait()
-        for _, proc in backends:
-            proc.kill()
-            proc.wait()
-
-
-def _version(state: dict[str, Any]) -> tuple[int, int]:
-    """A replica's newest decision, as ``/admin/state`` shows it: (epoch, seq)."""
-    return state["cluster"]["epoch"], state["cluster"]["version"]
-
-
-async def _leaders(session: aiohttp.ClientSession, replicas: list[Replica]) -> list[str]:
-    states = [await _state(session, r) for r in replicas]
-    return [s["cluster"]["replica"] for s in states if s["cluster"]["leader"]]
 
 
 async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from tests.proxy.conftest import RedisServer
-from tests.proxy.test_cluster import CONFIG
+from tests.proxy.fleet import CONFIG
 from thinkcap.proxy.cluster import Cluster
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.settings import load_settings
