@@ -94,7 +94,7 @@ constraints:
 # under their installed names, thinkcap.* (symbolic links, not committed).
 .typecheck/thinkcap:
 	mkdir -p .typecheck/thinkcap
-	for d in controller estimators proxy sim; do ln -sfn ../../$$d .typecheck/thinkcap/$$d; done
+	for d in cli controller estimators proxy sim; do ln -sfn ../../$$d .typecheck/thinkcap/$$d; done
 
 lint: $(STAMP) .typecheck/thinkcap
 	$(BIN)/ruff check .

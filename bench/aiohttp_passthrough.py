@@ -18,7 +18,7 @@ import sys
 import aiohttp
 from aiohttp import web
 
-from thinkcap.proxy.runtime import run
+from thinkcap.cli.runtime import run
 
 
 async def main(port: int, upstream_port: int) -> None:

@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.real_backend import free_port, start_llama_server, wait_for
-from thinkcap.proxy.cli.calibrate import Item, grade, read_dataset
+from thinkcap.cli.calibrate import Item, grade, read_dataset
+from thinkcap.sim.llamacpp import free_port, start_llama_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "examples" / "calibration.jsonl"
@@ -73,7 +73,7 @@ def serve(config: Path, backend: str, tmp: Path, name: str) -> tuple[subprocess.
     port = free_port()
     log = tmp / f"{name}.jsonl"
     with log.open("w") as fh:
-        cmd = [sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(config), "--backend", backend,
+        cmd = [sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(config), "--backend", backend,
                "--listen", f"127.0.0.1:{port}"]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30.0, log)

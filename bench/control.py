@@ -56,11 +56,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from thinkcap.cli.demo import demo_settings, render, run_demo  # noqa: E402
+from thinkcap.cli.scenario_file import load_scenario  # noqa: E402
 from thinkcap.controller import Problem, Status, round_caps, solve  # noqa: E402
-from thinkcap.proxy.cli.demo import demo_settings, render, run_demo  # noqa: E402
 from thinkcap.proxy.control import ControlLoop  # noqa: E402
 from thinkcap.proxy.logs import configure  # noqa: E402
-from thinkcap.proxy.scenario_config import load_scenario  # noqa: E402
 from thinkcap.proxy.state import build_state  # noqa: E402
 from thinkcap.sim.des import Phase, Workload, sample_workload, serve  # noqa: E402
 from thinkcap.sim.engine import run_engine  # noqa: E402

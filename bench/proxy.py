@@ -340,7 +340,7 @@ def main() -> None:
                 else "service = { overhead_s = 0.15, per_token_s = 0.012 }",
             )
         )
-        exe = [sys.executable, "-m", "thinkcap.proxy"]
+        exe = [sys.executable, "-m", "thinkcap.cli"]
         sim = subprocess.Popen(
             [*exe, "mock-backend", "--scenario", str(scenario), "--port", str(sim_port), "--time-scale", "0"],
             stdout=subprocess.DEVNULL,

@@ -54,11 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.proxy.conftest import write_config
 from tests.proxy.test_control import feed
+from thinkcap.cli.demo import Stack, demo_scenario, open_stack
 from thinkcap.controller import decide, load_at_min_caps
-from thinkcap.proxy.cli.demo import Stack, demo_scenario, open_stack
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import configure
-from thinkcap.proxy.settings import ControllerSettings, load_settings
+from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.loadgen import LoadSettings, Record, run_load
 from thinkcap.sim.scenario import LoadPhase, Scenario

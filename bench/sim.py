@@ -108,7 +108,7 @@ def bench_server(seconds: float, connections: int) -> None:
         port = s.getsockname()[1]
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = cpus[0], cpus[-1]
-    cmd = [sys.executable, "-m", "thinkcap.proxy", "mock-backend", "--scenario", str(SCENARIO), "--port", str(port),
+    cmd = [sys.executable, "-m", "thinkcap.cli", "mock-backend", "--scenario", str(SCENARIO), "--port", str(port),
            "--time-scale", "0"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     os.sched_setaffinity(proc.pid, {server_cpu})

@@ -1,4 +1,5 @@
-"""Pure optimisation of reasoning-token caps for an M/G/1 LLM server."""
+"""Pure optimisation of reasoning-token caps for an LLM server: the queue models (M/G/1, a
+batching engine, a pool of engines), the problem, its solvers and the decision."""
 
 from thinkcap.controller.decision import (
     Decision,

@@ -1,5 +1,3 @@
-"""The I/O layer: configuration, CLI, and (later) the HTTP proxy and control loop."""
-
-from thinkcap.proxy.config import ConfigError, ModelConfig, TypeConfig, load_model
-
-__all__ = ["ConfigError", "ModelConfig", "TypeConfig", "load_model"]
+"""The I/O layer: the reverse proxy (``app``, one ``request`` at a time), its state, the control
+loop and the cluster that drive the caps, the admin API, and the wire (``transport``). The
+command line that starts it lives in :mod:`thinkcap.cli`."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from thinkcap.proxy.config import TypeConfig
+from thinkcap.proxy.model_file import TypeConfig
 
 WORD = re.compile(r"[a-z0-9_]+|[^\sa-z0-9_]")
 #: Laplace smoothing of the naive Bayes word counts.

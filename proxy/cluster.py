@@ -53,9 +53,9 @@ from redis.exceptions import RedisError
 from thinkcap.estimators import Snapshot, StepEstimate
 from thinkcap.estimators.merge import merge_curves, merge_means, merge_snapshots, merge_steps
 from thinkcap.estimators.snapshot import TypeEstimate
-from thinkcap.proxy.control import ControlLoop, Inputs
+from thinkcap.proxy.control import Inputs, decay_shedding, local_inputs
 from thinkcap.proxy.logs import logger
-from thinkcap.proxy.settings import ClusterSettings
+from thinkcap.proxy.serve_file import ClusterSettings, ControllerSettings
 from thinkcap.proxy.state import ProxyState
 
 #: A replica's estimates live this many sync intervals unless rewritten.
@@ -150,15 +150,20 @@ class Cluster:
         self,
         state: ProxyState,
         settings: ClusterSettings,
-        loop: ControlLoop | None,
+        controller: ControllerSettings | None,
         *,
+        wake: asyncio.Event | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``controller``: the settings of this replica's control loop (``None``: it has none,
+        and never takes the lease); ``wake``: the event that makes it decide at once (the
+        loop's, see :meth:`strategy`)."""
         if settings.redis_url is None:
             raise ValueError("a cluster needs [cluster] redis_url")
         self.state = state
         self.settings = settings
-        self.loop = loop
+        self.controller = controller
+        self.wake = wake or asyncio.Event()
         self.monotonic = monotonic  # the lease deadline's clock (the lease is real time, whatever the state's)
         self.id = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         p = settings.key_prefix
@@ -192,12 +197,13 @@ class Cluster:
         self._seq = 0  # decisions published in this replica's epoch
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: set[asyncio.Task[None]] = set()
-        if loop is not None:
-            loop.source = self.inputs
-            loop.deciding = self.deciding
-            loop.on_decision.append(self.decided)
 
     # -- what the control loop asks -------------------------------------------------------
+
+    def strategy(self) -> dict[str, Any]:
+        """The control loop's constructor arguments in a cluster: merged inputs, decide while
+        leading, publish each decision, and the shared wake-up."""
+        return {"source": self.inputs, "deciding": self.deciding, "on_decision": [self.decided], "wake": self.wake}
 
     def deciding(self) -> bool:
         """The leader decides until its local lease deadline; with Redis lost, every replica
@@ -208,8 +214,7 @@ class Cluster:
 
     def inputs(self, now: float) -> Inputs:
         """The merged inputs (the leader), or this replica's scaled by the replicas last seen (fallback)."""
-        assert self.loop is not None
-        local = self.loop.local_inputs(now)
+        local = local_inputs(self.state, now)
         if self.connected is not True:
             n = 1 + len(self.peers)
             snap = local.snap
@@ -324,13 +329,12 @@ class Cluster:
         lease_ms = max(1, round(s.lease_s * 1000))
         margin = LEASE_MARGIN * s.lease_s
         now_ms = round(time.time() * 1000)
-        if self.loop is not None:
-            own = inputs_record(self.loop.local_inputs(self.state.clock()))
-            own["healthy_slots"] = list(self.state.pool.healthy_slots())
-            async with r.pipeline(transaction=True) as pipe:
-                pipe.set(k["stats"] + self.id, json.dumps(own), px=ttl_ms)
-                pipe.zadd(k["replicas"], {self.id: now_ms + ttl_ms})
-                await pipe.execute()
+        own = inputs_record(local_inputs(self.state, self.state.clock()))  # with or without a control loop
+        own["healthy_slots"] = list(self.state.pool.healthy_slots())
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.set(k["stats"] + self.id, json.dumps(own), px=ttl_ms)
+            pipe.zadd(k["replicas"], {self.id: now_ms + ttl_ms})
+            await pipe.execute()
         log = logger()
         if self.leader:
             sent = self.monotonic()
@@ -344,7 +348,7 @@ class Cluster:
             sent = self.monotonic()
             # only a replica with a control loop leads: one without would hold the lease and decide nothing
             epoch = int(await r.eval(ACQUIRE, 2, k["leader"], k["epoch"], self.id, lease_ms, self.epoch)) \
-                if self.loop is not None else 0  # fmt: skip
+                if self.controller is not None else 0  # fmt: skip
             if epoch:
                 self.leader = True
                 self.epoch = epoch
@@ -352,8 +356,7 @@ class Cluster:
                 self.lease_until = sent + s.lease_s - margin
                 self.lease_left_s = None
                 log.info("cluster", action="leader", replica=self.id, lease_s=s.lease_s, epoch=epoch)
-                if self.loop is not None:
-                    self.loop.wake.set()  # decide now, not at the next interval
+                self.wake.set()  # decide now, not at the next interval
             else:
                 pttl = int(await r.pttl(k["leader"]))
                 self.lease_left_s = pttl / 1000 if pttl >= 0 else 0.0
@@ -395,12 +398,12 @@ class Cluster:
         """Under ``fallback = "static"`` no leader confirms an overload: shedding decays to off,
         its share halving at every failed sync (as after a failed decision), and ends once
         Redis has been lost for ``shed_min_dwell_s``."""
-        if self.settings.fallback != "static" or not self.state.shedding or self.loop is None:
+        if self.settings.fallback != "static" or not self.state.shedding or self.controller is None:
             return
         now = self.state.clock()
         lost_at = now if self._lost_at is None else self._lost_at
-        self._ends_shedding_at = lost_at + self.loop.settings.shed_min_dwell_s
-        self.loop.decay_shedding("cluster_fallback", now, evidence="redis_lost", end=now >= self._ends_shedding_at)
+        self._ends_shedding_at = lost_at + self.controller.shed_min_dwell_s
+        decay_shedding(self.state, "cluster_fallback", now, evidence="redis_lost", end=now >= self._ends_shedding_at)
         if not self.state.shedding:
             self._ends_shedding_at = None
 

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,9 +29,9 @@ from thinkcap.controller import (
 )
 from thinkcap.controller.queue import BatchingEngine
 from thinkcap.estimators import Snapshot, StepEstimate
-from thinkcap.proxy.config import ModelConfig
-from thinkcap.proxy.logs import logger
-from thinkcap.proxy.settings import ControllerSettings
+from thinkcap.proxy.logs import finite, logger
+from thinkcap.proxy.model_file import ModelConfig
+from thinkcap.proxy.serve_file import ControllerSettings
 from thinkcap.proxy.state import ProxyState, refit_curves, step_record
 
 #: Standard errors of the arrival-rate estimate below its point value at which an overload
@@ -162,97 +162,142 @@ class Inputs:
     cluster: dict[str, Any] | None = field(default=None)  # the replicas merged (None: this proxy alone)
 
 
+def accuracy_curves(state: ProxyState) -> tuple[dict[str, tuple[float, float, float]], dict[str, Any]]:
+    """The accuracy curves fitted from graded feedback that are pinned down well enough to
+    replace the configured ones (``[estimators] accuracy_*``), and per type what was
+    decided and why (for the ``decision`` event).
+
+    A fit that fails, or gives a curve the problem cannot take, leaves that type on its
+    configured curve (the record says why); the other types are not affected.
+    """
+    e = state.settings.estimators
+    used: dict[str, tuple[float, float, float]] = {}
+    record: dict[str, Any] = {}
+    for name, curve in state.accuracy.items():
+        if curve.samples == 0:
+            record[name] = {"source": "configured", "samples": 0}
+            continue
+        try:
+            ev = curve.evidence()
+            valid = all(math.isfinite(v) for v in (ev.base, ev.gain, ev.rate)) and (
+                ev.base >= 0 and ev.gain > 0 and ev.rate > 0 and ev.base + ev.gain <= 1
+            )
+            if not valid:
+                raise ValueError(f"fitted curve out of range: {(ev.base, ev.gain, ev.rate)}")
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+            record[name] = {"source": "configured", "samples": curve.samples,
+                            "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+            continue
+        pinned = (
+            ev.samples >= e.accuracy_min_samples
+            and ev.levels >= e.accuracy_min_levels
+            and ev.stderr <= e.accuracy_max_stderr
+        )
+        if pinned:
+            used[name] = (ev.base, ev.gain, ev.rate)
+        record[name] = {
+            "source": "feedback" if pinned else "configured",
+            "samples": ev.samples,
+            "levels": ev.levels,
+            "stderr": finite(ev.stderr),
+            "fitted": {"base": ev.base, "gain": ev.gain, "rate": ev.rate},
+        }
+    return used, record
+
+
+def local_inputs(state: ProxyState, now: float) -> Inputs:
+    """This proxy's own estimates at ``now``."""
+    st = state
+    curves, accuracy = accuracy_curves(st)
+    return Inputs(
+        snap=st.estimators.snapshot(now),
+        arrivals=st.arrivals,
+        curves=curves,
+        accuracy=accuracy,
+        curve_samples={n: c.samples for n, c in st.accuracy.items()},
+        step=None if st.step is None else st.step.get(),
+        answer=st.answer_offsets(),
+        used=st.used.get(),
+        prompt_tokens=st.estimators.service.prompt_tokens(),
+        replicas=st.pool.healthy_slots(),
+    )
+
+
+def decay_shedding(state: ProxyState, decision_id: str, now: float, *, evidence: str = "decisions_failing",
+                   end: bool = False) -> None:  # fmt: skip
+    """A failed decision keeps the caps but not the shedding: its share halves, and ends
+    once below ``MIN_SHED_SHARE`` (or at once with ``end``): a controller that cannot
+    decide must not keep rejecting traffic on an old reading."""
+    st = state
+    if not st.shedding:
+        return
+    st.admit_fraction = 1.0 - (1.0 - st.admit_fraction) * FAILED_SHED_DECAY
+    if end or st.admit_fraction >= 1.0 - MIN_SHED_SHARE:
+        st.shedding = False
+        st.admit_fraction = 1.0
+        st.shed_changed_at = now
+        logger().warning("overload", decision_id=decision_id, time=now, on=False, admit_fraction=1.0,
+                         evidence=evidence)  # fmt: skip
+
+
 class ControlLoop:
     """Re-solves the allocation from the proxy's estimators and publishes integer caps.
 
-    In a cluster (:mod:`thinkcap.proxy.cluster`), ``source`` gives the merged inputs,
-    ``deciding`` tells whether this replica decides now (it holds the lease), and each
-    decision's event goes to every ``on_decision`` listener.
+    Its strategy comes in at construction: ``source`` gives the inputs (this proxy's own by
+    default; a cluster's merged ones, :mod:`thinkcap.proxy.cluster`), ``deciding`` tells
+    whether this replica decides now (in a cluster, it holds the lease), and each decision's
+    event goes to every ``on_decision`` listener. ``wake`` (shared with a cluster that takes
+    the lease) makes it decide at once.
     """
 
-    def __init__(self, state: ProxyState, settings: ControllerSettings, *, clock: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        state: ProxyState,
+        settings: ControllerSettings,
+        *,
+        clock: Callable[[], float] | None = None,
+        source: Callable[[float], Inputs] | None = None,
+        deciding: Callable[[], bool] | None = None,
+        on_decision: Sequence[Callable[[dict[str, Any]], None]] = (),
+        wake: asyncio.Event | None = None,
+    ) -> None:
         self.state = state
         self.settings = settings
         self.clock = clock or state.clock
-        self.source: Callable[[float], Inputs] = self.local_inputs
-        self.deciding: Callable[[], bool] = lambda: True
-        self.on_decision: list[Callable[[dict[str, Any]], None]] = []
+        self.source: Callable[[float], Inputs] = source or self.local_inputs
+        self.deciding: Callable[[], bool] = deciding or (lambda: True)
+        self.on_decision: list[Callable[[dict[str, Any]], None]] = list(on_decision)
         self.x0: np.ndarray[Any, Any] | None = None
         self.decisions = 0
         self.failures = 0
-        self.wake = asyncio.Event()
+        self.wake = wake or asyncio.Event()
         self._seen_changes = 0
         self._queued = 0  # the admission queue's length at the decision before
-        self._flipped: float | None = None  # when shedding last started or stopped
         self._unconfirmed = False  # an overload without evidence has been logged
         self._last_step: float | None = None
+        state.listeners.append(self.notice)
+
+    def notice(self, what: str) -> None:
+        """The state's news (:meth:`ProxyState.notify`): a rate change the detector flagged, or
+        a replica ejected or taken back, wakes the loop."""
+        if what != "arrival" or self.changed():
+            self.wake.set()
 
     def changed(self) -> bool:
         """Whether the change detector flagged since the last decision (then wake the loop)."""
         return self.state.estimators.arrival.changes != self._seen_changes
 
     def curves(self) -> tuple[dict[str, tuple[float, float, float]], dict[str, Any]]:
-        """The accuracy curves fitted from graded feedback that are pinned down well enough to
-        replace the configured ones (``[estimators] accuracy_*``), and per type what was
-        decided and why (for the ``decision`` event).
-
-        A fit that fails, or gives a curve the problem cannot take, leaves that type on its
-        configured curve (the record says why); the other types are not affected.
-        """
-        e = self.state.settings.estimators
-        used: dict[str, tuple[float, float, float]] = {}
-        record: dict[str, Any] = {}
-        for name, curve in self.state.accuracy.items():
-            if curve.samples == 0:
-                record[name] = {"source": "configured", "samples": 0}
-                continue
-            try:
-                ev = curve.evidence()
-                valid = all(math.isfinite(v) for v in (ev.base, ev.gain, ev.rate)) and (
-                    ev.base >= 0 and ev.gain > 0 and ev.rate > 0 and ev.base + ev.gain <= 1
-                )
-                if not valid:
-                    raise ValueError(f"fitted curve out of range: {(ev.base, ev.gain, ev.rate)}")
-            except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
-                record[name] = {"source": "configured", "samples": curve.samples,
-                                "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
-                continue
-            pinned = (
-                ev.samples >= e.accuracy_min_samples
-                and ev.levels >= e.accuracy_min_levels
-                and ev.stderr <= e.accuracy_max_stderr
-            )
-            if pinned:
-                used[name] = (ev.base, ev.gain, ev.rate)
-            record[name] = {
-                "source": "feedback" if pinned else "configured",
-                "samples": ev.samples,
-                "levels": ev.levels,
-                "stderr": ev.stderr if math.isfinite(ev.stderr) else None,
-                "fitted": {"base": ev.base, "gain": ev.gain, "rate": ev.rate},
-            }
-        return used, record
+        """:func:`accuracy_curves` of this loop's state."""
+        return accuracy_curves(self.state)
 
     async def refresh_curves(self) -> None:
         """Fit the accuracy curves that new feedback changed, off the event loop (see :func:`refit_curves`)."""
         await refit_curves(self.state.accuracy)
 
     def local_inputs(self, now: float) -> Inputs:
-        """This proxy's own estimates at ``now``."""
-        st = self.state
-        curves, accuracy = self.curves()
-        return Inputs(
-            snap=st.estimators.snapshot(now),
-            arrivals=st.arrivals,
-            curves=curves,
-            accuracy=accuracy,
-            curve_samples={n: c.samples for n, c in st.accuracy.items()},
-            step=None if st.step is None else st.step.get(),
-            answer=st.answer_offsets(),
-            used=st.used.get(),
-            prompt_tokens=st.estimators.service.prompt_tokens(),
-            replicas=st.pool.healthy_slots(),
-        )
+        """:func:`local_inputs` of this loop's state."""
+        return local_inputs(self.state, now)
 
     def step(self, now: float | None = None) -> dict[str, Any] | None:
         """One decision at ``now``; returns its event (``None`` if it failed: caps kept, and
@@ -291,7 +336,7 @@ class ControlLoop:
                 pins=st.caps.pins,
             )
             if step is not None:
-                st.prefill_guess_s = max(t.overhead_s for t in problem.types)
+                st.pool.set_prefill_guess(max(t.overhead_s for t in problem.types))
             x0 = self.x0
             started = time.perf_counter()
             decision = decide(problem, method=s.method, x0=x0)
@@ -309,7 +354,7 @@ class ControlLoop:
                 error=f"{type(exc).__name__}: {exc}",
                 caps_kept=st.caps.effective(),
             )
-            self.decay_shedding(decision_id, now)
+            decay_shedding(st, decision_id, now)
             return None
         overload = result.status == Status.OVERLOAD
         evidence = self._shedding(problem, rate_low, rate_now, decision_id, now)
@@ -346,16 +391,16 @@ class ControlLoop:
             "x0": None if x0 is None else [float(v) for v in x0],
             "inputs": problem_record(problem),
             "arrival_source": "estimate" if use_estimate else "config",
-            "arrival_rate_stderr": rate_stderr if math.isfinite(rate_stderr) else None,
+            "arrival_rate_stderr": finite(rate_stderr),
             "status": result.status.name.lower(),
             "message": result.message,
             "iterations": result.nit,
             "function_evaluations": result.nfev,
-            "residual": result.residual if math.isfinite(result.residual) else None,
+            "residual": finite(result.residual),
             "caps_continuous": {n: float(x) for n, x in zip(problem.names, result.x, strict=True)},
             "caps": caps,
-            "predicted_rho": q.rho if math.isfinite(q.rho) else None,
-            "predicted_mean_system_time": q.mean_system_time if math.isfinite(q.mean_system_time) else None,
+            "predicted_rho": finite(q.rho),
+            "predicted_mean_system_time": finite(q.mean_system_time),
             "published": publish,
             "caps_in_force": st.caps.effective(),
             "pinned": dict(st.caps.pins),
@@ -402,7 +447,7 @@ class ControlLoop:
         lower = load * min(rate_low, rate) / rate if rate > 0 else 0.0
         confirmed = self._queue_confirms()
         was = st.shedding
-        settled = self._flipped is None or now - self._flipped >= s.shed_min_dwell_s
+        settled = st.shed_changed_at is None or now - st.shed_changed_at >= s.shed_min_dwell_s
         evidence: str | None = None
         if was:
             load_now = load * min(rate_now, rate) / rate if rate > 0 else 0.0
@@ -431,7 +476,7 @@ class ControlLoop:
         else:
             self._unconfirmed = False
         if st.shedding != was:
-            self._flipped = now
+            st.shed_changed_at = now
             logger().warning(
                 "overload",
                 decision_id=decision_id,
@@ -443,22 +488,6 @@ class ControlLoop:
                 evidence=evidence,
             )
         return evidence
-
-    def decay_shedding(self, decision_id: str, now: float, *, evidence: str = "decisions_failing",
-                       end: bool = False) -> None:  # fmt: skip
-        """A failed decision keeps the caps but not the shedding: its share halves, and ends
-        once below ``MIN_SHED_SHARE`` (or at once with ``end``): a controller that cannot
-        decide must not keep rejecting traffic on an old reading."""
-        st = self.state
-        if not st.shedding:
-            return
-        st.admit_fraction = 1.0 - (1.0 - st.admit_fraction) * FAILED_SHED_DECAY
-        if end or st.admit_fraction >= 1.0 - MIN_SHED_SHARE:
-            st.shedding = False
-            st.admit_fraction = 1.0
-            self._flipped = now
-            logger().warning("overload", decision_id=decision_id, time=now, on=False, admit_fraction=1.0,
-                             evidence=evidence)  # fmt: skip
 
     async def run(self) -> None:
         """Decide every ``interval_s`` (or at once when the change detector fires) until cancelled."""

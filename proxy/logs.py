@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any, TextIO
 
 import structlog
+
+
+def finite(value: float) -> float | None:
+    """A number for a log line or a JSON record: JSON has no inf or nan, so those are null."""
+    return value if math.isfinite(value) else None
+
+
+def finite_all(obj: Any) -> Any:
+    """:func:`finite` through nested dicts and lists."""
+    if isinstance(obj, float):
+        return finite(obj)
+    if isinstance(obj, dict):
+        return {k: finite_all(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_all(v) for v in obj]
+    return obj
+
 
 _configured = False
 #: Loggers bound once per configuration, by name: binding costs about as much as rendering a

@@ -15,12 +15,68 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from thinkcap.proxy.admission import Occupancy
-from thinkcap.proxy.settings import ReplicaSettings
+from thinkcap.proxy.serve_file import ReplicaSettings
 from thinkcap.proxy.transport.client import Upstream
 
 #: Longest wait between two probes of a replica ejected again and again, seconds.
 MAX_PROBE_BACKOFF_S = 60.0
+
+
+class Occupancy:
+    """How many requests are in service upstream, over time, and when a prefill may be running.
+
+    ``area`` is the integral of the number in service since the start, so a request's
+    time-averaged number in service is the change of ``area`` over its own service time.
+    A streamed request is in its prefill from :meth:`start` to :meth:`first_token`; a
+    whole one is taken to be in its prefill for ``prefill_s`` after it starts (no token
+    shows when it ends; the control loop keeps it at its longest prefill, through
+    :meth:`thinkcap.proxy.pool.Pool.set_prefill_guess`). ``quiet_since`` is when the last
+    known prefill ended: a token gap that began before it may hold another request's prompt
+    and is no step sample.
+    """
+
+    __slots__ = ("_last", "area", "in_service", "prefill_s", "prefilling", "quiet_since")
+
+    def __init__(self, prefill_s: float = 0.0) -> None:
+        self.prefill_s = prefill_s
+        self.in_service = 0
+        self.prefilling = 0
+        self.area = 0.0
+        self.quiet_since = float("-inf")
+        self._last = 0.0
+
+    def _advance(self, now: float) -> None:
+        if now > self._last:
+            self.area += self.in_service * (now - self._last)
+            self._last = now
+
+    def start(self, now: float, *, streamed: bool) -> float:
+        """A request is sent upstream at ``now``; returns ``area`` then (its starting mark)."""
+        self._advance(now)
+        self.in_service += 1
+        if streamed:
+            self.prefilling += 1
+        else:
+            self.quiet_since = max(self.quiet_since, now + self.prefill_s)
+        return self.area
+
+    def first_token(self, now: float) -> None:
+        """A streamed request's first token arrived: its prefill is over."""
+        self.prefilling -= 1
+        self.quiet_since = max(self.quiet_since, now)
+
+    def stop(self, now: float, *, prefilling: bool = False) -> float:
+        """A request left service at ``now`` (still ``prefilling``: it never sent a token); returns ``area``."""
+        self._advance(now)
+        self.in_service -= 1
+        if prefilling:
+            self.prefilling -= 1
+            self.quiet_since = max(self.quiet_since, now)
+        return self.area
+
+    def clean(self, since: float) -> bool:
+        """Whether no prefill ran between ``since`` and now."""
+        return self.prefilling == 0 and self.quiet_since <= since
 
 
 class Replica:
@@ -91,6 +147,12 @@ class Pool:
     def prefilling(self) -> int:
         """Streamed requests sent that have no token yet, on every replica."""
         return sum(r.occupancy.prefilling for r in self.replicas)
+
+    def set_prefill_guess(self, seconds: float) -> None:
+        """How long a whole request's prefill is taken to last, on every replica (see
+        :class:`Occupancy`)."""
+        for r in self.replicas:
+            r.occupancy.prefill_s = seconds
 
     def healthy(self) -> list[Replica]:
         """The replicas in use: the healthy ones, or every one while none is."""

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
@@ -21,9 +21,14 @@ from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estima
 from thinkcap.proxy.admission import Admission
 from thinkcap.proxy.caps import CapStore, CapTable
 from thinkcap.proxy.classify import Classifier
+from thinkcap.proxy.logs import finite
 from thinkcap.proxy.metrics import Metrics
 from thinkcap.proxy.pool import Pool, Replica
-from thinkcap.proxy.settings import Settings
+from thinkcap.proxy.serve_file import Settings
+
+if TYPE_CHECKING:  # the rooms above, named for the fields' types only
+    from thinkcap.proxy.cluster import Cluster
+    from thinkcap.proxy.control import ControlLoop
 
 #: How many finished requests are remembered for graded feedback.
 RECENT_REQUESTS = 10_000
@@ -53,14 +58,15 @@ class ProxyState:
     metrics: Metrics
     pool: Pool  # the backend's replicas, each with its requests in service upstream
     step: StepFit | None = None  # one replica's step time, fitted live (batching engines only)
-    prefill_guess_s: float = 0.0  # how long a whole request's prefill is taken to last (see Occupancy)
     clock: Callable[[], float] = time.monotonic  # every measurement; the wall clock only stamps log lines
     session: aiohttp.ClientSession | None = None
     shedding: bool = False
     admit_fraction: float = 1.0
+    shed_changed_at: float | None = None  # when shedding last started or stopped
     draining: bool = False  # a stop was asked for: /readyz answers 503 while requests are still taken
-    controller: Any = None
-    cluster: Any = None  # thinkcap.proxy.cluster.Cluster, with [cluster] redis_url
+    controller: ControlLoop | None = None  # with [controller] enabled
+    cluster: Cluster | None = None  # with [cluster] redis_url
+    listeners: list[Callable[[str], None]] = field(default_factory=list)  # see notify
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
     cap_rejected: bool = False  # the probe saw the backend reject the cap field: requests go without it
     last_decision: dict[str, Any] | None = None
@@ -85,9 +91,13 @@ class ProxyState:
         self.arrivals += 1
         self._last_arrival = now = max(now, self._last_arrival)
         self.estimators.arrived(name, now=now)
-        ctl = self.controller
-        if ctl is not None and ctl.changed():
-            ctl.wake.set()
+        self.notify("arrival")
+
+    def notify(self, what: str) -> None:
+        """Tell the listeners (the control loop) what changed: ``"arrival"`` after each
+        arrival, ``"pool"`` when a replica is ejected or taken back."""
+        for listener in self.listeners:
+            listener(what)
 
     def answer_offsets(self) -> dict[str, float]:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
@@ -100,9 +110,7 @@ class ProxyState:
         total = sum(r.slots for r in self.pool.replicas)
         used = sum(self.pool.healthy_slots())
         self.admission.resize(max(1, round(p.max_concurrency * used / total)))
-        ctl = self.controller
-        if ctl is not None:
-            ctl.wake.set()
+        self.notify("pool")
 
     def http(self) -> aiohttp.ClientSession:
         """The upstream client session (open while the app runs)."""
@@ -127,10 +135,6 @@ async def refit_curves(curves: dict[str, AccuracyCurve]) -> None:
 
 def step_record(step: StepEstimate) -> dict[str, Any]:
     """The live step fit, JSON-able: used by the control loop (``fitted``) or not, and its evidence."""
-
-    def finite(v: float) -> float | None:
-        return v if math.isfinite(v) else None
-
     return {
         "source": "fitted" if step.fitted else "configured",
         "base_s": step.base_s,
@@ -209,9 +213,9 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         metrics=metrics,
         pool=pool,
         step=step,
-        prefill_guess_s=prefill,
         clock=clock,
     )
+    pool.set_prefill_guess(prefill)
     state.pool.on_change.append(state.pool_changed)
     return state
 

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from thinkcap.sim.backend import CORRECT_HEADER
 from thinkcap.sim.scenario import LoadPhase, Scenario
+from thinkcap.sim.sse import DONE, sse_data
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -118,15 +119,13 @@ def arrival_times(phases: Sequence[LoadPhase], rng: np.random.Generator) -> tupl
 
 def _count_stream(line: bytes, rec: Record, counts: list[int]) -> None:
     """Fold one SSE line into the record: usage if sent, else count reasoning/content deltas."""
-    if not line.startswith(b"data:"):
+    chunk = sse_data(line)
+    if chunk is None:
         return
-    data = line[5:].strip()
-    if data == b"[DONE]":
+    if chunk == DONE:
         counts[2] = 1
         return
-    chunk = json.loads(data)
-    if not isinstance(chunk, dict):
-        raise ValueError("a stream chunk is not a JSON object")
+    assert isinstance(chunk, dict)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         _apply_usage(usage, rec)

@@ -1,6 +1,6 @@
 """The ground truth of a simulated world: task types, server behaviour, faults and load.
 
-A scenario is read from TOML by :func:`proxy.scenario_config.load_scenario`; this module only
+A scenario is read from TOML by :func:`proxy.scenario_file.load_scenario`; this module only
 holds the validated values, so the simulator never parses files itself.
 """
 

@@ -7,149 +7,32 @@ passed through unchanged. Each shaped request ends in exactly one ``request`` ev
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
 import random
-import re
 from typing import Any
 
-import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.admission import QueueFullError
-from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
+from thinkcap.proxy.classify import prompt_text
+from thinkcap.proxy.dialects import ClientLimitError, apply_cap
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Replica
+from thinkcap.proxy.request.accounting import account
 from thinkcap.proxy.request.body import upstream_body
-from thinkcap.proxy.request.dialects import ClientLimitError, apply_cap
-from thinkcap.proxy.request.errors import REQUEST_ID, ProxyError, error_response
+from thinkcap.proxy.request.errors import ProxyError, error_response
+from thinkcap.proxy.request.failures import upstream_failure
+from thinkcap.proxy.request.headers import client_request_id, new_request_id, returned_headers, upstream_headers
+from thinkcap.proxy.request.parse import classify, parse_json, read_body
 from thinkcap.proxy.request.sse import CONTENT, REASONING, MalformedStreamError, StreamTally, Tokens, from_usage
-from thinkcap.proxy.state import Finished, ProxyState
+from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
-from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest, Reply, StreamReply
+from thinkcap.proxy.transport.server import HttpRequest, Reply, StreamReply
 
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Trailers",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Host",
-        "Content-Length",
-    )
-)
-#: Response headers not copied back (the body is re-framed; aiohttp's client, used for the
-#: pass-through routes, also decompresses it).
-NOT_RETURNED = HOP_BY_HOP | {"date", "server"}
-NOT_RETURNED_DECODED = NOT_RETURNED | {"content-encoding"}
-TYPE_HEADER = "X-Thinkcap-Type"
-GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SHAPED = ("/v1/chat/completions", "/v1/completions")
 #: Outcomes that count against a replica's health (with any 5xx it answers).
 FAILURES = frozenset({"upstream_unreachable", "upstream_disconnected", "upstream_truncated"})
-
-
-#: New request ids: a random prefix per process and a counter, 32 hex digits in all (unique
-#: without a system call per request, which a fresh UUID costs).
-_ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A request id made here."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
-
-
-def client_request_id(request: HttpRequest) -> str | None:
-    """The client's ``X-Request-Id``, if it is sane (it is forwarded upstream and logged)."""
-    given = request.headers.get(REQUEST_ID)
-    return given if given is not None and GOOD_ID.fullmatch(given) else None
-
-
-#: Request headers never sent upstream (the proxy asks for an unencoded answer itself, and
-#: answers ``Expect: 100-continue`` itself).
-NOT_FORWARDED = HOP_BY_HOP | {TYPE_HEADER.lower(), "accept-encoding", "expect"}  # Expect is the proxy's own
-
-
-def upstream_headers(incoming: CIMultiDictProxy[str], api_key: str | None) -> CIMultiDict[str]:
-    """End-to-end request headers for the upstream; the backend key replaces the client's."""
-    drop = NOT_FORWARDED
-    connection = incoming.get("Connection")
-    if connection is not None:  # and the headers it names as hop-by-hop
-        drop = drop | {h.strip().lower() for h in connection.split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in incoming.items():
-        if k.lower() not in drop:
-            out.add(k, v)
-    if api_key is not None:
-        out["Authorization"] = f"Bearer {api_key}"
-    return out
-
-
-def returned_headers(
-    upstream: CIMultiDict[str] | CIMultiDictProxy[str], rid: str, *, decoded: bool = False
-) -> CIMultiDict[str]:
-    """Upstream response headers to send back, plus the request id."""
-    drop = NOT_RETURNED_DECODED if decoded else NOT_RETURNED
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
-    out[REQUEST_ID] = rid
-    return out
-
-
-def client_timeout(state: ProxyState) -> aiohttp.ClientTimeout:
-    """No total limit unless configured; a read timeout between chunks."""
-    b = state.settings.backend
-    return aiohttp.ClientTimeout(total=b.total_timeout_s, connect=b.connect_timeout_s, sock_read=b.read_timeout_s)
-
-
-async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The raw body, 413 beyond ``max_body_bytes`` (``limit``)."""
-    try:
-        return await request.read()
-    except BodyTooLargeError:
-        raise ProxyError(
-            413, f"request body larger than {limit} bytes", "invalid_request_error", code="body_too_large"
-        ) from None
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """A JSON object, or 400 (nested too deep for the parser included)."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ProxyError(
-            400, "the request body is not valid JSON", "invalid_request_error", code="invalid_json"
-        ) from None
-    except RecursionError:
-        raise ProxyError(
-            400, "the request body is nested too deeply", "invalid_request_error", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise ProxyError(400, "the request body must be a JSON object", "invalid_request_error", code="invalid_body")
-    return body
-
-
-def classify(state: ProxyState, request: HttpRequest, body: dict[str, Any]) -> Decision:
-    """Header, then the body's ``thinkcap`` object (removed), then rules, classifier, default."""
-    extra = body.pop("thinkcap", None)
-    try:
-        if TYPE_HEADER in request.headers:
-            return state.classifier.explicit(request.headers[TYPE_HEADER])
-        if extra is not None:
-            if not isinstance(extra, dict) or "type" not in extra:
-                raise UnknownTypeError('the "thinkcap" field must be an object like {"type": "math"}')
-            return state.classifier.explicit(extra["type"])
-    except UnknownTypeError as exc:
-        raise ProxyError(400, str(exc), "invalid_request_error", code="unknown_type", param="thinkcap.type") from None
-    return state.classifier.classify(prompt_text(body))
 
 
 class Exchange:
@@ -194,7 +77,7 @@ class Exchange:
         raw = await read_body(self.request, st.settings.proxy.max_body_bytes)
         body = parse_json(raw)
         before = dict(body)  # what the client sent, for upstream_body
-        decision = classify(st, self.request, body)
+        decision = classify(st, self.request.headers, body)
         self.event.update(type=decision.type, type_source=decision.source, stream=body.get("stream") is True)
         if st.settings.proxy.log_content:
             self.event["prompt"] = prompt_text(body)
@@ -262,7 +145,7 @@ class Exchange:
                 tried |= {replica.index}
                 replica = pool.pick(tried)
                 if replica is None:
-                    raise ProxyError(502, str(exc), "upstream_error", code="upstream_unreachable") from None
+                    raise upstream_failure(exc) from None
 
     async def attempt(
         self, replica: Replica, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
@@ -277,7 +160,7 @@ class Exchange:
         replica.sent += 1
         self.t_dispatch = self.loop.time()
         occupancy = replica.occupancy
-        mark = occupancy.start(self.t_dispatch, streamed=stream, prefill_s=st.prefill_guess_s)
+        mark = occupancy.start(self.t_dispatch, streamed=stream)
         if stream and st.step is not None:
             self.gaps = GapTally()
         # What the outcome says of the replica: a failure, a success (``counted``), or nothing
@@ -301,12 +184,9 @@ class Exchange:
             failure = str(exc)
             if exc.kind == "unreachable":
                 raise
-            code = {"malformed": "upstream_malformed", "too_large": "upstream_too_large"}.get(
-                exc.kind, "upstream_disconnected"
-            )
-            raise ProxyError(502, str(exc), "upstream_error", code=code) from None
-        except TimeoutError:
-            err = ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
+            raise upstream_failure(exc) from None
+        except TimeoutError as exc:
+            err = upstream_failure(exc)
             if self.stream is not None and self.stream.prepared:  # the total limit struck mid-stream
                 return await self.end_stream(self.stream, err)
             failure = "timed out before the first byte"
@@ -399,16 +279,7 @@ class Exchange:
                 if tally.error is not None:
                     raise tally.error
         except (MalformedStreamError, UpstreamError, TimeoutError) as exc:
-            if isinstance(exc, MalformedStreamError):
-                err = ProxyError(502, str(exc), "upstream_error", code="upstream_malformed")
-            elif isinstance(exc, TimeoutError):
-                err = ProxyError(
-                    504, "the upstream server timed out mid-stream", "upstream_error", code="upstream_timeout"
-                )
-            else:
-                err = ProxyError(
-                    502, "the upstream server dropped the stream", "upstream_error", code="upstream_disconnected"
-                )
+            err = upstream_failure(exc, mid_stream=True)
             if not resp.prepared:
                 raise err from None
             return await self.end_stream(resp, err)
@@ -446,63 +317,9 @@ class Exchange:
 
     def finish(self) -> None:
         """Account, remember and log the request (exactly once)."""
-        st, ev = self.state, self.event
-        end = self.loop.time()
-        ev["system_time_s"] = end - self.t_arrival
-        if self.t_dispatch is not None:
-            ev["service_time_s"] = end - self.t_dispatch
-        t = self.tokens
-        if t is not None:
-            ev.update(
-                prompt_tokens=t.prompt,
-                completion_tokens=t.completion,
-                reasoning_tokens=t.reasoning,
-                cached_tokens=t.cached,
-                tokens_source=t.source,
-                reasoning_tokens_source=t.reasoning_source,
-            )
-        name = ev["type"]
-        status = ev["status"]
-        ok = status == 200 and ev["error_kind"] is None
-        counted = {"prompt": t.prompt, "reasoning": t.reasoning, "completion": t.completion} if ok and t else {}
-        st.metrics.finished(name or "unclassified", str(status), ev["system_time_s"], counted)
-        if ok and name is not None and t is not None:
-            now = st.clock()
-            if t.completion is not None and self.t_dispatch is not None:
-                st.estimators.served(
-                    name,
-                    prompt_tokens=t.prompt or 0,
-                    completion_tokens=t.completion,
-                    service_time=ev["service_time_s"],
-                    cached_tokens=t.cached,
-                    now=now,
-                )
-                if st.step is not None:
-                    first = self.t_first_token
-                    if self.gaps is not None and self.counted and t.completion:
-                        # usage counts the tokens; the stream's events may carry several each
-                        self.gaps.rescale(t.completion / self.counted)
-                    st.step.update(
-                        prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
-                        tokens=t.completion,
-                        service_s=ev["service_time_s"],
-                        mean_in_service=ev.get("mean_in_service", 1.0),
-                        gaps=self.gaps,
-                        first_token_s=None if first is None else first - self.t_dispatch,
-                        first_token_in_service=max(self.first_in_service, 1),
-                        now=now,
-                    )
-            reasoning_dialect = st.settings.backend.reasoning_cap
-            used = t.reasoning if reasoning_dialect else t.completion
-            st.remember(self.rid, Finished(name, used))
-            limit = ev.get("effective_limit")
-            if used is not None and isinstance(limit, int) and ev.get("client_limit") is None:
-                st.used.update(name, used=used, limit=limit, now=now)
-            if reasoning_dialect and t.completion is not None and t.reasoning is not None:
-                st.answer.update(name, max(t.completion - t.reasoning, 0), now=now)
-        if st.log_requests:
-            level = "info" if status is not None and status < 500 else "warning"
-            getattr(logger(), level)("request", **ev)
+        account(self.state, self.event, self.tokens, self.rid, end=self.loop.time(), t_arrival=self.t_arrival,
+                t_dispatch=self.t_dispatch, t_first_token=self.t_first_token,
+                first_in_service=self.first_in_service, gaps=self.gaps, counted_events=self.counted)  # fmt: skip
 
 
 async def shaped(state: ProxyState, request: HttpRequest) -> Reply | StreamReply:
@@ -530,46 +347,3 @@ async def shaped(state: ProxyState, request: HttpRequest) -> Reply | StreamReply
     finally:
         # Accounting and the log line run just after the response is written, off its path.
         ex.loop.call_soon(ex.finish)
-
-
-def _upstream_failure(exc: BaseException) -> ProxyError:
-    """The proxy's answer to an aiohttp client failure on a pass-through route."""
-    if isinstance(exc, ProxyError):
-        return exc
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return ProxyError(
-            502, f"cannot connect to the upstream server: {exc.os_error}", "upstream_error", code="upstream_unreachable"
-        )
-    if isinstance(exc, TimeoutError):
-        return ProxyError(504, "the upstream server timed out", "upstream_error", code="upstream_timeout")
-    return ProxyError(
-        502, f"the upstream connection failed: {type(exc).__name__}", "upstream_error", code="upstream_disconnected"
-    )
-
-
-async def passthrough(st: ProxyState, request: HttpRequest) -> Reply | StreamReply:
-    """Any other ``/v1/`` route: method, path, query, body and end-to-end headers, as they are.
-
-    A failure before the upstream answers is an OpenAI-style error; one after the answer
-    started cuts the connection, so that the client sees an incomplete body, not a short one.
-    """
-    rid = new_request_id()
-    resp: StreamReply | None = None
-    try:
-        raw = await read_body(request, st.settings.proxy.max_body_bytes)
-        url = st.pool.route().url + request.path_qs
-        headers = upstream_headers(request.headers, st.settings.backend.api_key)
-        async with st.http().request(
-            request.method, url, data=raw or None, headers=headers, timeout=client_timeout(st)
-        ) as up:
-            resp = StreamReply(status=up.status, headers=returned_headers(up.headers, rid, decoded=True))
-            await resp.prepare(request)
-            async for data in up.content.iter_any():
-                await resp.write(data)
-            await resp.write_eof()
-            return resp
-    except (ProxyError, aiohttp.ClientError, TimeoutError) as exc:
-        if resp is not None and resp.prepared:
-            request.abort()
-            return resp
-        return error_response(_upstream_failure(exc), rid)

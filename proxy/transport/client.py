@@ -48,6 +48,11 @@ POOL_IDLE_S = 4.0
 CLOSE_WAIT_S = 1.0
 
 
+def base_url(url: str) -> str:
+    """A server's root URL: without a trailing ``/`` or ``/v1`` (the OpenAI routes go after)."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 class UpstreamError(Exception):
     """The upstream failed: ``kind`` is ``unreachable``, ``disconnected``, ``malformed`` or ``too_large``."""
 

@@ -73,6 +73,8 @@ def test_load_is_the_full_batch_utilisation() -> None:
 
 
 def test_record_round_trips_and_old_records_are_mg1() -> None:
+    """A queue model's record reads back as the same model; a record without one (older logs) is
+    M/G/1."""
     q = BatchingEngine(16, 0.02, 0.001)
     assert queue_from_record(q.record()) == q
     assert queue_from_record(None) == MG1()
@@ -91,6 +93,7 @@ def test_record_round_trips_and_old_records_are_mg1() -> None:
     ],
 )
 def test_bad_engines_are_rejected(args: tuple[int, float, float], key: str) -> None:
+    """An engine with a bad slot count or step is refused, naming the field."""
     with pytest.raises(ValueError, match=key):
         BatchingEngine(*args)
 
@@ -128,6 +131,7 @@ def test_a_pool_slows_down_less_than_one_engine_with_its_slots() -> None:
 
 
 def test_a_pool_record_round_trips_and_bad_pools_are_rejected() -> None:
+    """A pool's record reads back as the same pool; a pool whose slots do not add up is refused."""
     q = BatchingEngine(6, 0.02, 0.001, (2, 4))
     assert q.record()["pool"] == [2, 4]
     assert queue_from_record(q.record()) == q

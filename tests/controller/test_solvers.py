@@ -278,6 +278,7 @@ def test_both_certificates_agree_at_any_feasible_point(seed: int, n: int, frac: 
 
 
 def test_an_unknown_kernel_is_rejected() -> None:
+    """An unknown kernel name is refused by the exact solver and by the certificate."""
     p = random_problem(1, 3, "light")
     with pytest.raises(ValueError, match="kernel"):
         exact(p, kernel="gpu")  # type: ignore[arg-type]

@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from thinkcap.proxy.cli.main import build_parser
-from thinkcap.proxy.settings import load_settings
+from thinkcap.cli.main import build_parser
+from thinkcap.proxy.serve_file import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -37,6 +37,7 @@ def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def test_the_manifests_render_and_pass_the_kubernetes_schemas() -> None:
+    """The kustomization renders its six objects and each passes the Kubernetes schemas, strictly."""
     objs = render("k8s")
     assert sorted(o["kind"] for o in objs) == [
         "ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget", "Service", "Service",
@@ -54,6 +55,8 @@ def test_a_schema_violation_is_caught() -> None:
 
 
 def test_the_deployment_probes_and_runs_thinkcap_from_its_config_map() -> None:
+    """The Deployment probes /readyz and /healthz, runs non-root, and runs ``thinkcap serve`` on the
+    config its ConfigMap holds, which loads and points at the example's Redis."""
     objs = render("k8s")
     thinkcap = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "thinkcap")
     pod = thinkcap["spec"]["template"]
@@ -64,7 +67,7 @@ def test_the_deployment_probes_and_runs_thinkcap_from_its_config_map() -> None:
     assert thinkcap["spec"]["replicas"] >= 2
     # the arguments are a real command line of the CLI, reading the mounted config
     args = build_parser().parse_args(container["args"])
-    assert args.run.__module__ == "thinkcap.proxy.cli.serve"
+    assert args.run.__module__ == "thinkcap.cli.serve"
     (mount,) = container["volumeMounts"]
     assert args.config == f"{mount['mountPath']}/thinkcap.toml"
     (config_map,) = by_kind(objs, "ConfigMap")
@@ -106,6 +109,8 @@ def test_the_grace_periods_cover_the_drain() -> None:
 
 
 def test_the_service_and_the_budget_select_the_pods() -> None:
+    """The Service and the PodDisruptionBudget select the Deployments' pods, and the budget lets a
+    drain proceed."""
     objs = render("k8s")
     for d in by_kind(objs, "Deployment"):
         labels = d["spec"]["template"]["metadata"]["labels"]
@@ -138,6 +143,8 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_runs_two_thinkcap_replicas_redis_and_a_model_server() -> None:
+    """compose runs two thinkcap replicas built from the Dockerfile, on a config that loads, in
+    front of its Redis and model server."""
     services = compose()["services"]
     thinkcaps = {n: s for n, s in services.items() if s.get("image", "").startswith("thinkcap:")}
     assert len(thinkcaps) == 2 and {"redis", "model"} <= services.keys()
@@ -145,7 +152,7 @@ def test_compose_runs_two_thinkcap_replicas_redis_and_a_model_server() -> None:
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
         args = build_parser().parse_args(service["command"])  # a real command of the CLI
-        assert args.run.__module__ == "thinkcap.proxy.cli.serve"
+        assert args.run.__module__ == "thinkcap.cli.serve"
         mounts = dict(v.split(":")[:2] for v in service["volumes"])
         host = next(h for h, c in mounts.items() if c == args.config)
         settings = load_settings(DEPLOY / host)  # the file exists and loads
@@ -175,6 +182,8 @@ def dockerfile() -> list[tuple[str, str]]:
 
 
 def test_the_dockerfile_is_slim_non_root_checks_health_and_copies_what_exists() -> None:
+    """The Dockerfile builds on slim images, runs as a non-root user, checks /healthz and copies
+    only what exists."""
     steps = dockerfile()
     bases = [rest for word, rest in steps if word == "FROM"]
     assert all(b.split()[0].endswith("-slim") for b in bases)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy.cli.test_report import check_in_browser
-from thinkcap.proxy.cli import main
+from tests.cli.test_report import check_in_browser
+from thinkcap.cli import main
 
 POLICIES = ("adaptive", "static", "maximal")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.real_backend import BackendDiedError, Server, free_port, wait_for
+from thinkcap.sim.llamacpp import BackendDiedError, Server, free_port, wait_for
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 

@@ -16,6 +16,7 @@ def _curve(base: float, gain: float, rate: float, cap: float) -> float:
 
 
 def test_the_likelihood_maximum_is_the_generating_curve_on_exact_counts() -> None:
+    """On exact counts the likelihood's maximum is the curve that generated them."""
     caps = [8, 16, 32, 64, 128, 256]
     k = [1000 * _curve(0.05, 0.85, 0.02, c) for c in caps]
     base, gain, rate, ll = mle(caps, [1000] * len(caps), k)
@@ -24,6 +25,7 @@ def test_the_likelihood_maximum_is_the_generating_curve_on_exact_counts() -> Non
 
 
 def test_the_bootstrap_interval_covers_the_truth_on_sampled_items() -> None:
+    """On sampled items the bootstrap interval of each parameter covers its true value."""
     rng = np.random.default_rng(1)
     caps = (8, 16, 32, 64, 128)
     items = [[(c, bool(rng.random() < _curve(0.1, 0.8, 0.03, c))) for c in caps] for _ in range(120)]
@@ -37,6 +39,7 @@ def test_the_bootstrap_interval_covers_the_truth_on_sampled_items() -> None:
 
 
 def test_bad_counts_are_rejected() -> None:
+    """Counts above their totals, lists of different lengths and no graded items are refused."""
     with pytest.raises(ValueError, match="k <= n"):
         mle([8], [2], [3])
     with pytest.raises(ValueError, match="one entry"):
@@ -46,6 +49,8 @@ def test_bad_counts_are_rejected() -> None:
 
 
 def test_service_and_step_fits() -> None:
+    """The service fit recovers overhead and per-token time (never a negative slope); the step fit
+    recovers a and b."""
     s = fit_service([10, 20, 30, 40, 50], [0.21, 0.31, 0.39, 0.51, 0.60])
     assert s.overhead_s == pytest.approx(0.113, abs=0.01) and s.per_token_s == pytest.approx(0.0098, abs=5e-4)
     assert s.samples == 5 and s.variance_s2 > 0

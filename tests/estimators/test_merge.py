@@ -47,6 +47,8 @@ def test_split_poisson_streams_merge_to_the_whole_streams_estimate() -> None:
 
 
 def test_service_fits_are_weighted_by_samples_and_unfitted_ones_left_out() -> None:
+    """Merged service fits weigh each replica by its samples, and a replica not yet fitted is left
+    out."""
     m = merge_snapshots(
         [
             _snap(1.0, (0.5, 0.5), (30, 0), 0.010),
@@ -61,6 +63,7 @@ def test_service_fits_are_weighted_by_samples_and_unfitted_ones_left_out() -> No
 
 
 def test_replicas_with_other_types_are_rejected() -> None:
+    """Snapshots naming other types, or none at all, cannot be merged."""
     other = Snapshot(0.0, 1.0, 0.1, 10, 0, None, (TypeEstimate("z", 1.0, 0.1, 0.01, 0.0, 0, False),))
     with pytest.raises(ValueError, match="types differ"):
         merge_snapshots([_snap(1.0, (0.5, 0.5)), other], 0.0)
@@ -73,6 +76,8 @@ def _step(a: float, b: float, requests: int, fitted: bool) -> StepEstimate:
 
 
 def test_steps_average_the_fitted_fits_by_requests() -> None:
+    """Merged step fits average the fitted ones by their requests (tighter than either); unfitted
+    ones are left out."""
     m = merge_steps([_step(0.010, 0.006, 100, True), None, _step(0.016, 0.003, 50, True), _step(1.0, 1.0, 5, False)])
     assert m is not None and m.fitted
     assert m.base_s == pytest.approx((100 * 0.010 + 50 * 0.016) / 150)
@@ -85,6 +90,8 @@ def test_steps_average_the_fitted_fits_by_requests() -> None:
 
 
 def test_means_and_curves_are_weighted() -> None:
+    """Means are weighted by rate (equally at rate 0) and curves by samples; a weight per record is
+    required."""
     assert merge_means([{"a": 10.0}, {"a": 20.0}], [0.0, 0.0]) == {"a": 15.0}
     assert merge_means([{"a": 10.0}, {"a": 20.0}], [3.0, 1.0]) == {"a": 12.5}
     curves = merge_curves([{"a": (0.2, 0.6, 0.01)}, {"a": (0.4, 0.4, 0.03)}], [{"a": 30}, {"a": 10}])

@@ -75,6 +75,8 @@ def test_a_step_that_is_not_a_line_is_read_as_a_calibration_reads_it() -> None:
 
 @pytest.mark.parametrize("kind", ["streamed", "whole", "both"])
 def test_recovers_step_and_prefill_with_honest_errors(kind: str) -> None:
+    """Streamed answers, whole ones or both: the fit recovers the step and the prefill, with
+    standard errors that cover the truth."""
     rng = np.random.default_rng(1)
     fit = StepFit(base_s=0.05, per_seq_s=0.0, prefill_s=0.5, min_samples=30)
     for i in range(300):
@@ -129,6 +131,7 @@ def test_a_prefill_under_a_batch_is_read_as_its_time_alone_slowed_by_the_batch()
 
 
 def test_not_fitted_before_enough_requests_or_without_spread_in_the_batch() -> None:
+    """The fit does not count before min_samples requests, nor without a spread of occupancies."""
     rng = np.random.default_rng(3)
     fit = StepFit(base_s=0.02, per_seq_s=0.01, min_samples=30)
     for i in range(29):
@@ -224,6 +227,7 @@ def test_an_unidentified_intercept_is_not_a_fit() -> None:
 
 
 def test_forgetting_follows_a_slower_engine() -> None:
+    """With forgetting, the fit follows an engine that became twice as slow."""
     rng = np.random.default_rng(4)
     fit = StepFit(forgetting=0.98)
     for i in range(200):
@@ -251,6 +255,7 @@ def test_forgetting_follows_a_slower_engine() -> None:
     ],
 )
 def test_bad_observations_are_refused_and_change_nothing(field: str, value: object) -> None:
+    """A bad observation is refused, naming the field, and leaves the fit as it was."""
     fit = StepFit(base_s=0.02, per_seq_s=0.01)
     _whole(fit, np.random.default_rng(5), 0.0)
     before = fit.get()
@@ -261,6 +266,7 @@ def test_bad_observations_are_refused_and_change_nothing(field: str, value: obje
 
 
 def test_bad_settings_are_refused() -> None:
+    """A negative step, a forgetting factor of 0 and min_samples of 0 are refused."""
     with pytest.raises(ValueError, match="base_s"):
         StepFit(base_s=-1.0)
     with pytest.raises(ValueError, match="forgetting"):

@@ -19,11 +19,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.proxy.cli.test_sim import free_port
+from tests.cli.test_sim import free_port
 from tests.sim.conftest import make_scenario
 from thinkcap.proxy.admin import create_admin_app
 from thinkcap.proxy.app import DataPlane, create_app
-from thinkcap.proxy.settings import Settings, load_settings
+from thinkcap.proxy.serve_file import Settings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import create_app as create_sim
 from thinkcap.sim.scenario import DIALECT_USAGE
@@ -223,11 +223,7 @@ async def in_front_of(
     await up.start_server()
     try:
         state = build_state(load_settings(write_config(tmp, str(up.make_url("/v1")), backend=backend)))
-        front = create_app(state)
-        await front.start("127.0.0.1", 0)
-        try:
+        async with create_app(state, "127.0.0.1", 0) as front:
             yield state, front
-        finally:
-            await front.close()
     finally:
         await up.close()

@@ -19,9 +19,13 @@ from typing import Any
 
 import aiohttp
 
-from tests.proxy.cli.test_sim import free_port
+from tests.cli.test_sim import free_port
 from tests.proxy.conftest import RedisServer
 from tests.proxy.test_pool import _mock_backend, _wait_up
+from thinkcap.proxy.cluster import Cluster
+from thinkcap.proxy.control import ControlLoop
+from thinkcap.proxy.serve_file import load_settings
+from thinkcap.proxy.state import build_state
 
 RATE = 10.0  # requests per second, all replicas together, evenly spaced
 LEASE_S = 2.0
@@ -169,7 +173,7 @@ def start_replica(tmp_path: Path, rid: str, config: str, log_name: str | None = 
     path.write_text(config.replace("{port}", str(port)).replace("{admin}", str(admin)))
     log = tmp_path / (log_name or f"{rid}.jsonl")
     with log.open("wb") as fh:
-        cmd = [sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(path)]
+        cmd = [sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     return Replica(rid, port, admin, log, proc)
@@ -240,3 +244,45 @@ async def launched(
         for _, proc in backends:
             proc.kill()
             proc.wait()
+
+
+class Member(Cluster):
+    """A cluster member in this process, with its control loop (``loop``, ``None`` without)."""
+
+    loop: ControlLoop | None
+
+
+class Clock:
+    """A clock the test moves (the replicas' state clock)."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def member(
+    tmp_path: Path,
+    rid: str,
+    redis_port: int,
+    *,
+    clock: Clock | None = None,
+    fallback: str = "static",
+    loop: bool = True,
+    arrivals: int = 40,
+    lease: float = LEASE_S,
+) -> Member:
+    """A replica's state, control loop (unless ``loop`` is false) and cluster membership, in
+    this process; ``arrivals`` evenly over the 10 s before the clock's time."""
+    path = tmp_path / f"{rid}.toml"
+    text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=0, admin=0, redis=redis_port, rid=rid,
+                         interval=1.0, lease=lease, sync=SYNC_S)  # fmt: skip
+    path.write_text(text.replace("[cluster]", f'[cluster]\nfallback = "{fallback}"'))
+    clock = clock or Clock()
+    state = build_state(load_settings(path), clock=clock)
+    for k in range(arrivals):
+        state.arrived("short", clock.now - 10 + k * 10 / arrivals)
+    m = Member(state, state.settings.cluster, state.settings.controller if loop else None)
+    m.loop = state.controller = ControlLoop(state, state.settings.controller, **m.strategy()) if loop else None
+    return m

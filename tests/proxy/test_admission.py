@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from thinkcap.proxy.admission import Admission, Occupancy, QueueFullError
+from thinkcap.proxy.admission import Admission, QueueFullError
+from thinkcap.proxy.pool import Occupancy
 
 
 async def test_admission_is_fifo_and_bounded() -> None:
@@ -48,12 +49,12 @@ def test_occupancy_integrates_the_number_in_service() -> None:
 def test_a_gap_is_clean_only_when_no_prompt_was_being_read() -> None:
     """A streamed request reads its prompt until its first token; a whole one for the
     prefill time it is taken to last; a gap that began before either ended is no step."""
-    occ = Occupancy()
+    occ = Occupancy(prefill_s=0.3)
     occ.start(0.0, streamed=True)
     assert not occ.clean(-1.0)
     occ.first_token(0.5)
     assert not occ.clean(0.4) and occ.clean(0.5)
-    occ.start(1.0, streamed=False, prefill_s=0.3)
+    occ.start(1.0, streamed=False)
     assert not occ.clean(1.2) and occ.clean(1.3)
     occ.start(2.0, streamed=True)
     occ.stop(2.5, prefilling=True)  # it ended before a token: its prefill is over too

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tests.proxy.conftest import write_config
 from tests.sim.conftest import make_scenario
 from thinkcap.proxy.app import DataPlane, create_app
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import build_state
 from thinkcap.sim.backend import create_app as create_sim
 

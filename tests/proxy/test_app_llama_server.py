@@ -16,13 +16,14 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
-from examples.real_backend import Server, start_llama_server
-from thinkcap.proxy.app import create_app, probe
-from thinkcap.proxy.cli import main
+from thinkcap.cli import main
+from thinkcap.proxy.app import create_app
+from thinkcap.proxy.backend import probe
 from thinkcap.proxy.control import ControlLoop
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim import dataset
+from thinkcap.sim.llamacpp import Server, start_llama_server
 
 SLOTS = 4
 CAP = 16
@@ -73,12 +74,8 @@ async def _proxy(server: Server, tmp: Path, *, thinks: bool = False) -> AsyncIte
     path = tmp / "thinkcap.toml"
     path.write_text(CONFIG.format(url=server.url, thinks=str(thinks).lower(), slots=SLOTS))
     state = build_state(load_settings(path))
-    front = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as front:
         yield str(front.make_url("/v1")), state
-    finally:
-        await front.close()
     server.check()
 
 
@@ -198,9 +195,7 @@ async def test_calibrate_measures_llama_server_and_serve_runs_from_what_it_wrote
     settings = load_settings(out)
     assert settings.backend.slots == 2 and settings.model.queue.slots == 2
     state = build_state(settings)
-    front = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as front:
         with capture_logs() as logs:
             async with aiohttp.ClientSession() as s:
                 body = {"messages": [{"role": "user", "content": "What is 3 + 4? Answer with the number only."}]}
@@ -209,5 +204,3 @@ async def test_calibrate_measures_llama_server_and_serve_runs_from_what_it_wrote
                     assert (await r.json())["usage"]["completion_tokens"] <= state.caps.effective()["add"]
         (event,) = [e for e in logs if e["event"] == "request"]
         assert event["type"] == "add" and event["status"] == 200
-    finally:
-        await front.close()

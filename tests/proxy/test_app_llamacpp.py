@@ -15,11 +15,12 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
-from examples.real_backend import Server, start_llama
 from tests.proxy.conftest import write_config
-from thinkcap.proxy.app import create_app, probe
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.app import create_app
+from thinkcap.proxy.backend import probe
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim.llamacpp import Server, start_llama
 
 CAP = 16
 
@@ -43,12 +44,8 @@ async def proxied(llama: Server, tmp_path: Path) -> AsyncIterator[tuple[str, Pro
     llama.check()
     state = build_state(load_settings(write_config(tmp_path, llama.url + "/v1", dialect="llamacpp")))
     state.caps.pin(dict.fromkeys(state.caps.table.caps, CAP))
-    front = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as front:
         yield str(front.make_url("/v1")), state
-    finally:
-        await front.close()
     llama.check()
 
 

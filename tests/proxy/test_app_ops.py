@@ -13,9 +13,9 @@ import pytest
 
 from tests.proxy.conftest import Stack, StackFactory, write_config
 from tests.sim.conftest import sim_type
+from thinkcap.cli import main
 from thinkcap.proxy import app
-from thinkcap.proxy.cli import main
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import build_state
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]

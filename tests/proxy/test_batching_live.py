@@ -21,7 +21,7 @@ from thinkcap.controller.queue import BatchingEngine
 from thinkcap.estimators import StepEstimate
 from thinkcap.proxy.app import DataPlane, create_app
 from thinkcap.proxy.control import ControlLoop
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import create_app as create_sim
 
@@ -74,12 +74,8 @@ async def _start(
     path = tmp_path / "thinkcap.toml"
     path.write_text(CONFIG.format(url=sim.make_url("/v1")))
     state = build_state(load_settings(path))
-    front = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as front:
         yield state, front
-    finally:
-        await front.close()
         await sim.close()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from thinkcap.controller import TaskType
 from thinkcap.proxy.classify import CLASSIFY_CHARS, Classifier, NaiveBayes, UnknownTypeError, prompt_text
-from thinkcap.proxy.config import TypeConfig
+from thinkcap.proxy.model_file import TypeConfig
 
 
 def tc(name: str, **kw: Any) -> TypeConfig:

@@ -24,18 +24,18 @@ from tests.proxy.fleet import (
     RATE,
     SYNC_S,
     Client,
+    Member,
     Replica,
     _leaders,
     _state,
     _version,
     launched,
+    member,
 )
-from thinkcap.proxy.cli.audit import audit
-from thinkcap.proxy.cluster import REDIS_DOWN, Cluster
-from thinkcap.proxy.config import ConfigError
-from thinkcap.proxy.control import ControlLoop
-from thinkcap.proxy.settings import load_settings
-from thinkcap.proxy.state import build_state
+from thinkcap.cli.audit import audit
+from thinkcap.proxy.cluster import REDIS_DOWN
+from thinkcap.proxy.serve_file import load_settings
+from thinkcap.proxy.toml_reader import ConfigError
 
 
 @pytest.fixture
@@ -49,6 +49,9 @@ async def fleet(
 async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(
     fleet: tuple[list[Replica], RedisServer, list[subprocess.Popen[bytes]]],
 ) -> None:
+    """Three serve processes under load: one leader decides on the merged rate; a killed leader is
+    replaced within the lease; Redis lost and back keeps the caps and loses no request; every
+    replica applies every decision within an interval; every log replays."""
     replicas, redis_server, _ = fleet
     client = Client(replicas)
     load = asyncio.create_task(client.run())
@@ -156,6 +159,7 @@ async def test_three_replicas_share_one_estimate_one_leader_and_one_set_of_caps(
     ],
 )
 def test_bad_cluster_tables_name_the_key(tmp_path: Path, table: str, key: str) -> None:
+    """A bad [cluster] table is a config error naming the key."""
     path = tmp_path / "t.toml"
     text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=1, admin=2, redis=3, rid="r",
                          interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
@@ -167,6 +171,7 @@ def test_bad_cluster_tables_name_the_key(tmp_path: Path, table: str, key: str) -
 
 
 def test_the_cluster_defaults(tmp_path: Path) -> None:
+    """Without a [cluster] table: no Redis, a 5-s lease, 1-s syncs, static fallback."""
     path = tmp_path / "t.toml"
     text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=1, admin=2, redis=3, rid="r",
                          interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
@@ -175,19 +180,11 @@ def test_the_cluster_defaults(tmp_path: Path) -> None:
     assert c.redis_url is None and c.lease_s == 5.0 and c.sync_interval_s == 1.0 and c.fallback == "static"
 
 
-def _member(tmp_path: Path, rid: str, redis_port: int, fallback: str = "static") -> tuple[Any, Cluster]:
-    """A replica's state, control loop and cluster membership, in this process (clock: fake)."""
-    path = tmp_path / f"{rid}.toml"
-    text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=0, admin=0, redis=redis_port, rid=rid,
-                         interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
-    path.write_text(text.replace("[cluster]", f'[cluster]\nfallback = "{fallback}"'))
-    clock = [100.0]
-    state = build_state(load_settings(path), clock=lambda: clock[0])
-    loop = ControlLoop(state, state.settings.controller)
-    state.controller = loop
-    for k in range(40):  # 40 arrivals over 10 s: 4/s on this replica
-        state.arrived("short", 90.0 + k * 0.25)
-    return state, Cluster(state, state.settings.cluster, loop)
+def _member(tmp_path: Path, rid: str, redis_port: int, fallback: str = "static") -> tuple[Any, Member]:
+    """A replica's state, control loop and cluster membership, in this process (clock: fake;
+    40 arrivals over 10 s: 4/s on this replica)."""
+    m = member(tmp_path, rid, redis_port, fallback=fallback, lease=LEASE_S)
+    return m.state, m
 
 
 async def test_the_leader_decides_on_merged_estimates_and_the_follower_applies_them(
@@ -207,6 +204,7 @@ async def test_the_leader_decides_on_merged_estimates_and_the_follower_applies_t
         assert set(a.peers) == {"b"} and set(b.peers) == {"a"}
         assert 0 < b.lease_left_s <= LEASE_S
         merged = a.inputs(100.0)
+        assert a.loop is not None and b.loop is not None
         alone = a.loop.local_inputs(100.0)
         assert merged.snap.arrival_rate == pytest.approx(2 * alone.snap.arrival_rate)
         assert merged.arrivals == 80

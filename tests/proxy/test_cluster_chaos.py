@@ -101,6 +101,10 @@ async def test_the_fleet_survives_a_paused_leader_redis_restarts_outages_and_rol
     tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # shedding's dwell short enough for a 10-s outage to show it end
+    """Five faults in a row under load, none losing a request: a leader paused past its lease (none
+    of its later decisions applied), Redis restarted empty (the new leader's decisions applied
+    everywhere), a 10-s outage with shedding on (it ends within the dwell), a rolling config change
+    adding a type (the fleet converges on it) and a rolling restart with drains."""
     monkeypatch.setattr(
         fleet, "CONFIG", fleet.CONFIG.replace("[controller]\n", f"[controller]\nshed_min_dwell_s = {DWELL_S}\n")
     )

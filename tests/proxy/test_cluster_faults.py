@@ -14,58 +14,25 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from tests.proxy.conftest import RedisServer
-from tests.proxy.fleet import CONFIG
-from thinkcap.proxy.cluster import Cluster
-from thinkcap.proxy.control import ControlLoop
-from thinkcap.proxy.settings import load_settings
-from thinkcap.proxy.state import build_state
+from tests.proxy.fleet import Clock, Member
+from tests.proxy.fleet import member as fleet_member
 
 LEASE_S = 1.0
 SYNC_S = 0.25
 
 
-class Clock:
-    """A clock the test moves (the replicas' state clock)."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+def member(tmp_path: Path, rid: str, redis_port: int, **kwargs: Any) -> Member:
+    """:func:`tests.proxy.fleet.member` with this file's one-second lease."""
+    return fleet_member(tmp_path, rid, redis_port, lease=LEASE_S, **kwargs)
 
 
-def member(
-    tmp_path: Path,
-    rid: str,
-    redis_port: int,
-    *,
-    clock: Clock | None = None,
-    fallback: str = "static",
-    loop: bool = True,
-    arrivals: int = 40,
-) -> Cluster:
-    """A replica's state, control loop (unless ``loop`` is false) and cluster membership, in
-    this process; ``arrivals`` evenly over the 10 s before the clock's time."""
-    path = tmp_path / f"{rid}.toml"
-    text = CONFIG.format(a="http://127.0.0.1:1", b="http://127.0.0.1:2", port=0, admin=0, redis=redis_port, rid=rid,
-                         interval=1.0, lease=LEASE_S, sync=SYNC_S)  # fmt: skip
-    path.write_text(text.replace("[cluster]", f'[cluster]\nfallback = "{fallback}"'))
-    clock = clock or Clock()
-    state = build_state(load_settings(path), clock=clock)
-    control = ControlLoop(state, state.settings.controller) if loop else None
-    state.controller = control
-    for k in range(arrivals):
-        state.arrived("short", clock.now - 10 + k * 10 / arrivals)
-    return Cluster(state, state.settings.cluster, control)
-
-
-async def joined(*members: Cluster) -> None:
+async def joined(*members: Member) -> None:
     for m in members:
         await m.sync_once()
         m.connected = True
 
 
-async def decide(m: Cluster, now: float) -> dict[str, Any]:
+async def decide(m: Member, now: float) -> dict[str, Any]:
     """One decision by ``m``'s control loop, published (if ``m`` may)."""
     assert m.loop is not None
     event = m.loop.step(now)

@@ -16,10 +16,10 @@ from structlog.testing import capture_logs
 
 import thinkcap.controller.decision as decision_module
 from tests.proxy.conftest import write_config
+from thinkcap.cli import main
 from thinkcap.controller import SolveResult, Status, problem_from_record, solve
-from thinkcap.proxy.cli import main
 from thinkcap.proxy.control import ControlLoop
-from thinkcap.proxy.settings import ControllerSettings, load_settings
+from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tests.proxy.conftest import write_config
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.control import ControlLoop
-from thinkcap.proxy.settings import ControllerSettings, load_settings
+from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
 #: The test config's service time: 0.1 s + 1 ms per token (one slot; on the engine, 0.1 s of

@@ -16,7 +16,7 @@ from tests.proxy.test_control import events, feed, serve, waiting
 from thinkcap.controller import problem_from_record
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.control import ControlLoop, Inputs
-from thinkcap.proxy.settings import ControllerSettings, load_settings
+from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
 

@@ -17,13 +17,13 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.proxy.cli.test_sim import free_port
+from tests.cli.test_sim import free_port
 from thinkcap.controller.queue import BatchingEngine
 from thinkcap.proxy.app import DataPlane, create_app
-from thinkcap.proxy.config import ConfigError
 from thinkcap.proxy.pool import Pool
-from thinkcap.proxy.settings import ReplicaSettings, load_settings
+from thinkcap.proxy.serve_file import ReplicaSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.proxy.toml_reader import ConfigError
 
 
 def _pool(*slots: int, eject_after: int = 2) -> Pool:
@@ -31,22 +31,26 @@ def _pool(*slots: int, eject_after: int = 2) -> Pool:
 
 
 def test_requests_go_to_the_least_loaded_replica_relative_to_its_slots() -> None:
+    """A request goes to the replica with the fewest requests in service relative to its slots."""
     pool = _pool(2, 4)
     a, b = pool.replicas
-    b.occupancy.start(0.0, streamed=False, prefill_s=0.0)
-    b.occupancy.start(0.0, streamed=False, prefill_s=0.0)
+    b.occupancy.start(0.0, streamed=False)
+    b.occupancy.start(0.0, streamed=False)
     # a: 0/2, b: 2/4 -> a; then a: 1/2 ties b: 2/4 -> rotation; both stay candidates
     assert pool.route() is a
-    a.occupancy.start(0.0, streamed=False, prefill_s=0.0)
+    a.occupancy.start(0.0, streamed=False)
     assert pool.route() is b  # tie at 1/2: the turn has moved past a
 
 
 def test_ties_rotate() -> None:
+    """Replicas equally loaded take requests in turn."""
     pool = _pool(4, 4, 4)
     assert [pool.route().index for _ in range(6)] == [0, 1, 2, 0, 1, 2]
 
 
 def test_consecutive_failures_eject_and_a_success_resets_the_count() -> None:
+    """eject_after failures in a row eject a replica (and tell the listeners); a success between
+    them resets the count."""
     pool = _pool(4, 4, eject_after=3)
     changes: list[tuple[int, bool]] = []
     pool.on_change.append(lambda r: changes.append((r.index, r.healthy)))
@@ -77,6 +81,7 @@ def test_with_every_replica_ejected_every_one_is_tried() -> None:
 
 
 def test_a_pool_needs_a_replica() -> None:
+    """A pool of no replica is refused."""
     with pytest.raises(ValueError, match="replica"):
         Pool([], 3)
 
@@ -109,6 +114,8 @@ def _settings(tmp_path: Path, replicas: str, extra: str = "step = { base_s = 0.0
 
 
 def test_a_list_of_urls_is_a_pool_with_the_summed_slots(tmp_path: Path) -> None:
+    """A list of URLs is a pool: each with the slots given, the admission limit and the queue model
+    over their sum."""
     s = _settings(tmp_path, 'url = ["http://127.0.0.1:9001/v1", "http://127.0.0.1:9002"]\nslots = 4')
     assert [r.base for r in s.backend.replicas] == ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
     assert s.backend.slots == 8 and s.proxy.max_concurrency == 8
@@ -148,11 +155,13 @@ def test_replica_tables_give_each_its_slots(tmp_path: Path, table: str) -> None:
     ],
 )
 def test_bad_replica_lists_name_the_key(tmp_path: Path, replicas: str, message: str) -> None:
+    """A bad replica list is a config error naming the key."""
     with pytest.raises(ConfigError, match=message):
         _settings(tmp_path, replicas)
 
 
 def test_several_replicas_need_the_step(tmp_path: Path) -> None:
+    """A pool without the engine's step time is a config error saying so."""
     with pytest.raises(ConfigError, match="2 replicas needs the engine's step time"):
         _settings(tmp_path, 'url = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]\nslots = 4', extra="")
 
@@ -217,7 +226,7 @@ def _mock_backend(tmp_path: Path, port: int, seed: int, time_scale: float = 1.0)
     scenario = tmp_path / f"scenario-{seed}.toml"
     text = SCENARIO.replace("{seed}", str(seed)).replace("time_scale = 1.0", f"time_scale = {time_scale}")
     scenario.write_text(text)
-    cmd = [sys.executable, "-m", "thinkcap.proxy", "mock-backend", "--scenario", str(scenario), "--port", str(port)]
+    cmd = [sys.executable, "-m", "thinkcap.cli", "mock-backend", "--scenario", str(scenario), "--port", str(port)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
 
 
@@ -260,12 +269,8 @@ async def front(
     path = tmp_path / "thinkcap.toml"
     path.write_text(PROXY.format(a=backends[0][0] + "/v1", b=backends[1][0], interval=INTERVAL_S))
     state = build_state(load_settings(path))
-    plane = create_app(state)
-    await plane.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as plane:
         yield state, plane
-    finally:
-        await plane.close()
 
 
 async def test_a_killed_replica_fails_its_requests_clearly_and_the_caps_shrink_to_the_pool_left(

@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.proxy.conftest import write_config
-from thinkcap.proxy.app import DataPlane, create_app
+from thinkcap.proxy.app import create_app
 from thinkcap.proxy.pool import Pool, Replica
-from thinkcap.proxy.settings import ReplicaSettings, load_settings
+from thinkcap.proxy.serve_file import ReplicaSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
 ANSWER = {
@@ -69,12 +69,8 @@ async def proxy(tmp_path: Path, stubs: list[Stub], backend: str) -> AsyncIterato
         text = path.read_text().replace(f'url = "{urls[0]}"', f"url = [{listed}]")
         path.write_text(text.replace("overhead_s = 0.1, per_token_s = 0.001", "prefill_s = 0.1"))
     state = build_state(load_settings(path))
-    front: DataPlane = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as front:
         yield state, str(front.make_url("/v1/chat/completions"))
-    finally:
-        await front.close()
         for s in servers:
             await s.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 
-from thinkcap.proxy.runtime import raise_open_files
+from thinkcap.cli.runtime import raise_open_files
 
 
 def test_the_open_files_limit_is_raised_to_its_hard_limit() -> None:

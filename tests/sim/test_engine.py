@@ -29,11 +29,13 @@ def test_prefill_pauses_the_engine() -> None:
 
 
 def test_zero_step_requests_leave_after_their_prefill() -> None:
+    """A request of no token leaves once its prefill is done."""
     run = run_engine(np.array([1.0]), np.array([0]), np.array([0.25]), slots=1, step_base_s=1.0, step_per_seq_s=0.0)
     np.testing.assert_allclose(run.system, [0.25])
 
 
 def test_bad_input_is_rejected() -> None:
+    """Arrays of different lengths and no slots are refused."""
     with pytest.raises(ValueError, match="same length"):
         run_engine(np.zeros(2), np.array([1]), None, slots=1, step_base_s=1.0, step_per_seq_s=0.0)
     with pytest.raises(ValueError, match="slots"):
@@ -97,6 +99,7 @@ def test_the_pooled_model_predicts_the_simulated_pool(pool: tuple[int, ...], rho
 
 
 def test_bad_pools_are_rejected() -> None:
+    """An empty pool and a steps array of the wrong length are refused."""
     with pytest.raises(ValueError, match="pool"):
         run_pool(np.zeros(1), np.array([1]), pool=(), step_base_s=1.0, step_per_seq_s=0.0)
     with pytest.raises(ValueError, match="steps"):

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.sim.conftest import ServerFactory, make_scenario, sim_type
-from thinkcap.proxy.cli import main
+from thinkcap.cli import main
 from thinkcap.sim.backend import STATE_KEY
 from thinkcap.sim.loadgen import LoadSettings, Record, arrival_times, run_load
 from thinkcap.sim.scenario import Faults, LoadPhase

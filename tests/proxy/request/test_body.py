@@ -39,6 +39,7 @@ def test_added_keys_are_written_into_the_clients_own_bytes() -> None:
 
 
 def test_a_body_the_proxy_did_not_change_goes_as_it_came() -> None:
+    """A body whose values the proxy left alone goes upstream as the very bytes the client sent."""
     raw = b'{"max_tokens": 5,  "x": [1, 2.50]}'
     assert edited(raw)[0] is raw
     five = json.loads(raw)["max_tokens"]
@@ -46,6 +47,7 @@ def test_a_body_the_proxy_did_not_change_goes_as_it_came() -> None:
 
 
 def test_a_changed_or_removed_value_or_a_body_not_in_utf8_is_encoded_again() -> None:
+    """A changed or removed value, or a body in UTF-16 or with a byte order mark, is encoded again."""
     raw = b'{"max_tokens": 5000, "thinkcap": {"type": "math"}, "messages": []}'
     for changes in ({"max_tokens": 64}, {"thinkcap": None}, {"messages": [], "extra": 1}):
         out, body = edited(raw, **changes)

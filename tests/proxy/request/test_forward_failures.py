@@ -21,9 +21,9 @@ from structlog.testing import capture_logs
 
 from tests.proxy.conftest import Stack, StackFactory, in_front_of, write_config
 from tests.sim.conftest import make_scenario, sim_type
+from thinkcap.cli.serve import listening
 from thinkcap.proxy.app import DataPlane, create_app
-from thinkcap.proxy.cli.serve import start
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.proxy.transport.server import StreamReply
 from thinkcap.sim.backend import create_app as create_sim
@@ -159,22 +159,16 @@ async def test_graceful_shutdown_drains_in_flight_requests(stack: StackFactory) 
     settings = s.state.settings.with_proxy(port=0, admin_port=0, drain_timeout_s=10.0)
     state = build_state(settings)
     state.caps.pin({"hard": 500})  # 0.1 + 0.506 s of service
-    plane, admin, port, _ = await start(state)
-    try:
-        async with aiohttp.ClientSession() as session:
-            task = asyncio.create_task(
-                session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": HARD})
-            )
-            while state.admission.in_flight == 0:
-                await asyncio.sleep(0.01)
-            await admin.cleanup()
-            await plane.close()
-            resp = await task
-            assert resp.status == 200
-            assert (await resp.json())["usage"]["completion_tokens_details"]["reasoning_tokens"] == 500
-    finally:
-        await admin.cleanup()
-        await plane.close()
+    async with listening(state) as (plane, port, _), aiohttp.ClientSession() as session:
+        task = asyncio.create_task(
+            session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": HARD})
+        )
+        while state.admission.in_flight == 0:
+            await asyncio.sleep(0.01)
+        await plane.close()  # what leaving the block does (closing twice is harmless)
+        resp = await task
+        assert resp.status == 200
+        assert (await resp.json())["usage"]["completion_tokens_details"]["reasoning_tokens"] == 500
 
 
 async def probed(tmp: Path, url: str) -> tuple[DataPlane, ProxyState, list[dict[str, Any]]]:
@@ -386,12 +380,8 @@ async def behind_raw(
     state = build_state(
         load_settings(write_config(tmp, f"http://127.0.0.1:{port}/v1", backend="probe = false\n" + backend))
     )
-    front = create_app(state)
-    await front.start("127.0.0.1", 0)
-    try:
+    async with create_app(state, "127.0.0.1", 0) as front:
         yield str(front.make_url("/v1")), heads
-    finally:
-        await front.close()
         server.close()
         for w in writers:  # closed before the test's event loop ends, so none is left to the collector
             w.close()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinkcap.proxy.runtime import run
+from thinkcap.cli.runtime import run
 from thinkcap.proxy.transport import server as http1
 from thinkcap.proxy.transport.server import HttpRequest, HttpServer, Reply, StreamReply, json_reply
 

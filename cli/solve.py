@@ -13,7 +13,8 @@ import numpy as np
 
 from thinkcap.controller import DEFAULT_METHOD, METHODS, Problem, Rounded, SolveResult, decide
 from thinkcap.controller.queue import BatchingEngine
-from thinkcap.proxy.config import ModelConfig, load_model
+from thinkcap.proxy.logs import finite_all
+from thinkcap.proxy.model_file import ModelConfig, load_model
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Allocation:
         q = p.metrics(caps)
         acc = p.accuracy(caps)
         svc = p.service_times(caps)
-        out: dict[str, Any] = _finite(
+        out: dict[str, Any] = finite_all(
             {
                 "status": r.status.name.lower(),
                 "message": r.message,
@@ -68,16 +69,6 @@ class Allocation:
             }
         )
         return out
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def allocate(problem: Problem, method: str = DEFAULT_METHOD, rounding: str = "neighbour") -> Allocation:

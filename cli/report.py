@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thinkcap.proxy.cli.audit import AuditReport, audit, read_events
+from thinkcap.cli.audit import AuditReport, audit, read_events
 
 #: Buckets of reasoning tokens in the accuracy plot.
 ACCURACY_BINS = 8

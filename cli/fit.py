@@ -11,9 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from thinkcap.cli.toml_out import dumps
 from thinkcap.estimators import Estimators, Snapshot
-from thinkcap.proxy.cli.toml_out import dumps
-from thinkcap.proxy.config import ConfigError, load_model, read_toml
+from thinkcap.proxy.logs import finite
+from thinkcap.proxy.model_file import load_model
+from thinkcap.proxy.toml_reader import ConfigError, read_toml
 
 #: At most this many malformed lines are listed one by one (all are counted).
 MAX_LISTED_ERRORS = 20
@@ -131,7 +133,7 @@ def as_dict(snap: Snapshot, replay: Replay) -> dict[str, Any]:
     span = obs[-1].time - obs[0].time if len(obs) > 1 else 0.0
     return {
         "arrival_rate": snap.arrival_rate,
-        "arrival_rate_stderr": snap.arrival_rate_stderr if math.isfinite(snap.arrival_rate_stderr) else None,
+        "arrival_rate_stderr": finite(snap.arrival_rate_stderr),
         "mean_arrival_rate": (len(obs) - 1) / span if span > 0 else None,
         "load_changes": snap.changes,
         "priors": {t.name: t.prior for t in snap.types},

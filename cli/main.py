@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from thinkcap.proxy.cli import audit, calibrate, demo, fit, report, serve, sim, solve
-from thinkcap.proxy.config import ConfigError
+from thinkcap.cli import audit, calibrate, demo, fit, report, serve, sim, solve
+from thinkcap.proxy.toml_reader import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

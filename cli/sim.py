@@ -11,8 +11,8 @@ import sys
 from dataclasses import replace
 from typing import IO, Any
 
-from thinkcap.proxy.runtime import run as run_loop
-from thinkcap.proxy.scenario_config import load_scenario
+from thinkcap.cli.runtime import run as run_loop
+from thinkcap.cli.scenario_file import load_scenario
 from thinkcap.sim.backend import serve
 from thinkcap.sim.loadgen import LoadSettings, Record, run_load
 from thinkcap.sim.scenario import LoadPhase, Scenario

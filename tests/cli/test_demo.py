@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from thinkcap.cli.demo import demo_scenario
 from thinkcap.controller.queue import MG1, BatchingEngine
-from thinkcap.proxy.cli.demo import demo_scenario
 
 
 def test_the_demo_world_is_an_eight_slot_engine_and_one_slot_is_mg1() -> None:

@@ -13,32 +13,10 @@ from typing import Any
 
 from thinkcap.controller import METHODS
 from thinkcap.estimators import accuracy, arrival, mix, service, service_model
-from thinkcap.proxy.config import (
-    ConfigError,
-    ModelConfig,
-    Table,
-    backend_table,
-    load_model,
-    read_queue,
-    read_replicas,
-    read_toml,
-)
+from thinkcap.proxy.dialects import DIALECTS, KEEP_ALIVE, reasoning_cap
+from thinkcap.proxy.model_file import ModelConfig, backend_table, load_model, read_queue, read_replicas
+from thinkcap.proxy.toml_reader import ConfigError, Table, read_toml
 from thinkcap.proxy.transport import client, server
-
-DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens", "llama-server")
-
-
-#: Whether the shaped routes keep upstream connections alive, by dialect (default: true).
-#: llama-server closes a connection it answered with ``Keep-Alive`` now and then just as the
-#: next request goes out on it (seen here under load: a 502 ``upstream_disconnected`` 3 ms
-#: after sending); the request may have been read, so it is not sent again, and a new
-#: connection per request (about 0.1 ms on loopback) avoids the race.
-KEEP_ALIVE = {"llama-server": False}
-
-
-def reasoning_cap(dialect: str, thinks: bool = True) -> bool:
-    """Whether a dialect's cap bounds the reasoning alone (else the whole answer)."""
-    return dialect in ("vllm", "sglang") or (dialect == "llama-server" and thinks)
 
 
 def parse_hostport(text: str, *, where: Table, key: str) -> tuple[str, int]:
@@ -59,7 +37,7 @@ class ReplicaSettings:
     @property
     def base(self) -> str:
         """The replica's root URL without a trailing ``/`` or ``/v1``."""
-        return self.url.rstrip("/").removesuffix("/v1")
+        return client.base_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -102,7 +80,7 @@ class BackendSettings:
     @property
     def base(self) -> str:
         """The server's root URL without a trailing ``/`` or ``/v1``."""
-        return self.url.rstrip("/").removesuffix("/v1")
+        return client.base_url(self.url)
 
     def __repr__(self) -> str:
         key = "None" if self.api_key is None else "'***'"
@@ -257,18 +235,12 @@ def _backend(t: Table) -> BackendSettings:
     model = t.raw("model")
     if model is not None and not isinstance(model, str):
         raise t.error("model", "must be a string")
-    probe = t.raw("probe")
-    if probe is not None and not isinstance(probe, bool):
-        raise t.error("probe", f"must be true or false, got {probe!r}")
+    probe = t.boolean("probe", BackendSettings.probe)
     dialect = t.string("dialect", BackendSettings.dialect, choices=DIALECTS)
-    thinks = t.raw("thinks")
-    if thinks is not None and not isinstance(thinks, bool):
-        raise t.error("thinks", f"must be true or false, got {thinks!r}")
+    thinks = t.boolean("thinks")
     if thinks is not None and dialect != "llama-server":
         raise t.error("thinks", 'is read with dialect = "llama-server" only')
-    keep_alive = t.raw("keep_alive")
-    if keep_alive is not None and not isinstance(keep_alive, bool):
-        raise t.error("keep_alive", f"must be true or false, got {keep_alive!r}")
+    keep_alive = t.boolean("keep_alive")
     out = BackendSettings(
         url=replicas[0].url,
         replicas=replicas,
@@ -282,7 +254,7 @@ def _backend(t: Table) -> BackendSettings:
         read_timeout_s=_optional_timeout(t, "read_timeout_s", BackendSettings.read_timeout_s),
         total_timeout_s=_optional_timeout(t, "total_timeout_s", BackendSettings.total_timeout_s),
         answer_allowance=t.integer("answer_allowance", BackendSettings.answer_allowance, lo=0),
-        probe=BackendSettings.probe if probe is None else probe,
+        probe=probe,
         model=model,
         max_answer_bytes=t.integer("max_answer_bytes", BackendSettings.max_answer_bytes, lo=1024),
         slots=read_queue(t).slots,  # the replicas' sum
@@ -302,9 +274,7 @@ def _proxy(t: Table, type_names: list[str], slots: int = 1) -> ProxySettings:
     default_type = t.string("default_type", type_names[-1])
     if default_type not in type_names:
         raise t.error("default_type", f"must be one of {type_names}, got {default_type!r}")
-    log_content = t.raw("log_content")
-    if log_content is not None and not isinstance(log_content, bool):
-        raise t.error("log_content", f"must be true or false, got {log_content!r}")
+    log_content = t.boolean("log_content", ProxySettings.log_content)
     out = ProxySettings(
         host=host,
         port=port,
@@ -318,7 +288,7 @@ def _proxy(t: Table, type_names: list[str], slots: int = 1) -> ProxySettings:
         min_drain_s=t.number("min_drain_s", ProxySettings.min_drain_s, lo=0.0),
         drain_timeout_s=t.number("drain_timeout_s", ProxySettings.drain_timeout_s, lo=0.0),
         default_type=default_type,
-        log_content=bool(log_content),
+        log_content=log_content,
         max_connections=t.integer("max_connections", ProxySettings.max_connections, lo=1),
         head_timeout_s=t.number("head_timeout_s", ProxySettings.head_timeout_s, lo=0.0, lo_open=True),
         body_min_rate=t.integer("body_min_rate", ProxySettings.body_min_rate, lo=0),
@@ -329,11 +299,8 @@ def _proxy(t: Table, type_names: list[str], slots: int = 1) -> ProxySettings:
 
 def _controller(t: Table) -> ControllerSettings:
     d = ControllerSettings()
-    enabled = t.raw("enabled")
-    if enabled is not None and not isinstance(enabled, bool):
-        raise t.error("enabled", f"must be true or false, got {enabled!r}")
     out = ControllerSettings(
-        enabled=d.enabled if enabled is None else enabled,
+        enabled=t.boolean("enabled", d.enabled),
         interval_s=t.number("interval_s", d.interval_s, lo=0.0, lo_open=True),
         method=t.string("method", d.method, choices=tuple(sorted(METHODS))),
         hysteresis_tokens=t.integer("hysteresis_tokens", d.hysteresis_tokens, lo=0),

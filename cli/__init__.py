@@ -1,5 +1,5 @@
 """The ``thinkcap`` command line: one module per subcommand (nothing else imports this room)."""
 
-from thinkcap.proxy.cli.main import main
+from thinkcap.cli.main import main
 
 __all__ = ["main"]

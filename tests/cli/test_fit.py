@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thinkcap.proxy.cli import main
-from thinkcap.proxy.config import load_model
+from thinkcap.cli import main
+from thinkcap.proxy.model_file import load_model
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "thinkcap.toml"
 TRUTH = {"b0": 0.15, "out": 0.012, "in": 0.006}

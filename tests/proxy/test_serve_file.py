@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from thinkcap.controller.queue import MG1, BatchingEngine
-from thinkcap.proxy.config import ConfigError
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
+from thinkcap.proxy.toml_reader import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
 
@@ -25,6 +25,7 @@ def _config(tmp_path: Path, backend: str, proxy: str = "") -> Path:
 
 
 def test_one_slot_is_mg1_and_admits_one_request_at_a_time(tmp_path: Path) -> None:
+    """Without slots the backend is one M/G/1 server, and one request at a time goes upstream."""
     s = load_settings(_config(tmp_path, ""))
     assert s.backend.slots == 1 and s.proxy.max_concurrency == 1 and s.model.queue == MG1()
 

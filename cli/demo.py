@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -31,16 +32,16 @@ from typing import IO, Any
 import numpy as np
 from aiohttp import web
 
+from thinkcap.cli.report import MissingExtraError, write_report
+from thinkcap.cli.runtime import run as run_loop
+from thinkcap.cli.scenario_file import load_scenario
+from thinkcap.cli.serve import listening
 from thinkcap.controller import Problem, decide
 from thinkcap.proxy.app import DataPlane
-from thinkcap.proxy.cli.report import MissingExtraError, write_report
-from thinkcap.proxy.cli.serve import start
-from thinkcap.proxy.config import ModelConfig, TypeConfig
 from thinkcap.proxy.logs import configure
 from thinkcap.proxy.logs import reset as reset_logging
-from thinkcap.proxy.runtime import run as run_loop
-from thinkcap.proxy.scenario_config import load_scenario
-from thinkcap.proxy.settings import BackendSettings, ControllerSettings, EstimatorSettings, ProxySettings, Settings
+from thinkcap.proxy.model_file import ModelConfig, TypeConfig
+from thinkcap.proxy.serve_file import BackendSettings, ControllerSettings, EstimatorSettings, ProxySettings, Settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import serve as serve_sim
 from thinkcap.sim.loadgen import LoadSettings, Record, run_load
@@ -113,15 +114,15 @@ class Stack:
     policy: str
     state: ProxyState
     plane: DataPlane
-    runners: list[web.AppRunner]
+    listeners: contextlib.AsyncExitStack  # the proxy's two listeners (see listening)
+    sim: web.AppRunner
     url: str
     records: list[Record] = field(default_factory=list)
     busy: dict[int, list[int]] = field(default_factory=dict)  # per phase: requests in service at each tick
 
     async def close(self) -> None:
-        await self.plane.close()
-        for r in self.runners:
-            await r.cleanup()
+        await self.listeners.aclose()
+        await self.sim.cleanup()
 
 
 async def open_stack(scenario: Scenario, policy: str, interval_s: float) -> Stack:
@@ -134,8 +135,9 @@ async def open_stack(scenario: Scenario, policy: str, interval_s: float) -> Stac
     caps = policy_caps(scenario.problem(mean_rate(scenario)), policy)
     if caps is not None:
         state.caps.pin(caps)
-    proxy, admin, proxy_port, _ = await start(state)
-    return Stack(policy, state, proxy, [admin, sim], f"http://127.0.0.1:{proxy_port}/v1")
+    listeners = contextlib.AsyncExitStack()
+    proxy, proxy_port, _ = await listeners.enter_async_context(listening(state))
+    return Stack(policy, state, proxy, listeners, sim, f"http://127.0.0.1:{proxy_port}/v1")
 
 
 def _window(records: list[Record], now: float, span: float) -> tuple[float | None, float | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -17,36 +16,20 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.proxy.cli.test_sim import free_port
+from tests.cli.test_sim import free_port
 from tests.proxy.conftest import write_config
+from tests.proxy.fleet import Replica
 from tests.sim.conftest import make_scenario, sim_type
 from thinkcap.sim.backend import create_app as create_sim
+from thinkcap.sim.sse import sse_data
 
 HARD = [{"role": "user", "content": "<hard> prove it"}]
 EASY = [{"role": "user", "content": "<easy> say hello"}]
 LONG = 4000  # reasoning tokens of a long answer: 4 s at 1 ms a token
 
 
-class Serve:
-    """A ``thinkcap serve`` process and its two listeners."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin: int, log: Path) -> None:
-        self.proc, self.port, self.admin, self.log = proc, port, admin, log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
-
-
 @asynccontextmanager
-async def serving(tmp_path: Path, proxy: str) -> AsyncIterator[Serve]:
+async def serving(tmp_path: Path, proxy: str) -> AsyncIterator[Replica]:
     """A simulated server (1 ms a token) and ``thinkcap serve`` in front of it, the hard type's
     cap pinned to LONG; ``proxy`` adds to the ``[proxy]`` table."""
     sim = TestServer(create_sim(make_scenario(time_scale=1.0, slots=4, types=(sim_type("hard", natural=LONG),
@@ -59,9 +42,9 @@ async def serving(tmp_path: Path, proxy: str) -> AsyncIterator[Serve]:
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.proxy", "serve", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-    served = Serve(proc, port, admin, log)
+    served = Replica("serve", port, admin, log, proc)
     try:
         async with aiohttp.ClientSession() as session:
             deadline = time.monotonic() + 30
@@ -88,10 +71,9 @@ async def stream(session: aiohttp.ClientSession, url: str) -> tuple[int, list[di
     events: list[dict[str, Any] | str] = []
     async with session.post(url + "/v1/chat/completions", json=body) as r:
         async for line in r.content:
-            text = line.decode().strip()
-            if text.startswith("data: "):
-                data = text[6:]
-                events.append(data if data == "[DONE]" else json.loads(data))
+            event = sse_data(line)
+            if event is not None:
+                events.append(event)
         return r.status, events
 
 

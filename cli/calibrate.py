@@ -38,10 +38,11 @@ from typing import IO, Any
 import aiohttp
 import numpy as np
 
+from thinkcap.cli.toml_out import dumps
 from thinkcap.estimators.calibration import CurveFit, ServiceFit, fit_curve, fit_service, fit_step
-from thinkcap.proxy.cli.toml_out import dumps
-from thinkcap.proxy.request.dialects import apply_cap
-from thinkcap.proxy.settings import DIALECTS
+from thinkcap.proxy.dialects import DIALECTS, apply_cap, reasoning_cap
+from thinkcap.proxy.transport.client import base_url
+from thinkcap.sim.sse import sse_data
 
 GRADERS = ("exact", "numeric", "regex", "choice")
 DEFAULT_CAPS = (16, 32, 64, 128)
@@ -192,7 +193,7 @@ class Runner:
     """Sends the jobs, counts this run's requests in flight, keeps the results."""
 
     def __init__(self, url: str, dialect: str, model: str | None, thinks: bool) -> None:
-        self.url = url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
+        self.url = base_url(url) + "/v1/chat/completions"
         self.dialect = dialect
         self.model = model
         self.thinks = thinks
@@ -204,7 +205,7 @@ class Runner:
                                 "stream_options": {"include_usage": True}}  # fmt: skip
         if self.model:
             body["model"] = self.model
-        caps_reasoning = self.dialect in ("vllm", "sglang") or (self.dialect == "llama-server" and self.thinks)
+        caps_reasoning = reasoning_cap(self.dialect, self.thinks)
         if caps_reasoning:
             body["max_tokens"] = cap + 256  # room for the answer after the capped reasoning
         apply_cap(body, cap, self.dialect, thinks=self.thinks)
@@ -227,12 +228,11 @@ class Runner:
                     error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 else:
                     async for raw in resp.content:
-                        line = raw.strip()
-                        if not line.startswith(b"data:") or line == b"data: [DONE]":
-                            continue
                         try:
-                            chunk = json.loads(line[5:])
-                        except json.JSONDecodeError:
+                            chunk = sse_data(raw)
+                        except ValueError:
+                            continue
+                        if not isinstance(chunk, dict):
                             continue
                         if isinstance(chunk.get("usage"), dict):
                             usage_tokens = chunk["usage"].get("completion_tokens")

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from tests.proxy.conftest import write_config
-from thinkcap.proxy.cli import main
-from thinkcap.proxy.cli import report as report_module
+from thinkcap.cli import main
+from thinkcap.cli import report as report_module
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import configure, logger
 from thinkcap.proxy.logs import reset as reset_logging
-from thinkcap.proxy.settings import load_settings
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import build_state
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -52,6 +52,8 @@ def make_log(tmp_path: Path) -> Path:
 
 
 def test_the_page_has_the_summary_and_every_plot_with_its_series(tmp_path: Path) -> None:
+    """The report page holds the summary (replays, unreadable lines, answers) and every plot with
+    its series."""
     page = report_module.render_html(report_module.read_log(str(make_log(tmp_path))))
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     summary = page[page.index('<table id="summary">') : page.index("</table>")]
@@ -70,6 +72,7 @@ def test_the_page_has_the_summary_and_every_plot_with_its_series(tmp_path: Path)
 
 
 def test_a_log_without_feedback_says_so(tmp_path: Path) -> None:
+    """A log without graded feedback says so in place of the accuracy plot."""
     path = make_log(tmp_path)
     path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if '"feedback"' not in line))
     page = report_module.render_html(report_module.read_log(str(path)))
@@ -80,6 +83,8 @@ def test_a_log_without_feedback_says_so(tmp_path: Path) -> None:
 def test_the_command_writes_next_to_the_log_and_explains_failures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``thinkcap report`` writes the page next to the log; a missing log is one line on stderr and
+    exit 2."""
     log = make_log(tmp_path)
     assert main(["report", str(log)]) == 0
     assert f"report: {log.with_suffix('.html')}" in capsys.readouterr().out
@@ -138,6 +143,7 @@ def check_in_browser(page_path: Path, screenshot: Path, plots: tuple[str, ...]) 
 
 
 def test_the_page_loads_in_chromium_with_every_plot_drawn(tmp_path: Path) -> None:
+    """The page, opened in a real Chromium, draws every plot with its series."""
     log = make_log(tmp_path)
     page = report_module.write_report(log, tmp_path / "report.html")
     counts = check_in_browser(page, tmp_path / "report.png", PLOTS)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thinkcap.proxy.cli import main
-from thinkcap.proxy.config import ConfigError, load_model
+from thinkcap.cli import main
+from thinkcap.proxy.model_file import load_model
+from thinkcap.proxy.toml_reader import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "thinkcap.toml"
 
@@ -208,7 +209,7 @@ def test_a_batching_engine_is_solved_and_described(tmp_path: Path, capsys: pytes
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
     """``thinkcap solve ... | head -1``: exit status 141 (SIGPIPE's), no traceback on stderr."""
-    cmd = [sys.executable, "-m", "thinkcap.proxy", "solve", str(EXAMPLE), "--sweep-arrival-rate", "0.1:1:3000"]
+    cmd = [sys.executable, "-m", "thinkcap.cli", "solve", str(EXAMPLE), "--sweep-arrival-rate", "0.1:1:3000"]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdout.readline().split()[0] == b"rate"

@@ -1,4 +1,11 @@
-"""Write a reasoning-token cap into a request body in the backend's dialect.
+"""Every fact about a backend dialect, in one leaf module (it imports nothing of the proxy).
+
+A dialect is how a server takes a reasoning-token cap and reports what it spent. Adding a
+backend is this module plus its tests: its name in :data:`DIALECTS`, the field
+:func:`apply_cap` writes, whether the cap bounds the reasoning alone (:func:`reasoning_cap`),
+the usage :func:`honoured` reads, its keep-alive default (:data:`KEEP_ALIVE`) and what to
+configure when it rejects the field (:data:`CAP_FIELD_ADVICE`). The request path, the
+start-up probe, the settings and ``thinkcap calibrate`` all read them from here.
 
 The effective limit is never above one the client set: ``effective = min(client, cap)``.
 
@@ -23,7 +30,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from thinkcap.proxy.settings import reasoning_cap
+#: The dialects ``[backend] dialect`` takes.
+DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens", "llama-server")
+
+#: Whether the shaped routes keep upstream connections alive, by dialect (default: true).
+#: llama-server closes a connection it answered with ``Keep-Alive`` now and then just as the
+#: next request goes out on it (seen here under load: a 502 ``upstream_disconnected`` 3 ms
+#: after sending); the request may have been read, so it is not sent again, and a new
+#: connection per request (about 0.1 ms on loopback) avoids the race.
+KEEP_ALIVE = {"llama-server": False}
+
+#: What to configure when a backend answers 4xx to the cap field alone, by dialect.
+CAP_FIELD_ADVICE = {
+    "vllm": (
+        "vLLM answers 400 to thinking_token_budget unless it knows where reasoning starts and ends: start it "
+        "(vLLM >= 0.19) with a --reasoning-parser that defines reasoning start/end strings, or with "
+        """--reasoning-config '{"think_start_str": "<think>", "think_end_str": "</think>"}'"""
+    ),
+    "sglang": "start SGLang with --reasoning-parser and --enable-strict-thinking so that it takes "
+    "custom_params.thinking_budget",
+    "llama-server": "llama-server takes thinking_budget_tokens where the model's chat template thinks (start it "
+    "with --jinja); for a model that does not think set [backend] thinks = false (the cap is then max_tokens)",
+}
+
+
+def reasoning_cap(dialect: str, thinks: bool = True) -> bool:
+    """Whether a dialect's cap bounds the reasoning alone (else the whole answer)."""
+    return dialect in ("vllm", "sglang") or (dialect == "llama-server" and thinks)
 
 
 class ClientLimitError(ValueError):

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.proxy.cli.test_sim import free_port
-from thinkcap.proxy.cli import main
-from thinkcap.proxy.cli.calibrate import Item, grade, parse_item, read_dataset
-from thinkcap.proxy.settings import load_settings
+from tests.cli.test_sim import free_port
+from thinkcap.cli import main
+from thinkcap.cli.calibrate import Item, grade, parse_item, read_dataset
+from thinkcap.proxy.serve_file import load_settings
 from thinkcap.sim import dataset
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -91,6 +91,8 @@ def stub() -> Iterator[Stub]:
 
 
 def test_the_shipped_set_is_the_generators_and_every_line_is_usable() -> None:
+    """The shipped calibration set is exactly what the generator writes: 48 usable items of two
+    types."""
     path = ROOT / "examples" / "calibration.jsonl"
     assert path.read_text() == dataset.jsonl()
     items, bad = read_dataset(path)
@@ -98,6 +100,8 @@ def test_the_shipped_set_is_the_generators_and_every_line_is_usable() -> None:
 
 
 def test_bad_lines_are_reported_with_their_numbers(tmp_path: Path) -> None:
+    """A dataset line that is not JSON or lacks a field is reported with its line number; the good
+    ones are kept."""
     path = tmp_path / "d.jsonl"
     path.write_text(
         '{"type": "a", "prompt": "q", "answer": "1", "grader": "numeric"}\n'
@@ -131,10 +135,12 @@ def test_bad_lines_are_reported_with_their_numbers(tmp_path: Path) -> None:
     ],
 )
 def test_graders(grader: str, answer: str, response: str, ok: bool) -> None:
+    """Each grader takes a right answer and refuses a wrong one."""
     assert grade(Item(1, "t", (), answer, grader), response) is ok
 
 
 def test_a_numeric_grader_takes_a_tolerance() -> None:
+    """A numeric grader with a tolerance takes an answer within it, not one outside."""
     item = parse_item(
         1, '{"type": "t", "prompt": "q", "answer": "3.14", "grader": {"kind": "numeric", "tolerance": 0.01}}'
     )
@@ -144,6 +150,8 @@ def test_a_numeric_grader_takes_a_tolerance() -> None:
 def test_calibrate_fits_the_curves_writes_a_serve_config_and_a_plot(
     tmp_path: Path, stub: Stub, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """``thinkcap calibrate`` against a stub backend fits each type's curve and writes a config
+    serve loads, and a plot."""
     out = tmp_path / "calibrated.toml"
     args = ["calibrate", "--backend", f"http://127.0.0.1:{stub.port}/v1", "--dialect", "max_tokens",
             "--dataset", str(ROOT / "examples" / "calibration.jsonl"), "--caps", "4,8,16,32",
@@ -172,6 +180,7 @@ def test_calibrate_fits_the_curves_writes_a_serve_config_and_a_plot(
 
 
 def test_a_cut_short_run_resumes_without_repeating_what_it_has(tmp_path: Path, stub: Stub) -> None:
+    """A run cut short resumes from its partial file: the answers it has are not asked again."""
     data = tmp_path / "d.jsonl"
     data.write_text(dataset.jsonl().splitlines(keepends=True)[0] + dataset.jsonl().splitlines(keepends=True)[30])
     out = tmp_path / "c.toml"

@@ -12,8 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from thinkcap.proxy.cli import main
-from thinkcap.proxy.scenario_config import load_scenario
+from thinkcap.cli import main
+from thinkcap.cli.scenario_file import load_scenario
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "scenario.toml"
 
@@ -101,7 +101,7 @@ def test_mock_backend_serves_the_openai_client_and_stops_on_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "thinkcap.proxy",
+            "thinkcap.cli",
             "mock-backend",
             "--scenario",
             str(EXAMPLE),

@@ -6,33 +6,33 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
+from thinkcap.cli.runtime import LOOPS, RESERVED_FILES, raise_open_files
+from thinkcap.cli.runtime import run as run_loop
 from thinkcap.proxy.admin import create_admin_app
 from thinkcap.proxy.app import DataPlane, create_app
 from thinkcap.proxy.logs import configure, logger
-from thinkcap.proxy.runtime import LOOPS, RESERVED_FILES, raise_open_files
-from thinkcap.proxy.runtime import run as run_loop
-from thinkcap.proxy.settings import Settings, load_settings
+from thinkcap.proxy.serve_file import Settings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
 
-async def start(state: ProxyState) -> tuple[DataPlane, web.AppRunner, int, int]:
-    """Start both listeners; returns the data plane, the admin runner and the bound ports."""
+@contextlib.asynccontextmanager
+async def listening(state: ProxyState) -> AsyncIterator[tuple[DataPlane, int, int]]:
+    """Both listeners, started (the data plane and the admin API); yields the plane and the
+    bound ports, and closes both on the way out (the admin API first, then the plane drains)."""
     p = state.settings.proxy
-    plane = create_app(state)
-    port = await plane.start()
-    admin = web.AppRunner(create_admin_app(state), access_log=None)
-    try:
-        await admin.setup()
-        await web.TCPSite(admin, p.admin_host, p.admin_port).start()
-    except BaseException:
-        await admin.cleanup()
-        await plane.close()
-        raise
-    return plane, admin, port, int(admin.addresses[0][1])
+    async with create_app(state) as plane:
+        admin = web.AppRunner(create_admin_app(state), access_log=None)
+        try:
+            await admin.setup()
+            await web.TCPSite(admin, p.admin_host, p.admin_port).start()
+            yield plane, plane.port, int(admin.addresses[0][1])
+        finally:
+            await admin.cleanup()
 
 
 async def serve(settings: Settings) -> None:
@@ -49,17 +49,24 @@ async def serve(settings: Settings) -> None:
         )
         settings = settings.with_proxy(max_connections=allowed)
     state = build_state(settings)
-    try:
-        plane, admin, port, admin_port = await start(state)
-    except OSError as exc:  # the address is taken or not ours
-        p = settings.proxy
-        where = f"{p.host}:{p.port} or {p.admin_host}:{p.admin_port}"
-        raise ValueError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    logger().info(
-        "listening",
-        url=f"http://{settings.proxy.host}:{port}",
-        admin=f"http://{settings.proxy.admin_host}:{admin_port}",
-    )
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            plane, port, admin_port = await stack.enter_async_context(listening(state))
+        except OSError as exc:  # the address is taken or not ours
+            p = settings.proxy
+            where = f"{p.host}:{p.port} or {p.admin_host}:{p.admin_port}"
+            raise ValueError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        logger().info(
+            "listening",
+            url=f"http://{settings.proxy.host}:{port}",
+            admin=f"http://{settings.proxy.admin_host}:{admin_port}",
+        )
+        await run_until_stopped(state, plane)
+
+
+async def run_until_stopped(state: ProxyState, plane: DataPlane) -> None:
+    """Until a signal; then drain (see :func:`serve`), up to the point the listeners close."""
+    settings = state.settings
     stop, hurry = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:  # the first drains; a second stops at once
@@ -86,8 +93,6 @@ async def serve(settings: Settings) -> None:
         queued=state.admission.queued,
         drain_timeout_s=0.0 if hurry.is_set() else p.drain_timeout_s,
     )
-    await admin.cleanup()
-    await plane.close()
 
 
 def add_parser(sub: Any) -> None:

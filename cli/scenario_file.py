@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from thinkcap.controller.queue import BatchingEngine, QueueModel
-from thinkcap.proxy.config import ConfigError, Table, check_types, read_queue, read_task, read_toml, type_tables
+from thinkcap.proxy.model_file import check_types, read_queue, read_task, type_tables
+from thinkcap.proxy.toml_reader import ConfigError, Table, read_toml
 from thinkcap.sim.scenario import REASONING_FIELDS, USAGE_SHAPES, Faults, LoadPhase, Scenario, SimType
 
 SCENARIO_SECTIONS = ("objective", "server", "faults", "load", "types")
@@ -89,9 +90,9 @@ def load_scenario(path: str | Path) -> Scenario:
         reasoning_field=server.string("reasoning_field", "reasoning", choices=REASONING_FIELDS),
         chunk_tokens=server.integer("chunk_tokens", 1, lo=1),
         default_type=default_type,
-        stream_usage=_flag(server, "stream_usage", True),
+        stream_usage=server.boolean("stream_usage", True),
         usage_shape=server.string("usage_shape", "openai", choices=USAGE_SHAPES),
-        thinking_budget_supported=_flag(server, "thinking_budget_supported", True),
+        thinking_budget_supported=server.boolean("thinking_budget_supported", True),
         faults=fault_rates,
         phases=read_phases(load),
         engine=engine,
@@ -99,12 +100,3 @@ def load_scenario(path: str | Path) -> Scenario:
     for t in (objective, server, faults, load, root):
         t.close()
     return scenario
-
-
-def _flag(table: Table, name: str, default: bool) -> bool:
-    value = table.raw(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise table.error(name, f"must be true or false, got {value!r}")
-    return value

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from thinkcap.proxy.request.dialects import ClientLimitError, apply_cap, honoured
+from thinkcap.proxy.dialects import ClientLimitError, apply_cap, honoured
 
 
 @pytest.mark.parametrize("dialect", ["vllm", "sglang", "openai", "llamacpp", "max_tokens"])
@@ -70,6 +70,8 @@ def test_llama_server_caps_the_thinking_budget_where_the_model_thinks(body: dict
 
 
 def test_llama_server_caps_max_tokens_where_the_model_does_not_think() -> None:
+    """For a model that does not think, llama-server's cap is max_tokens with the answer allowance,
+    judged on the completion tokens."""
     body: dict[str, Any] = {"max_tokens": 0}
     applied = apply_cap(body, 12, "llama-server", answer_allowance=4, thinks=False)
     assert applied.field == "max_tokens" and body == {"max_tokens": 16}

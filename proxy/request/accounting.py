@@ -1,0 +1,87 @@
+"""A finished request's accounting: its event, the metrics, the estimators, the feedback
+memory. ``serve``'s request path and any other front that sees whole requests share it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from thinkcap.estimators import GapTally
+from thinkcap.proxy.logs import logger
+from thinkcap.proxy.request.sse import Tokens
+from thinkcap.proxy.state import Finished, ProxyState
+
+
+def account(
+    state: ProxyState,
+    event: dict[str, Any],
+    tokens: Tokens | None,
+    rid: str,
+    *,
+    end: float,
+    t_arrival: float,
+    t_dispatch: float | None,
+    t_first_token: float | None = None,
+    first_in_service: int = 1,
+    gaps: GapTally | None = None,
+    counted_events: int = 0,
+) -> None:
+    """What one finished request tells: its ``request`` event completed (times on the event
+    loop's clock: ``end``, ``t_arrival``, ``t_dispatch`` upstream, ``t_first_token``) and logged,
+    the metrics, and, for an answer that went well, the estimators (service time, the step fit
+    from its token ``gaps``, rescaled by usage over the ``counted_events`` of its stream),
+    the answer lengths and the share of its limit used; it is remembered for feedback."""
+    st, ev, t = state, event, tokens
+    ev["system_time_s"] = end - t_arrival
+    if t_dispatch is not None:
+        ev["service_time_s"] = end - t_dispatch
+    if t is not None:
+        ev.update(
+            prompt_tokens=t.prompt,
+            completion_tokens=t.completion,
+            reasoning_tokens=t.reasoning,
+            cached_tokens=t.cached,
+            tokens_source=t.source,
+            reasoning_tokens_source=t.reasoning_source,
+        )
+    name = ev["type"]
+    status = ev["status"]
+    ok = status == 200 and ev["error_kind"] is None
+    tallied = {"prompt": t.prompt, "reasoning": t.reasoning, "completion": t.completion} if ok and t else {}
+    st.metrics.finished(name or "unclassified", str(status), ev["system_time_s"], tallied)
+    if ok and name is not None and t is not None:
+        now = st.clock()
+        if t.completion is not None and t_dispatch is not None:
+            st.estimators.served(
+                name,
+                prompt_tokens=t.prompt or 0,
+                completion_tokens=t.completion,
+                service_time=ev["service_time_s"],
+                cached_tokens=t.cached,
+                now=now,
+            )
+            if st.step is not None:
+                first = t_first_token
+                if gaps is not None and counted_events and t.completion:
+                    # usage counts the tokens; the stream's events may carry several each
+                    gaps.rescale(t.completion / counted_events)
+                st.step.update(
+                    prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
+                    tokens=t.completion,
+                    service_s=ev["service_time_s"],
+                    mean_in_service=ev.get("mean_in_service", 1.0),
+                    gaps=gaps,
+                    first_token_s=None if first is None else first - t_dispatch,
+                    first_token_in_service=max(first_in_service, 1),
+                    now=now,
+                )
+        reasoning_dialect = st.settings.backend.reasoning_cap
+        used = t.reasoning if reasoning_dialect else t.completion
+        st.remember(rid, Finished(name, used))
+        limit = ev.get("effective_limit")
+        if used is not None and isinstance(limit, int) and ev.get("client_limit") is None:
+            st.used.update(name, used=used, limit=limit, now=now)
+        if reasoning_dialect and t.completion is not None and t.reasoning is not None:
+            st.answer.update(name, max(t.completion - t.reasoning, 0), now=now)
+    if st.log_requests:
+        level = "info" if status is not None and status < 500 else "warning"
+        getattr(logger(), level)("request", **ev)

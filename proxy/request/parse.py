@@ -1,0 +1,57 @@
+"""A shaped request's body read, parsed and classified: what ``serve``'s request path and any
+other front (the gateway processor) share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
+from thinkcap.proxy.request.errors import ProxyError
+from thinkcap.proxy.request.headers import TYPE_HEADER
+from thinkcap.proxy.state import ProxyState
+from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The raw body, 413 beyond ``max_body_bytes`` (``limit``)."""
+    try:
+        return await request.read()
+    except BodyTooLargeError:
+        raise ProxyError(
+            413, f"request body larger than {limit} bytes", "invalid_request_error", code="body_too_large"
+        ) from None
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object, or 400 (nested too deep for the parser included)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyError(
+            400, "the request body is not valid JSON", "invalid_request_error", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise ProxyError(
+            400, "the request body is nested too deeply", "invalid_request_error", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "the request body must be a JSON object", "invalid_request_error", code="invalid_body")
+    return body
+
+
+def classify(state: ProxyState, headers: Mapping[str, str], body: dict[str, Any]) -> Decision:
+    """The ``X-Thinkcap-Type`` header, then the body's ``thinkcap`` object (removed), then
+    rules, classifier, default."""
+    extra = body.pop("thinkcap", None)
+    try:
+        if TYPE_HEADER in headers:
+            return state.classifier.explicit(headers[TYPE_HEADER])
+        if extra is not None:
+            if not isinstance(extra, dict) or "type" not in extra:
+                raise UnknownTypeError('the "thinkcap" field must be an object like {"type": "math"}')
+            return state.classifier.explicit(extra["type"])
+    except UnknownTypeError as exc:
+        raise ProxyError(400, str(exc), "invalid_request_error", code="unknown_type", param="thinkcap.type") from None
+    return state.classifier.classify(prompt_text(body))

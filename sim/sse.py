@@ -1,0 +1,27 @@
+"""An OpenAI-style event stream read as a client reads it, one line at a time (the load
+generator, ``thinkcap calibrate``, the examples and the tests share it)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: What :func:`sse_data` returns for the stream's end marker, ``data: [DONE]``.
+DONE = "[DONE]"
+
+
+def sse_data(line: bytes | str) -> dict[str, Any] | str | None:
+    """The event of one line: its JSON object, :data:`DONE` for the end marker, ``None`` for a
+    line that carries no data (blank, a comment, another field). Raises ``ValueError`` on a
+    data line that is not a JSON object."""
+    text = line.decode() if isinstance(line, bytes) else line
+    text = text.strip()
+    if not text.startswith("data:"):
+        return None
+    data = text[5:].strip()
+    if data == DONE:
+        return DONE
+    chunk = json.loads(data)
+    if not isinstance(chunk, dict):
+        raise ValueError("a stream chunk is not a JSON object")
+    return chunk
