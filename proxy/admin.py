@@ -10,8 +10,8 @@ import numpy as np
 from aiohttp import web
 
 from thinkcap.estimators import AccuracyCurve
+from thinkcap.proxy.errors import error_body
 from thinkcap.proxy.logs import logger
-from thinkcap.proxy.request.errors import error_body
 from thinkcap.proxy.state import STATE_KEY, ProxyState, refit_curves, step_record
 
 

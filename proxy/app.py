@@ -13,8 +13,8 @@ from yarl import URL
 from thinkcap.proxy.backend import run_probe, upstream_reachable, watch_replicas
 from thinkcap.proxy.cluster import Cluster
 from thinkcap.proxy.control import ControlLoop
+from thinkcap.proxy.errors import ProxyError, error_response
 from thinkcap.proxy.logs import logger
-from thinkcap.proxy.request.errors import ProxyError, error_response
 from thinkcap.proxy.request.forward import SHAPED, shaped
 from thinkcap.proxy.request.headers import new_request_id
 from thinkcap.proxy.request.passthrough import passthrough

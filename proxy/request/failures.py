@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from thinkcap.proxy.request.errors import ProxyError
+from thinkcap.proxy.errors import ProxyError
 from thinkcap.proxy.request.sse import MalformedStreamError
 from thinkcap.proxy.transport.client import UpstreamError
 

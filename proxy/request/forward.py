@@ -17,11 +17,11 @@ from thinkcap.estimators import GapTally
 from thinkcap.proxy.admission import QueueFullError
 from thinkcap.proxy.classify import prompt_text
 from thinkcap.proxy.dialects import ClientLimitError, apply_cap
+from thinkcap.proxy.errors import ProxyError, error_response
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Replica
 from thinkcap.proxy.request.accounting import account
 from thinkcap.proxy.request.body import upstream_body
-from thinkcap.proxy.request.errors import ProxyError, error_response
 from thinkcap.proxy.request.failures import upstream_failure
 from thinkcap.proxy.request.headers import client_request_id, new_request_id, returned_headers, upstream_headers
 from thinkcap.proxy.request.parse import classify, parse_json, read_body

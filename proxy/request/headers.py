@@ -9,7 +9,7 @@ import re
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from thinkcap.proxy.request.errors import REQUEST_ID
+from thinkcap.proxy.errors import REQUEST_ID
 from thinkcap.proxy.transport.server import HttpRequest
 
 #: Request headers that concern one connection only, never forwarded (nor returned).

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
-from thinkcap.proxy.request.errors import ProxyError
+from thinkcap.proxy.errors import ProxyError
 from thinkcap.proxy.request.headers import TYPE_HEADER
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.server import BodyTooLargeError, HttpRequest

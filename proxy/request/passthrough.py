@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from thinkcap.proxy.request.errors import ProxyError, error_response
+from thinkcap.proxy.errors import ProxyError, error_response
 from thinkcap.proxy.request.failures import upstream_failure
 from thinkcap.proxy.request.headers import new_request_id, returned_headers, upstream_headers
 from thinkcap.proxy.request.parse import read_body
