@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from thinkcap.cli import audit, calibrate, demo, fit, report, serve, sim, solve
+from thinkcap.cli import audit, calibrate, demo, extproc, fit, report, serve, sim, solve
 from thinkcap.proxy.toml_reader import ConfigError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     sim.add_parsers(sub)
     serve.add_parser(sub)
+    extproc.add_parser(sub)
     audit.add_parser(sub)
     demo.add_parser(sub)
     report.add_parser(sub)

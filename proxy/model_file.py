@@ -16,7 +16,8 @@ from thinkcap.proxy.toml_reader import ConfigError, Table, read_toml
 from thinkcap.proxy.transport.client import base_url
 
 #: Tables a config may hold; the ones this module does not read yet are passed through.
-SECTIONS = ("backend", "backends", "proxy", "objective", "controller", "estimators", "cluster", "workload", "types")
+SECTIONS = ("backend", "backends", "proxy", "objective", "controller", "estimators", "cluster", "extproc", "workload",
+            "types")  # fmt: skip
 DEFAULT_RHO_MAX = 0.95
 DEFAULT_ARRIVAL_RATE = 1.0
 

@@ -199,6 +199,20 @@ class EstimatorSettings:
 
 
 @dataclass(frozen=True)
+class ExtprocSettings:
+    """The ``[extproc]`` table: ``thinkcap extproc``, the Envoy external processor.
+
+    ``listen`` is where its gRPC service (the processor and the health checks) listens;
+    each message is answered within ``message_timeout_s`` or let through unchanged (set
+    Envoy's ``message_timeout`` above it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9002
+    message_timeout_s: float = 0.15
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything ``thinkcap serve`` reads from its config file."""
 
@@ -208,6 +222,7 @@ class Settings:
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     estimators: EstimatorSettings = field(default_factory=EstimatorSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    extproc: ExtprocSettings = field(default_factory=ExtprocSettings)
 
     def with_backend(self, **changes: Any) -> Settings:
         """A copy with some backend settings changed."""
@@ -216,6 +231,10 @@ class Settings:
     def with_proxy(self, **changes: Any) -> Settings:
         """A copy with some proxy settings changed."""
         return replace(self, proxy=replace(self.proxy, **changes))
+
+    def with_extproc(self, **changes: Any) -> Settings:
+        """A copy with some extproc settings changed."""
+        return replace(self, extproc=replace(self.extproc, **changes))
 
 
 def _optional_timeout(t: Table, name: str, default: float | None) -> float | None:
@@ -374,6 +393,15 @@ def load_settings(path: str | Path, data: Mapping[str, Any] | None = None) -> Se
     controller = _controller(root.table("controller"))
     estimators = _estimators(root.table("estimators"))
     cluster = _cluster(root.table("cluster"))
-    return Settings(
-        model=model, backend=backend, proxy=proxy, controller=controller, estimators=estimators, cluster=cluster
-    )
+    extproc = _extproc(root.table("extproc"))
+    return Settings(model=model, backend=backend, proxy=proxy, controller=controller, estimators=estimators,
+                    cluster=cluster, extproc=extproc)  # fmt: skip
+
+
+def _extproc(t: Table) -> ExtprocSettings:
+    d = ExtprocSettings()
+    host, port = parse_hostport(t.string("listen", f"{d.host}:{d.port}"), where=t, key="listen")
+    timeout = t.number("message_timeout_s", d.message_timeout_s, lo=0.0, lo_open=True)
+    out = ExtprocSettings(host=host, port=port, message_timeout_s=timeout)
+    t.close()
+    return out

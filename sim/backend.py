@@ -511,7 +511,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _json_error(400, "the request body is not valid JSON", "invalid_request_error")
     state.seen.append(
-        {"body": body, "authorization": request.headers.get("Authorization"), "expect": request.headers.get("Expect")}
+        {
+            "body": body,
+            "authorization": request.headers.get("Authorization"),
+            "expect": request.headers.get("Expect"),
+            "objective": request.headers.get("x-gateway-inference-objective"),
+            "content_length": request.headers.get("Content-Length"),
+        }
     )
     forced = request.headers.get(FAULT_HEADER)
     if forced is not None and forced not in FAULT_KINDS:
@@ -599,7 +605,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def sim_requests(request: web.Request) -> web.Response:
-    """``GET /sim/requests``: the last request bodies received (and their Authorization header)."""
+    """``GET /sim/requests``: the last request bodies received (and their Authorization,
+    Expect, Content-Length and ``x-gateway-inference-objective`` headers)."""
     return web.json_response(list(request.app[STATE_KEY].seen))
 
 

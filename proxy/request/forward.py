@@ -16,7 +16,6 @@ from multidict import CIMultiDict
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.admission import QueueFullError
 from thinkcap.proxy.classify import prompt_text
-from thinkcap.proxy.dialects import ClientLimitError, apply_cap
 from thinkcap.proxy.errors import ProxyError, error_response
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Replica
@@ -24,7 +23,7 @@ from thinkcap.proxy.request.accounting import account
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.failures import upstream_failure
 from thinkcap.proxy.request.headers import client_request_id, new_request_id, returned_headers, upstream_headers
-from thinkcap.proxy.request.parse import classify, parse_json, read_body
+from thinkcap.proxy.request.parse import classify, parse_json, read_body, write_cap
 from thinkcap.proxy.request.sse import CONTENT, REASONING, MalformedStreamError, StreamTally, Tokens, from_usage
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
@@ -103,26 +102,7 @@ class Exchange:
     ) -> Reply | StreamReply:
         st = self.state
         backend = st.settings.backend
-        cap = st.caps.cap(type_name)
-        if st.cap_rejected:  # the backend rejects the cap field (see the probe): send none
-            self.event.update(cap=cap, effective_limit=None, client_limit=None, limit_field=None, cap_skipped=True)
-        else:
-            try:
-                applied = apply_cap(
-                    body,
-                    cap,
-                    backend.dialect,
-                    answer_allowance=backend.answer_allowance,
-                    chat=self.request.path == SHAPED[0],
-                    thinks=backend.thinks,
-                )
-            except ClientLimitError as exc:
-                raise ProxyError(
-                    400, str(exc), "invalid_request_error", code="invalid_limit", param=exc.param
-                ) from None
-            self.event.update(
-                cap=cap, effective_limit=applied.effective, client_limit=applied.client_limit, limit_field=applied.field
-            )
+        write_cap(st, self.event, body, type_name, chat=self.request.path == SHAPED[0])
         stream = body.get("stream") is True
         asked_usage = False
         if stream:

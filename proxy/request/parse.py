@@ -1,5 +1,5 @@
-"""A shaped request's body read, parsed and classified: what ``serve``'s request path and any
-other front (the gateway processor) share."""
+"""A shaped request's body read, parsed, classified and capped: what ``serve``'s request path
+and the gateway processor (:mod:`thinkcap.proxy.extproc`) share."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from thinkcap.proxy.classify import Decision, UnknownTypeError, prompt_text
+from thinkcap.proxy.dialects import ClientLimitError, apply_cap
 from thinkcap.proxy.errors import ProxyError
 from thinkcap.proxy.request.headers import TYPE_HEADER
 from thinkcap.proxy.state import ProxyState
@@ -55,3 +56,22 @@ def classify(state: ProxyState, headers: Mapping[str, str], body: dict[str, Any]
     except UnknownTypeError as exc:
         raise ProxyError(400, str(exc), "invalid_request_error", code="unknown_type", param="thinkcap.type") from None
     return state.classifier.classify(prompt_text(body))
+
+
+def write_cap(state: ProxyState, event: dict[str, Any], body: dict[str, Any], type_name: str, *, chat: bool) -> None:
+    """Write the type's cap into ``body`` in the backend's dialect (none while the backend
+    rejects the field, see the probe) and note it in the request's ``event``; a bad client
+    limit is a 400."""
+    backend = state.settings.backend
+    cap = state.caps.cap(type_name)
+    if state.cap_rejected:
+        event.update(cap=cap, effective_limit=None, client_limit=None, limit_field=None, cap_skipped=True)
+        return
+    try:
+        applied = apply_cap(body, cap, backend.dialect, answer_allowance=backend.answer_allowance, chat=chat,
+                            thinks=backend.thinks)  # fmt: skip
+    except ClientLimitError as exc:
+        raise ProxyError(400, str(exc), "invalid_request_error", code="invalid_limit", param=exc.param) from None
+    event.update(
+        cap=cap, effective_limit=applied.effective, client_limit=applied.client_limit, limit_field=applied.field
+    )

@@ -22,7 +22,7 @@ from thinkcap.cli.calibrate import Item, grade, parse_item, read_dataset
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.sim import dataset
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def answer(prompt: str) -> list[str]:

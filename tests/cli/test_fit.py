@@ -12,7 +12,7 @@ import pytest
 from thinkcap.cli import main
 from thinkcap.proxy.model_file import load_model
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "thinkcap.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
 TRUTH = {"b0": 0.15, "out": 0.012, "in": 0.006}
 
 

@@ -15,7 +15,7 @@ import pytest
 from thinkcap.cli import main
 from thinkcap.cli.scenario_file import load_scenario
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "scenario.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "scenario.toml"
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from thinkcap.cli import main
 from thinkcap.proxy.model_file import load_model
 from thinkcap.proxy.toml_reader import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "thinkcap.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "thinkcap.toml"
 
 MINIMAL = """
 [objective]

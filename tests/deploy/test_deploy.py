@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from thinkcap.cli.main import build_parser
-from thinkcap.proxy.serve_file import load_settings
+from thinkcap.proxy.serve_file import ExtprocSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -204,3 +205,65 @@ def test_the_dockerfile_is_slim_non_root_checks_health_and_copies_what_exists() 
     (cmd,) = [rest for word, rest in steps if word == "CMD"]
     build_parser().parse_args(yaml.safe_load(cmd))
     assert shlex.split(health)  # the health check is one well-formed command line
+
+
+ENVOY = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+GATEWAY = DEPLOY / "gateway"
+
+
+def test_the_envoy_config_validates_and_attaches_thinkcap_as_its_processor() -> None:
+    """``deploy/gateway/envoy.yaml`` passes Envoy's own validation (the real binary), and its
+    ext_proc filter asks what thinkcap needs: buffered request bodies, the answer's mode left to
+    thinkcap (allow_mode_override), a message timeout above ``[extproc] message_timeout_s``,
+    a buffer that takes large prompts, and gRPC health checks of the processor."""
+    out = subprocess.run([ENVOY, "--mode", "validate", "-c", str(GATEWAY / "envoy.yaml"), "--base-id", "779",
+                          "-l", "error"], capture_output=True, text=True, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    config = yaml.safe_load((GATEWAY / "envoy.yaml").read_text())
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["per_connection_buffer_limit_bytes"] >= 4 * 1024 * 1024
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    ext = hcm["http_filters"][0]["typed_config"]
+    mode = ext["processing_mode"]
+    assert mode["request_body_mode"] == "BUFFERED" and mode["request_header_mode"] == "SEND"
+    assert ext["allow_mode_override"] is True
+    assert float(ext["message_timeout"].removesuffix("s")) > ExtprocSettings().message_timeout_s
+    cluster = next(
+        c
+        for c in config["static_resources"]["clusters"]
+        if c["name"] == ext["grpc_service"]["envoy_grpc"]["cluster_name"]
+    )
+    port = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "port_value"
+    ]
+    assert port == ExtprocSettings().port
+    assert (
+        cluster["health_checks"][0]["grpc_health_check"]["service_name"]
+        == "envoy.service.ext_proc.v3.ExternalProcessor"
+    )
+
+
+def test_the_gateway_attachments_point_at_the_processor_in_order() -> None:
+    """Envoy Gateway's policy attaches thinkcap to the model's route with buffered bodies and
+    mode overrides, its ClientTrafficPolicy raises the buffer for large prompts; Istio's
+    EnvoyFilter puts the processor before the router; with the inference extension, thinkcap
+    comes before the endpoint picker, both full-duplex."""
+    gateway = list(yaml.safe_load_all((GATEWAY / "envoy-gateway.yaml").read_text()))
+    service = next(d for d in gateway if d["kind"] == "Service")
+    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+    policy = next(d for d in gateway if d["kind"] == "EnvoyExtensionPolicy")
+    (ext,) = policy["spec"]["extProc"]
+    assert ext["backendRefs"][0] == {"name": service["metadata"]["name"], "port": service["spec"]["ports"][0]["port"]}
+    assert ext["processingMode"]["request"]["body"] == "Buffered" and ext["processingMode"]["allowModeOverride"]
+    traffic = next(d for d in gateway if d["kind"] == "ClientTrafficPolicy")
+    assert traffic["spec"]["connection"]["bufferLimit"].endswith("Mi")
+    istio = yaml.safe_load((GATEWAY / "istio-envoyfilter.yaml").read_text())
+    (patch,) = istio["spec"]["configPatches"]
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+    assert patch["patch"]["value"]["typed_config"]["processing_mode"]["request_body_mode"] == "BUFFERED"
+    chain = yaml.safe_load((GATEWAY / "inference-extension.yaml").read_text())["spec"]["extProc"]
+    assert [e["backendRefs"][0]["name"] for e in chain] == [service["metadata"]["name"], "llm-pool-epp"]
+    assert all(e["processingMode"]["request"]["body"] == "FullDuplexStreamed" for e in chain)

