@@ -421,9 +421,14 @@ class ControlLoop:
         return event
 
     def _queue_confirms(self) -> bool:
-        """Whether the admission queue confirms an overload: requests wait for a slot, and no
-        fewer than at the decision before (a queue that drains is a burst being served)."""
-        queued, before = self.state.admission.queued, self._queued
+        """Whether a queue confirms an overload: requests wait for a slot, and no fewer than at
+        the decision before (a queue that drains is a burst being served). The waiting are the
+        admission queue's (``serve``) and the requests in service upstream beyond the healthy
+        replicas' slots: the engine's own queue, the only one behind a gateway (``extproc``,
+        which holds no request of its own)."""
+        st = self.state
+        engine = max(st.pool.in_service - sum(st.pool.healthy_slots()), 0)
+        queued, before = st.admission.queued + engine, self._queued
         self._queued = queued
         return queued > 0 and queued >= before
 

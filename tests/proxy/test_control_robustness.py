@@ -108,6 +108,26 @@ def test_a_predicted_overload_without_a_queue_sheds_nothing(tmp_path: Path) -> N
     assert not state.shedding and state.admit_fraction == 1.0 and event["overload_evidence"] is None
 
 
+async def test_behind_a_gateway_the_engines_own_queue_confirms_an_overload(state: ProxyState) -> None:
+    """Behind a gateway (extproc) thinkcap queues nothing: the requests in service beyond the
+    backend's slots are the engine's queue, and they confirm an overload as the admission
+    queue does for serve; without them nothing is shed. (The admission queue alone never
+    confirmed it there, so extproc never shed.)"""
+    serve(state, 40)
+    ctl = ControlLoop(state, ControllerSettings())
+    t = feed(state, 4.0, 0.0, 120.0)
+    assert ctl.step(t) is not None and not state.shedding
+    occupancy = state.pool.replicas[0].occupancy
+    alone = decide_every(ctl, state, 100.0, t, 20.0, seed=10)  # an overload predicted, no queue anywhere
+    assert not state.shedding and all(admit == 1.0 for _, admit in alone)
+    for _ in range(9):  # nine requests at an engine of one slot: eight wait there
+        occupancy.start(alone[-1][0], streamed=False)
+    with capture_logs() as logs:
+        decide_every(ctl, state, 100.0, alone[-1][0], 20.0, seed=30)
+    assert state.shedding
+    assert any(e["event"] == "overload" and e.get("on") and e["evidence"] == "queue" for e in logs)
+
+
 async def test_a_failing_decision_lets_shedding_decay(state: ProxyState) -> None:
     """Decisions that fail keep the caps, and shedding decays to off instead of freezing."""
     serve(state, 40)
