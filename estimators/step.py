@@ -143,7 +143,8 @@ class StepFit:
     max_rel_stderr
         The fit counts when the standard errors of ``tau(1)``, of ``b`` and of the intercept
         ``a`` are each at most this share of ``tau(1)``, both coefficients are >= 0 (a negative
-        one within ``NOISE_Z`` standard errors of 0 reads as 0), and the
+        intercept within ``NOISE_Z`` standard errors or this share of ``tau(1)`` of 0 reads as
+        0), and the
         occupancies seen tell ``a`` from ``b`` (the condition number of their information is
         at most :data:`MAX_CONDITION`).
 
@@ -319,9 +320,10 @@ class StepFit:
         """The line a + b j through the mean step of each occupancy with at least
         ``MIN_LEVEL_GAPS`` gaps, every level weighing the same: (a, b, their covariance from
         each level's own variance, the condition number of the levels' design). A negative
-        coefficient within ``NOISE_Z`` standard errors of 0 is the constrained fit's 0 (the
-        line refitted without it); a significantly negative one stays, and keeps the fit out
-        of use. With one such
+        intercept within ``NOISE_Z`` standard errors of 0, or within ``max_rel_stderr`` of the
+        first level's step, is the constrained fit's 0 (the line refitted through the origin);
+        so is a negative slope within its noise; a coefficient more negative than that stays,
+        and keeps the fit out of use. With one such
         level, the configured line scaled through it (the slope unidentified: infinite
         covariance and condition); ``None`` with none."""
         lv = self._levels
@@ -341,9 +343,11 @@ class StepFit:
         weights = np.linalg.solve(gram, x.T)  # theta = weights @ tau
         a, b = (float(v) for v in weights @ tau)
         cov = np.asarray((weights * var) @ weights.T, dtype=np.float64)
-        if a < 0 <= a + NOISE_Z * math.sqrt(max(cov[0, 0], 0.0)):
-            # Within noise of 0 (an engine whose step is proportional to the batch): the least
-            # squares line under a >= 0, through the origin; a's own uncertainty stays.
+        slack = max(NOISE_Z * math.sqrt(max(cov[0, 0], 0.0)), self.max_rel_stderr * float(tau[0]))
+        if a < 0 <= a + slack:
+            # Within noise of 0, or a tenth of tau(1) (an engine whose step is about
+            # proportional to the batch, which a line through the levels misses by that much):
+            # the least squares line under a >= 0, through the origin; a's own uncertainty stays.
             a, b = 0.0, float(j @ tau / (j @ j))
             cov = np.diag([cov[0, 0], float((j * j) @ var / (j @ j) ** 2)])
         elif b < 0 <= b + NOISE_Z * math.sqrt(max(cov[1, 1], 0.0)):

@@ -55,7 +55,7 @@ from thinkcap.proxy.request.accounting import account
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.headers import new_request_id
 from thinkcap.proxy.request.parse import classify, parse_json, write_cap
-from thinkcap.proxy.request.sse import CONTENT, REASONING, StreamTally, Tokens, from_usage
+from thinkcap.proxy.request.sse import CONTENT, REASONING, StreamTally, Tokens, whole_tokens
 from thinkcap.proxy.state import ProxyState
 
 #: Largest body chunk sent back to Envoy in FULL_DUPLEX_STREAMED mode (the inference
@@ -297,6 +297,8 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         streamed = (_header(headers, "content-type") or "").startswith("text/event-stream")
         if streamed:
             flow.tally = StreamTally(strip_usage=flow.strip_usage)
+            accel = ext.HeaderMutation(set_headers=[_set("x-accel-buffering", "no")])  # no nginx holds it back
+            response.response_headers.response.header_mutation.CopyFrom(accel)
         mode = _Mode.STREAMED if streamed else _Mode.BUFFERED
         response.mode_override.CopyFrom(_Mode(response_body_mode=mode))
         return [response]
@@ -322,7 +324,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     data = json.loads(b"".join(flow.whole))
                 except (ValueError, UnicodeDecodeError):
                     data = None
-                flow.tokens = from_usage(data.get("usage")) if isinstance(data, dict) else None
+                flow.tokens = whole_tokens(data) if isinstance(data, dict) else None
             flow.done = True
             self._finish(flow)
         return [response]

@@ -11,6 +11,11 @@ from thinkcap.estimators import Snapshot
 from thinkcap.proxy.admission import Admission
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+#: The bucket boundaries of OpenTelemetry's GenAI semantic conventions, per metric.
+GENAI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+GENAI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+GENAI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+GENAI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
 def _reader(obj: Any, name: str) -> Callable[[], float]:
@@ -81,6 +86,24 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        # OpenTelemetry's GenAI conventions, as Prometheus names them, beside the thinkcap_* ones
+        op = ["gen_ai_operation_name"]
+        self.genai_tokens = Histogram(
+            "gen_ai_client_token_usage", "Tokens per answered request, by gen_ai_token_type (input, output, reasoning)",
+            [*op, "gen_ai_token_type"], buckets=GENAI_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.genai_duration = Histogram(
+            "gen_ai_server_request_duration", "Seconds from sending a request upstream to its answer's end", op,
+            buckets=GENAI_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.genai_ttft = Histogram(
+            "gen_ai_server_time_to_first_token", "Seconds from sending a streamed request upstream to its first token",
+            op, buckets=GENAI_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.genai_tpot = Histogram(
+            "gen_ai_server_time_per_output_token", "Seconds per output token after the first, streamed answers", op,
+            buckets=GENAI_TPOT_BUCKETS, registry=r,
+        )  # fmt: skip
         self._requests: dict[tuple[str, str], Any] = {}
         self._system: dict[str, Any] = {}
         self._wait: dict[str, Any] = {}
@@ -88,6 +111,24 @@ class Metrics:
         self._unknown: dict[tuple[str, str], Any] = {}
         for name in type_names:
             self.caps.labels(name)
+
+    def genai(
+        self,
+        operation: str,
+        *,
+        tokens: Mapping[str, int | None],
+        duration_s: float | None,
+        first_token_s: float | None,
+        per_output_token_s: float | None,
+    ) -> None:
+        """One answered request in the GenAI conventions' metrics (a count not known is left out)."""
+        for kind, count in tokens.items():
+            if count is not None:
+                self.genai_tokens.labels(operation, kind).observe(count)
+        for hist, seconds in ((self.genai_duration, duration_s), (self.genai_ttft, first_token_s),
+                              (self.genai_tpot, per_output_token_s)):  # fmt: skip
+            if seconds is not None:
+                hist.labels(operation).observe(seconds)
 
     def finished(self, name: str, status: str, system_time: float, tokens: Mapping[str, int | None]) -> None:
         """Count one finished request (label children are cached: this runs on every request); a

@@ -48,6 +48,15 @@ def account(
     ok = status == 200 and ev["error_kind"] is None
     tallied = {"prompt": t.prompt, "reasoning": t.reasoning, "completion": t.completion} if ok and t else {}
     st.metrics.finished(name or "unclassified", str(status), ev["system_time_s"], tallied)
+    if ok and t is not None:
+        first = None if t_first_token is None or t_dispatch is None else t_first_token - t_dispatch
+        per_token = None
+        if t_first_token is not None and t.completion is not None and t.completion > 1:
+            per_token = (end - t_first_token) / (t.completion - 1)
+        st.metrics.genai("chat" if ev.get("route") == "/v1/chat/completions" else "text_completion",
+                         tokens={"input": t.prompt, "output": t.completion, "reasoning": t.reasoning},
+                         duration_s=ev.get("service_time_s"), first_token_s=first,
+                         per_output_token_s=per_token)  # fmt: skip
     if ok and name is not None and t is not None:
         now = st.clock()
         if t.completion is not None and t_dispatch is not None:

@@ -24,7 +24,7 @@ from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.failures import upstream_failure
 from thinkcap.proxy.request.headers import client_request_id, new_request_id, returned_headers, upstream_headers
 from thinkcap.proxy.request.parse import classify, parse_json, read_body, write_cap
-from thinkcap.proxy.request.sse import CONTENT, REASONING, MalformedStreamError, StreamTally, Tokens, from_usage
+from thinkcap.proxy.request.sse import CONTENT, REASONING, MalformedStreamError, StreamTally, Tokens, whole_tokens
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
 from thinkcap.proxy.transport.server import HttpRequest, Reply, StreamReply
@@ -215,7 +215,7 @@ class Exchange:
                     "upstream_error",
                     code="upstream_malformed",
                 )
-            self.tokens = from_usage(data.get("usage"))
+            self.tokens = whole_tokens(data)
         else:
             self.event["error_kind"] = "upstream_status"
         self.event["status"] = up.status
@@ -230,7 +230,9 @@ class Exchange:
 
     async def relay_stream(self, up: Response, *, strip_usage: bool) -> StreamReply:
         tally = StreamTally(strip_usage=strip_usage)
-        resp = self.stream = StreamReply(status=200, headers=returned_headers(up.headers, self.rid))
+        headers = returned_headers(up.headers, self.rid)
+        headers["X-Accel-Buffering"] = "no"  # an nginx in front would otherwise hold the stream back
+        resp = self.stream = StreamReply(status=200, headers=headers)
         resp.build_head(self.request)  # while the upstream has yet to send the body, often
         last = b""
         gaps = self.gaps

@@ -75,6 +75,9 @@ class MalformedStreamError(ValueError):
 #: literal, which the regex engine looks for before trying the rest.
 REASONING = re.compile(rb'"reasoning(?:_content)?":\s*"(?!")')
 CONTENT = re.compile(rb'"content":\s*"(?!")')
+#: A content delta that is only the end-of-thinking tag (llama-server leaves one in the content
+#: after a budget cut): no answer text, not counted as content.
+STRAY_END_TAG = re.compile(rb'"content":\s*"</think>(?:\\n)*"')
 USAGE = re.compile(rb'"usage":\s*\{')
 #: Events that are each one ``data: {...}`` line, and the same with ``data: [DONE]`` lines.
 PLAIN_DATA = re.compile(rb"(?:data: \{[^\n]*\}\n\n)*")
@@ -166,7 +169,7 @@ class StreamTally:
         joined = b"".join(pieces)
         if not joined:
             return []
-        if self.usage is None or self.usage.reasoning is None:
+        if self.usage is None or not self.usage.reasoning:
             self._uncounted.append(joined)
             self._uncounted_bytes += len(joined)
             if self._uncounted_bytes > UNCOUNTED_BYTES:
@@ -176,7 +179,7 @@ class StreamTally:
     def _count(self) -> None:
         for block in self._uncounted:
             self._reasoning += len(REASONING.findall(block))
-            self._content += len(CONTENT.findall(block))
+            self._content += len(CONTENT.findall(block)) - len(STRAY_END_TAG.findall(block))
         self._uncounted.clear()
         self._uncounted_bytes = 0
 
@@ -258,7 +261,7 @@ class StreamTally:
         if usage is None:
             return True
         self.usage = usage
-        if usage.reasoning is not None:  # the counts will not be read
+        if usage.reasoning:  # a positive count: the streamed counts will not be read
             self._uncounted.clear()
             self._uncounted_bytes = 0
         return not (self.strip_usage and not chunk.get("choices"))
@@ -267,15 +270,31 @@ class StreamTally:
         """Usage if the upstream sent it, else counts of streamed deltas (one token per delta).
 
         A usage object without a reasoning count has it filled from the streamed reasoning
-        deltas (``reasoning_source`` ``stream``). A stream without a single reasoning delta
-        leaves the reasoning count unknown: its server may write the reasoning into the
-        content (``<think>``), where no delta can be told apart.
+        deltas (``reasoning_source`` ``stream``); so has one that reports 0 next to streamed
+        reasoning text (vLLM does for some templates): that 0 is unknown, not zero. A stream
+        without a single reasoning delta leaves the reasoning count unknown: its server may
+        write the reasoning into the content (``<think>``), where no delta can be told apart.
         """
-        deltas = self.reasoning_chunks if self.usage is None or self.usage.reasoning is None else 0
-        reasoning, source = (deltas, "stream") if deltas > 0 else (None, None)
         usage = self.usage
-        if usage is not None and usage.reasoning is not None:
+        if usage is not None and usage.reasoning:
             return usage
+        deltas = self.reasoning_chunks
+        reasoning, source = (deltas, "stream") if deltas > 0 else (None, None)
         if usage is not None:
+            if usage.reasoning == 0 and deltas == 0:  # no reasoning streamed either: a true 0
+                return usage
             return replace(usage, reasoning=reasoning, reasoning_source=source)
         return Tokens(None, deltas + self.content_chunks, reasoning, 0, "stream", source)
+
+
+def whole_tokens(answer: dict[str, Any]) -> Tokens | None:
+    """The counts of a whole (not streamed) answer: its usage, with a reasoning count of 0 next
+    to reasoning text in a choice read as unknown (``None``), not as zero."""
+    tokens = from_usage(answer.get("usage"))
+    if tokens is None or tokens.reasoning != 0:
+        return tokens
+    for choice in answer.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and (message.get("reasoning_content") or message.get("reasoning")):
+            return replace(tokens, reasoning=None, reasoning_source=None)
+    return tokens

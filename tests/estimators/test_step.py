@@ -196,6 +196,37 @@ def test_an_engine_whose_step_is_proportional_to_the_batch_is_a_fit() -> None:
     assert est.per_seq_s == pytest.approx(0.0086, rel=0.01)
 
 
+def test_a_step_about_proportional_to_the_batch_is_fitted_through_the_origin() -> None:
+    """llama-server on one CPU thread, as thinkcap's live fit read it in a Poisson run here:
+    about 8.2 ms per sequence and an intercept of -0.25 ms, some standard errors below 0 but 3 %
+    of tau(1): the step is about proportional to the batch. The fit counts, through the origin
+    (it went out of use whenever the intercept crossed below 0, and the run's last decisions
+    used the configured step)."""
+    rng = np.random.default_rng(5)
+    levels = {j: 0.0082 * j - 0.00025 for j in (1, 2, 3, 4)}
+    fit = StepFit(base_s=0.03, per_seq_s=0.0, min_samples=5)
+    for i in range(120):
+        gaps = GapTally()
+        for j, tau in levels.items():
+            for _ in range(12):
+                gaps.add(tau + float(rng.normal(0, 0.0004)), 1, j)
+        fit.update(prompt_tokens=0, tokens=49, service_s=1.0, mean_in_service=2.5, gaps=gaps, now=float(i))
+    j = np.array([1.0, 2.0, 3.0, 4.0])
+    tau = np.array(list(levels.values()))
+    assert np.polyfit(j, tau, 1)[1] < -0.0002  # the unconstrained line's intercept
+    est = fit.get()
+    assert est.fitted and est.base_s == 0.0
+    assert est.per_seq_s == pytest.approx(float(j @ tau / (j @ j)), rel=0.01)
+    steep = StepFit(min_samples=1)  # a line through -25 % of tau(1) is still no fit
+    for i in range(20):
+        gaps = GapTally()
+        for k in (1, 2, 3, 4):
+            for _ in range(12):
+                gaps.add(0.010 * k - 0.002 + float(rng.normal(0, 0.0004)), 1, k)
+        steep.update(prompt_tokens=0, tokens=49, service_s=1.0, mean_in_service=2.5, gaps=gaps, now=float(i))
+    assert not steep.get().fitted
+
+
 def test_gaps_at_one_occupancy_never_make_a_fit_however_small_the_jitter() -> None:
     """Every gap at one occupancy with a microsecond of jitter: the information on (a, b) is
     singular, so the fit does not count (it was declared fitted on its tiny residuals)."""

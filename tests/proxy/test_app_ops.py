@@ -68,6 +68,38 @@ async def test_metrics_expose_requests_latency_caps_tokens_and_estimates(stack: 
     assert value("thinkcap_in_flight ") == 0
 
 
+async def test_the_genai_convention_metrics_and_an_unbuffered_stream(stack: StackFactory) -> None:
+    """Beside the thinkcap_* series, /metrics has OpenTelemetry's GenAI ones with the
+    conventions' buckets: tokens by type (input, output, reasoning), request duration, time to
+    the first token and per output token (streamed answers); a stream carries
+    ``X-Accel-Buffering: no`` so that an nginx in front does not hold it back."""
+    s = await stack()
+    await send(s, 2)
+    async with aiohttp.ClientSession() as session:
+        body = {"messages": HARD, "stream": True}
+        async with session.post(f"{s.url}/chat/completions", json=body) as r:
+            assert r.status == 200 and r.headers["X-Accel-Buffering"] == "no"
+            await r.read()
+    await asyncio.sleep(0.05)
+    _, text = await get(s.proxy.make_url("/metrics"))
+    lines = text.splitlines()
+
+    def value(prefix: str) -> float:
+        (line,) = [ln for ln in lines if ln.startswith(prefix)]
+        return float(line.rsplit(" ", 1)[1])
+
+    op = 'gen_ai_operation_name="chat"'
+    for kind in ("input", "output", "reasoning"):
+        assert value(f'gen_ai_client_token_usage_count{{{op},gen_ai_token_type="{kind}"}}') == 3
+    reasoning = min(400, s.state.caps.cap("hard"))
+    assert value(f'gen_ai_client_token_usage_sum{{{op},gen_ai_token_type="reasoning"}}') == 3 * reasoning
+    assert value(f'gen_ai_client_token_usage_bucket{{{op},gen_ai_token_type="reasoning",le="4.0"}}') == 0
+    assert value(f"gen_ai_server_request_duration_count{{{op}}}") == 3
+    assert value(f'gen_ai_server_request_duration_bucket{{{op},le="81.92"}}') == 3
+    assert value(f"gen_ai_server_time_to_first_token_count{{{op}}}") == 1  # the streamed one
+    assert value(f"gen_ai_server_time_per_output_token_count{{{op}}}") == 1
+
+
 async def test_metrics_show_the_requests_in_flight_and_waiting_at_the_scrape(stack: StackFactory) -> None:
     """With one slot, one slow request in flight and two behind it read as 1 and 2."""
     s = await stack(proxy="max_concurrency = 1", time_scale=1.0, types=(sim_type("hard", natural=300),))

@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinkcap.proxy.request.sse import UNCOUNTED_BYTES, MalformedStreamError, StreamTally, Tokens, from_usage
+from thinkcap.proxy.request.sse import (
+    UNCOUNTED_BYTES,
+    MalformedStreamError,
+    StreamTally,
+    Tokens,
+    from_usage,
+    whole_tokens,
+)
 
 
 def sse(obj: Any) -> bytes:
@@ -185,3 +192,32 @@ def test_a_streamed_usage_without_a_reasoning_count_is_filled_from_the_deltas() 
     tally.feed(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n")
     tokens = tally.tokens()
     assert (tokens.reasoning, tokens.reasoning_source, tokens.completion, tokens.source) == (3, "stream", 4, "usage")
+
+
+def test_a_reported_zero_next_to_streamed_reasoning_is_unknown_not_zero() -> None:
+    """Usage that says ``reasoning_tokens: 0`` after reasoning deltas were streamed (vLLM does
+    for some templates) takes the streamed count; a 0 with no reasoning streamed stays 0; a
+    whole answer whose usage says 0 next to reasoning text has an unknown reasoning count."""
+    usage = {"prompt_tokens": 2, "completion_tokens": 4, "completion_tokens_details": {"reasoning_tokens": 0}}
+    tally = StreamTally(strip_usage=False)
+    events = [{"choices": [{"delta": {"reasoning_content": "a"}}]}] * 3 + [{"choices": [], "usage": usage}]
+    tally.feed(b"".join(sse(e) for e in events) + b"data: [DONE]\n\n")
+    tokens = tally.tokens()
+    assert (tokens.reasoning, tokens.reasoning_source, tokens.completion) == (3, "stream", 4)
+    plain = StreamTally(strip_usage=False)
+    plain.feed(sse({"choices": [{"delta": {"content": "b"}}]}) + sse({"choices": [], "usage": usage}))
+    assert plain.tokens().reasoning == 0 and plain.tokens().reasoning_source == "usage"
+    whole = {"choices": [{"message": {"content": "4", "reasoning_content": "two and two"}}], "usage": usage}
+    assert whole_tokens(whole) == replace(from_usage(usage), reasoning=None, reasoning_source=None)  # type: ignore[type-var]
+    whole["choices"][0]["message"].pop("reasoning_content")  # type: ignore[index, union-attr]
+    assert whole_tokens(whole) == from_usage(usage)
+
+
+def test_a_stray_end_tag_in_the_content_is_not_answer_text() -> None:
+    """After a budget cut llama-server may send ``</think>`` as a content delta: it is not
+    counted as a content token."""
+    tally = StreamTally(strip_usage=False)
+    events = [{"choices": [{"delta": {"reasoning_content": "r"}}]}] * 2
+    events += [{"choices": [{"delta": {"content": "</think>\n\n"}}]}, {"choices": [{"delta": {"content": "ok"}}]}]
+    tally.feed(b"".join(sse(e) for e in events) + b"data: [DONE]\n\n")
+    assert (tally.reasoning_chunks, tally.content_chunks) == (2, 1)
