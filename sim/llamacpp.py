@@ -164,14 +164,27 @@ def llama_server_binary() -> Path:
     return path
 
 
-def start_llama_server(tmp: Path, slots: int = 4, threads: int = 1, ctx_per_slot: int = 1024) -> Server:
+#: A ChatML template that thinks, for SmolLM2 (see the file): llama.cpp's template analysis
+#: finds ``<think>``/``</think>`` in it, parses the reasoning into ``reasoning_content`` and
+#: takes a per-request ``thinking_budget_tokens``.
+THINKING_TEMPLATE = Path(__file__).with_name("smollm2_thinking.jinja")
+
+
+def start_llama_server(
+    tmp: Path, slots: int = 4, threads: int = 1, ctx_per_slot: int = 1024, *, thinking: bool = False
+) -> Server:
     """llama.cpp's ``llama-server`` with SmolLM2-135M, ``slots`` sequences at once, on loopback,
-    once ``/health`` answers. Its log is ``tmp/llama-server.log``; the tests start it with this too."""
+    once ``/health`` answers; with ``thinking``, under :data:`THINKING_TEMPLATE` with reasoning
+    on and parsed (``--reasoning-format deepseek``). Its log is ``tmp/llama-server.log``; the
+    tests start it with this too."""
     port = free_port()
     log = tmp / "llama-server.log"
     cmd = [str(llama_server_binary()), "--model", str(gguf_path()), "--host", "127.0.0.1", "--port", str(port),
            "--parallel", str(slots), "--threads", str(threads), "--ctx-size", str(ctx_per_slot * slots),
            "--metrics", "--slots"]  # fmt: skip
+    if thinking:
+        cmd += ["--jinja", "--chat-template-file", str(THINKING_TEMPLATE), "--reasoning-format", "deepseek",
+                "--reasoning", "on"]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     return started(proc, port, log, "/health", 120.0)

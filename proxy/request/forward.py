@@ -238,7 +238,7 @@ class Exchange:
         gaps = self.gaps
         try:
             async for data in up.iter_chunks():
-                if gaps is not None:
+                if gaps is not None or self.t_first_token is None:  # the first token's time, always
                     self.timed(data, gaps)
                 rest = data
                 if not resp.prepared:  # the head and the first event leave before the rest of the read is looked at
@@ -279,9 +279,10 @@ class Exchange:
         self.event["status"] = 200
         return resp
 
-    def timed(self, data: bytes, gaps: GapTally) -> None:
+    def timed(self, data: bytes, gaps: GapTally | None) -> None:
         """Time the tokens in one upstream read: the first ends the prefill, each later read is
-        a step sample unless a prefill ran since the read before (see :class:`Occupancy`)."""
+        a step sample (with ``gaps``: a batching engine's) unless a prefill ran since the read
+        before (see :class:`Occupancy`)."""
         tokens = len(CONTENT.findall(data)) + len(REASONING.findall(data))
         if not tokens:
             return
@@ -293,7 +294,7 @@ class Exchange:
             self.t_first_token = now
             self.first_in_service = occupancy.in_service
             occupancy.first_token(now)
-        elif occupancy.clean(self.t_token or now):
+        elif gaps is not None and occupancy.clean(self.t_token or now):
             gaps.add(now - (self.t_token or now), tokens, occupancy.in_service)
         self.t_token = now
 

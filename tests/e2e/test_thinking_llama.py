@@ -1,0 +1,144 @@
+"""A real engine that thinks: llama-server with SmolLM2-135M under a ChatML template that opens
+``<think>`` (``sim/smollm2_thinking.jinja``), so that llama.cpp's template analysis finds the
+reasoning tags, parses the reasoning into ``reasoning_content`` and takes a per-request
+``thinking_budget_tokens``. Directly and through ``thinkcap serve`` (dialect llama-server)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from thinkcap.proxy.app import create_app
+from thinkcap.proxy.serve_file import load_settings
+from thinkcap.proxy.state import ProxyState, build_state
+from thinkcap.sim.llamacpp import Server, start_llama_server
+
+#: Tokens the server may add past the budget: the end-of-thinking tag it forces.
+END_TAG_TOKENS = 3
+CAPS = (8, 32, 128)
+PROMPT = [{"role": "user", "content": "Count the legs of three spiders, step by step."}]
+
+CONFIG = """
+[objective]
+latency_penalty = 0.01
+
+[workload]
+arrival_rate = 0.2
+
+[backend]
+url = "{url}"
+dialect = "llama-server"
+slots = 1
+probe = false
+step = {{ base_s = 0.005, per_seq_s = 0.008 }}
+
+[proxy]
+default_type = "t128"
+
+[controller]
+enabled = false
+{types}
+"""
+
+TYPE = """
+[[types]]
+name = "t{cap}"
+prior = {prior}
+max_tokens = 512
+keywords = ["budget{cap}"]
+accuracy = {{ base = 0.2, gain = 0.6, rate = 0.02 }}
+service = {{ prefill_s = 0.05 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_llama_server(tmp_path_factory.mktemp("llama"), slots=1, thinking=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def props(server: Server) -> dict[str, Any]:
+    with urllib.request.urlopen(server.url + "/props", timeout=10) as r:
+        out: dict[str, Any] = json.loads(r.read())
+    return out
+
+
+def tokenize(server: Server, text: str) -> int:
+    req = urllib.request.Request(server.url + "/tokenize", json.dumps({"content": text}).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return len(json.loads(r.read())["tokens"])
+
+
+async def stream_reasoning(url: str, body: dict[str, Any]) -> tuple[str, str]:
+    """The reasoning and the content of a streamed answer, as the client reads them."""
+    reasoning, content = [], []
+    async with aiohttp.ClientSession() as s, s.post(url, json={**body, "stream": True}) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            text = line.decode().strip()
+            if not text.startswith("data: {"):
+                continue
+            for choice in json.loads(text[6:]).get("choices") or []:
+                delta = choice.get("delta") or {}
+                reasoning.append(delta.get("reasoning_content") or "")
+                content.append(delta.get("content") or "")
+    return "".join(reasoning), "".join(content)
+
+
+def test_the_template_makes_llama_server_parse_reasoning(thinking_server: Server) -> None:
+    """With the template the server no longer reports ``Content-only``: it found the tags."""
+    fmt = props(thinking_server).get("chat_format") or props(thinking_server).get("chat_template_caps")
+    assert fmt != "Content-only", props(thinking_server)
+
+
+@pytest.mark.parametrize("cap", CAPS)
+async def test_the_native_budget_bounds_the_reasoning(thinking_server: Server, cap: int) -> None:
+    """Directly: ``thinking_budget_tokens`` bounds ``reasoning_content`` to the cap (plus the
+    end tag the server forces), as the server's own tokenizer counts it."""
+    body = {"messages": PROMPT, "max_tokens": cap + 48, "thinking_budget_tokens": cap, "temperature": 0.0}
+    reasoning, _ = await stream_reasoning(thinking_server.url + "/v1/chat/completions", body)
+    assert reasoning, "no reasoning_content: the template's tags were not found"
+    assert tokenize(thinking_server, reasoning) <= cap + END_TAG_TOKENS
+
+
+@pytest.fixture
+async def proxy(thinking_server: Server, tmp_path: Path) -> AsyncIterator[tuple[str, ProxyState]]:
+    types = "".join(TYPE.format(cap=c, prior=p) for c, p in zip(CAPS, (0.3, 0.3, 0.4), strict=True))
+    path = tmp_path / "thinkcap.toml"
+    path.write_text(CONFIG.format(url=thinking_server.url, types=types))
+    state = build_state(load_settings(path))
+    state.caps.pin({f"t{c}": c for c in CAPS})
+    async with create_app(state, "127.0.0.1", 0) as front:
+        yield str(front.make_url("/v1/chat/completions")), state
+
+
+@pytest.mark.parametrize("cap", CAPS)
+async def test_through_thinkcap_the_cap_binds_and_the_count_is_the_servers(
+    proxy: tuple[str, ProxyState], thinking_server: Server, cap: int
+) -> None:
+    """Through ``thinkcap serve``: the type's cap goes out as ``thinking_budget_tokens``, the
+    reasoning the client gets is at most the cap (plus the end tag), and thinkcap's reasoning
+    count (streamed reasoning deltas: llama-server's usage has none) equals the server's own
+    tokenisation of that reasoning within one token."""
+    url, _ = proxy
+    messages = [{"role": "user", "content": f"budget{cap}: count the legs of three spiders, step by step."}]
+    with capture_logs() as logs:
+        reasoning, _ = await stream_reasoning(url, {"messages": messages, "max_tokens": cap + 48, "temperature": 0.0})
+    (event,) = [e for e in logs if e["event"] == "request"]
+    assert event["type"] == f"t{cap}" and event["limit_field"] == "thinking_budget_tokens"
+    assert event["effective_limit"] == cap
+    served = tokenize(thinking_server, reasoning)
+    assert served <= cap + END_TAG_TOKENS
+    assert event["reasoning_tokens_source"] == "stream"
+    assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
