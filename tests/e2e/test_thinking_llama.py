@@ -37,7 +37,6 @@ url = "{url}"
 dialect = "llama-server"
 slots = 1
 probe = false
-step = {{ base_s = 0.005, per_seq_s = 0.008 }}
 
 [proxy]
 default_type = "t128"
@@ -54,7 +53,7 @@ prior = {prior}
 max_tokens = 512
 keywords = ["budget{cap}"]
 accuracy = {{ base = 0.2, gain = 0.6, rate = 0.02 }}
-service = {{ prefill_s = 0.05 }}
+service = {{ overhead_s = 0.05, per_token_s = 0.008 }}
 """
 
 
@@ -96,10 +95,16 @@ async def stream_reasoning(url: str, body: dict[str, Any]) -> tuple[str, str]:
     return "".join(reasoning), "".join(content)
 
 
-def test_the_template_makes_llama_server_parse_reasoning(thinking_server: Server) -> None:
-    """With the template the server no longer reports ``Content-only``: it found the tags."""
-    fmt = props(thinking_server).get("chat_format") or props(thinking_server).get("chat_template_caps")
-    assert fmt != "Content-only", props(thinking_server)
+async def test_the_template_makes_llama_server_parse_reasoning(thinking_server: Server) -> None:
+    """Under the template the server's analysis finds the reasoning tags: its template caps say
+    it renders reasoning (``supports_preserve_reasoning``, false under SmolLM2's own template)
+    and an answer comes back with its reasoning in ``reasoning_content``, apart from the
+    content."""
+    caps = props(thinking_server)["chat_template_caps"]
+    assert caps["supports_preserve_reasoning"] is True, caps
+    body = {"messages": PROMPT, "max_tokens": 40, "thinking_budget_tokens": 16, "temperature": 0.0}
+    reasoning, content = await stream_reasoning(thinking_server.url + "/v1/chat/completions", body)
+    assert reasoning.strip() and "<think>" not in reasoning + content
 
 
 @pytest.mark.parametrize("cap", CAPS)
