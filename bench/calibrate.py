@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from thinkcap.cli.calibrate import Item, grade, read_dataset
+from thinkcap.cli.calibration.dataset import Item, grade, read_dataset
 from thinkcap.sim.llamacpp import free_port, start_llama_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

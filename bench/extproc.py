@@ -33,85 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import proxy as hop  # bench/proxy.py: its client, its ports and its config
+from thinkcap.sim.envoy import start_envoy
 
 ROOT = Path(__file__).resolve().parents[1]
-ENVOY = str(Path(sys.executable).parent / "envoy")
 GOALS = {"p50_ms": 1.0, "p99_ms": 3.0}
-
-ENVOY_CONFIG = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: main
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    per_connection_buffer_limit_bytes: 8388608
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            virtual_hosts:
-            - name: backend
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: backend, timeout: 60s}}
-          http_filters:{ext_proc}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: backend
-    type: STATIC
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: backend
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {sim}}}}}
-  - name: thinkcap
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: thinkcap
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}
-"""
-
-EXT_PROC = """
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service: {envoy_grpc: {cluster_name: thinkcap}, timeout: 5s}
-              failure_mode_allow: false
-              allow_mode_override: true
-              message_timeout: 2s
-              processing_mode:
-                request_header_mode: SEND
-                request_body_mode: BUFFERED
-                response_header_mode: SEND
-                response_body_mode: NONE"""
-
-
-def start_envoy(tmp: Path, name: str, port: int, *, sim: int, grpc: int, ext_proc: bool) -> subprocess.Popen[bytes]:
-    config = tmp / f"{name}.yaml"
-    admin = hop.free_port()
-    config.write_text(ENVOY_CONFIG.format(admin=admin, port=port, sim=sim, grpc=grpc,
-                                          ext_proc=EXT_PROC if ext_proc else ""))  # fmt: skip
-    proc = subprocess.Popen([ENVOY, "-c", str(config), "--base-id", str(port), "-l", "error", "--concurrency", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    hop.wait_ready(f"http://127.0.0.1:{admin}/ready")
-    return proc
 
 
 def cpu_per_request(pid: int, port: int, seconds: float) -> tuple[float, int]:
@@ -132,7 +57,6 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     near, far = cpus[0], cpus[-1]
     sim_port, serve_port, grpc_port = hop.free_port(), hop.free_port(), hop.free_port()
-    envoy_port, gated_port = hop.free_port(), hop.free_port()
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         scenario = tmp / "scenario.toml"
@@ -155,8 +79,8 @@ def main() -> None:
             serve = subprocess.Popen([*exe, "serve", "--config", str(config)], stdout=subprocess.DEVNULL)
             procs += [extproc, serve]
             time.sleep(2.0)
-            envoy = start_envoy(tmp, "envoy", envoy_port, sim=sim_port, grpc=grpc_port, ext_proc=False)
-            gated = start_envoy(tmp, "gated", gated_port, sim=sim_port, grpc=grpc_port, ext_proc=True)
+            envoy, envoy_port = start_envoy(tmp, "envoy", upstream=sim_port)
+            gated, gated_port = start_envoy(tmp, "gated", upstream=sim_port, grpc=grpc_port, allow=False)
             procs += [envoy, gated]
             for p in (extproc, serve, envoy, gated):
                 os.sched_setaffinity(p.pid, {far})

@@ -8,7 +8,7 @@ import argparse
 import contextlib
 from typing import Any
 
-from thinkcap.cli.runtime import LOOPS
+from thinkcap.cli.runtime import LOOPS, listen_flag
 from thinkcap.cli.runtime import run as run_loop
 from thinkcap.cli.serve import listening, run_until_stopped
 from thinkcap.proxy.extproc import serve_grpc
@@ -55,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``thinkcap extproc``."""
     settings = load_settings(args.config)
     if args.listen:
-        host, _, port = args.listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f'--listen: must be "host:port", got {args.listen!r}')
-        settings = settings.with_extproc(host=host, port=int(port))
+        host, port = listen_flag(args.listen)
+        settings = settings.with_extproc(host=host, port=port)
     configure()
     run_loop(extproc(settings), args.loop)
     return 0

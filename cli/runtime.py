@@ -11,6 +11,14 @@ T = TypeVar("T")
 LOOPS = ("auto", "asyncio", "uvloop")
 
 
+def listen_flag(text: str) -> tuple[str, int]:
+    """A ``--listen "host:port"`` flag's host and port (a usage error names the flag)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f'--listen: must be "host:port", got {text!r}')
+    return host, int(port)
+
+
 def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
     """``asyncio.run`` on the chosen event loop; ``auto`` takes uvloop if it can be imported."""
     if loop not in LOOPS:

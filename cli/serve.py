@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from thinkcap.cli.runtime import LOOPS, RESERVED_FILES, raise_open_files
+from thinkcap.cli.runtime import LOOPS, RESERVED_FILES, listen_flag, raise_open_files
 from thinkcap.cli.runtime import run as run_loop
 from thinkcap.proxy.admin import create_admin_app
 from thinkcap.proxy.app import DataPlane, create_app
@@ -113,10 +113,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--backend: must be an http(s) URL, got {args.backend!r}")
         settings = settings.with_backend(url=args.backend, replicas=())  # one replica, all the slots
     if args.listen:
-        host, _, port = args.listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f'--listen: must be "host:port", got {args.listen!r}')
-        settings = settings.with_proxy(host=host, port=int(port))
+        host, port = listen_flag(args.listen)
+        settings = settings.with_proxy(host=host, port=port)
     configure()
     run_loop(serve(settings), args.loop)
     return 0

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from tests.cli.test_sim import free_port
 from thinkcap.cli import main
-from thinkcap.cli.calibrate import Item, grade, parse_item, read_dataset
+from thinkcap.cli.calibration.dataset import Item, grade, parse_item, read_dataset
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.sim import dataset
 

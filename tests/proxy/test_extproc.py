@@ -7,11 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,82 +21,16 @@ import pytest
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from tests.cli.test_sim import free_port
 from tests.proxy.conftest import write_config
 from tests.sim.conftest import make_scenario, sim_type
 from thinkcap.proxy.extproc import serve_grpc
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import create_app as create_sim
+from thinkcap.sim.envoy import start_envoy
 from thinkcap.sim.scenario import DIALECT_USAGE
 
-ENVOY = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
 HARD = [{"role": "user", "content": "<hard> prove it"}]
-
-ENVOY_CONFIG = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: main
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    per_connection_buffer_limit_bytes: 8388608
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            virtual_hosts:
-            - name: backend
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: backend, timeout: 120s}}
-          http_filters:
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{cluster_name: thinkcap}}
-                timeout: 5s
-              failure_mode_allow: {allow}
-              allow_mode_override: true
-              message_timeout: 2s
-              processing_mode:
-                request_header_mode: SEND
-                request_body_mode: {body_mode}
-                response_header_mode: SEND
-                response_body_mode: NONE
-                request_trailer_mode: {trailers}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: backend
-    type: STATIC
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: backend
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {sim}}}}}
-  - name: thinkcap
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: thinkcap
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}
-"""
 
 
 @dataclass
@@ -119,33 +49,6 @@ class Gateway:
             return items
 
 
-def start_envoy(
-    tmp: Path, *, sim_port: int, grpc_port: int, allow: bool, body_mode: str
-) -> tuple[subprocess.Popen[bytes], int]:
-    port, admin = free_port(), free_port()
-    config = tmp / "envoy.yaml"
-    trailers = "SEND" if body_mode == "FULL_DUPLEX_STREAMED" else "SKIP"  # Envoy requires it with duplex bodies
-    text = ENVOY_CONFIG.format(admin=admin, port=port, sim=sim_port, grpc=grpc_port, allow=str(allow).lower(),
-                               body_mode=body_mode, trailers=trailers)  # fmt: skip
-    config.write_text(text)
-    log = tmp / "envoy.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([ENVOY, "-c", str(config), "--base-id", str(port), "-l", "warning",
-                                 "--concurrency", "1"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "envoy did not start:\n" + log.read_text()[-3000:]
-        time.sleep(0.1)
-    return proc, port
-
-
 @asynccontextmanager
 async def gateway(tmp: Path, *, dialect: str = "vllm", allow: bool = True, body_mode: str = "BUFFERED",
                   **scenario: Any) -> AsyncIterator[Gateway]:  # fmt: skip
@@ -157,7 +60,7 @@ async def gateway(tmp: Path, *, dialect: str = "vllm", allow: bool = True, body_
     grpc_server, grpc_port = await serve_grpc(state, "127.0.0.1", 0, message_timeout_s=1.0)
     envoy: subprocess.Popen[bytes] | None = None
     try:
-        envoy, port = await asyncio.to_thread(start_envoy, tmp, sim_port=sim.port, grpc_port=grpc_port, allow=allow,
+        envoy, port = await asyncio.to_thread(start_envoy, tmp, "envoy", upstream=sim.port, grpc=grpc_port, allow=allow,
                                               body_mode=body_mode)  # fmt: skip
         yield Gateway(f"http://127.0.0.1:{port}", state, sim, grpc_server, envoy)
     finally:
