@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from thinkcap.cli import main
 from thinkcap.proxy.app import create_app
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
@@ -147,3 +148,25 @@ async def test_through_thinkcap_the_cap_binds_and_the_count_is_the_servers(
     assert served <= cap + END_TAG_TOKENS
     assert event["reasoning_tokens_source"] == "stream"
     assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
+
+
+def test_calibrate_measures_accuracy_against_the_reasoning_cap(thinking_server: Server, tmp_path: Path) -> None:
+    """``thinkcap calibrate`` against the thinking server (dialect llama-server, the model
+    thinks: the cap is ``thinking_budget_tokens``): every job answers, each type gets a curve
+    over the reasoning caps, and the config it writes loads as a serve config whose backend
+    thinks."""
+    lines = (Path(__file__).resolve().parents[2] / "examples" / "calibration.jsonl").read_text().splitlines()
+    by_type: dict[str, list[str]] = {}
+    for line in lines:
+        by_type.setdefault(json.loads(line)["type"], []).append(line)
+    data = tmp_path / "set.jsonl"
+    data.write_text("\n".join(v for rows in by_type.values() for v in rows[:2]) + "\n")
+    out = tmp_path / "calibrated.toml"
+    args = ["calibrate", "--backend", thinking_server.url, "--dialect", "llama-server", "--dataset", str(data),
+            "--caps", "8,32", "--out", str(out), "--bootstrap", "5"]  # fmt: skip
+    assert main(args) == 0
+    results = [json.loads(r) for r in out.with_name(out.name + ".partial.jsonl").read_text().splitlines()]
+    assert len(results) == 2 * 2 * len(by_type) and not any(r["error"] for r in results)
+    settings = load_settings(out)
+    assert settings.backend.dialect == "llama-server" and settings.backend.thinks
+    assert {t.task.name for t in settings.model.types} == set(by_type)
