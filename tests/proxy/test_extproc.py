@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -206,3 +207,25 @@ async def test_full_duplex_streamed_bodies_are_gathered_and_answered_in_chunks(t
             assert r.status == 200, await r.text()
         (seen,) = await g.upstream_seen()
         assert seen["body"]["thinking_token_budget"] == 21 and seen["body"]["messages"] == big
+
+
+async def test_curl_streams_through_the_gateway(tmp_path: Path) -> None:
+    """curl, as a user tries it: a streamed request through Envoy comes back as server-sent
+    events to ``[DONE]``, with ``X-Accel-Buffering: no``, and the backend saw the cap."""
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is not installed (make tools installs Debian's)"
+    async with gateway(tmp_path) as g:
+        g.state.caps.pin({"hard": 12})
+        body = json.dumps({"messages": HARD, "stream": True})
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [curl, "-sS", "-N", "-i", "-H", "Content-Type: application/json", "-d", body,
+             g.url + "/v1/chat/completions"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        head, _, events = out.stdout.replace("\r\n", "\n").partition("\n\n")
+        assert head.startswith("HTTP/1.1 200") and "x-accel-buffering: no" in head.lower()
+        assert events.rstrip().endswith("data: [DONE]") and '"usage"' not in events  # the client did not ask for usage
+        (seen,) = await g.upstream_seen()
+        assert seen["body"]["thinking_token_budget"] == 12
