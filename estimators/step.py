@@ -48,6 +48,9 @@ PRIOR_INFORMATION = 1e-4
 NOISE_Z = 2.0
 #: Gaps (decayed) an occupancy level needs before its mean step enters the line.
 MIN_LEVEL_GAPS = 5.0
+#: Largest standard error of a level's mean step, as a share of it, for the level to enter the
+#: line: a rare occupancy seen in a few noisy gaps would otherwise swing the intercept.
+LEVEL_MAX_REL_STDERR = 0.05
 #: Occupancies tracked one by one; a larger one is counted at this level.
 MAX_LEVEL = 4096
 
@@ -318,7 +321,8 @@ class StepFit:
 
     def _level_line(self) -> tuple[float, float, NDArray[np.float64], float] | None:
         """The line a + b j through the mean step of each occupancy with at least
-        ``MIN_LEVEL_GAPS`` gaps, every level weighing the same: (a, b, their covariance from
+        ``MIN_LEVEL_GAPS`` gaps and a mean known within ``LEVEL_MAX_REL_STDERR``, every level
+        weighing the same: (a, b, their covariance from
         each level's own variance, the condition number of the levels' design). A negative
         intercept within ``NOISE_Z`` standard errors of 0, or within ``max_rel_stderr`` of the
         first level's step, is the constrained fit's 0 (the line refitted through the origin);
@@ -328,6 +332,12 @@ class StepFit:
         covariance and condition); ``None`` with none."""
         lv = self._levels
         use = (lv[:, 3] >= MIN_LEVEL_GAPS) & (lv[:, 0] > 0) if len(lv) else np.zeros(0, dtype=bool)
+        if use.any():  # and each level's mean pinned down: a few stray gaps at a rare occupancy wait
+            sxx, sxy, syy, count = lv.T
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean = sxy / sxx
+                se = np.sqrt(np.maximum(syy - sxy * mean, 0.0) / np.maximum(count - 1.0, 1.0) / sxx)
+                use &= se <= LEVEL_MAX_REL_STDERR * mean
         if not use.any():
             return None
         sxx, sxy, syy, count = lv[use].T

@@ -360,7 +360,9 @@ def analyse_runs(evs: list[dict[str, Any]], windows: list[dict[str, Any]], settl
                     "predicted_mean_system_time": pred, "observed_mean_system_time": obs,
                     "predicted_over_observed": pred / obs if obs > 0 else math.nan,
                     "mean_in_service": float(np.mean([p[2] for p in pairs])) if pairs else math.nan,
-                    "step_source": ds[-1]["step"]["source"] if ds and ds[-1].get("step") else None})  # fmt: skip
+                    "step_source": ds[-1]["step"]["source"] if ds and ds[-1].get("step") else None,
+                    "step_fitted_share": float(np.mean([(d.get("step") or {}).get("source") == "fitted" for d in ds]))
+                    if ds else math.nan})  # fmt: skip
     return out
 
 
