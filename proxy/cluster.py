@@ -193,7 +193,6 @@ class Cluster:
         self.errors = 0  # errors the sync and listen loops logged and went on from
         self._heard = -math.inf  # monotonic time the listener last heard from Redis
         self._lost_at: float | None = None  # the state's clock when Redis was lost
-        self._ends_shedding_at: float | None = None  # when fallback shedding ends (state's clock)
         self._seq = 0  # decisions published in this replica's epoch
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: set[asyncio.Task[None]] = set()
@@ -394,18 +393,21 @@ class Cluster:
         self.state.metrics.cluster_errors.labels(task).inc()
         logger().error("cluster_error", replica=self.id, task=task, error=f"{type(exc).__name__}: {exc}", **detail)
 
+    def _shedding_ends_at(self) -> float | None:
+        """Under ``fallback = "static"``, with Redis lost while shedding: when shedding ends (the
+        state's clock), ``shed_min_dwell_s`` after the loss; ``None`` otherwise."""
+        if self.settings.fallback != "static" or not self.state.shedding or self.controller is None:
+            return None
+        return None if self._lost_at is None else self._lost_at + self.controller.shed_min_dwell_s
+
     def _fallback_shedding(self) -> None:
         """Under ``fallback = "static"`` no leader confirms an overload: shedding decays to off,
         its share halving at every failed sync (as after a failed decision), and ends once
         Redis has been lost for ``shed_min_dwell_s``."""
-        if self.settings.fallback != "static" or not self.state.shedding or self.controller is None:
-            return
-        now = self.state.clock()
-        lost_at = now if self._lost_at is None else self._lost_at
-        self._ends_shedding_at = lost_at + self.controller.shed_min_dwell_s
-        decay_shedding(self.state, "cluster_fallback", now, evidence="redis_lost", end=now >= self._ends_shedding_at)
-        if not self.state.shedding:
-            self._ends_shedding_at = None
+        ends = self._shedding_ends_at()
+        if ends is not None:
+            now = self.state.clock()
+            decay_shedding(self.state, "cluster_fallback", now, evidence="redis_lost", end=now >= ends)
 
     def retry_delay(self) -> float:
         """Seconds to the next sync: one interval; the moment a held lease expires; doubling
@@ -413,8 +415,9 @@ class Cluster:
         tick = self.settings.sync_interval_s
         if self.connected is False:
             delay = min(tick * 2.0 ** max(self.failures - 1, 0), max(self.settings.lease_s, tick))
-            if self._ends_shedding_at is not None:  # the failed sync that ends fallback shedding is on time
-                delay = min(delay, max(self._ends_shedding_at - self.state.clock(), 0.0) + 0.005)
+            ends = self._shedding_ends_at()
+            if ends is not None:  # the failed sync that ends fallback shedding is on time
+                delay = min(delay, max(ends - self.state.clock(), 0.0) + 0.005)
             return delay
         if not self.leader and self.lease_left_s is not None:
             return min(tick, self.lease_left_s + 0.005)  # try again the moment the lease expires
@@ -434,7 +437,7 @@ class Cluster:
                 self._error("sync", exc)
             else:
                 self.failures = 0
-                self._lost_at = self._ends_shedding_at = None
+                self._lost_at = None
                 if self.connected is not True:
                     logger().info("cluster", action="joined" if self.connected is None else "rejoined",
                                   replica=self.id, peers=sorted(self.peers), leader=self.leader)  # fmt: skip

@@ -51,11 +51,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.errors import ProxyError
 from thinkcap.proxy.logs import logger
-from thinkcap.proxy.request.accounting import account
+from thinkcap.proxy.request.accounting import TokenClock, account
 from thinkcap.proxy.request.body import upstream_body
+from thinkcap.proxy.request.forward import SHAPED
 from thinkcap.proxy.request.headers import new_request_id
 from thinkcap.proxy.request.parse import classify, parse_json, write_cap
-from thinkcap.proxy.request.sse import CONTENT, REASONING, StreamTally, Tokens, whole_tokens
+from thinkcap.proxy.request.sse import StreamTally, Tokens, whole_tokens
 from thinkcap.proxy.state import ProxyState
 
 #: Largest body chunk sent back to Envoy in FULL_DUPLEX_STREAMED mode (the inference
@@ -63,19 +64,10 @@ from thinkcap.proxy.state import ProxyState
 MAX_CHUNK = 62_000
 #: The header the Gateway API Inference Extension reads for a request's objective.
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
-#: The routes whose body thinkcap shapes.
-SHAPED = ("/v1/chat/completions", "/v1/completions")
 
 _Mode = processing_mode_pb2.ProcessingMode
 #: Skip everything after the request headers (a route thinkcap does not shape).
 SKIP_REST = _Mode(request_body_mode=_Mode.NONE, response_header_mode=_Mode.SKIP, response_body_mode=_Mode.NONE)
-
-
-def _header(headers: ext.HttpHeaders, name: str) -> str | None:
-    for h in headers.headers.headers:
-        if h.key.lower() == name:
-            return str(h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
-    return None
 
 
 def _headers(headers: ext.HttpHeaders) -> dict[str, str]:
@@ -118,11 +110,7 @@ class Flow:
     event: dict[str, Any] = field(default_factory=dict)
     shaped: bool = False
     t_dispatch: float | None = None
-    t_first_token: float | None = None
-    t_token: float | None = None
-    first_in_service: int = 1
-    counted: int = 0
-    gaps: GapTally | None = None
+    clock: TokenClock = field(default_factory=TokenClock)  # its tokens' times
     tally: StreamTally | None = None
     whole: list[bytes] = field(default_factory=list)
     tokens: Tokens | None = None
@@ -140,13 +128,11 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.state = state
         self.message_timeout_s = message_timeout_s
         self.loop_time = clock
-        self.streams = 0
 
     async def Process(  # noqa: N802 - the gRPC method's name
         self, requests: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ext.ProcessingResponse]:
         flow = Flow(new_request_id(), self.loop_time())
-        self.streams += 1
         try:
             async for msg in requests:
                 if msg.HasField("protocol_config"):
@@ -280,7 +266,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         flow.t_dispatch = self.loop_time()
         flow.mark = replica.occupancy.start(flow.t_dispatch, streamed=ev["stream"])
         if ev["stream"] and st.step is not None:
-            flow.gaps = GapTally()
+            flow.clock.gaps = GapTally()
         return upstream_body(raw, before, body), decision.type
 
     # -- the response --------------------------------------------------------------------
@@ -289,7 +275,8 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         response = ext.ProcessingResponse(response_headers=ext.HeadersResponse(response=ext.CommonResponse()))
         if not flow.shaped or flow.done:
             return [response]
-        status = int(_header(headers, ":status") or 0)
+        seen = _headers(headers)
+        status = int(seen.get(":status") or 0)
         flow.event["upstream_status"] = status
         flow.event["status"] = status
         if status != 200:
@@ -299,7 +286,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self._finish(flow)
             response.mode_override.CopyFrom(_Mode(response_body_mode=_Mode.NONE))
             return [response]
-        streamed = (_header(headers, "content-type") or "").startswith("text/event-stream")
+        streamed = seen.get("content-type", "").startswith("text/event-stream")
         if streamed:
             flow.tally = StreamTally(strip_usage=flow.strip_usage)
             accel = ext.HeaderMutation(set_headers=[_set("x-accel-buffering", "no")])  # no nginx holds it back
@@ -313,7 +300,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if not flow.shaped or flow.done:
             return [response]
         if flow.tally is not None:
-            self._timed(flow, body.body)
+            flow.clock.read(body.body, self.loop_time, self.state.pool.replicas[0].occupancy)
             out = b"".join(flow.tally.feed(body.body))
             if body.end_of_stream:
                 out += flow.tally.flush()
@@ -334,32 +321,22 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self._finish(flow)
         return [response]
 
-    def _timed(self, flow: Flow, data: bytes) -> None:
-        """The token gaps of one streamed chunk (as ``serve``'s :meth:`Exchange.timed`)."""
-        tokens = len(CONTENT.findall(data)) + len(REASONING.findall(data))
-        if not tokens:
-            return
-        flow.counted += tokens
-        now = self.loop_time()
-        occupancy = self.state.pool.replicas[0].occupancy
-        if flow.t_first_token is None:
-            flow.t_first_token = now
-            flow.first_in_service = occupancy.in_service
-            occupancy.first_token(now)
-        elif flow.gaps is not None and occupancy.clean(flow.t_token or now):
-            flow.gaps.add(now - (flow.t_token or now), tokens, occupancy.in_service)
-        flow.t_token = now
-
     def _finish(self, flow: Flow) -> None:
         end = self.loop_time()
         if flow.t_dispatch is not None:
-            occupancy = self.state.pool.replicas[0].occupancy
-            area = occupancy.stop(end, prefilling=bool(flow.event.get("stream")) and flow.t_first_token is None)
-            span = end - flow.t_dispatch
-            flow.event["mean_in_service"] = (area - flow.mark) / span if span > 0 else 1.0
-        account(self.state, flow.event, flow.tokens, flow.rid, end=end, t_arrival=flow.t_arrival,
-                t_dispatch=flow.t_dispatch, t_first_token=flow.t_first_token,
-                first_in_service=flow.first_in_service, gaps=flow.gaps, counted_events=flow.counted)  # fmt: skip
+            flow.event["mean_in_service"] = flow.clock.leave(self.state.pool.replicas[0].occupancy, end,
+                                                             since=flow.t_dispatch, mark=flow.mark,
+                                                             streamed=bool(flow.event.get("stream")))  # fmt: skip
+        account(
+            self.state,
+            flow.event,
+            flow.tokens,
+            flow.rid,
+            end=end,
+            t_arrival=flow.t_arrival,
+            t_dispatch=flow.t_dispatch,
+            clock=flow.clock,
+        )
 
 
 async def serve_grpc(

@@ -104,6 +104,7 @@ class Metrics:
             "gen_ai_server_time_per_output_token", "Seconds per output token after the first, streamed answers", op,
             buckets=GENAI_TPOT_BUCKETS, registry=r,
         )  # fmt: skip
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._requests: dict[tuple[str, str], Any] = {}
         self._system: dict[str, Any] = {}
         self._wait: dict[str, Any] = {}
@@ -124,11 +125,19 @@ class Metrics:
         """One answered request in the GenAI conventions' metrics (a count not known is left out)."""
         for kind, count in tokens.items():
             if count is not None:
-                self.genai_tokens.labels(operation, kind).observe(count)
+                self._child(self.genai_tokens, operation, kind).observe(count)
         for hist, seconds in ((self.genai_duration, duration_s), (self.genai_ttft, first_token_s),
                               (self.genai_tpot, per_output_token_s)):  # fmt: skip
             if seconds is not None:
-                hist.labels(operation).observe(seconds)
+                self._child(hist, operation).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """A metric's label child, cached (this runs on every request)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def finished(self, name: str, status: str, system_time: float, tokens: Mapping[str, int | None]) -> None:
         """Count one finished request (label children are cached: this runs on every request); a

@@ -517,6 +517,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "expect": request.headers.get("Expect"),
             "objective": request.headers.get("x-gateway-inference-objective"),
             "content_length": request.headers.get("Content-Length"),
+            "body_bytes": len(await request.read()),  # what arrived (the parsed body is cached)
         }
     )
     forced = request.headers.get(FAULT_HEADER)
@@ -605,8 +606,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def sim_requests(request: web.Request) -> web.Response:
-    """``GET /sim/requests``: the last request bodies received (and their Authorization,
-    Expect, Content-Length and ``x-gateway-inference-objective`` headers)."""
+    """``GET /sim/requests``: the last request bodies received (their length in bytes, and their
+    Authorization, Expect, Content-Length and ``x-gateway-inference-objective`` headers)."""
     return web.json_response(list(request.app[STATE_KEY].seen))
 
 

@@ -3,12 +3,51 @@ memory. ``serve``'s request path and any other front that sees whole requests sh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.logs import logger
-from thinkcap.proxy.request.sse import Tokens
+from thinkcap.proxy.pool import Occupancy
+from thinkcap.proxy.request.sse import CONTENT, REASONING, Tokens
 from thinkcap.proxy.state import Finished, ProxyState
+
+
+@dataclass
+class TokenClock:
+    """A request's tokens as they arrive from upstream: the first one's time (it ends the
+    prefill) and, with ``gaps`` (a batching engine's step fit), each later read's gap unless a
+    prefill ran since the read before (see :class:`~thinkcap.proxy.pool.Occupancy`)."""
+
+    gaps: GapTally | None = None
+    t_first_token: float | None = None
+    t_token: float | None = None
+    first_in_service: int = 1  # requests in service when the first token came
+    counted: int = 0  # token events counted (a server may put several tokens in one)
+
+    def read(self, data: bytes, now: Callable[[], float], occupancy: Occupancy) -> None:
+        """One upstream read of a stream."""
+        if self.gaps is None and self.t_first_token is not None:
+            return  # only the first token's time was wanted
+        tokens = len(CONTENT.findall(data)) + len(REASONING.findall(data))
+        if not tokens:
+            return
+        self.counted += tokens
+        t = now()
+        if self.t_first_token is None:
+            self.t_first_token = t
+            self.first_in_service = occupancy.in_service
+            occupancy.first_token(t)
+        elif self.gaps is not None and occupancy.clean(self.t_token or t):
+            self.gaps.add(t - (self.t_token or t), tokens, occupancy.in_service)
+        self.t_token = t
+
+    def leave(self, occupancy: Occupancy, end: float, *, since: float, mark: float, streamed: bool) -> float:
+        """The request leaves service at ``end`` (it entered at ``since``, the occupancy's area
+        then ``mark``): the time-averaged number in service meanwhile, itself included."""
+        area = occupancy.stop(end, prefilling=streamed and self.t_first_token is None)
+        return (area - mark) / (end - since) if end > since else 1.0
 
 
 def account(
@@ -20,17 +59,16 @@ def account(
     end: float,
     t_arrival: float,
     t_dispatch: float | None,
-    t_first_token: float | None = None,
-    first_in_service: int = 1,
-    gaps: GapTally | None = None,
-    counted_events: int = 0,
+    clock: TokenClock,
 ) -> None:
     """What one finished request tells: its ``request`` event completed (times on the event
-    loop's clock: ``end``, ``t_arrival``, ``t_dispatch`` upstream, ``t_first_token``) and logged,
-    the metrics, and, for an answer that went well, the estimators (service time, the step fit
-    from its token ``gaps``, rescaled by usage over the ``counted_events`` of its stream),
-    the answer lengths and the share of its limit used; it is remembered for feedback."""
+    loop's clock: ``end``, ``t_arrival``, ``t_dispatch`` upstream, the ``clock``'s first token)
+    and logged, the metrics, and, for an answer that went well, the estimators (service time,
+    the step fit from the ``clock``'s token gaps, rescaled by usage over the token events
+    counted), the answer lengths and the share of its limit used; it is remembered for
+    feedback."""
     st, ev, t = state, event, tokens
+    t_first_token, gaps = clock.t_first_token, clock.gaps
     ev["system_time_s"] = end - t_arrival
     if t_dispatch is not None:
         ev["service_time_s"] = end - t_dispatch
@@ -70,9 +108,9 @@ def account(
             )
             if st.step is not None:
                 first = t_first_token
-                if gaps is not None and counted_events and t.completion:
+                if gaps is not None and clock.counted and t.completion:
                     # usage counts the tokens; the stream's events may carry several each
-                    gaps.rescale(t.completion / counted_events)
+                    gaps.rescale(t.completion / clock.counted)
                 st.step.update(
                     prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
                     tokens=t.completion,
@@ -80,7 +118,7 @@ def account(
                     mean_in_service=ev.get("mean_in_service", 1.0),
                     gaps=gaps,
                     first_token_s=None if first is None else first - t_dispatch,
-                    first_token_in_service=max(first_in_service, 1),
+                    first_token_in_service=max(clock.first_in_service, 1),
                     now=now,
                 )
         reasoning_dialect = st.settings.backend.reasoning_cap

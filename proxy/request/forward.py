@@ -19,12 +19,12 @@ from thinkcap.proxy.classify import prompt_text
 from thinkcap.proxy.errors import ProxyError, error_response
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Replica
-from thinkcap.proxy.request.accounting import account
+from thinkcap.proxy.request.accounting import TokenClock, account
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.failures import upstream_failure
 from thinkcap.proxy.request.headers import client_request_id, new_request_id, returned_headers, upstream_headers
 from thinkcap.proxy.request.parse import classify, parse_json, read_body, write_cap
-from thinkcap.proxy.request.sse import CONTENT, REASONING, MalformedStreamError, StreamTally, Tokens, whole_tokens
+from thinkcap.proxy.request.sse import MalformedStreamError, StreamTally, Tokens, whole_tokens
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
 from thinkcap.proxy.transport.server import HttpRequest, Reply, StreamReply
@@ -57,12 +57,7 @@ class Exchange:
         }
         self.tokens: Tokens | None = None
         self.stream: StreamReply | None = None
-        # Service measurements for the step fit (batching engines only, see dispatch).
-        self.gaps: GapTally | None = None
-        self.t_first_token: float | None = None
-        self.first_in_service = 1  # requests in service when the first token came
-        self.t_token: float | None = None
-        self.counted = 0  # token events counted in the stream (a server may put several tokens in one)
+        self.clock = TokenClock()  # its tokens' times (gaps for the step fit: batching engines only)
         self.replica: Replica | None = None
 
     def fail(self, exc: ProxyError) -> Reply:
@@ -142,7 +137,7 @@ class Exchange:
         occupancy = replica.occupancy
         mark = occupancy.start(self.t_dispatch, streamed=stream)
         if stream and st.step is not None:
-            self.gaps = GapTally()
+            self.clock.gaps = GapTally()
         # What the outcome says of the replica: a failure, a success (``counted``), or nothing
         # (the client went away; a timeout after the answer started is the generation's length).
         failure: str | None = None
@@ -179,10 +174,8 @@ class Exchange:
             counted = True
             raise
         finally:
-            end = self.loop.time()
-            area = occupancy.stop(end, prefilling=stream and self.t_first_token is None)
-            # Time-averaged number in service on this replica while this request was (itself included).
-            self.event["mean_in_service"] = (area - mark) / (end - self.t_dispatch) if end > self.t_dispatch else 1.0
+            self.event["mean_in_service"] = self.clock.leave(occupancy, self.loop.time(), since=self.t_dispatch,
+                                                             mark=mark, streamed=stream)  # fmt: skip
             if failure is None:
                 if counted:
                     st.pool.succeeded(replica)
@@ -235,11 +228,11 @@ class Exchange:
         resp = self.stream = StreamReply(status=200, headers=headers)
         resp.build_head(self.request)  # while the upstream has yet to send the body, often
         last = b""
-        gaps = self.gaps
+        assert self.replica is not None
+        occupancy = self.replica.occupancy
         try:
             async for data in up.iter_chunks():
-                if gaps is not None or self.t_first_token is None:  # the first token's time, always
-                    self.timed(data, gaps)
+                self.clock.read(data, self.loop.time, occupancy)
                 rest = data
                 if not resp.prepared:  # the head and the first event leave before the rest of the read is looked at
                     events = tally.feed(data, first_only=True)
@@ -279,30 +272,10 @@ class Exchange:
         self.event["status"] = 200
         return resp
 
-    def timed(self, data: bytes, gaps: GapTally | None) -> None:
-        """Time the tokens in one upstream read: the first ends the prefill, each later read is
-        a step sample (with ``gaps``: a batching engine's) unless a prefill ran since the read
-        before (see :class:`Occupancy`)."""
-        tokens = len(CONTENT.findall(data)) + len(REASONING.findall(data))
-        if not tokens:
-            return
-        self.counted += tokens
-        now = self.loop.time()
-        assert self.replica is not None
-        occupancy = self.replica.occupancy
-        if self.t_first_token is None:
-            self.t_first_token = now
-            self.first_in_service = occupancy.in_service
-            occupancy.first_token(now)
-        elif gaps is not None and occupancy.clean(self.t_token or now):
-            gaps.add(now - (self.t_token or now), tokens, occupancy.in_service)
-        self.t_token = now
-
     def finish(self) -> None:
         """Account, remember and log the request (exactly once)."""
         account(self.state, self.event, self.tokens, self.rid, end=self.loop.time(), t_arrival=self.t_arrival,
-                t_dispatch=self.t_dispatch, t_first_token=self.t_first_token,
-                first_in_service=self.first_in_service, gaps=self.gaps, counted_events=self.counted)  # fmt: skip
+                t_dispatch=self.t_dispatch, clock=self.clock)  # fmt: skip
 
 
 async def shaped(state: ProxyState, request: HttpRequest) -> Reply | StreamReply:
