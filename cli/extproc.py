@@ -20,7 +20,11 @@ from thinkcap.proxy.state import build_state
 async def extproc(settings: Settings) -> None:
     """Run the processor and the listeners until a signal; then drain as ``serve`` does (the
     gRPC streams in progress get ``drain_timeout_s`` to end)."""
+    if settings.backend.budget == "forced":
+        raise ValueError('[backend] budget = "forced" needs thinkcap serve: a gateway\'s external processor sees one '
+                         'request per answer and cannot continue it; use "native" or "auto"')  # fmt: skip
     state = build_state(settings)
+    state.can_force = False
     x = settings.extproc
     async with contextlib.AsyncExitStack() as stack:
         try:

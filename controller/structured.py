@@ -256,8 +256,11 @@ def _joint_newton(
         sw.advance(new_theta - theta, gamma * dsig * d_rho)
         # Quadratic convergence: once the step is this small the next residual is below
         # machine precision, so take it without another verifying pass.
+        # On the margin theta moves by a bracketed secant-like step, not Newton's on the whole
+        # system: its last step is verified like any other (unverified, the load could end
+        # above rho_max by 1e-7).
         small_price_step = raw_step <= FINAL_PRICE_STEP and abs(new_theta - theta) <= FINAL_PRICE_STEP * theta
-        if small_price_step and step <= FINAL_CAP_STEP:
+        if small_price_step and step <= FINAL_CAP_STEP and not margin:
             theta = new_theta
             break
         theta = new_theta

@@ -23,6 +23,11 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--runs R] [
 5. Meanwhile it polls llama-server's own gauge (``llamacpp:requests_processing``) and
    thinkcap's (``thinkcap_in_service``) at 5 Hz, and compares the two views.
 6. Reports thinkcap's fitted step against the direct calibration, and all of the above.
+7. A reasoning type, on a second llama-server whose model thinks (``sim/smollm2_thinking.jinja``,
+   one slot): ``thinkcap serve`` with ``budget = "auto"`` (its start-up probe picks the mode)
+   and with ``budget = "forced"`` (thinkcap ends the reasoning itself), the ``reason`` type's
+   cap pinned at 16 and then 48 tokens; the reasoning each answer spent, by the server's own
+   ``/tokenize``, against the cap (``--reasoning-prompts`` per cap; 0 skips the step).
 """
 
 from __future__ import annotations
@@ -243,6 +248,40 @@ async def poll_gauges(
     return pairs
 
 
+REASONING_CONFIG = """
+[backend]
+url = "{url}/v1"
+dialect = "llama-server"
+model = "smollm2"
+budget = "{budget}"
+
+[proxy]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+default_type = "reason"
+
+[controller]
+enabled = false
+
+[objective]
+latency_penalty = 0.1
+
+[workload]
+arrival_rate = 0.2
+
+[[types]]
+name = "reason"
+prior = 1.0
+min_tokens = 8
+max_tokens = 128
+accuracy = {{ base = 0.2, gain = 0.6, rate = 0.04 }}
+service = {{ overhead_s = 0.05, per_token_s = 0.012 }}
+"""
+REASONING_CAPS = (16, 48)
+REASONING_PROMPTS = ("What is 5 + 9? Think it through.", "Please count from 1 up to 20, one number per line.",
+                     "Is a whale a fish? Explain.", "Count the legs of three spiders, step by step.")  # fmt: skip
+
+
 @dataclass
 class Proxy:
     proc: subprocess.Popen[bytes]
@@ -271,6 +310,74 @@ def start_proxy(tmp: Path, name: str, url: str, slots: int, *, concurrency: int,
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30.0, log)
     return Proxy(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
+
+
+def start_reasoning_proxy(tmp: Path, url: str, budget: str) -> Proxy:
+    """``thinkcap serve`` with the ``reason`` type in front of the thinking server."""
+    port, admin = free_port(), free_port()
+    config = tmp / f"reason-{budget}.toml"
+    config.write_text(REASONING_CONFIG.format(url=url, port=port, admin=admin, budget=budget))
+    log = tmp / f"reason-{budget}.jsonl"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30.0, log)
+    return Proxy(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
+
+
+def tokenize(server: Server, text: str) -> int:
+    req = urllib.request.Request(server.url + "/tokenize", json.dumps({"content": text}).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return len(json.loads(r.read())["tokens"])
+
+
+async def reasoning_type(tmp: Path, per_cap: int) -> list[dict[str, Any]]:
+    """Step 7: the reasoning type's caps bound the reasoning, native (the probe's choice) and forced."""
+    where = tmp / "thinking"
+    where.mkdir()
+    pin(os.getpid(), server_side=True)
+    llama = start_llama_server(where, slots=1, thinking=True)
+    pin(os.getpid(), server_side=False)
+    rows = []
+    try:
+        for budget in ("auto", "forced"):
+            proxy = start_reasoning_proxy(tmp, llama.url, budget)
+            try:
+                for _ in range(600):  # the probe's verdict decides the mode under auto
+                    if admin_state(proxy)["probe"]["status"] != "pending":
+                        break
+                    await asyncio.sleep(0.1)
+                mode = admin_state(proxy)["budget"]
+                async with aiohttp.ClientSession() as session:
+                    for cap in REASONING_CAPS:
+                        admin_caps(proxy, "PUT", {"caps": {"reason": cap}})
+                        spent, answered = [], 0
+                        for i in range(per_cap):
+                            question = REASONING_PROMPTS[i % len(REASONING_PROMPTS)]
+                            body = {"model": "smollm2", "stream": True, "temperature": 0.0, "max_tokens": cap + 64,
+                                    "messages": [{"role": "user", "content": question}]}  # fmt: skip
+                            reasoning = []
+                            async with session.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                                async for line in r.content:
+                                    text = line.decode().strip()
+                                    if text.startswith("data: {"):
+                                        for choice in json.loads(text[6:]).get("choices") or []:
+                                            reasoning.append((choice.get("delta") or {}).get("reasoning_content") or "")
+                                answered += r.status == 200
+                            spent.append(tokenize(llama, "".join(reasoning)))
+                        rows.append({"budget": budget, "mode": mode["mode"], "reason": mode["reason"], "cap": cap,
+                                     "answered": answered, "sent": per_cap, "spent_mean": float(np.mean(spent)),
+                                     "spent_max": int(np.max(spent))})  # fmt: skip
+            finally:
+                proxy.stop()
+    finally:
+        llama.stop()
+    for row in rows:  # answers thinkcap cut and continued, from the request events
+        log = events(tmp / f"reason-{row['budget']}.jsonl")
+        row["forced"] = sum(1 for e in log if e.get("event") == "request" and e.get("cap") == row["cap"]
+                            and (e.get("forcing") or {}).get("forced"))  # fmt: skip
+    return rows
 
 
 def admin_caps(proxy: Proxy, method: str, body: dict[str, Any] | None = None) -> None:
@@ -377,6 +484,16 @@ def pinned_server(tmp: Path, slots: int) -> Iterator[Server]:
         llama.stop()
 
 
+def keep_logs(tmp: Path, log_dir: str | None) -> None:
+    """Copy the logs and configs to ``--log-dir``."""
+    if log_dir:
+        keep = Path(log_dir)
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in tmp.rglob("*"):
+            if f.suffix in (".jsonl", ".log", ".toml"):
+                shutil.copy(f, keep / (f.name if f.parent == tmp else f"{f.parent.name}-{f.name}"))
+
+
 async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     slots = args.slots
     with pinned_server(tmp, slots) as llama:
@@ -425,12 +542,14 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         except BackendDiedError as exc:
             raise SystemExit(f"real_backend: {exc}") from None
         finally:
-            if args.log_dir:
-                keep = Path(args.log_dir)
-                keep.mkdir(parents=True, exist_ok=True)
-                for f in tmp.iterdir():
-                    if f.suffix in (".jsonl", ".log", ".toml"):
-                        shutil.copy(f, keep / f.name)
+            keep_logs(tmp, args.log_dir)
+    if args.reasoning_prompts > 0:
+        try:
+            report["reasoning"] = await reasoning_type(tmp, args.reasoning_prompts)
+        except BackendDiedError as exc:
+            raise SystemExit(f"real_backend: {exc}") from None
+        finally:
+            keep_logs(tmp, args.log_dir)
     return report
 
 
@@ -513,6 +632,14 @@ def render(report: dict[str, Any]) -> str:
     answered = sum(r["answered"] for r in report["runs"])
     shed = sum(r["shed"] for r in report["runs"])
     lines.append(f"sent {sent}, answered {answered}, shed {shed}; cap probe: {report['probe']['status']}")
+    if report.get("reasoning"):
+        lines += ["", "a reasoning type (llama-server under sim/smollm2_thinking.jinja, 1 slot; its /tokenize counts)",
+                  "| budget | mode in use | cap | reasoning mean / max | forced | answered |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in report["reasoning"]:
+            lines.append(f"| {r['budget']} | {r['mode']} | {r['cap']} | {r['spent_mean']:.1f} / {r['spent_max']} | "
+                         f"{r['forced']} | {r['answered']} of {r['sent']} |")  # fmt: skip
+        lines.append(f"mode under auto: {report['reasoning'][0]['reason']}")
     return "\n".join(lines)
 
 
@@ -527,6 +654,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--log-dir", help="keep the proxies' and llama-server's logs and configs in this directory")
     ap.add_argument("--report", help="also write the report as JSON to this file")
+    ap.add_argument("--reasoning-prompts", type=int, default=4, help="requests per cap, reasoning type (0: skip)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmpdir:
         report = asyncio.run(walk_through(Path(tmpdir), args))

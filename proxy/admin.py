@@ -54,6 +54,7 @@ async def admin_state(request: web.Request) -> web.Response:
         },
         "last_decision": st.last_decision,
         "probe": st.probe,
+        "budget": {"mode": st.budget, "reason": st.budget_reason},
         "shedding": st.shedding,
         "queue": {
             "in_flight": st.admission.in_flight,

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from thinkcap.proxy.backend import run_probe, upstream_reachable, watch_replicas
+from thinkcap.proxy.backend import run_probe, upstream_reachable, watch_engine_gauges, watch_replicas
 from thinkcap.proxy.cluster import Cluster
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.errors import ProxyError, error_response
@@ -47,6 +47,7 @@ async def readyz(st: ProxyState, _: HttpRequest) -> Reply:
             "caps": st.caps.effective(),
             "caps_applied": not st.cap_rejected,  # False while the backend rejects the cap field (see probe)
             "probe": st.probe,
+            "budget": {"mode": st.budget, "reason": st.budget_reason},  # see [backend] budget
             "shedding": st.shedding,
         }
     )
@@ -159,6 +160,8 @@ class DataPlane:
         if b.probe:
             self._tasks.append(asyncio.create_task(run_probe(state)))
         self._tasks.append(asyncio.create_task(watch_replicas(state)))
+        if b.engine_gauges_s is not None:
+            self._tasks.append(asyncio.create_task(watch_engine_gauges(state)))
         self.host = s.proxy.host if host is None else host
         try:
             self.port = await self.server.start(self.host, s.proxy.port if port is None else port)
@@ -167,6 +170,7 @@ class DataPlane:
                 listen=f"{self.host}:{self.port}",
                 upstream=[r.url for r in state.pool.replicas] if len(state.pool) > 1 else b.base,
                 dialect=b.dialect,
+                budget=state.budget,
                 caps=dict(state.caps.table.caps),
                 caps_source=state.caps.table.source,
                 max_concurrency=s.proxy.max_concurrency,

@@ -9,12 +9,14 @@ import json
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
-from thinkcap.proxy.dialects import CAP_FIELD_ADVICE, apply_cap, honoured
+from thinkcap.proxy.dialects import CAP_FIELD_ADVICE, ENGINE_GAUGES, RUNNING_COUNT_FIELDS, apply_cap, honoured
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Replica
+from thinkcap.proxy.request.forcing import Events, Reasoning, delta_of, running_count
 from thinkcap.proxy.request.forward import SHAPED
-from thinkcap.proxy.request.sse import from_usage
+from thinkcap.proxy.request.sse import Tokens, from_usage
 from thinkcap.proxy.state import ProxyState
 
 #: The cap the start-up probe asks for.
@@ -54,17 +56,53 @@ async def _probe_post(state: ProxyState, body: dict[str, Any]) -> tuple[int, byt
         return r.status, await r.read()
 
 
+def _read_answer(raw: bytes, tags: tuple[str, str]) -> tuple[Tokens | None, Reasoning]:
+    """The probe's answer, streamed (SSE) or whole (JSON): its usage and its reasoning."""
+    reasoning = Reasoning(tags)
+    text = raw.lstrip()
+    if text.startswith(b"{"):
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        choices = data.get("choices")
+        message = choices[0].get("message") if isinstance(choices, list) and choices else None
+        if isinstance(message, dict):
+            reasoning.feed({k: v for k, v in message.items() if k in ("reasoning_content", "reasoning", "content")})
+            reasoning.deltas = 0  # one message is not one token: a whole answer's reasoning is not counted
+        return from_usage(data.get("usage")), reasoning
+    tokens, deltas = None, 0
+    for item in Events().feed(raw + b"\n\n"):
+        if isinstance(item, dict):
+            tokens = from_usage(item.get("usage")) or tokens
+            delta = delta_of(item)
+            reasoning.feed(delta, running_count(item))
+            deltas += any(
+                isinstance(delta.get(k), str) and delta[k] for k in ("content", "reasoning_content", "reasoning")
+            )
+    if tokens is None and deltas:  # no usage in the stream: one token per delta, as the request path counts
+        tokens = Tokens(completion=deltas, source="stream")
+    return tokens, reasoning
+
+
+#: Tokens past the budget a native field may let through: the end tag the server forces.
+END_TAG_SLACK = 3
+
+
 async def probe(state: ProxyState) -> dict[str, Any]:
-    """Send one tiny request with a small cap and check the backend honoured it.
+    """Send one tiny streamed request with a small cap and see what the backend does with it.
 
     The verdict's ``status``: ``honoured``, ``not_honoured``, ``unknown`` (no count to judge
     by), ``rejected`` (the backend answers 4xx to the cap field and 200 without it: the field
     is then left out of requests until a later probe passes; ``backend_error`` and ``advice``
     say why and what to configure) or ``error`` (no answer, or 4xx/5xx with and without the
-    field; ``backend_error`` holds the body).
+    field; ``backend_error`` holds the body). ``reasoning`` says where the answer's reasoning
+    was: ``reasoning_content`` (a field of its own), ``tags`` (inside ``content``, between
+    ``[backend] reasoning_tags``) or ``none`` seen. The reasoning count is the usage's, else
+    the streamed reasoning deltas (one token each).
     """
     b = state.settings.backend
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Count from 1 to 100, one number per line."}]}
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Count from 1 to 100, one number per line."}],
+                            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     if b.model:
         body["model"] = b.model
     else:
@@ -77,29 +115,36 @@ async def probe(state: ProxyState) -> dict[str, Any]:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             body["model"] = "default"
     bare = dict(body, max_tokens=2 * PROBE_CAP)  # without the cap field, if it is the trouble
+    body["max_tokens"] = 8 * PROBE_CAP  # room to show a budget ignored, where the field bounds the reasoning
+    body.update(RUNNING_COUNT_FIELDS.get(b.dialect, {}))  # the reasoning counted as forcing counts it
     applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance, thinks=b.thinks)
     try:
         status, raw = await _probe_post(state, body)
         if status != 200:
             error = raw.decode(errors="replace")[:PROBE_ERROR_CHARS]
-            if 400 <= status < 500 and (await _probe_post(state, bare))[0] == 200:
-                return {
-                    "status": "rejected",
-                    "field": applied.field,
-                    "http_status": status,
-                    "backend_error": error,
-                    "advice": CAP_FIELD_ADVICE.get(b.dialect, "check [backend] dialect"),
-                }
+            if 400 <= status < 500:
+                bare_status, bare_raw = await _probe_post(state, bare)
+                if bare_status == 200:
+                    return {
+                        "status": "rejected",
+                        "field": applied.field,
+                        "http_status": status,
+                        "backend_error": error,
+                        "advice": CAP_FIELD_ADVICE.get(b.dialect, "check [backend] dialect"),
+                        "reasoning": _where(_read_answer(bare_raw, b.reasoning_tags)[1]),
+                    }
             return {"status": "error", "detail": f"probe answered HTTP {status}", "backend_error": error}
-        data = json.loads(raw)
+        tokens, seen = _read_answer(raw, b.reasoning_tags)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return {"status": "error", "detail": f"probe failed: {type(exc).__name__}"}
-    tokens = from_usage(data.get("usage") if isinstance(data, dict) else None)
     reasoning = None if tokens is None else tokens.reasoning
+    if reasoning is None and seen.tokens:
+        reasoning = seen.tokens
     completion = None if tokens is None else tokens.completion
     verdict = honoured(
-        b.dialect, applied.effective, reasoning_tokens=reasoning, completion_tokens=completion, thinks=b.thinks
-    )
+        b.dialect, applied.effective + (END_TAG_SLACK if b.reasoning_cap else 0), reasoning_tokens=reasoning,
+        completion_tokens=completion, thinks=b.thinks,
+    )  # fmt: skip
     status_word = {True: "honoured", False: "not_honoured", None: "unknown"}[verdict]
     return {
         "status": status_word,
@@ -107,7 +152,36 @@ async def probe(state: ProxyState) -> dict[str, Any]:
         "limit": applied.effective,
         "reasoning_tokens": reasoning,
         "completion_tokens": completion,
+        "reasoning": _where(seen),
     }
+
+
+def _where(seen: Reasoning) -> str:
+    return {"field": "reasoning_content", "tags": "tags"}.get(seen.where or "", "none")
+
+
+def choose_budget(state: ProxyState) -> None:
+    """With ``[backend] budget = "auto"``: forced once the probe saw the cap field rejected, or
+    a reasoning cap ignored; native otherwise. Logs a change."""
+    b = state.settings.backend
+    verdict = state.probe
+    if b.budget != "auto" or verdict["status"] in ("pending", "error"):
+        return
+    if verdict["status"] == "rejected":
+        mode, why = "forced", f"auto: the backend rejects {verdict['field']} (HTTP {verdict.get('http_status')})"
+    elif verdict["status"] == "not_honoured" and b.reasoning_cap:
+        mode, why = "forced", (f"auto: the backend ignores {verdict['field']} ({verdict['reasoning_tokens']} "
+                               f"reasoning tokens against a budget of {verdict['limit']})")  # fmt: skip
+    else:
+        mode, why = "native", f"auto: the probe found {verdict['field']} {verdict['status']}"
+    if mode == "forced" and not state.can_force:
+        mode, why = "native", why + "; the gateway processor cannot force a budget (it sees one request per answer)"
+    elif verdict.get("reasoning") == "none" and mode == "forced":
+        why += "; the probe saw no reasoning to count (check [backend] reasoning_tags)"
+    changed = mode != state.budget
+    state.budget, state.budget_reason = mode, why
+    if changed:
+        logger().warning("budget", mode=mode, reason=why, reasoning=verdict.get("reasoning"))
 
 
 async def run_probe(state: ProxyState) -> None:
@@ -120,6 +194,7 @@ async def run_probe(state: ProxyState) -> None:
     delay = PROBE_RETRY_FIRST_S
     while True:
         state.probe = await probe(state)
+        choose_budget(state)
         rejected = state.probe["status"] == "rejected"
         if rejected != state.cap_rejected:
             state.cap_rejected = rejected
@@ -164,6 +239,49 @@ async def replica_answers(state: ProxyState, replica: Replica) -> tuple[bool, st
             return r.status < 500, f"POST {SHAPED[0]} answered {r.status}"
     except (aiohttp.ClientError, TimeoutError) as exc:
         return False, f"POST {SHAPED[0]} failed: {type(exc).__name__}"
+
+
+def parse_gauges(text: str) -> dict[str, float] | None:
+    """The engine's requests ``running`` and ``waiting`` from its Prometheus text (the names in
+    :data:`~thinkcap.proxy.dialects.ENGINE_GAUGES`, summed over labels); ``None`` if it has
+    none of them."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        kind = ENGINE_GAUGES.get(family.name)
+        if kind is not None:
+            out[kind] = out.get(kind, 0.0) + sum(sample.value for sample in family.samples)
+    return out or None
+
+
+async def watch_engine_gauges(state: ProxyState) -> None:
+    """Every ``engine_gauges_s``, read each replica's ``/metrics``: the engine's own requests
+    running and waiting, which also count traffic that did not come through this thinkcap (other
+    gateways, other replicas, clients sent straight to the engine). A read that fails leaves the
+    last one to age out (see :func:`engine_waiting`)."""
+    log = logger()
+    interval = state.settings.backend.engine_gauges_s
+    assert interval is not None
+    warned: set[str] = set()
+    while True:
+        for replica in state.pool.replicas:
+            try:
+                async with state.http().get(replica.url + "/metrics",
+                                            timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT_S)) as r:  # fmt: skip
+                    text = await r.text() if r.status == 200 else ""
+                gauges = parse_gauges(text) if text else None
+            except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
+                gauges, text = None, f"{type(exc).__name__}"
+            if gauges is None:
+                if replica.url not in warned:
+                    warned.add(replica.url)
+                    log.warning("engine_gauges", replica=replica.url,
+                                warning="no engine gauges on its /metrics (vLLM, SGLang, or llama-server with "
+                                "--metrics); thinkcap's own count stands alone")  # fmt: skip
+                continue
+            warned.discard(replica.url)
+            replica.engine, replica.engine_at = gauges, state.clock()
+            state.metrics.engine(replica.url, gauges)
+        await asyncio.sleep(interval)
 
 
 async def watch_replicas(state: ProxyState) -> None:

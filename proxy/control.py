@@ -223,6 +223,19 @@ def local_inputs(state: ProxyState, now: float) -> Inputs:
     )
 
 
+def engine_waiting(st: ProxyState) -> float:
+    """Requests waiting in the engines by their own gauges, over the healthy replicas whose
+    gauges are fresh (read within three polling intervals); 0 without gauges."""
+    interval = st.settings.backend.engine_gauges_s
+    if interval is None:
+        return 0.0
+    now, total = st.clock(), 0.0
+    for r in st.pool.replicas:
+        if r.healthy and r.engine is not None and r.engine_at is not None and now - r.engine_at <= 3 * interval:
+            total += r.engine.get("waiting", 0.0)
+    return total
+
+
 def decay_shedding(state: ProxyState, decision_id: str, now: float, *, evidence: str = "decisions_failing",
                    end: bool = False) -> None:  # fmt: skip
     """A failed decision keeps the caps but not the shedding: its share halves, and ends
@@ -425,9 +438,11 @@ class ControlLoop:
         the decision before (a queue that drains is a burst being served). The waiting are the
         admission queue's (``serve``) and the requests in service upstream beyond the healthy
         replicas' slots: the engine's own queue, the only one behind a gateway (``extproc``,
-        which holds no request of its own)."""
+        which holds no request of its own); where the engines' own gauges are read
+        (``[backend] engine_gauges_s``), their waiting requests when more, since they also count
+        traffic that did not come through this thinkcap."""
         st = self.state
-        engine = max(st.pool.in_service - sum(st.pool.healthy_slots()), 0)
+        engine = max(st.pool.in_service - sum(st.pool.healthy_slots()), 0, round(engine_waiting(st)))
         queued, before = st.admission.queued + engine, self._queued
         self._queued = queued
         return queued > 0 and queued >= before

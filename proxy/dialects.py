@@ -33,6 +33,40 @@ from typing import Any
 #: The dialects ``[backend] dialect`` takes.
 DIALECTS = ("vllm", "sglang", "openai", "llamacpp", "max_tokens", "llama-server")
 
+#: ``[backend] budget``: ``native`` writes the dialect's cap field; ``forced`` has thinkcap end
+#: the reasoning itself at the cap (see :mod:`thinkcap.proxy.request.forcing`); ``auto`` (the
+#: default) is native until the start-up probe finds the field rejected or ignored, forced then.
+BUDGETS = ("native", "forced", "auto")
+
+#: Fields that make a trailing assistant message a prefill the model continues, by dialect
+#: (budget forcing's second request). llama-server continues a trailing assistant message by
+#: itself (and echoes it at the start of the answer); vLLM and SGLang need to be told.
+CONTINUE_FIELDS: dict[str, dict[str, Any]] = {
+    "vllm": {"continue_final_message": True, "add_generation_prompt": False},
+    "sglang": {"continue_final_message": True},
+}
+
+#: Fields that make a server report its running count of generated tokens in every streamed
+#: chunk, by dialect (budget forcing counts the reasoning by it: a delta can hold several
+#: tokens, as llama-server's parser holds back text that may open a tag). llama-server puts
+#: ``timings.predicted_n`` in each chunk; vLLM and SGLang put ``usage.completion_tokens``.
+RUNNING_COUNT_FIELDS: dict[str, dict[str, Any]] = {
+    "llama-server": {"timings_per_token": True},
+    "vllm": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    "sglang": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+}
+
+#: The engines' own gauges on their Prometheus ``/metrics``: requests running, and requests
+#: waiting for a slot (``[backend] engine_gauges``). vLLM's come with labels (summed here).
+ENGINE_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "llamacpp:requests_processing": "running",
+    "llamacpp:requests_deferred": "waiting",
+    "sglang:num_running_reqs": "running",
+    "sglang:num_queue_reqs": "waiting",
+}
+
 #: Whether the shaped routes keep upstream connections alive, by dialect (default: true).
 #: llama-server closes a connection it answered with ``Keep-Alive`` now and then just as the
 #: next request goes out on it (seen here under load: a 502 ``upstream_disconnected`` 3 ms

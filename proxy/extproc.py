@@ -55,7 +55,7 @@ from thinkcap.proxy.request.accounting import TokenClock, account
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.forward import SHAPED
 from thinkcap.proxy.request.headers import new_request_id
-from thinkcap.proxy.request.parse import classify, parse_json, write_cap
+from thinkcap.proxy.request.parse import ask_stream_counts, classify, parse_json, write_cap
 from thinkcap.proxy.request.sse import StreamTally, Tokens, whole_tokens
 from thinkcap.proxy.state import ProxyState
 
@@ -117,6 +117,7 @@ class Flow:
     done: bool = False
     duplex: bool = False  # FULL_DUPLEX_STREAMED: the headers' answer waits for the whole body
     strip_usage: bool = False  # the usage chunk was asked for by thinkcap, not by the client
+    running: bool = False  # the stream's chunks carry the server's running token count (llama-server)
     mark: float = 0.0  # the replica's occupancy area when the request went upstream
 
 
@@ -257,11 +258,8 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if st.shedding and random.random() >= st.admit_fraction:
             raise ProxyError(503, "the server is overloaded; retry later", "server_error", code="overloaded")
         write_cap(st, ev, body, decision.type, chat=ev.get("route") == SHAPED[0])
-        if ev["stream"]:  # as serve: ask for the usage chunk, and keep it from a client that did not
-            options = body.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                flow.strip_usage = True
+        if ev["stream"]:  # as serve: the usage chunk (kept from a client that did not ask) and running counts
+            flow.strip_usage, flow.running = ask_stream_counts(st, body)
         replica = st.pool.replicas[0]
         flow.t_dispatch = self.loop_time()
         flow.mark = replica.occupancy.start(flow.t_dispatch, streamed=ev["stream"])
@@ -288,7 +286,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return [response]
         streamed = seen.get("content-type", "").startswith("text/event-stream")
         if streamed:
-            flow.tally = StreamTally(strip_usage=flow.strip_usage)
+            flow.tally = StreamTally(strip_usage=flow.strip_usage, running=flow.running)
             accel = ext.HeaderMutation(set_headers=[_set("x-accel-buffering", "no")])  # no nginx holds it back
             response.response_headers.response.header_mutation.CopyFrom(accel)
         mode = _Mode.STREAMED if streamed else _Mode.BUFFERED

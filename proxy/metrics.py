@@ -63,6 +63,10 @@ class Metrics:
         self.replica_ejections = Gauge(
             "thinkcap_replica_ejections", "Times a backend replica was ejected since start", ["replica"], registry=r
         )
+        self.engine_requests = Gauge(
+            "thinkcap_engine_requests", "A replica's requests as its engine reports them ([backend] engine_gauges_s)",
+            ["replica", "state"], registry=r,
+        )  # fmt: skip
         self.step_seconds = Gauge(
             "thinkcap_step_seconds", "Fitted engine step time tau(j) = a + b j: a (base) and b (per_seq)", ["term"],
             registry=r,
@@ -182,6 +186,11 @@ class Metrics:
             self.replica_healthy.labels(r.url).set_function(_reader(r, "healthy"))
             self.replica_in_service.labels(r.url).set_function(_reader(r, "in_service"))
             self.replica_ejections.labels(r.url).set_function(_reader(r, "ejections"))
+
+    def engine(self, replica: str, gauges: Mapping[str, float]) -> None:
+        """A replica's engine gauges, as read from its ``/metrics``."""
+        for state, value in gauges.items():
+            self.engine_requests.labels(replica, state).set(value)
 
     def set_caps(self, caps: Mapping[str, int]) -> None:
         """Show the caps in force."""

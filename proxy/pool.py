@@ -96,6 +96,10 @@ class Replica:
         self.strikes = 0  # ejections since its last answered request
         self.last_error: str | None = None
         self.sent = 0
+        #: The engine's own gauges, ``{"running": n, "waiting": n}``, and when they were read
+        #: (``[backend] engine_gauges_s``; ``None`` until read).
+        self.engine: dict[str, float] | None = None
+        self.engine_at: float | None = None
 
     @property
     def in_service(self) -> int:
@@ -120,6 +124,7 @@ class Replica:
             "ejections": self.ejections,
             "ejected_for_s": None if self.ejected_at is None else now - self.ejected_at,
             "last_error": self.last_error,
+            "engine": self.engine,
         }
 
 

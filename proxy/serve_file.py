@@ -13,7 +13,7 @@ from typing import Any
 
 from thinkcap.controller import METHODS
 from thinkcap.estimators import accuracy, arrival, mix, service, service_model
-from thinkcap.proxy.dialects import DIALECTS, KEEP_ALIVE, reasoning_cap
+from thinkcap.proxy.dialects import BUDGETS, DIALECTS, KEEP_ALIVE, reasoning_cap
 from thinkcap.proxy.model_file import ModelConfig, backend_table, load_model, read_queue, read_replicas
 from thinkcap.proxy.toml_reader import ConfigError, Table, read_toml
 from thinkcap.proxy.transport import client, server
@@ -67,6 +67,9 @@ class BackendSettings:
     replicas: tuple[ReplicaSettings, ...] = ()  # default: one, (url, slots)
     eject_after: int = 3
     probe_interval_s: float = 2.0
+    budget: str = "auto"  # native | forced | auto (the start-up probe decides): see dialects.BUDGETS
+    reasoning_tags: tuple[str, str] = ("<think>", "</think>")  # the model's own, for forcing
+    engine_gauges_s: float | None = None  # poll each replica's /metrics this often (off by default)
 
     def __post_init__(self) -> None:
         if len(self.replicas) <= 1:  # one replica is (url, slots), also in a copy that changes them
@@ -260,6 +263,10 @@ def _backend(t: Table) -> BackendSettings:
     if thinks is not None and dialect != "llama-server":
         raise t.error("thinks", 'is read with dialect = "llama-server" only')
     keep_alive = t.boolean("keep_alive")
+    budget = t.string("budget", BackendSettings.budget, choices=BUDGETS)
+    tags = t.strings("reasoning_tags") or BackendSettings.reasoning_tags
+    if len(tags) != 2 or not all(tags):
+        raise t.error("reasoning_tags", f"must be two non-empty strings, the start and end tags, got {list(tags)!r}")
     out = BackendSettings(
         url=replicas[0].url,
         replicas=replicas,
@@ -277,6 +284,9 @@ def _backend(t: Table) -> BackendSettings:
         model=model,
         max_answer_bytes=t.integer("max_answer_bytes", BackendSettings.max_answer_bytes, lo=1024),
         slots=read_queue(t).slots,  # the replicas' sum
+        budget=budget,
+        reasoning_tags=(tags[0], tags[1]),
+        engine_gauges_s=_optional_timeout(t, "engine_gauges_s", BackendSettings.engine_gauges_s),
     )
     t.close()
     return out

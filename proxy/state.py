@@ -69,6 +69,9 @@ class ProxyState:
     listeners: list[Callable[[str], None]] = field(default_factory=list)  # see notify
     probe: dict[str, Any] = field(default_factory=lambda: {"status": "pending"})
     cap_rejected: bool = False  # the probe saw the backend reject the cap field: requests go without it
+    budget: str = "native"  # the budget mode in use, native or forced (see BackendSettings.budget)
+    budget_reason: str = "configured"
+    can_force: bool = True  # False behind a gateway (extproc): one request per answer, none of thinkcap's own
     last_decision: dict[str, Any] | None = None
     recent: OrderedDict[str, Finished] = field(default_factory=OrderedDict)
     feedback: int = 0
@@ -101,7 +104,13 @@ class ProxyState:
 
     def answer_offsets(self) -> dict[str, float]:
         """Answer tokens to add to the overhead: only where the cap bounds the reasoning alone."""
-        return self.answer.get() if self.settings.backend.reasoning_cap else {}
+        return self.answer.get() if self.reasoning_cap else {}
+
+    @property
+    def reasoning_cap(self) -> bool:
+        """Whether the cap bounds the reasoning alone: the dialect's field does, or thinkcap
+        forces the budget itself."""
+        return self.budget == "forced" or self.settings.backend.reasoning_cap
 
     def pool_changed(self, replica: Replica) -> None:
         """A replica was ejected or taken back: the admission limit follows the slots in use
@@ -215,6 +224,10 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         step=step,
         clock=clock,
     )
+    if settings.backend.budget != "auto":
+        state.budget = settings.backend.budget
+    else:
+        state.budget_reason = "auto: native until the start-up probe decides"
     pool.set_prefill_guess(prefill)
     state.pool.on_change.append(state.pool_changed)
     return state

@@ -171,11 +171,18 @@ THINKING_TEMPLATE = Path(__file__).with_name("smollm2_thinking.jinja")
 
 
 def start_llama_server(
-    tmp: Path, slots: int = 4, threads: int = 1, ctx_per_slot: int = 1024, *, thinking: bool = False
+    tmp: Path,
+    slots: int = 4,
+    threads: int = 1,
+    ctx_per_slot: int = 1024,
+    *,
+    thinking: bool = False,
+    reasoning_format: str = "deepseek",
 ) -> Server:
     """llama.cpp's ``llama-server`` with SmolLM2-135M, ``slots`` sequences at once, on loopback,
     once ``/health`` answers; with ``thinking``, under :data:`THINKING_TEMPLATE` with reasoning
-    on and parsed (``--reasoning-format deepseek``). Its log is ``tmp/llama-server.log``; the
+    on, parsed into ``reasoning_content`` (``reasoning_format`` ``deepseek``) or left inside
+    ``content`` between the tags (``none``). Its log is ``tmp/llama-server.log``; the
     tests start it with this too."""
     port = free_port()
     log = tmp / "llama-server.log"
@@ -183,7 +190,7 @@ def start_llama_server(
            "--parallel", str(slots), "--threads", str(threads), "--ctx-size", str(ctx_per_slot * slots),
            "--metrics", "--slots"]  # fmt: skip
     if thinking:
-        cmd += ["--jinja", "--chat-template-file", str(THINKING_TEMPLATE), "--reasoning-format", "deepseek",
+        cmd += ["--jinja", "--chat-template-file", str(THINKING_TEMPLATE), "--reasoning-format", reasoning_format,
                 "--reasoning", "on"]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

@@ -121,7 +121,7 @@ def account(
                     first_token_in_service=max(clock.first_in_service, 1),
                     now=now,
                 )
-        reasoning_dialect = st.settings.backend.reasoning_cap
+        reasoning_dialect = st.reasoning_cap
         used = t.reasoning if reasoning_dialect else t.completion
         st.remember(rid, Finished(name, used))
         limit = ev.get("effective_limit")

@@ -22,8 +22,9 @@ from thinkcap.proxy.pool import Replica
 from thinkcap.proxy.request.accounting import TokenClock, account
 from thinkcap.proxy.request.body import upstream_body
 from thinkcap.proxy.request.failures import upstream_failure
+from thinkcap.proxy.request.forcing import ForcedRelay
 from thinkcap.proxy.request.headers import client_request_id, new_request_id, returned_headers, upstream_headers
-from thinkcap.proxy.request.parse import classify, parse_json, read_body, write_cap
+from thinkcap.proxy.request.parse import ask_stream_counts, classify, parse_json, read_body, write_cap
 from thinkcap.proxy.request.sse import MalformedStreamError, StreamTally, Tokens, whole_tokens
 from thinkcap.proxy.state import ProxyState
 from thinkcap.proxy.transport.client import Response, UpstreamError
@@ -59,6 +60,9 @@ class Exchange:
         self.stream: StreamReply | None = None
         self.clock = TokenClock()  # its tokens' times (gaps for the step fit: batching engines only)
         self.replica: Replica | None = None
+        self.forced: tuple[int, bool] | None = None  # budget forcing: the cap, and whether the client streams
+        self.upstream: dict[str, Any] = {}  # the body sent upstream
+        self.running = False  # the stream's chunks carry the server's running token count
 
     def fail(self, exc: ProxyError) -> Reply:
         self.event["status"] = exc.status
@@ -97,18 +101,24 @@ class Exchange:
     ) -> Reply | StreamReply:
         st = self.state
         backend = st.settings.backend
-        write_cap(st, self.event, body, type_name, chat=self.request.path == SHAPED[0])
+        chat = self.request.path == SHAPED[0]
         stream = body.get("stream") is True
+        if chat and st.budget == "forced" and body.get("n") in (None, 1) and isinstance(body.get("messages"), list):
+            cap = st.caps.cap(type_name)  # thinkcap ends the reasoning itself: no cap field is written
+            self.event.update(cap=cap, effective_limit=cap, client_limit=None, limit_field="forced")
+            self.forced = (cap, stream)
+            stream = body["stream"] = True  # counted as it comes, whatever the client asked for
+        else:
+            write_cap(st, self.event, body, type_name, chat=chat)
         asked_usage = False
         if stream:
-            options = body.get("stream_options")
-            asked_usage = isinstance(options, dict) and options.get("include_usage") is True
-            if not asked_usage:
-                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            strip_usage, self.running = ask_stream_counts(st, body)
+            asked_usage = not strip_usage
         headers = upstream_headers(self.request.headers, backend.api_key)
         headers["Content-Type"] = "application/json"
         headers["Accept-Encoding"] = "identity"
         data = upstream_body(raw, before, body)
+        self.upstream = body
         pool = st.pool
         tried: frozenset[int] = frozenset()
         replica = pool.pick(tried)
@@ -188,6 +198,10 @@ class Exchange:
         self, replica: Replica, headers: CIMultiDict[str], data: bytes, *, stream: bool, asked_usage: bool
     ) -> Reply | StreamReply:
         """Send the shaped request upstream and relay the answer, streamed or whole."""
+        if self.forced is not None:
+            cap, client_stream = self.forced
+            return await ForcedRelay(self, replica, headers, self.upstream, cap=cap, client_stream=client_stream,
+                                     asked_usage=asked_usage).run()  # fmt: skip
         async with await replica.lean().request("POST", self.request.path_qs, headers, data) as up:
             self.event["upstream_status"] = up.status
             if stream and up.status == 200 and up.content_type == "text/event-stream":
@@ -222,7 +236,7 @@ class Exchange:
         return resp
 
     async def relay_stream(self, up: Response, *, strip_usage: bool) -> StreamReply:
-        tally = StreamTally(strip_usage=strip_usage)
+        tally = StreamTally(strip_usage=strip_usage, running=self.running)
         headers = returned_headers(up.headers, self.rid)
         headers["X-Accel-Buffering"] = "no"  # an nginx in front would otherwise hold the stream back
         resp = self.stream = StreamReply(status=200, headers=headers)

@@ -75,3 +75,19 @@ def write_cap(state: ProxyState, event: dict[str, Any], body: dict[str, Any], ty
     event.update(
         cap=cap, effective_limit=applied.effective, client_limit=applied.client_limit, limit_field=applied.field
     )
+
+
+def ask_stream_counts(state: ProxyState, body: dict[str, Any]) -> tuple[bool, bool]:
+    """For a streamed request, ask the upstream for what counting needs: the usage chunk (the
+    first value: whether it is to be kept from a client that did not ask for it) and, from
+    llama-server while its model thinks, the running count of generated tokens in each chunk
+    (the second: whether asked). llama-server's usage has no reasoning count, and one of its
+    deltas can hold several tokens (its parser holds back text that may open a tag), so
+    counting deltas alone falls short (by a quarter on a counting prompt here)."""
+    options = body.get("stream_options")
+    strip_usage = not (isinstance(options, dict) and options.get("include_usage") is True)
+    if strip_usage:
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    backend = state.settings.backend
+    running = backend.dialect == "llama-server" and backend.thinks and state.budget == "native"
+    return strip_usage, running and body.setdefault("timings_per_token", True) is True

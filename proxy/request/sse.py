@@ -79,6 +79,9 @@ CONTENT = re.compile(rb'"content":\s*"(?!")')
 #: after a budget cut): no answer text, not counted as content.
 STRAY_END_TAG = re.compile(rb'"content":\s*"</think>(?:\\n)*"')
 USAGE = re.compile(rb'"usage":\s*\{')
+#: llama-server's running count of generated tokens, in each chunk of a stream that asked for
+#: ``timings_per_token`` (see :data:`~thinkcap.proxy.dialects.RUNNING_COUNT_FIELDS`).
+PREDICTED = re.compile(rb'"predicted_n":\s*(\d+)')
 #: Events that are each one ``data: {...}`` line, and the same with ``data: [DONE]`` lines.
 PLAIN_DATA = re.compile(rb"(?:data: \{[^\n]*\}\n\n)*")
 PLAIN = re.compile(rb"(?:data: (?:\{[^\n]*\}|\[DONE\])\n\n)*")
@@ -107,8 +110,10 @@ class StreamTally:
     holds the first event can give that event out alone first (``first_only``).
     """
 
-    def __init__(self, *, strip_usage: bool) -> None:
+    def __init__(self, *, strip_usage: bool, running: bool = False) -> None:
         self.strip_usage = strip_usage
+        self.running = running  # chunks carry the server's running count (llama-server's predicted_n)
+        self._reasoning_running: int | None = None  # that count at the last reasoning delta
         self._buf = b""
         self._reasoning = 0
         self._content = 0
@@ -178,16 +183,23 @@ class StreamTally:
 
     def _count(self) -> None:
         for block in self._uncounted:
-            self._reasoning += len(REASONING.findall(block))
+            found = len(REASONING.findall(block))
+            self._reasoning += found
+            if found and self.running:  # a delta can hold several tokens: the server's count says how many
+                for event in block.split(b"\n\n"):
+                    count = PREDICTED.search(event) if REASONING.search(event) else None
+                    if count is not None:
+                        self._reasoning_running = int(count.group(1))
             self._content += len(CONTENT.findall(block)) - len(STRAY_END_TAG.findall(block))
         self._uncounted.clear()
         self._uncounted_bytes = 0
 
     @property
     def reasoning_chunks(self) -> int:
-        """Non-empty reasoning deltas forwarded so far (no longer kept once a usage object came)."""
+        """Non-empty reasoning deltas forwarded so far (no longer kept once a usage object came);
+        with ``running``, the server's count of tokens generated up to the last of them."""
         self._count()
-        return self._reasoning
+        return self._reasoning if self._reasoning_running is None else self._reasoning_running
 
     @property
     def content_chunks(self) -> int:

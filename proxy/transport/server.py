@@ -118,6 +118,11 @@ class HttpRequest:
         that reason may still answer with an error instead of dropping the connection."""
         return self._conn.server.expired
 
+    @property
+    def client_gone(self) -> bool:
+        """The client closed its connection (its handler is being cancelled)."""
+        return self._conn.closed
+
     async def read(self) -> bytes:
         """The body (it is already in memory); :class:`BodyTooLargeError` past the limit."""
         if self.too_large:

@@ -98,6 +98,18 @@ def test_every_method_reaches_the_optimum_with_a_batching_engine(
     assert_optimal(method, p, run(method, p))
 
 
+@pytest.mark.parametrize("kernel", ["array", "scalar"])
+def test_on_the_margin_the_last_step_is_verified(kernel: str) -> None:
+    """An instance hypothesis found (seed 2296, 16 types, the margin binding, a batching
+    engine): the array kernel's last price step on the margin was taken unverified and left
+    the load 2e-7 above rho_max with a KKT residual of 1.5e-4. Both kernels now end on the
+    margin, feasible to 1e-9 and optimal."""
+    p = random_problem(2296, 16, "margin", variance=True, queue=random_engine(np.random.default_rng(2296)))
+    r = exact(p, kernel=kernel)  # type: ignore[arg-type]
+    assert p.metrics(r.x).rho <= p.rho_max + 1e-12
+    assert_optimal(f"exact/{kernel}", p, r)
+
+
 @pytest.mark.parametrize("method", VARIANTS)
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20))

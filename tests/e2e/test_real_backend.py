@@ -21,7 +21,8 @@ def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
     probe passes, the step fitted from live traffic replaces the configured flat one and grows
     with the batch, the heavier load gets smaller caps, thinkcap's count of requests in service
     agrees with the server's own gauge, and the predicted mean system time is within PREDICTION_BAND
-    of the observed one in both runs."""
+    of the observed one in both runs; on a server whose model thinks, the reasoning type's caps
+    bind natively (the probe's choice under auto) and when thinkcap forces them."""
     args = ["--runs", "1", "--phase-s", "75", "--settle-s", "15", "--throughput-s", "15", "--json"]
     out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=1500,
                          check=False)  # fmt: skip
@@ -41,6 +42,10 @@ def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
     assert report["gauges"]["equal_share"] > 0.8, report["gauges"]
     for r in runs:
         assert PREDICTION_BAND[0] <= r["predicted_over_observed"] <= PREDICTION_BAND[1], r
+    # the reasoning type (step 7): the caps bind in the mode the probe chose and when forced
+    reasoning = report["reasoning"]
+    assert all(r["answered"] == r["sent"] > 0 and r["spent_max"] <= r["cap"] + 3 for r in reasoning), reasoning
+    assert {(r["budget"], r["mode"]) for r in reasoning} == {("auto", "native"), ("forced", "forced")}
     t = report["throughput"]
     assert t["direct"]["tokens_per_s"] > 0 and t["thinkcap"]["tokens_per_s"] > 0 and t["serialised"]["tokens_per_s"] > 0
 

@@ -150,6 +150,25 @@ async def test_through_thinkcap_the_cap_binds_and_the_count_is_the_servers(
     assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
 
 
+async def test_the_count_is_the_servers_where_a_delta_holds_several_tokens(
+    proxy: tuple[str, ProxyState], thinking_server: Server
+) -> None:
+    """On a prompt whose reasoning writes ``<count>`` tags, llama-server holds back each
+    ``<count`` (it may open a tag) and sends it with the next token: 96 deltas for 128 tokens.
+    thinkcap asks for the server's running count in each chunk (``timings_per_token``) and
+    counts by it, so its count is still the server's tokenisation within one token; the client
+    gets its stream as the server sent it."""
+    url, _ = proxy
+    prompt = [{"role": "user", "content": "Please count from 1 up to 20, writing each number on its own line."}]
+    with capture_logs() as logs:
+        reasoning, _ = await stream_reasoning(url, {"messages": prompt, "max_tokens": 160, "temperature": 0.0,
+                                                    "thinking_budget_tokens": 128})  # fmt: skip
+    (event,) = [e for e in logs if e["event"] == "request"]
+    served = tokenize(thinking_server, reasoning)
+    assert "<count" in reasoning and served > 64, reasoning
+    assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
+
+
 def test_calibrate_measures_accuracy_against_the_reasoning_cap(thinking_server: Server, tmp_path: Path) -> None:
     """``thinkcap calibrate`` against the thinking server (dialect llama-server, the model
     thinks: the cap is ``thinking_budget_tokens``): every job answers, each type gets a curve

@@ -166,14 +166,17 @@ async def _leaders(session: aiohttp.ClientSession, replicas: list[Replica]) -> l
     return [s["cluster"]["replica"] for s in states if s["cluster"]["leader"]]
 
 
-def start_replica(tmp_path: Path, rid: str, config: str, log_name: str | None = None) -> Replica:
-    """``thinkcap serve`` on ``config`` (a TOML text with ``{port}`` and ``{admin}`` left to fill)."""
+def start_replica(
+    tmp_path: Path, rid: str, config: str, log_name: str | None = None, command: str = "serve"
+) -> Replica:
+    """``thinkcap serve`` (or ``command``) on ``config`` (a TOML text with ``{port}`` and
+    ``{admin}`` left to fill)."""
     port, admin = free_port(), free_port()
     path = tmp_path / f"{rid}.toml"
     path.write_text(config.replace("{port}", str(port)).replace("{admin}", str(admin)))
     log = tmp_path / (log_name or f"{rid}.jsonl")
     with log.open("wb") as fh:
-        cmd = [sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(path)]
+        cmd = [sys.executable, "-m", "thinkcap.cli", command, "--config", str(path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     return Replica(rid, port, admin, log, proc)

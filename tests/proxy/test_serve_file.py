@@ -53,3 +53,26 @@ def test_llama_server_dialect_keys(tmp_path: Path) -> None:
         load_settings(_config(tmp_path, 'dialect = "vllm"\nthinks = false'))
     with pytest.raises(ConfigError, match=r"backend\.keep_alive: must be true or false"):
         load_settings(_config(tmp_path, 'keep_alive = "no"'))
+
+
+def test_budget_keys(tmp_path: Path) -> None:
+    """``budget`` defaults to auto and takes native, forced or auto; ``reasoning_tags`` defaults
+    to ``<think>`` and ``</think>`` and must be two non-empty strings."""
+    s = load_settings(_config(tmp_path, ""))
+    assert s.backend.budget == "auto" and s.backend.reasoning_tags == ("<think>", "</think>")
+    s = load_settings(_config(tmp_path, 'budget = "forced"\nreasoning_tags = ["<reason>", "</reason>"]'))
+    assert s.backend.budget == "forced" and s.backend.reasoning_tags == ("<reason>", "</reason>")
+    with pytest.raises(ConfigError, match=r"backend\.budget: must be one of \['native', 'forced', 'auto'\]"):
+        load_settings(_config(tmp_path, 'budget = "always"'))
+    for bad in ('["<think>"]', '["<think>", ""]', '["a", "b", "c"]', '"<think>"'):
+        with pytest.raises(ConfigError, match=r"backend\.reasoning_tags: must be"):
+            load_settings(_config(tmp_path, f"reasoning_tags = {bad}"))
+
+
+def test_engine_gauges_are_off_unless_given_an_interval(tmp_path: Path) -> None:
+    """``engine_gauges_s``: off by default (and with false or 0), else a positive interval."""
+    assert load_settings(_config(tmp_path, "")).backend.engine_gauges_s is None
+    assert load_settings(_config(tmp_path, "engine_gauges_s = 0.5")).backend.engine_gauges_s == 0.5
+    assert load_settings(_config(tmp_path, "engine_gauges_s = false")).backend.engine_gauges_s is None
+    with pytest.raises(ConfigError, match=r"backend\.engine_gauges_s"):
+        load_settings(_config(tmp_path, "engine_gauges_s = -1"))
