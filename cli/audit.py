@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from thinkcap.cli.json_lines import BadLine, read_objects
 from thinkcap.controller import decide, problem_from_record
 
 CONTINUOUS_RTOL = 1e-6
@@ -49,20 +50,11 @@ class AuditReport:
 
 def read_events(path: str, report: AuditReport) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, event)`` for every parsable JSON object line; the rest are reported."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                event = json.loads(text)
-            except ValueError as exc:
-                report.bad_lines.append({"line": number, "error": f"not JSON: {exc}"})
-                continue
-            if not isinstance(event, dict):
-                report.bad_lines.append({"line": number, "error": "not a JSON object"})
-                continue
-            yield number, event
+    for item in read_objects(path):
+        if isinstance(item, BadLine):
+            report.bad_lines.append({"line": item.number, "error": item.error})
+        else:
+            yield item
 
 
 def replay(event: dict[str, Any]) -> str | None:

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from thinkcap.cli.json_lines import BadLine, read_objects
 from thinkcap.cli.toml_out import dumps
 from thinkcap.estimators import Estimators, Snapshot
 from thinkcap.proxy.logs import finite
@@ -66,11 +67,8 @@ def _time(row: dict[str, Any]) -> float:
     raise ValueError("missing field time (or arrival_time, timestamp)")
 
 
-def parse_line(text: str) -> Observation | None:
-    """One log line: a proxy ``request`` event or a trace line; ``None`` for other events."""
-    row = json.loads(text)
-    if not isinstance(row, dict):
-        raise ValueError("not a JSON object")
+def parse_row(row: dict[str, Any]) -> Observation | None:
+    """One log line's object: a proxy ``request`` event or a trace line; ``None`` for other events."""
     if "event" in row and row["event"] != "request":
         return None
     name = row.get("type")
@@ -94,17 +92,16 @@ def read_log(path: str | Path, known: set[str] | None) -> Replay:
     """Parse every line; malformed ones (and unknown types, when ``known`` is given) are recorded."""
     out = Replay()
     try:
-        fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigError(path, "(log)", f"cannot be read: {exc.strerror}") from None
-    with fh:
-        for number, text in enumerate(fh, start=1):
-            out.lines = number
-            if not text.strip():
+        for item in read_objects(path):
+            if isinstance(item, BadLine):
+                out.lines = item.number
+                out.errors.append((item.number, item.error))
                 continue
+            number, row = item
+            out.lines = number
             try:
-                obs = parse_line(text)
-            except (ValueError, json.JSONDecodeError) as exc:
+                obs = parse_row(row)
+            except ValueError as exc:
                 out.errors.append((number, str(exc).splitlines()[0]))
                 continue
             if obs is None:
@@ -113,6 +110,8 @@ def read_log(path: str | Path, known: set[str] | None) -> Replay:
                 out.errors.append((number, f"unknown type {obs.type!r}"))
                 continue
             out.observations.append(obs)
+    except OSError as exc:
+        raise ConfigError(path, "(log)", f"cannot be read: {exc.strerror}") from None
     out.observations.sort(key=lambda o: o.time)
     return out
 

@@ -57,6 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from thinkcap.cli.json_lines import BadLine, read_objects  # noqa: E402
 from thinkcap.controller import TaskType, problem_from_record  # noqa: E402
 from thinkcap.sim.llamacpp import (  # noqa: E402
     BackendDiedError,
@@ -395,15 +396,8 @@ def admin_state(proxy: Proxy) -> dict[str, Any]:
 
 
 def events(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(e, dict):
-            out.append(e)
-    return out
+    """The JSON objects of a log (its other lines skipped)."""
+    return [item[1] for item in read_objects(log) if not isinstance(item, BadLine)]
 
 
 def predicted_system_time(decision: dict[str, Any]) -> float:

@@ -25,6 +25,12 @@ class TokenClock:
     t_token: float | None = None
     first_in_service: int = 1  # requests in service when the first token came
     counted: int = 0  # token events counted (a server may put several tokens in one)
+    paused: bool = False  # the next read's gap is not a step (see pause)
+
+    def pause(self) -> None:
+        """The next tokens come from a new upstream request (budget forcing's continuation):
+        the gap before them is its prefill, not a decode step."""
+        self.paused = True
 
     def read(self, data: bytes, now: Callable[[], float], occupancy: Occupancy) -> None:
         """One upstream read of a stream."""
@@ -35,6 +41,9 @@ class TokenClock:
             return
         self.counted += tokens
         t = now()
+        if self.paused:
+            self.paused, self.t_token = False, t
+            return
         if self.t_first_token is None:
             self.t_first_token = t
             self.first_in_service = occupancy.in_service

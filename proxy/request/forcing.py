@@ -278,8 +278,9 @@ class ForcedRelay:
 
     async def run(self) -> Reply | StreamReply:
         ex = self.ex
+        # Refused (nothing sent): the caller tries another replica, as for any request.
+        up = await self.replica.lean().request("POST", ex.request.path_qs, self.headers, self._data(self.body))
         try:
-            up = await self.replica.lean().request("POST", ex.request.path_qs, self.headers, self._data(self.body))
             async with up:
                 ex.event["upstream_status"] = up.status
                 self.up_headers = up.headers
@@ -297,6 +298,7 @@ class ForcedRelay:
             spent = (self.usage[0].completion if self.usage[0] is not None else None) or self.reasoning.tokens
             second = continuation(self.body, self.reasoning.prefill(), self.dialect, spent)
             self.record["second_sent"] = True
+            ex.clock.pause()  # the gap before the continuation's first token is its prefill, not a step
             t0 = time.perf_counter()
             try:
                 up = await self.replica.lean().request("POST", ex.request.path_qs, self.headers, self._data(second))

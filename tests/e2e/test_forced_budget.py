@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ latency_penalty = 0.01
 arrival_rate = 0.2
 
 [backend]
-url = "{url}"
+url = {url}
 dialect = "{dialect}"
 slots = 1
 probe = {probe}
@@ -100,8 +101,12 @@ async def proxied(
 ) -> AsyncIterator[tuple[str, ProxyState]]:
     """``thinkcap serve`` in front of ``url``, the types' caps pinned; its chat URL and state."""
     path = tmp / "thinkcap.toml"
-    path.write_text(CONFIG.format(url=url, dialect=dialect, probe=str(probe).lower(), budget=budget,
-                                  types="".join(TYPE.format(cap=c) for c in TYPE_CAPS)))  # fmt: skip
+    text = CONFIG.format(url=url if url.startswith("[") else f'"{url}"', dialect=dialect, probe=str(probe).lower(),
+                         budget=budget, types="".join(TYPE.format(cap=c) for c in TYPE_CAPS))  # fmt: skip
+    if url.startswith("["):  # replicas: a batching engine's step, and a prefill per type
+        text = text.replace("slots = 1\n", "slots = 1\nstep = { base_s = 0.007, per_seq_s = 0.008 }\n")
+        text = text.replace("overhead_s = 0.05, per_token_s = 0.008", "prefill_s = 0.05")
+    path.write_text(text)
     state = build_state(load_settings(path))
     state.caps.pin({f"t{c}": c for c in TYPE_CAPS})
     async with create_app(state, "127.0.0.1", 0) as front:
@@ -342,3 +347,19 @@ async def test_the_probe_forces_a_budget_the_backend_ignores(server: Server, tmp
     assert state.probe["status"] == "not_honoured" and state.probe["reasoning"] == "reasoning_content"
     assert ready["budget"]["mode"] == "forced" and "ignores thinking_token_budget" in ready["budget"]["reason"]
     assert event["forcing"]["forced"] and tokenize(server, reasoning) <= 8 + SLACK and content.strip()
+
+
+async def test_a_refused_replica_hands_a_forced_request_to_the_next(server: Server, tmp_path: Path) -> None:
+    """Two replicas, the first refusing connections: a forced request that picked it was never
+    sent, so it goes to the other, is cut at its cap there and answered."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    urls = f'["{dead}", "{server.url}"]'
+    async with proxied(urls, tmp_path) as (url, _):
+        with capture_logs() as logs:
+            answers = [await read_stream(url, body(8, max_tokens=40)) for _ in range(2)]
+        events = [e for e in logs if e["event"] == "request"]
+    assert [e["status"] for e in events] == [200, 200] and all(e["forcing"]["forced"] for e in events)
+    assert all(e["replica"] == server.url for e in events)
+    assert all(tokenize(server, reasoning) <= 8 + SLACK and content.strip() for reasoning, content, _ in answers)
