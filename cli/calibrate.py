@@ -62,8 +62,9 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--out", required=True, help="the TOML to write")
     sp.add_argument("--resume", action="store_true", help="keep OUT.partial.jsonl's results and run the rest")
     sp.add_argument("--model", help="model name sent with each request")
-    sp.add_argument("--no-thinks", dest="thinks", action="store_false",
-                    help="llama-server: the model does not reason (the cap is max_tokens)")  # fmt: skip
+    sp.add_argument("--thinks", action=argparse.BooleanOptionalAction, default=True,
+                    help="llama-server: the model reasons, the cap is thinking_budget_tokens (the default); "
+                    "--no-thinks: it does not, the cap is max_tokens")  # fmt: skip
     sp.add_argument("--latency-penalty", type=float, default=0.02, help="[objective] latency_penalty written")
     sp.add_argument(
         "--arrival-rate", type=float, help="[workload] arrival_rate written (until the estimate takes over)"

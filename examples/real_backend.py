@@ -633,7 +633,8 @@ def render(report: dict[str, Any]) -> str:
         for r in report["reasoning"]:
             lines.append(f"| {r['budget']} | {r['mode']} | {r['cap']} | {r['spent_mean']:.1f} / {r['spent_max']} | "
                          f"{r['forced']} | {r['answered']} of {r['sent']} |")  # fmt: skip
-        lines.append(f"mode under auto: {report['reasoning'][0]['reason']}")
+        reason = report["reasoning"][0]["reason"].removeprefix("auto: ")
+        lines.append(f'under budget = "auto": {reason}')
     return "\n".join(lines)
 
 

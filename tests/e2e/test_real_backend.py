@@ -15,7 +15,7 @@ from thinkcap.sim.llamacpp import BackendDiedError, Server, free_port, wait_for
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_backend.py"
 
 
-@pytest.mark.timeout(1500)  # calibration, 3 saturation runs and two 75-s Poisson runs: about 7 minutes
+@pytest.mark.timeout(1500)  # calibration, saturation, two 75-s Poisson runs, the reasoning type
 def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
     """llama-server with 4 slots: every request is answered (or shed while overloaded), the cap
     probe passes, the step fitted from live traffic replaces the configured flat one and grows

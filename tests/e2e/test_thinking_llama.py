@@ -181,8 +181,8 @@ def test_calibrate_measures_accuracy_against_the_reasoning_cap(thinking_server: 
     data = tmp_path / "set.jsonl"
     data.write_text("\n".join(v for rows in by_type.values() for v in rows[:2]) + "\n")
     out = tmp_path / "calibrated.toml"
-    args = ["calibrate", "--backend", thinking_server.url, "--dialect", "llama-server", "--dataset", str(data),
-            "--caps", "8,32", "--out", str(out), "--bootstrap", "5"]  # fmt: skip
+    args = ["calibrate", "--backend", thinking_server.url, "--dialect", "llama-server", "--thinks",
+            "--dataset", str(data), "--caps", "8,32", "--out", str(out), "--bootstrap", "5"]  # fmt: skip
     assert main(args) == 0
     results = [json.loads(r) for r in out.with_name(out.name + ".partial.jsonl").read_text().splitlines()]
     assert len(results) == 2 * 2 * len(by_type) and not any(r["error"] for r in results)
