@@ -25,7 +25,6 @@ import json
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from thinkcap.proxy.app import create_app
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import build_state
 from thinkcap.sim.llamacpp import Server, start_llama_server
+from thinkcap.sim.sse import StreamedAnswer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"over_cap_tokens": 2, "forced_over_native": 1.3}
@@ -71,28 +71,18 @@ service = {{ overhead_s = 0.05, per_token_s = 0.012 }}
 """
 
 
-def tokenize(server: Server, text: str) -> int:
-    req = urllib.request.Request(server.url + "/tokenize", json.dumps({"content": text}).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return len(json.loads(r.read())["tokens"])
-
-
 async def one(session: aiohttp.ClientSession, url: str, prompt: str, cap: int) -> tuple[str, float]:
     """One streamed request: its reasoning as the client got it, and its system time."""
     body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": cap + 64,
             "stream": True}  # fmt: skip
-    reasoning = []
+    answer = StreamedAnswer()
     t0 = time.perf_counter()
     async with session.post(url, json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
         async for line in r.content:
-            text = line.decode().strip()
-            if text.startswith("data: {"):
-                for choice in json.loads(text[6:]).get("choices") or []:
-                    reasoning.append((choice.get("delta") or {}).get("reasoning_content") or "")
-    return "".join(reasoning), time.perf_counter() - t0
+            answer.feed(line)
+    return answer.reasoning, time.perf_counter() - t0
 
 
 async def run(server: Server, caps: list[int], prompts: list[str], tmp: Path) -> list[dict[str, Any]]:
@@ -120,7 +110,7 @@ async def run(server: Server, caps: list[int], prompts: list[str], tmp: Path) ->
                             reasoning, seconds = await one(session, url, prompt, cap)
                             await asyncio.sleep(0.01)  # the request event is logged just after the answer
                         (event,) = [e for e in logs if e["event"] == "request"]
-                        spent = tokenize(server, reasoning) if reasoning else 0
+                        spent = server.tokenize(reasoning) if reasoning else 0
                         c = cell[budget]
                         c["spent"].append(spent)
                         c["time"].append(seconds)

@@ -70,6 +70,7 @@ from thinkcap.sim.llamacpp import (  # noqa: E402
 )
 from thinkcap.sim.loadgen import LoadSettings, run_load  # noqa: E402
 from thinkcap.sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
+from thinkcap.sim.sse import StreamedAnswer  # noqa: E402
 
 TYPES = {  # name: (keyword marker, prompts, max tokens)
     "story": ("[story]", ["Write a story about a {} who learns to sail.", "Tell a long tale of a {} in winter."], 96),
@@ -296,41 +297,31 @@ class Proxy:
             self.proc.wait(timeout=30)
 
 
-def start_proxy(tmp: Path, name: str, url: str, slots: int, *, concurrency: int, controller: bool) -> Proxy:
-    """``thinkcap serve`` as its own process; without the controller the caps are the types'
-    largest (min_tokens = max_tokens)."""
+def launch(tmp: Path, name: str, config: str, **fields: Any) -> Proxy:
+    """``thinkcap serve`` as its own process, on ``config`` filled with free ports and ``fields``."""
     port, admin = free_port(), free_port()
-    config = tmp / f"{name}.toml"
-    fixed = not controller
-    config.write_text(CONFIG.format(url=url, port=port, admin=admin, slots=slots, concurrency=concurrency,
-                                    controller=str(controller).lower(), story_min=96 if fixed else 8,
-                                    fact_min=48 if fixed else 8))  # fmt: skip
+    path = tmp / f"{name}.toml"
+    path.write_text(config.format(port=port, admin=admin, **fields))
     log = tmp / f"{name}.jsonl"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(path)],
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30.0, log)
     return Proxy(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
+
+
+def start_proxy(tmp: Path, name: str, url: str, slots: int, *, concurrency: int, controller: bool) -> Proxy:
+    """The walk-through's proxy; without the controller the caps are the types' largest
+    (min_tokens = max_tokens)."""
+    fixed = not controller
+    return launch(tmp, name, CONFIG, url=url, slots=slots, concurrency=concurrency,
+                  controller=str(controller).lower(), story_min=96 if fixed else 8,
+                  fact_min=48 if fixed else 8)  # fmt: skip
 
 
 def start_reasoning_proxy(tmp: Path, url: str, budget: str) -> Proxy:
-    """``thinkcap serve`` with the ``reason`` type in front of the thinking server."""
-    port, admin = free_port(), free_port()
-    config = tmp / f"reason-{budget}.toml"
-    config.write_text(REASONING_CONFIG.format(url=url, port=port, admin=admin, budget=budget))
-    log = tmp / f"reason-{budget}.jsonl"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "thinkcap.cli", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30.0, log)
-    return Proxy(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
-
-
-def tokenize(server: Server, text: str) -> int:
-    req = urllib.request.Request(server.url + "/tokenize", json.dumps({"content": text}).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return len(json.loads(r.read())["tokens"])
+    """The proxy with the ``reason`` type in front of the thinking server."""
+    return launch(tmp, f"reason-{budget}", REASONING_CONFIG, url=url, budget=budget)
 
 
 async def reasoning_type(tmp: Path, per_cap: int) -> list[dict[str, Any]]:
@@ -358,15 +349,12 @@ async def reasoning_type(tmp: Path, per_cap: int) -> list[dict[str, Any]]:
                             question = REASONING_PROMPTS[i % len(REASONING_PROMPTS)]
                             body = {"model": "smollm2", "stream": True, "temperature": 0.0, "max_tokens": cap + 64,
                                     "messages": [{"role": "user", "content": question}]}  # fmt: skip
-                            reasoning = []
+                            answer = StreamedAnswer()
                             async with session.post(proxy.url + "/v1/chat/completions", json=body) as r:
                                 async for line in r.content:
-                                    text = line.decode().strip()
-                                    if text.startswith("data: {"):
-                                        for choice in json.loads(text[6:]).get("choices") or []:
-                                            reasoning.append((choice.get("delta") or {}).get("reasoning_content") or "")
+                                    answer.feed(line)
                                 answered += r.status == 200
-                            spent.append(tokenize(llama, "".join(reasoning)))
+                            spent.append(llama.tokenize(answer.reasoning))
                         rows.append({"budget": budget, "mode": mode["mode"], "reason": mode["reason"], "cap": cap,
                                      "answered": answered, "sent": per_cap, "spent_mean": float(np.mean(spent)),
                                      "spent_max": int(np.max(spent))})  # fmt: skip

@@ -5,6 +5,7 @@ and reported clearly (exit status and log tail) when they die."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -58,6 +59,13 @@ class Server:
         message = exit_message(self.proc, self.log)
         if message is not None:
             raise BackendDiedError(message)
+
+    def tokenize(self, text: str) -> int:
+        """Tokens in ``text`` by the server's own tokenizer (llama-server's ``/tokenize``)."""
+        req = urllib.request.Request(self.url + "/tokenize", json.dumps({"content": text}).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return len(json.loads(r.read())["tokens"])
 
     def stop(self) -> None:
         """Terminate it (kill after 20 s) and reap it."""

@@ -299,7 +299,7 @@ class ForcedRelay:
             second = continuation(self.body, self.reasoning.prefill(), self.dialect, spent)
             self.record["second_sent"] = True
             ex.clock.pause()  # the gap before the continuation's first token is its prefill, not a step
-            t0 = time.perf_counter()
+            t0 = ex.loop.time()
             try:
                 up = await self.replica.lean().request("POST", ex.request.path_qs, self.headers, self._data(second))
                 async with up:
@@ -313,7 +313,7 @@ class ForcedRelay:
                 return await self.failed(exc, mid_stream=True, code="forcing_failed")
             except ProxyError as exc:
                 return await self.failed(exc, mid_stream=True, code="forcing_failed")
-            self.record["second_s"] = time.perf_counter() - t0
+            self.record["second_s"] = ex.loop.time() - t0
             if not done:
                 return await self.failed(UpstreamError("disconnected", "the continuation ended before [DONE]"),
                                          mid_stream=True, code="forcing_failed")  # fmt: skip

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from thinkcap.proxy.app import create_app
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.llamacpp import Server, start_llama_server
+from thinkcap.sim.sse import StreamedAnswer
 
 #: Tokens past the cap the reasoning may hold: a delta that carried two tokens, or a tag piece.
 SLACK = 2
@@ -83,13 +83,6 @@ def server_in_content(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
         s.stop()
 
 
-def tokenize(server: Server, text: str) -> int:
-    req = urllib.request.Request(server.url + "/tokenize", json.dumps({"content": text}).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return len(json.loads(r.read())["tokens"])
-
-
 def launched(server: Server) -> int:
     """Requests the server has started (one log line each)."""
     return server.log.read_text(errors="replace").count("launch_slot_")
@@ -121,21 +114,13 @@ async def read_stream(
     url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
 ) -> tuple[str, str, list[dict[str, Any]]]:
     """The reasoning, the content and every event of a streamed answer, as a client reads them."""
-    reasoning, content, events = [], [], []
+    answer = StreamedAnswer()
     async with aiohttp.ClientSession() as s, s.post(url, json={**payload, "stream": True}, headers=headers) as r:
         assert r.status == 200, await r.text()
         assert r.content_type == "text/event-stream"
         async for line in r.content:
-            text = line.decode().strip()
-            if not text.startswith("data: {"):
-                continue
-            event = json.loads(text[6:])
-            events.append(event)
-            for choice in event.get("choices") or []:
-                delta = choice.get("delta") or {}
-                reasoning.append(delta.get("reasoning_content") or "")
-                content.append(delta.get("content") or "")
-    return "".join(reasoning), "".join(content), events
+            answer.feed(line)
+    return answer.reasoning, answer.content, answer.events
 
 
 def request_event(logs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,7 +141,7 @@ async def test_forcing_bounds_the_reasoning_and_the_model_answers_after_it(
         with capture_logs() as logs:
             reasoning, content, events = await read_stream(url, body(cap, max_tokens=cap + 48))
         event = request_event(logs)
-    served = tokenize(server, reasoning)
+    served = server.tokenize(reasoning)
     assert event["limit_field"] == "forced" and event["effective_limit"] == cap
     assert served <= cap + SLACK, (served, reasoning)
     assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
@@ -181,7 +166,7 @@ async def test_a_whole_answer_is_one_answer_with_one_usage_for_both_requests(ser
         _, _, events = await read_stream(url, body(8, max_tokens=40, stream_options={"include_usage": True}))
     assert whole["object"] == "chat.completion" and len(whole["choices"]) == 1
     message = whole["choices"][0]["message"]
-    assert tokenize(server, message["reasoning_content"]) <= 8 + SLACK and message["content"].strip()
+    assert server.tokenize(message["reasoning_content"]) <= 8 + SLACK and message["content"].strip()
     usage = whole["usage"]
     assert usage["completion_tokens_details"]["reasoning_tokens"] == 8 == event["reasoning_tokens"]
     assert usage["completion_tokens"] > 8 and usage["prompt_tokens"] > 0
@@ -207,7 +192,7 @@ async def test_reasoning_inside_content_is_cut_between_the_tags(
     assert reasoning == "" and content.lstrip().startswith("<think>")
     thought, _, answer = content.lstrip()[len("<think>") :].partition("</think>")
     assert event["forcing"]["forced"]  # the first </think> is thinkcap's cut (the model may write more)
-    assert tokenize(server_in_content, thought.strip()) <= cap + SLACK, thought
+    assert server_in_content.tokenize(thought.strip()) <= cap + SLACK, thought
     assert answer.strip(), content
 
 
@@ -220,7 +205,7 @@ async def test_a_reasoning_that_ends_before_the_cap_is_one_request(server: Serve
         with capture_logs() as logs:
             reasoning, _, events = await read_stream(url, question, {"X-Thinkcap-Type": "t32"})
         event = request_event(logs)
-    assert 0 < tokenize(server, reasoning) < 32
+    assert 0 < server.tokenize(reasoning) < 32
     assert event["forcing"] == {"cap": 32, "forced": False, "second_sent": False}
     assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
     assert launched(server) - before == 1
@@ -346,7 +331,7 @@ async def test_the_probe_forces_a_budget_the_backend_ignores(server: Server, tmp
         event = request_event(logs)
     assert state.probe["status"] == "not_honoured" and state.probe["reasoning"] == "reasoning_content"
     assert ready["budget"]["mode"] == "forced" and "ignores thinking_token_budget" in ready["budget"]["reason"]
-    assert event["forcing"]["forced"] and tokenize(server, reasoning) <= 8 + SLACK and content.strip()
+    assert event["forcing"]["forced"] and server.tokenize(reasoning) <= 8 + SLACK and content.strip()
 
 
 async def test_a_refused_replica_hands_a_forced_request_to_the_next(server: Server, tmp_path: Path) -> None:
@@ -362,4 +347,4 @@ async def test_a_refused_replica_hands_a_forced_request_to_the_next(server: Serv
         events = [e for e in logs if e["event"] == "request"]
     assert [e["status"] for e in events] == [200, 200] and all(e["forcing"]["forced"] for e in events)
     assert all(e["replica"] == server.url for e in events)
-    assert all(tokenize(server, reasoning) <= 8 + SLACK and content.strip() for reasoning, content, _ in answers)
+    assert all(server.tokenize(reasoning) <= 8 + SLACK and content.strip() for reasoning, content, _ in answers)

@@ -20,6 +20,7 @@ from thinkcap.proxy.app import create_app
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.llamacpp import Server, start_llama_server
+from thinkcap.sim.sse import StreamedAnswer
 
 #: Tokens the server may add past the budget: the end-of-thinking tag it forces.
 END_TAG_TOKENS = 3
@@ -73,27 +74,14 @@ def props(server: Server) -> dict[str, Any]:
     return out
 
 
-def tokenize(server: Server, text: str) -> int:
-    req = urllib.request.Request(server.url + "/tokenize", json.dumps({"content": text}).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return len(json.loads(r.read())["tokens"])
-
-
 async def stream_reasoning(url: str, body: dict[str, Any]) -> tuple[str, str]:
     """The reasoning and the content of a streamed answer, as the client reads them."""
-    reasoning, content = [], []
+    answer = StreamedAnswer()
     async with aiohttp.ClientSession() as s, s.post(url, json={**body, "stream": True}) as r:
         assert r.status == 200, await r.text()
         async for line in r.content:
-            text = line.decode().strip()
-            if not text.startswith("data: {"):
-                continue
-            for choice in json.loads(text[6:]).get("choices") or []:
-                delta = choice.get("delta") or {}
-                reasoning.append(delta.get("reasoning_content") or "")
-                content.append(delta.get("content") or "")
-    return "".join(reasoning), "".join(content)
+            answer.feed(line)
+    return answer.reasoning, answer.content
 
 
 async def test_the_template_makes_llama_server_parse_reasoning(thinking_server: Server) -> None:
@@ -115,7 +103,7 @@ async def test_the_native_budget_bounds_the_reasoning(thinking_server: Server, c
     body = {"messages": PROMPT, "max_tokens": cap + 48, "thinking_budget_tokens": cap, "temperature": 0.0}
     reasoning, _ = await stream_reasoning(thinking_server.url + "/v1/chat/completions", body)
     assert reasoning, "no reasoning_content: the template's tags were not found"
-    assert tokenize(thinking_server, reasoning) <= cap + END_TAG_TOKENS
+    assert thinking_server.tokenize(reasoning) <= cap + END_TAG_TOKENS
 
 
 @pytest.fixture
@@ -144,7 +132,7 @@ async def test_through_thinkcap_the_cap_binds_and_the_count_is_the_servers(
     (event,) = [e for e in logs if e["event"] == "request"]
     assert event["type"] == f"t{cap}" and event["limit_field"] == "thinking_budget_tokens"
     assert event["effective_limit"] == cap
-    served = tokenize(thinking_server, reasoning)
+    served = thinking_server.tokenize(reasoning)
     assert served <= cap + END_TAG_TOKENS
     assert event["reasoning_tokens_source"] == "stream"
     assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
@@ -164,7 +152,7 @@ async def test_the_count_is_the_servers_where_a_delta_holds_several_tokens(
         reasoning, _ = await stream_reasoning(url, {"messages": prompt, "max_tokens": 160, "temperature": 0.0,
                                                     "thinking_budget_tokens": 128})  # fmt: skip
     (event,) = [e for e in logs if e["event"] == "request"]
-    served = tokenize(thinking_server, reasoning)
+    served = thinking_server.tokenize(reasoning)
     assert "<count" in reasoning and served > 64, reasoning
     assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
 
