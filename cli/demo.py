@@ -86,9 +86,17 @@ def policy_caps(truth: Problem, policy: str) -> dict[str, int] | None:
 
 
 def demo_settings(scenario: Scenario, sim_url: str, policy: str, interval_s: float) -> Settings:
-    """The proxy configuration: true curves and weights, wall-clock service times, marker rules."""
+    """The proxy configuration: true curves and weights, wall-clock service times, marker rules.
+
+    A type's configured overhead is its prefill alone: the proxy learns the answer that follows
+    the reasoning (the ``vllm`` dialect's cap bounds the reasoning) and adds its time itself;
+    the true problem's overhead, which holds both, would count the answer twice until the
+    step fit takes over."""
     truth = scenario.problem(scenario.phases[0].mean_rate)
-    types = tuple(TypeConfig(task=t, keywords=(s.marker,)) for t, s in zip(truth.types, scenario.types, strict=True))
+    types = tuple(
+        TypeConfig(task=replace(t, overhead_s=t.overhead_s - t.per_token_s * s.answer_tokens), keywords=(s.marker,))
+        for t, s in zip(truth.types, scenario.types, strict=True)
+    )
     model = ModelConfig(
         "<demo>", types, truth.latency_penalty, truth.rho_max, scenario.phases[0].mean_rate, truth.queue
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from thinkcap.cli.demo import demo_scenario
+from thinkcap.cli.demo import demo_scenario, demo_settings
 from thinkcap.controller.queue import MG1, BatchingEngine
 
 
@@ -22,3 +22,16 @@ def test_the_demo_world_is_an_eight_slot_engine_and_one_slot_is_mg1() -> None:
     assert one.problem(9.0).metrics(p.lo).rho > p.metrics(p.lo).rho  # batching raises the capacity
     with pytest.raises(ValueError, match="slots"):
         demo_scenario(None, slots=0)
+
+
+def test_the_demo_proxy_counts_the_answer_once() -> None:
+    """The proxy adds the learnt answer's time to a type's configured overhead (the cap bounds
+    the reasoning), so the demo configures the prefill alone: prefill plus the answer is the
+    true problem's overhead, not the answer twice (which read a 90 % load as 1.0-1.4 after a
+    spike, until the step fit took over)."""
+    scenario = demo_scenario(None)
+    truth = scenario.problem(scenario.phases[0].mean_rate)
+    settings = demo_settings(scenario, "http://127.0.0.1:9/v1", "adaptive", 1.0)
+    for cfg, true, sim in zip(settings.model.types, truth.types, scenario.types, strict=True):
+        with_answer = cfg.task.overhead_s + cfg.task.per_token_s * sim.answer_tokens
+        assert with_answer == pytest.approx(true.overhead_s, rel=1e-12), cfg.task.name
