@@ -34,8 +34,7 @@ measured objective of adaptive and static (caps optimal for the run's mean rate)
 0 shed in the steady run; in the bursty run shedding only in bursts and the admit fraction
 back within 10 s; the step fit within 10 %; the prediction within 15 %; adaptive >= static.
 ``--only spike`` makes one run; ``--time-scale 0.2`` runs the engine at 5x speed instead of
-20x (its steps then stand well above the event loop's own delays, which slow a 0.6-ms step
-when the engine, two proxies and the load share one process).
+20x (the demo's).
 """
 
 from __future__ import annotations
