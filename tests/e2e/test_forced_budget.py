@@ -146,7 +146,9 @@ async def test_forcing_bounds_the_reasoning_and_the_model_answers_after_it(
     assert served <= cap + SLACK, (served, reasoning)
     assert abs(event["reasoning_tokens"] - served) <= 1, (event["reasoning_tokens"], served)
     forcing = event["forcing"]
-    assert forcing["forced"] == forcing["second_sent"] == (served >= cap - 1), (forcing, served)
+    assert forcing["forced"] == forcing["second_sent"]
+    if forcing["forced"]:  # cut at the cap (a tokenisation of the text may differ by one)
+        assert served >= cap - 1, (forcing, served)
     assert launched(server) - before == (2 if forcing["forced"] else 1)
     assert content.strip(), "no answer after the reasoning"
     assert len({e["id"] for e in events}) == 1  # one answer, not two
@@ -197,17 +199,23 @@ async def test_reasoning_inside_content_is_cut_between_the_tags(
 
 
 async def test_a_reasoning_that_ends_before_the_cap_is_one_request(server: Server, tmp_path: Path) -> None:
-    """The model ends its answer by itself below the cap (on this question SmolLM2 thinks about
-    8 tokens and stops): one upstream request, nothing forced, the answer relayed as sent."""
+    """The model ends its reasoning by itself below the cap: one upstream request, nothing
+    forced, the answer as the server gives it directly. The cap is set above what the
+    server, asked directly with no budget, thinks on the question (SmolLM2 thinks about 8
+    tokens on it and stops)."""
     question = {"messages": [{"role": "user", "content": "What is 2+3?"}], "temperature": 0.0, "max_tokens": 150}
-    async with proxied(server.url, tmp_path) as (url, _):
+    direct, _, direct_events = await read_stream(server.url + "/v1/chat/completions", question)
+    cap = server.tokenize(direct) + 16
+    async with proxied(server.url, tmp_path) as (url, state):
+        state.caps.pin({"t400": cap})
         before = launched(server)
         with capture_logs() as logs:
-            reasoning, _, events = await read_stream(url, question, {"X-Thinkcap-Type": "t32"})
+            reasoning, _, events = await read_stream(url, question, {"X-Thinkcap-Type": "t400"})
         event = request_event(logs)
-    assert 0 < server.tokenize(reasoning) < 32
-    assert event["forcing"] == {"cap": 32, "forced": False, "second_sent": False}
-    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
+    assert 0 < server.tokenize(reasoning) < cap
+    assert event["forcing"] == {"cap": cap, "forced": False, "second_sent": False}
+    finish = [[e["choices"][0]["finish_reason"] for e in evs if e["choices"]][-1] for evs in (events, direct_events)]
+    assert finish[0] == finish[1] and reasoning == direct  # as the server answers it directly
     assert launched(server) - before == 1
 
 
