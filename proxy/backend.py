@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from thinkcap.proxy.dialects import CAP_FIELD_ADVICE, ENGINE_GAUGES, RUNNING_COUNT_FIELDS, apply_cap, honoured
+from thinkcap.proxy.dialects import CAP_FIELD_ADVICE, ENGINE_GAUGES, apply_cap, ask_running_count, honoured
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Replica
-from thinkcap.proxy.request.forcing import Events, Reasoning, delta_of, running_count
+from thinkcap.proxy.request.forcing import Reasoning
 from thinkcap.proxy.request.forward import SHAPED
-from thinkcap.proxy.request.sse import Tokens, from_usage
+from thinkcap.proxy.request.sse import Events, Tokens, delta_of, from_usage, running_count
 from thinkcap.proxy.state import ProxyState
 
 #: The cap the start-up probe asks for.
@@ -98,7 +98,7 @@ async def probe(state: ProxyState) -> dict[str, Any]:
     field; ``backend_error`` holds the body). ``reasoning`` says where the answer's reasoning
     was: ``reasoning_content`` (a field of its own), ``tags`` (inside ``content``, between
     ``[backend] reasoning_tags``) or ``none`` seen. The reasoning count is the usage's, else
-    the streamed reasoning deltas (one token each).
+    counted as budget forcing counts it (:class:`~thinkcap.proxy.request.forcing.Reasoning`).
     """
     b = state.settings.backend
     body: dict[str, Any] = {"messages": [{"role": "user", "content": "Count from 1 to 100, one number per line."}],
@@ -116,7 +116,7 @@ async def probe(state: ProxyState) -> dict[str, Any]:
             body["model"] = "default"
     bare = dict(body, max_tokens=2 * PROBE_CAP)  # without the cap field, if it is the trouble
     body["max_tokens"] = 8 * PROBE_CAP  # room to show a budget ignored, where the field bounds the reasoning
-    body.update(RUNNING_COUNT_FIELDS.get(b.dialect, {}))  # the reasoning counted as forcing counts it
+    ask_running_count(body, b.dialect)  # the reasoning counted as forcing counts it
     applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance, thinks=b.thinks)
     try:
         status, raw = await _probe_post(state, body)
@@ -269,8 +269,8 @@ async def watch_engine_gauges(state: ProxyState) -> None:
                                             timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT_S)) as r:  # fmt: skip
                     text = await r.text() if r.status == 200 else ""
                 gauges = parse_gauges(text) if text else None
-            except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
-                gauges, text = None, f"{type(exc).__name__}"
+            except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError):
+                gauges = None
             if gauges is None:
                 if replica.url not in warned:
                     warned.add(replica.url)

@@ -56,8 +56,17 @@ RUNNING_COUNT_FIELDS: dict[str, dict[str, Any]] = {
     "sglang": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
 }
 
+
+def ask_running_count(body: dict[str, Any], dialect: str) -> None:
+    """Ask for the dialect's running count of generated tokens (:data:`RUNNING_COUNT_FIELDS`)
+    in ``body``, in place; ``stream_options`` already there are kept beside it."""
+    for key, value in RUNNING_COUNT_FIELDS.get(dialect, {}).items():
+        held = body.get(key)
+        body[key] = {**held, **value} if isinstance(value, dict) and isinstance(held, dict) else value
+
+
 #: The engines' own gauges on their Prometheus ``/metrics``: requests running, and requests
-#: waiting for a slot (``[backend] engine_gauges``). vLLM's come with labels (summed here).
+#: waiting for a slot (``[backend] engine_gauges_s``). vLLM's come with labels (summed here).
 ENGINE_GAUGES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",

@@ -5,9 +5,9 @@ start-up probe saw that).
 A forced chat request goes upstream as a stream, whatever the client asked for. Its reasoning
 is counted as it arrives, from ``reasoning_content`` (or ``reasoning``) deltas, or from the
 ``content`` text between the model's tags (``[backend] reasoning_tags``) when the answer opens
-with the start tag. One non-empty delta is one token: llama-server, vLLM and SGLang send one
-token per streamed delta (a tag the parser holds back can leave in one delta with the next
-token; the README gives the count's error on the shipped model). When the count reaches the cap
+with the start tag. The count is the server's own running count of generated tokens where its
+stream carries one (:data:`~thinkcap.proxy.dialects.RUNNING_COUNT_FIELDS`: a delta can hold
+several tokens), else one token per non-empty delta. When the count reaches the cap
 before the model ends its reasoning, the upstream request is closed (the server stops that
 generation) and a second one continues it: the same messages and an assistant message holding
 the reasoning so far, closed with the end tag, which the model continues with its answer
@@ -24,76 +24,25 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from thinkcap.proxy.dialects import CONTINUE_FIELDS, RUNNING_COUNT_FIELDS
+from thinkcap.proxy.dialects import CONTINUE_FIELDS, ask_running_count
 from thinkcap.proxy.errors import ProxyError
 from thinkcap.proxy.request.failures import upstream_failure
 from thinkcap.proxy.request.headers import returned_headers
-from thinkcap.proxy.request.sse import MalformedStreamError, Tokens, from_usage
+from thinkcap.proxy.request.sse import (
+    Events,
+    MalformedStreamError,
+    Tokens,
+    delta_of,
+    finish_of,
+    from_usage,
+    running_count,
+)
 from thinkcap.proxy.transport.client import Response, UpstreamError
 from thinkcap.proxy.transport.server import Reply, StreamReply
 
 if TYPE_CHECKING:
     from thinkcap.proxy.pool import Replica
     from thinkcap.proxy.request.forward import Exchange
-
-
-class Events:
-    """Splits an SSE byte stream into its events' ``data`` payloads: parsed JSON objects, or
-    ``"[DONE]"``; a payload that is neither is a :class:`MalformedStreamError`."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, data: bytes) -> list[dict[str, Any] | str]:
-        self._buf += data.replace(b"\r\n", b"\n")
-        out: list[dict[str, Any] | str] = []
-        while True:
-            end = self._buf.find(b"\n\n")
-            if end < 0:
-                return out
-            block, self._buf = self._buf[:end], self._buf[end + 2 :]
-            payload = b"\n".join(line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:"))
-            if not payload:
-                continue  # a comment or an event without data
-            if payload == b"[DONE]":
-                out.append("[DONE]")
-                continue
-            try:
-                item = json.loads(payload)
-            except (ValueError, UnicodeDecodeError):
-                item = None
-            if not isinstance(item, dict):
-                raise MalformedStreamError("the upstream sent a stream event that is not a JSON object")
-            out.append(item)
-
-
-def delta_of(chunk: dict[str, Any]) -> dict[str, Any]:
-    """The first choice's ``delta`` (empty if there is none)."""
-    choices = chunk.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        delta = choices[0].get("delta")
-        if isinstance(delta, dict):
-            return delta
-    return {}
-
-
-def running_count(chunk: dict[str, Any]) -> int | None:
-    """The server's count of tokens generated so far, where a chunk carries one (see
-    :data:`~thinkcap.proxy.dialects.RUNNING_COUNT_FIELDS`)."""
-    for holder, key in ((chunk.get("timings"), "predicted_n"), (chunk.get("usage"), "completion_tokens")):
-        if isinstance(holder, dict):
-            value = holder.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-    return None
-
-
-def finish_of(chunk: dict[str, Any]) -> str | None:
-    choices = chunk.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        reason = choices[0].get("finish_reason")
-        return reason if isinstance(reason, str) else None
-    return None
 
 
 @dataclass
@@ -273,8 +222,7 @@ class ForcedRelay:
         self.record: dict[str, Any] = {"cap": cap, "forced": False, "second_sent": False}
         ex.event["forcing"] = self.record
         self.client_timings = body.get("timings_per_token") is True
-        for key, value in RUNNING_COUNT_FIELDS.get(self.dialect, {}).items():  # see Reasoning's count
-            body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
+        ask_running_count(body, self.dialect)  # see Reasoning's count
 
     async def run(self) -> Reply | StreamReply:
         ex = self.ex
@@ -346,23 +294,22 @@ class ForcedRelay:
                     item.pop("timings", None)
                 if not self.head:
                     self.head = {k: item[k] for k in ("id", "created", "model") if k in item}
-                delta = delta_of(item)
-                if not delta and finish_of(item) is None:
+                delta, reason = delta_of(item), finish_of(item)
+                if not delta and reason is None:
                     continue  # a usage-only chunk: one usage block is sent at the end
                 if second:
                     item.update(self.head)
                     content = delta.get("content")
                     if isinstance(content, str):
                         delta["content"] = echo.feed(content)
-                    if finish_of(item) is not None:
+                    if reason is not None:
                         out += self._held(echo)
                     if delta.get("role") and not delta.get("content"):
                         delta.pop("role")
-                    if not delta.get("content") and not delta.get("reasoning_content") and finish_of(item) is None:
+                    if not delta.get("content") and not delta.get("reasoning_content") and reason is None:
                         continue
                 else:
                     self.reasoning.feed(delta, running)
-                reason = finish_of(item)
                 if reason is not None:
                     self.finish = reason
                 self._collect(delta)
@@ -419,15 +366,11 @@ class ForcedRelay:
             first = Tokens(completion=self.reasoning.tokens)
         return combined_usage(first, second, self.reasoning.tokens)
 
-    def tokens(self) -> Tokens:
-        usage = self.combined()
-        return Tokens(usage["prompt_tokens"], usage["completion_tokens"], self.reasoning.tokens,
-                      usage["prompt_tokens_details"]["cached_tokens"], "usage", "stream")  # fmt: skip
-
     async def answer(self) -> Reply | StreamReply:
         ex = self.ex
-        ex.tokens = self.tokens()
         usage = self.combined()
+        ex.tokens = Tokens(usage["prompt_tokens"], usage["completion_tokens"], self.reasoning.tokens,
+                           usage["prompt_tokens_details"]["cached_tokens"], "usage", "stream")  # fmt: skip
         ex.event["status"] = 200
         if self.client_stream:
             tail = []
@@ -455,8 +398,7 @@ class ForcedRelay:
         """An OpenAI-style error: the client's answer, or an ``error`` event ending its stream."""
         err = upstream_failure(exc, mid_stream=mid_stream)
         if code is not None and err.code != code:
-            err = ProxyError(err.status if code != "upstream_truncated" else 502, err.message, "upstream_error",
-                             code=code)  # fmt: skip
+            err = ProxyError(err.status, err.message, "upstream_error", code=code)
         if code == "forcing_failed":
             self.record["error"] = err.message
         if self.resp is not None and self.resp.prepared:

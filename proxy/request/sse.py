@@ -2,7 +2,8 @@
 
 :class:`StreamTally` splits an upstream Server-Sent Events stream into whole events, so each
 one can be forwarded as soon as it is complete, counted, and (when the proxy asked for usage
-on the client's behalf) the extra usage-only chunk removed.
+on the client's behalf) the extra usage-only chunk removed. :class:`Events` parses every
+event in full, for the few readers that need each chunk's fields (budget forcing, the probe).
 """
 
 from __future__ import annotations
@@ -183,13 +184,16 @@ class StreamTally:
 
     def _count(self) -> None:
         for block in self._uncounted:
-            found = len(REASONING.findall(block))
-            self._reasoning += found
-            if found and self.running:  # a delta can hold several tokens: the server's count says how many
+            if not self.running:
+                self._reasoning += len(REASONING.findall(block))
+            else:  # a delta can hold several tokens: the server's count at the last reasoning delta says how many
                 for event in block.split(b"\n\n"):
-                    count = PREDICTED.search(event) if REASONING.search(event) else None
-                    if count is not None:
-                        self._reasoning_running = int(count.group(1))
+                    found = len(REASONING.findall(event))
+                    if found:
+                        self._reasoning += found
+                        count = PREDICTED.search(event)
+                        if count is not None:
+                            self._reasoning_running = int(count.group(1))
             self._content += len(CONTENT.findall(block)) - len(STRAY_END_TAG.findall(block))
         self._uncounted.clear()
         self._uncounted_bytes = 0
@@ -310,3 +314,62 @@ def whole_tokens(answer: dict[str, Any]) -> Tokens | None:
         if isinstance(message, dict) and (message.get("reasoning_content") or message.get("reasoning")):
             return replace(tokens, reasoning=None, reasoning_source=None)
     return tokens
+
+
+class Events:
+    """Splits an SSE byte stream into its events' ``data`` payloads: parsed JSON objects, or
+    ``"[DONE]"``; a payload that is neither is a :class:`MalformedStreamError`."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[dict[str, Any] | str]:
+        self._buf += data.replace(b"\r\n", b"\n")
+        out: list[dict[str, Any] | str] = []
+        while True:
+            end = self._buf.find(b"\n\n")
+            if end < 0:
+                return out
+            block, self._buf = self._buf[:end], self._buf[end + 2 :]
+            payload = b"\n".join(line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:"))
+            if not payload:
+                continue  # a comment or an event without data
+            if payload == b"[DONE]":
+                out.append("[DONE]")
+                continue
+            try:
+                item = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                item = None
+            if not isinstance(item, dict):
+                raise MalformedStreamError("the upstream sent a stream event that is not a JSON object")
+            out.append(item)
+
+
+def delta_of(chunk: dict[str, Any]) -> dict[str, Any]:
+    """The first choice's ``delta`` (empty if there is none)."""
+    choices = chunk.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        delta = choices[0].get("delta")
+        if isinstance(delta, dict):
+            return delta
+    return {}
+
+
+def running_count(chunk: dict[str, Any]) -> int | None:
+    """The server's count of tokens generated so far, where a chunk carries one (see
+    :data:`~thinkcap.proxy.dialects.RUNNING_COUNT_FIELDS`)."""
+    for holder, key in ((chunk.get("timings"), "predicted_n"), (chunk.get("usage"), "completion_tokens")):
+        if isinstance(holder, dict):
+            value = holder.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+    return None
+
+
+def finish_of(chunk: dict[str, Any]) -> str | None:
+    choices = chunk.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    return None

@@ -1,27 +1,14 @@
-"""Budget forcing's parts: the stream's events, the reasoning count (a field of its own, or
+"""Budget forcing's parts: the reasoning count (a field of its own, or
 between the tags inside ``content``), the continuation's body, the server's echo of the
 prefill and the one usage for both requests. The whole path runs against the real engine in
 ``tests/e2e/test_forced_budget.py``."""
 
 from __future__ import annotations
 
-import pytest
-
-from thinkcap.proxy.request.forcing import Echo, Events, Reasoning, combined_usage, continuation, running_count
-from thinkcap.proxy.request.sse import MalformedStreamError, Tokens
+from thinkcap.proxy.request.forcing import Echo, Reasoning, combined_usage, continuation
+from thinkcap.proxy.request.sse import Tokens, running_count
 
 TAGS = ("<think>", "</think>")
-
-
-def test_events_are_split_across_reads_and_a_bad_one_is_an_error() -> None:
-    """Events split anywhere across reads come out whole, CRLF or LF, comments skipped; a data
-    payload that is not a JSON object is an error."""
-    events = Events()
-    assert events.feed(b'data: {"a"') == []
-    assert events.feed(b": 1}\r\n\r\n: keep-alive\n\ndata: [DONE]\n") == [{"a": 1}]
-    assert events.feed(b"\n") == ["[DONE]"]
-    with pytest.raises(MalformedStreamError):
-        Events().feed(b"data: [1, 2]\n\n")
 
 
 def test_reasoning_in_a_field_counts_one_token_per_delta_until_the_answer() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from thinkcap.proxy.request.sse import (
     UNCOUNTED_BYTES,
+    Events,
     MalformedStreamError,
     StreamTally,
     Tokens,
@@ -221,3 +222,14 @@ def test_a_stray_end_tag_in_the_content_is_not_answer_text() -> None:
     events += [{"choices": [{"delta": {"content": "</think>\n\n"}}]}, {"choices": [{"delta": {"content": "ok"}}]}]
     tally.feed(b"".join(sse(e) for e in events) + b"data: [DONE]\n\n")
     assert (tally.reasoning_chunks, tally.content_chunks) == (2, 1)
+
+
+def test_events_are_split_across_reads_and_a_bad_one_is_an_error() -> None:
+    """Events split anywhere across reads come out whole, CRLF or LF, comments skipped; a data
+    payload that is not a JSON object is an error."""
+    events = Events()
+    assert events.feed(b'data: {"a"') == []
+    assert events.feed(b": 1}\r\n\r\n: keep-alive\n\ndata: [DONE]\n") == [{"a": 1}]
+    assert events.feed(b"\n") == ["[DONE]"]
+    with pytest.raises(MalformedStreamError):
+        Events().feed(b"data: [1, 2]\n\n")
