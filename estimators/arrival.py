@@ -7,6 +7,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+from scipy.special import xlogy
+
 from thinkcap.estimators._decay import check_half_life, check_time
 
 #: Default time constants, seconds (the config's ``[estimators]`` defaults are these).
@@ -33,6 +36,9 @@ REFERENCE_KEEP = 0.1
 RECENT_EVENTS = 512
 #: Arrivals a located segment must hold (fewer would let noise place the change).
 MIN_SEGMENT_EVENTS = 5
+#: Log-likelihood ratio at which :meth:`ArrivalRate.check` flags a fall (a silence included):
+#: a stationary stream crosses it about once in ``e^15`` (3 million) checks.
+FALL_LLR = 15.0
 
 
 class _Decayed:
@@ -115,6 +121,14 @@ class ArrivalRate:
     arrivals after ``tau`` alone: after a step it holds none from before the step. The
     reference keeps its level but forgets most of its exposure (``REFERENCE_KEEP``).
 
+    Arrivals are scored only when they come, and a fall removes them: after 36/s turns into
+    1.5/s, a reference that rests on a few seconds (after repeated alarms during a ramp)
+    falls as fast as the windows and nothing is flagged. :meth:`check`, run at any instant
+    (the estimators run it at every snapshot), tests the arrivals since the last located
+    change, and the silence up to ``now``, for a fall: the likelihood ratio of two Poisson
+    segments, the later slower, against one, maximised over the split; above ``FALL_LLR`` it
+    restarts the estimate and the reference from the arrivals after the split.
+
     Examples
     --------
     >>> est = ArrivalRate(half_life_s=10.0)
@@ -155,6 +169,7 @@ class ArrivalRate:
         self._changes = 0
         self._since_change = 0
         self._last_change: float | None = None
+        self._origin = -math.inf  # the last located change: the fall test looks after it
 
     def update(self, *, now: float, count: int = 1) -> None:
         """Record ``count`` arrivals at time ``now`` (seconds, non-decreasing)."""
@@ -207,12 +222,54 @@ class ArrivalRate:
             # reference keeps its level (the window that raised a false alarm is biased) but
             # forgets most of its exposure, so that after a true change it relearns within a
             # few dozen arrivals.
-            self._main = self._since(self._change_point(now), now)
+            self._origin = self._change_point(now)
+            self._main = self._since(self._origin, now)
             self._windows = (self._main, self._fast, self._slow_fall, self._ref)
             slow = self._ref
             slow.count *= REFERENCE_KEEP
             slow.exposure *= REFERENCE_KEEP
             slow.exposure2 *= REFERENCE_KEEP
+
+    def check(self, now: float) -> bool:
+        """Test for a fall in the rate at ``now`` (no earlier than the last arrival): among
+        the kept arrivals since the last located change, and the silence after them, the
+        split ``tau`` that best fits two Poisson segments, the later slower. If their
+        log-likelihood exceeds one segment's by ``FALL_LLR``, the change is flagged: the
+        reported estimate and the reference restart from the arrivals after ``tau``. Returns
+        whether it was flagged."""
+        if self._last is None:
+            return False
+        now = check_time(now, self._last)
+        kept = [(t, c) for t, c in self._recent if t >= self._origin]
+        if sum(c for _, c in kept) < 2 * MIN_SEGMENT_EVENTS:
+            return False
+        times = np.array([t for t, _ in kept])
+        counts = np.array([c for _, c in kept], dtype=float)
+        origin, total = times[0], counts[1:].sum()  # the oldest arrival marks the origin (as _change_point)
+        n1 = np.cumsum(counts[1:])
+        n2 = total - n1
+        t1 = times[1:] - origin
+        t2 = now - times[1:]
+        ok = (n1 >= MIN_SEGMENT_EVENTS) & (t1 > 0.0) & (t2 > 0.0)
+        ok &= n2 * t1 < n1 * t2  # the later segment slower
+        if not ok.any():
+            return False
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ll = xlogy(n1, n1 / t1) + xlogy(n2, n2 / t2) - total * math.log(total / (now - origin))
+        ll = np.where(ok, ll, -np.inf)
+        best = int(np.argmax(ll))
+        if not ll[best] > FALL_LLR:
+            return False
+        tau = float(times[1 + best])
+        self._changes += 1
+        self._last_change = now
+        self._since_change = 0
+        self._origin = tau
+        # the windows stand at the last arrival (a read decays them to its instant)
+        self._main = self._since(tau, self._last)
+        self._ref = self._since(tau, self._last, self.reference_half_life_s)
+        self._windows = (self._main, self._fast, self._slow_fall, self._ref)
+        return True
 
     def _change_point(self, now: float) -> float:
         """The most likely time of one rate change among the kept arrivals.
@@ -241,9 +298,10 @@ class ArrivalRate:
                 best, best_ll = t, ll
         return best
 
-    def _since(self, start: float, now: float) -> _Decayed:
-        """A fresh estimate that has seen only the kept arrivals after ``start``."""
-        out = _Decayed(self.half_life_s)
+    def _since(self, start: float, now: float, half_life_s: float | None = None) -> _Decayed:
+        """A fresh estimate (half-life ``half_life_s``, default the reported one's) that has
+        seen only the kept arrivals after ``start``."""
+        out = _Decayed(self.half_life_s if half_life_s is None else half_life_s)
         last = start
         for t, count in self._recent:
             if t > start:

@@ -108,8 +108,10 @@ class Estimators:
         self._last_served = now
 
     def snapshot(self, now: float | None = None) -> Snapshot:
-        """Rate (decayed to ``now``), priors and per-type service parameters."""
+        """Rate (decayed to ``now``, after the detector's fall test at ``now``: a silence is
+        evidence too), priors and per-type service parameters."""
         now = self._last if now is None else now
+        self.arrival.check(now)
         rate = self.arrival.get(now)
         recent = self.arrival.recent(now)
         priors = self.mix.get(now)

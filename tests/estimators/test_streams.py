@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from thinkcap.estimators import ArrivalRate, ServiceModel, ServiceRLS, TypeMix
+from thinkcap.estimators import ArrivalRate, Estimators, ServiceModel, ServiceRLS, TypeMix
 
 
 def poisson_times(rng: np.random.Generator, rate: float, start: float, stop: float) -> list[float]:
@@ -278,3 +278,56 @@ def test_per_type_slopes_when_a_type_has_enough_samples() -> None:
     assert own.params("fast").per_token_s == pytest.approx(0.01, rel=0.01)
     assert own.params("slow").per_token_s == pytest.approx(0.03, rel=0.01)
     assert pooled.params("fast").per_token_s == pooled.params("slow").per_token_s
+
+
+def _end_of_overload(seed: int, read_after: float) -> float:
+    """``thinkcap demo``'s schedule, its estimator settings: 1.5/s, 9/s and 36/s for 20 s each
+    (the ramp raises alarm after alarm), then 1.5/s; the snapshot's rate ``read_after``
+    seconds into the last phase, read once a second as the control loop reads it."""
+    rng = np.random.default_rng(seed)
+    est = Estimators({"a": (1.0, 0.1, 0.01, 0.0)}, arrival=ArrivalRate(half_life_s=4.0, reference_half_life_s=60.0))
+    arrivals = [
+        t for k, rate in enumerate((1.5, 9.0, 36.0, 1.5)) for t in poisson_times(rng, rate, 20.0 * k, 20.0 * k + 20)
+    ]
+    tick = 1.0
+    for t in arrivals:
+        if t > 60.0 + read_after:
+            break
+        while tick <= t:
+            est.snapshot(tick)
+            tick += 1.0
+        est.arrived("a", now=t)
+    return est.snapshot(60.0 + read_after).arrival_rate
+
+
+def test_the_end_of_an_overload_is_seen_within_seconds() -> None:
+    """After 36/s falls to 1.5/s the rate read 3 s later is below 4/s in at least 95 % of 40
+    runs (before the fall test it decayed by its half-life alone when the ramp's alarms had
+    left the reference a few seconds deep: 21/s after 3 s)."""
+    rates = np.array([_end_of_overload(seed, 3.0) for seed in range(40)])
+    assert np.mean(rates < 4.0) >= 0.95
+
+
+def test_a_silence_is_a_fall_without_an_arrival() -> None:
+    """36/s for a minute, then nothing: 2 s into the silence, with no arrival to score, the
+    snapshot's rate is below 1/s and the change is counted."""
+    est = Estimators({"a": (1.0, 0.1, 0.01, 0.0)})
+    for t in poisson_times(np.random.default_rng(3), 36.0, 0.0, 60.0):
+        est.arrived("a", now=t)
+    changes = est.arrival.changes
+    snap = est.snapshot(62.0)
+    assert snap.arrival_rate < 1.0
+    assert est.arrival.changes == changes + 1
+
+
+def test_the_fall_test_keeps_quiet_on_stationary_streams() -> None:
+    """Checked once a second for 10 minutes at 0.5, 2, 36 and 200/s (10 runs each): no fall flagged."""
+    for rate in (0.5, 2.0, 36.0, 200.0):
+        for seed in range(10):
+            est = ArrivalRate()
+            tick = 1.0
+            for t in poisson_times(np.random.default_rng(500 + seed), rate, 0.0, 600.0):
+                while tick <= t:
+                    assert not est.check(tick), (rate, seed, tick)
+                    tick += 1.0
+                est.update(now=t)
