@@ -324,6 +324,7 @@ class ControlLoop:
         log = logger()
         try:
             inputs = self.source(now)
+            self._seen_changes = st.estimators.arrival.changes  # a fall its snapshot flagged is seen
             snap = inputs.snap
             use_estimate = inputs.arrivals >= s.min_arrivals
             rate = snap.arrival_rate if use_estimate else st.settings.model.arrival_rate
@@ -373,10 +374,18 @@ class ControlLoop:
         evidence = self._shedding(problem, rate_low, rate_now, decision_id, now)
         if not overload:
             self.x0 = result.x
-        q = problem.metrics(np.array([caps[n] for n in problem.names], dtype=float))
+        # A backlog (more requests waiting than the slots hold: the end of a burst) is served
+        # at the caps it was admitted under: caps rise only once it has drained, or longer
+        # answers would stretch every wait behind them.
+        waiting = self._waiting()
+        backlog = waiting if waiting > sum(st.pool.healthy_slots()) and not overload else None
+        chosen = caps
+        if backlog is not None:
+            before = st.caps.table.caps
+            chosen = {n: min(c, before[n]) if n in before else c for n, c in caps.items()}
         publish = should_publish(
             problem,
-            caps,
+            chosen,
             st.caps.table.caps,
             overload=overload,
             hysteresis_tokens=s.hysteresis_tokens,
@@ -384,16 +393,20 @@ class ControlLoop:
             hysteresis_latency=s.hysteresis_latency,
         )
         if publish:
-            table = st.caps.publish(caps, "controller", decision_id=decision_id, now=now)
+            table = st.caps.publish(chosen, "controller", decision_id=decision_id, now=now)
             st.metrics.set_caps(st.caps.effective())
             log.info(
                 "caps_published",
                 decision_id=decision_id,
                 time=now,
                 version=table.version,
-                caps=caps,
+                caps=chosen,
                 in_force=st.caps.effective(),
             )
+        # the prediction is the caps' in force (held, kept by the hysteresis or pinned): the
+        # requests that come next get those
+        in_force = st.caps.effective()
+        q = problem.metrics(np.array([in_force[n] for n in problem.names], dtype=float))
         st.metrics.rho.set(q.rho if math.isfinite(q.rho) else -1)
         st.metrics.predicted_system_time.set(q.mean_system_time if math.isfinite(q.mean_system_time) else -1)
         st.metrics.solve_time.set(solve_time)
@@ -415,7 +428,8 @@ class ControlLoop:
             "predicted_rho": finite(q.rho),
             "predicted_mean_system_time": finite(q.mean_system_time),
             "published": publish,
-            "caps_in_force": st.caps.effective(),
+            "held_by_backlog": None if chosen == caps else backlog,
+            "caps_in_force": in_force,
             "pinned": dict(st.caps.pins),
             "load_at_min_caps": load_at_min_caps(problem),
             "shedding": st.shedding,
@@ -441,11 +455,15 @@ class ControlLoop:
         which holds no request of its own); where the engines' own gauges are read
         (``[backend] engine_gauges_s``), their waiting requests when more, since they also count
         traffic that did not come through this thinkcap."""
-        st = self.state
-        engine = max(st.pool.in_service - sum(st.pool.healthy_slots()), 0, round(engine_waiting(st)))
-        queued, before = st.admission.queued + engine, self._queued
+        queued, before = self._waiting(), self._queued
         self._queued = queued
         return queued > 0 and queued >= before
+
+    def _waiting(self) -> int:
+        """The requests waiting for a slot (see :meth:`_queue_confirms`)."""
+        st = self.state
+        engine = max(st.pool.in_service - sum(st.pool.healthy_slots()), 0, round(engine_waiting(st)))
+        return st.admission.queued + engine
 
     def _shedding(self, p: Problem, rate_low: float, rate_now: float, decision_id: str, now: float) -> str | None:
         """Start, follow or stop shedding; returns the evidence of an overload that started it.

@@ -173,6 +173,26 @@ async def test_overload_sheds_and_recovers(state: ProxyState, hysteresis_tokens:
     assert over["overload_evidence"] == "queue"
 
 
+async def test_a_backlog_is_served_at_the_caps_it_came_under(state: ProxyState) -> None:
+    """When the load falls while more requests wait than the slots hold (the end of a burst),
+    the decided caps rise but those in force do not, until the backlog has drained: longer
+    answers would stretch every wait behind them (after thinkcap demo's overload, 12 s)."""
+    ctl = ControlLoop(state, ControllerSettings())
+    t = feed(state, 8.0, 0.0, 300.0)
+    busy = ctl.step(t)
+    assert busy is not None
+    t = feed(state, 0.2, t, 600.0, seed=1)
+    async with waiting(state, 3):  # one slot, three waiting
+        held = ctl.step(t)
+        assert held is not None and held["caps"] != busy["caps"]
+        assert all(held["caps"][n] >= busy["caps"][n] for n in held["caps"])
+        assert state.caps.effective() == busy["caps"]
+        assert held["held_by_backlog"] == 3 and busy["held_by_backlog"] is None
+    drained = ctl.step(feed(state, 0.2, t, 5.0, seed=2))
+    assert drained is not None and drained["held_by_backlog"] is None and drained["published"]
+    assert state.caps.effective() == drained["caps"] != busy["caps"]
+
+
 def test_an_overload_the_queue_does_not_confirm_sheds_nothing(state: ProxyState) -> None:
     """Without requests waiting in the admission queue, a predicted overload (here with a fitted
     service model) admits everything and is logged once as unconfirmed; the caps still go to
