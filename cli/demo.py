@@ -32,13 +32,13 @@ from typing import IO, Any
 import numpy as np
 from aiohttp import web
 
-from thinkcap.cli.report import MissingExtraError, write_report
+from thinkcap.cli.report import MissingExtraError, phase_ratios, read_log, write_report
 from thinkcap.cli.runtime import run as run_loop
 from thinkcap.cli.scenario_file import load_scenario
 from thinkcap.cli.serve import listening
 from thinkcap.controller import Problem, decide
 from thinkcap.proxy.app import DataPlane
-from thinkcap.proxy.logs import configure
+from thinkcap.proxy.logs import configure, logger
 from thinkcap.proxy.logs import reset as reset_logging
 from thinkcap.proxy.model_file import ModelConfig, TypeConfig
 from thinkcap.proxy.serve_file import BackendSettings, ControllerSettings, EstimatorSettings, ProxySettings, Settings
@@ -280,6 +280,15 @@ def render(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def mark_phases(scenario: Scenario, state: ProxyState) -> None:
+    """A ``phase`` event in the log at each phase's start (on the proxy's clock, as its
+    decisions): ``thinkcap report`` compares prediction and observation per phase."""
+    for k, p in enumerate(scenario.phases):
+        logger().info("phase", phase=k, name=PHASE_NAMES[k] if k < len(PHASE_NAMES) else str(k),
+                      offered_rate=p.mean_rate, duration_s=p.duration_s, time=state.clock())  # fmt: skip
+        await asyncio.sleep(p.duration_s)
+
+
 async def run_demo(
     scenario: Scenario, *, seed: int, log_dir: Path, out: IO[str], interval_s: float = 1.0
 ) -> dict[str, Any]:
@@ -289,6 +298,7 @@ async def run_demo(
     drain = max(5.0, total / 8)
     files_ = {s.policy: (log_dir / f"requests-{s.policy}.jsonl").open("w") for s in stacks}
     view = LiveView(scenario, stacks, out)
+    phases = asyncio.create_task(mark_phases(scenario, stacks[0].state))
     try:
 
         def recorder(stack: Stack) -> Any:
@@ -316,6 +326,7 @@ async def run_demo(
             t.result()
         return report(scenario, stacks, view, time.monotonic() - started)
     finally:
+        phases.cancel()
         for fh in files_.values():
             fh.close()
         for s in stacks:
@@ -353,10 +364,15 @@ def run(args: argparse.Namespace) -> int:
             rep = run_loop(run_demo(scenario, seed=args.seed, log_dir=log_dir, out=sys.stdout))
         finally:
             reset_logging()
+    ratios = phase_ratios(read_log(str(log_path)))
+    rep["prediction_by_phase"] = ratios
     report_path.write_text(json.dumps(rep, indent=2))
     print()
     print(render(rep))
     print()
+    print("predicted / observed mean system time, adaptive, from 10 s (at most half the phase) into each phase: "
+          + ", ".join(f"{r['name']} {'-' if r['ratio'] is None else format(r['ratio'], '.2f')} "
+                      f"({r['requests']} requests)" for r in ratios))  # fmt: skip
     print(f"report: {report_path}")
     try:
         page = write_report(log_path, log_path.with_suffix(".html"))

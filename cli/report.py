@@ -40,6 +40,7 @@ class LogData:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     feedback: list[dict[str, Any]] = field(default_factory=list)
+    phases: list[dict[str, Any]] = field(default_factory=list)  # ``phase`` events (thinkcap demo's schedule)
 
     @property
     def t0(self) -> float:
@@ -66,9 +67,54 @@ def read_log(path: str) -> LogData:
             data.requests.append(e)
         elif kind == "feedback" and isinstance(e.get("type"), str):
             data.feedback.append(e)
+        elif kind == "phase" and isinstance(e.get("time"), int | float):
+            data.phases.append(e)
     data.decisions.sort(key=lambda e: e["time"])
     data.requests.sort(key=lambda e: e["arrival_time"])
+    data.phases.sort(key=lambda e: e["time"])
     return data
+
+
+#: Seconds into a phase before its prediction is compared (the caps settle first), at most
+#: half the phase.
+SETTLE_S = 10.0
+
+
+def phase_ratios(data: LogData, settle_s: float = SETTLE_S) -> list[dict[str, Any]]:
+    """Per ``phase`` event (a load schedule's phase, as ``thinkcap demo`` logs them): the
+    predicted and observed mean system time over the decision intervals that start at least
+    ``settle_s`` (at most half the phase) into it, weighted by the requests arriving in each,
+    and their ratio (``None`` where no interval has both: an overload predicts nothing). A
+    phase ends where the next starts, after its ``duration_s`` if the event has one, or at
+    the log's end."""
+    out = []
+    end_of_log = max([d["time"] for d in data.decisions] + [r["arrival_time"] for r in data.requests], default=0.0)
+    for k, ph in enumerate(data.phases):
+        start = float(ph["time"])
+        end = float(data.phases[k + 1]["time"]) if k + 1 < len(data.phases) else max(end_of_log, start)
+        if isinstance(ph.get("duration_s"), int | float):  # the schedule's, not the drain after it
+            end = min(end, start + float(ph["duration_s"]))
+        from_ = start + min(settle_s, (end - start) / 2)
+        pairs = [
+            (iv["predicted_mean_system_time"], iv["observed_mean_system_time"], iv["requests"])
+            for iv in _compared(data.audit)
+            if from_ <= iv["start"] < end
+        ]
+        n = sum(w for _, _, w in pairs)
+        p = sum(a * w for a, _, w in pairs) / n if n else None
+        o = sum(b * w for _, b, w in pairs) / n if n else None
+        out.append(
+            {
+                "name": str(ph.get("name", k)),
+                "offered_rate": ph.get("offered_rate"),
+                "from_s": from_ - start,
+                "predicted": p,
+                "observed": o,
+                "ratio": p / o if p is not None and o else None,
+                "requests": n,
+            }
+        )
+    return out
 
 
 def shedding_periods(data: LogData) -> list[tuple[float, float]]:
@@ -130,7 +176,16 @@ def summary(data: LogData) -> list[tuple[str, str]]:
     if weight > 0:
         p = sum(a * n for a, _, n in pairs) / weight
         o = sum(b * n for _, b, n in pairs) / weight
-        rows.append(("mean system time", f"predicted {p:.3g} s, observed {o:.3g} s, ratio {p / o:.2f} (by requests)"))
+        rows.append(("mean system time", f"predicted {p:.3g} s, observed {o:.3g} s, ratio {p / o:.2f} (by requests, "
+                                          "every interval)"))  # fmt: skip
+    for k, ph in enumerate(phase_ratios(data)):
+        rate = "" if ph["offered_rate"] is None else f" ({ph['offered_rate']:g}/s)"
+        if ph["ratio"] is None:
+            text = f"nothing to compare from {ph['from_s']:.0f} s in (no prediction: overload, or no answers)"
+        else:
+            text = (f"predicted {ph['predicted']:.3g} s, observed {ph['observed']:.3g} s, ratio {ph['ratio']:.2f} "
+                    f"({ph['requests']} requests from {ph['from_s']:.0f} s in)")  # fmt: skip
+        rows.append((f"phase {k} {html.escape(ph['name'])}{rate}", text))
     periods = shedding_periods(data)
     shed_s = sum(b - a for a, b in periods)
     rows.append(("shedding", f"{shed_s:.1f} s in {len(periods)} period(s)" if periods else "never"))

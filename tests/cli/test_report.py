@@ -148,3 +148,43 @@ def test_the_page_loads_in_chromium_with_every_plot_drawn(tmp_path: Path) -> Non
     page = report_module.write_report(log, tmp_path / "report.html")
     counts = check_in_browser(page, tmp_path / "report.png", PLOTS)
     assert counts["caps"] >= 2  # one series per type
+
+
+def test_the_prediction_is_compared_phase_by_phase_once_settled(tmp_path: Path) -> None:
+    """``phase`` events (as ``thinkcap demo`` logs them) split the comparison: each phase's
+    intervals from ``settle_s`` in (at most half the phase), weighted by their requests."""
+    path = make_log(tmp_path)
+    with path.open("a") as fh:
+        configure(json_lines=True, stream=fh)
+        try:
+            logger().info("phase", phase=0, name="light", offered_rate=1.5, time=100.0)
+            logger().info("phase", phase=1, name="heavy", offered_rate=9.0, time=104.0)
+        finally:
+            reset_logging()
+    data = report_module.read_log(str(path))
+    predicted = {d["time"]: d["predicted_mean_system_time"] for d in data.decisions}
+    light, heavy = report_module.phase_ratios(data, settle_s=1.0)
+    # light: the intervals of the decisions at 101-103 s, two answers each at 0.3 + 0.01 k s
+    assert light["observed"] == pytest.approx(0.32)
+    assert light["predicted"] == pytest.approx(sum(predicted[t] for t in (101.0, 102.0, 103.0)) / 3)
+    assert light["requests"] == 6 and light["ratio"] == pytest.approx(light["predicted"] / 0.32)
+    # heavy: the log ends at 107.7 s, so it settles from 105 s (1 s in): decisions 105-107
+    assert heavy["observed"] == pytest.approx(0.36) and heavy["requests"] == 6 and heavy["from_s"] == 1.0
+    summary = dict(report_module.summary(data))  # the page's default: 10 s in, here half the 4-s phase
+    settled = report_module.phase_ratios(data)[0]
+    assert summary["phase 0 light (1.5/s)"].endswith(f"ratio {settled['ratio']:.2f} (4 requests from 2 s in)")
+
+
+def test_a_phase_with_nothing_to_compare_says_so(tmp_path: Path) -> None:
+    """A phase whose intervals hold no prediction (an overload) or no answer has no ratio."""
+    path = make_log(tmp_path)
+    with path.open("a") as fh:
+        configure(json_lines=True, stream=fh)
+        try:
+            logger().info("phase", phase=0, name="late", offered_rate=36.0, time=200.0)
+        finally:
+            reset_logging()
+    data = report_module.read_log(str(path))
+    (late,) = report_module.phase_ratios(data)
+    assert late["ratio"] is None and late["requests"] == 0
+    assert "nothing to compare" in dict(report_module.summary(data))["phase 0 late (36/s)"]

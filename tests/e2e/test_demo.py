@@ -25,6 +25,15 @@ def test_short_demo_report_is_consistent(tmp_path: Path, capsys: pytest.CaptureF
     rep = json.loads(report_path.read_text())
     phases = rep["phases"]
     assert [p["name"] for p in phases] == ["light", "heavy", "overload", "light"]
+    # the demo logs its phases; the report compares prediction and observation in each
+    by_phase = rep["prediction_by_phase"]
+    assert [p["name"] for p in by_phase] == ["light", "heavy", "overload", "light"]
+    assert all(p["from_s"] == pytest.approx(2.0, abs=0.05) for p in by_phase)  # a 4-s phase: from half of it
+    assert (
+        "predicted / observed mean system time, adaptive, from 10 s (at most half the phase) into each phase: light "
+        in out
+    )
+    assert "phase 1 heavy (9/s)" in page.read_text()
     for p in phases:
         sent = {pol: p["policies"][pol]["sent"] for pol in POLICIES}
         assert len(set(sent.values())) == 1, sent  # one arrival sequence for every policy
