@@ -115,6 +115,9 @@ class Engine:
 
     The step clock runs ahead of the wall clock by less than ``MIN_SLEEP_S`` and sleeps when
     it is further ahead, so short steps cost no timer each; every step yields to the event loop.
+    A busy event loop makes the steps late: ``wall`` holds, per occupancy ``j``, the wall-clock
+    seconds and the number of the steps taken back to back (no prefill or idle wait before
+    them), the step the engine really took.
     """
 
     def __init__(self, slots: int, base_s: float, per_seq_s: float) -> None:
@@ -124,8 +127,13 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.steps = 0
+        self.wall: dict[int, list[float]] = {}  # j -> [seconds, steps]
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    def wall_steps(self) -> dict[str, list[float]]:
+        """Per occupancy: the mean wall-clock step, seconds, and how many steps it rests on."""
+        return {str(j): [w / n, n] for j, (w, n) in sorted(self.wall.items()) if n}
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence (it joins at the next step boundary with a free slot)."""
@@ -150,6 +158,7 @@ class Engine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         clock = loop.time()
+        ended: float | None = None  # the wall time the step before ended, if nothing came between
         while True:
             while self.waiting and len(self.active) < self.slots:
                 seq = self.waiting.popleft()
@@ -157,17 +166,25 @@ class Engine:
                     continue
                 if seq.prefill_s > 0:
                     clock = await self._pace(max(clock, loop.time()) + seq.prefill_s)
+                    ended = None
                 self.active.append(seq)
             if not self.active:
                 self._wake.clear()
                 await self._wake.wait()
                 clock = loop.time()
+                ended = None
                 continue
             j = len(self.active)
             step = self.base_s + self.per_seq_s * j
             # Steps that take no time (time_scale 0) are taken together up to the next finish.
             k = 1 if step > 0 else max(1, min(seq.need - seq.done for seq in self.active))
             clock = await self._pace(max(clock, loop.time() - MIN_SLEEP_S) + step)
+            now = loop.time()
+            if ended is not None and step > 0:
+                acc = self.wall.setdefault(j, [0.0, 0])
+                acc[0] += max(now, clock) - ended  # a clock ahead of the wall: time the step still owes
+                acc[1] += 1
+            ended = max(now, clock)
             self.steps += k
             still = []
             for seq in self.active:
@@ -202,6 +219,7 @@ class ServerState:
             "in_service": self.in_service if engine is None else len(engine.active),
             "queued": self.slots.queued if engine is None else sum(not s.cancelled for s in engine.waiting),
             "steps": None if engine is None else engine.steps,
+            "step_wall_s": None if engine is None else engine.wall_steps(),
             "completed": self.completed,
             "cancelled": self.cancelled,
             "faults": dict(self.faults),

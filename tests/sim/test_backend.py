@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.sim.conftest import ServerFactory, sim_type
 from thinkcap.controller.queue import BatchingEngine
-from thinkcap.sim.backend import CORRECT_HEADER, REASONING_HEADER, TYPE_HEADER, FifoSlots
+from thinkcap.sim.backend import CORRECT_HEADER, REASONING_HEADER, TYPE_HEADER, Engine, FifoSlots, Sequence
 from thinkcap.sim.backend import FAULT_HEADER as FAULT
 from thinkcap.sim.scenario import Faults
 
@@ -335,3 +336,34 @@ async def test_a_client_that_leaves_frees_its_engine_slot(sim_server: ServerFact
             break
         await asyncio.sleep(0.01)
     assert state["in_service"] == 0 and state["steps"] < 406
+
+
+async def _steps_of_two(engine: Engine) -> list[float]:
+    """Two sequences of 200 tokens through ``engine``; its measured step at two: [seconds, steps]."""
+    seqs = [Sequence(need=200, prefill_s=0.0) for _ in range(2)]
+    for seq in seqs:
+        engine.submit(seq)
+    await asyncio.gather(*(seq.made(200) for seq in seqs))
+    await engine.close()
+    return engine.wall_steps()["2"]
+
+
+async def test_the_engine_measures_the_steps_it_really_took() -> None:
+    """The engine records its steps on the wall clock: on a free event loop no shorter than
+    nominal (4 ms at two sequences); on a loop that something blocks for 2 ms between steps,
+    that much longer, which is the step a client then sees (the nominal line is not)."""
+    quiet, quiet_steps = await _steps_of_two(Engine(2, 0.002, 0.001))
+
+    async def block() -> None:
+        while True:
+            time.sleep(0.002)  # the point: a loop held by other work
+            await asyncio.sleep(0)
+
+    blocker = asyncio.create_task(block())
+    try:
+        busy, busy_steps = await _steps_of_two(Engine(2, 0.002, 0.001))
+    finally:
+        blocker.cancel()
+    assert quiet_steps >= 190 and busy_steps >= 190  # every step but the first, all at two
+    assert quiet >= 0.95 * 0.004
+    assert busy >= 0.004 + 0.0015 and busy > quiet
