@@ -205,9 +205,10 @@ class EstimatorSettings:
 class ExtprocSettings:
     """The ``[extproc]`` table: ``thinkcap extproc``, the Envoy external processor.
 
-    ``listen`` is where its gRPC service (the processor and the health checks) listens;
-    each message is answered within ``message_timeout_s`` or let through unchanged (set
-    Envoy's ``message_timeout`` above it).
+    ``listen`` is where its gRPC service (the processor and the health checks) listens. A
+    message's work is synchronous (well under a millisecond); one that takes longer than
+    ``message_timeout_s`` is logged (``slow_message``): set Envoy's ``message_timeout`` above
+    it, or Envoy gives up on the message first.
     """
 
     host: str = "127.0.0.1"
