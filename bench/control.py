@@ -61,7 +61,7 @@ from thinkcap.cli.scenario_file import load_scenario  # noqa: E402
 from thinkcap.controller import Problem, Status, round_caps, solve  # noqa: E402
 from thinkcap.proxy.control import ControlLoop  # noqa: E402
 from thinkcap.proxy.logs import configure  # noqa: E402
-from thinkcap.proxy.state import build_state  # noqa: E402
+from thinkcap.proxy.state import ProxyState, build_state  # noqa: E402
 from thinkcap.sim.des import Phase, Workload, sample_workload, serve  # noqa: E402
 from thinkcap.sim.engine import run_engine  # noqa: E402
 from thinkcap.sim.scenario import Scenario  # noqa: E402
@@ -84,6 +84,16 @@ def uniform(p: Problem) -> np.ndarray[Any, Any]:
     return np.clip(np.full(len(p.types), float(best)), p.lo, p.hi).astype(float)
 
 
+def finished(state: ProxyState, name: str, *, reasoning: float, answer: int, service_s: float, now: float) -> None:
+    """What the proxy's accounting learns from an answer (``request/accounting.py``): the
+    service time with every completion token, and the answer after the reasoning (the
+    ``vllm`` dialect's cap bounds the reasoning alone, so the answer's time is added to the
+    configured prefill)."""
+    state.estimators.served(name, prompt_tokens=0, completion_tokens=reasoning + answer, service_time=service_s,
+                            now=now)  # fmt: skip
+    state.answer.update(name, answer, now=now)
+
+
 def online(
     scenario: Scenario, work: Workload, truth: list[Problem], half_life_s: float | None = None
 ) -> tuple[np.ndarray[Any, Any], list[tuple[float, np.ndarray[Any, Any]]]]:
@@ -98,6 +108,7 @@ def online(
     state = build_state(settings, clock=lambda: 0.0)
     ctl = ControlLoop(state, settings.controller)
     names = list(truth[0].names)
+    answers = [t.answer_tokens for t in scenario.types]
     p0 = truth[0]
     n = work.size
     caps = np.zeros(n)
@@ -115,9 +126,7 @@ def online(
                 return
             if t_next == t_done and pending is not None:
                 _, k, tokens, service = pending
-                state.estimators.served(
-                    names[k], prompt_tokens=0, completion_tokens=tokens, service_time=service, now=t_next
-                )
+                finished(state, names[k], reasoning=tokens, answer=answers[k], service_s=service, now=t_next)
                 pending = None
             elif t_next == t_arr:
                 state.arrived(names[int(work.type[fed])], float(t_arr))
@@ -149,6 +158,7 @@ def online_engine(
     state = build_state(settings, clock=lambda: 0.0)
     ctl = ControlLoop(state, settings.controller)
     names = list(truth[0].names)
+    answers = [t.answer_tokens for t in scenario.types]
     p0 = truth[0]
     engine = scenario.problem(1.0).queue
     assert engine.slots == scenario.slots
@@ -183,8 +193,7 @@ def online_engine(
     def on_done(i: int, t: float) -> None:
         advance(t)
         k = int(work.type[i])
-        state.estimators.served(names[k], prompt_tokens=0, completion_tokens=caps[i], service_time=t - started[i],
-                                now=t)  # fmt: skip
+        finished(state, names[k], reasoning=caps[i], answer=answers[k], service_s=t - started[i], now=t)
 
     run_engine(work.arrival, np.zeros(n, np.int64), None, slots=engine.slots, step_base_s=engine.step_base_s,
                step_per_seq_s=engine.step_per_seq_s, on_start=on_start, on_done=on_done)  # fmt: skip
