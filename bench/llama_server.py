@@ -11,7 +11,12 @@ against the goals:
    what ``max_concurrency = 1`` costs), three saturation measurements alternated per round;
 2. thinkcap's live step fit, a and b within 20 % of the direct calibration;
 3. predicted against observed mean system time within 25 % in every Poisson run at about
-   50 % and 80 % of the capacity, and on average; caps smaller under the heavier load.
+   50 % and 80 % of the capacity, and on average; caps smaller under the heavier load;
+4. the live fit's tau(1) and tau(4) at the end of every run within 15 % of the steps the
+   direct calibration measured at 1 and 4 sequences (its mean gaps, after a discarded
+   warm-up round; its fitted line is shown too, but the step is not a line and a line's ends
+   move with the occupancies behind it), and the fit in use at most 60 s after the proxy's
+   first request.
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ from typing import Any
 #: The walk-through this benchmark judges (run as a script: examples are leaves).
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "real_backend.py"
 
-GOALS = {"throughput_ratio": 0.95, "step_error": 0.20, "prediction_error": 0.25}
+GOALS = {
+    "throughput_ratio": 0.95,
+    "step_error": 0.20,
+    "prediction_error": 0.25,
+    "tau_error": 0.15,
+    "fit_in_use_s": 60.0,
+}
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:
@@ -51,6 +62,15 @@ def verdicts(report: dict[str, Any]) -> list[str]:
              all(abs(r - 1) <= GOALS["prediction_error"] for r in ratios))  # fmt: skip
         mean = s["mean_ratio"][load]
         line(f"predicted / observed at {load}, over the runs: {mean:.2f}", abs(mean - 1) <= GOALS["prediction_error"])
+    for e in s["tau_errors"]:
+        worst = max(abs(e["start_tau1"]), abs(e["start_tauN"]))
+        line(f"run {e['run']} at {e['load']}: the live fit's tau(1), tau(4) {100 * e['start_tau1']:+.1f} %, "
+             f"{100 * e['start_tauN']:+.1f} % from the steps the direct calibration measured (goal within 15 %; "
+             f"at the end {100 * e['end_tau1']:+.1f} %, {100 * e['end_tauN']:+.1f} %; from its line "
+             f"{100 * e['line_tau1']:+.1f} %, {100 * e['line_tauN']:+.1f} %)", worst <= GOALS["tau_error"])  # fmt: skip
+    after = s["fit_in_use_after_s"]
+    line(f"live fit in use {'never' if after is None else f'{after:.0f} s'} after the first request (goal <= 60 s)",
+         after is not None and after <= GOALS["fit_in_use_s"])  # fmt: skip
     light, heavy = (sum(c.values()) for c in s["caps"].values())
     line(f"caps under the heavier load smaller: {heavy:.0f} against {light:.0f} tokens in all", heavy < light)
     return lines

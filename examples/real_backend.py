@@ -450,9 +450,31 @@ def analyse_runs(evs: list[dict[str, Any]], windows: list[dict[str, Any]], settl
                     "predicted_over_observed": pred / obs if obs > 0 else math.nan,
                     "mean_in_service": float(np.mean([p[2] for p in pairs])) if pairs else math.nan,
                     "step_source": ds[-1]["step"]["source"] if ds and ds[-1].get("step") else None,
+                    "step_at_end": ds[-1]["step"] if ds and ds[-1].get("step") else None,
                     "step_fitted_share": float(np.mean([(d.get("step") or {}).get("source") == "fitted" for d in ds]))
                     if ds else math.nan})  # fmt: skip
     return out
+
+
+def fit_in_use_after(evs: list[dict[str, Any]]) -> float | None:
+    """Seconds from the proxy's first request to its first decision planned on the live step
+    fit (``None``: never)."""
+    arrivals = [e["arrival_time"] for e in evs if e.get("event") == "request" and "arrival_time" in e]
+    fitted = [
+        e["time"] for e in evs if e.get("event") == "decision" and (e.get("step") or {}).get("source") == "fitted"
+    ]
+    return min(fitted) - min(arrivals) if arrivals and fitted else None
+
+
+def taus(step: dict[str, Any], slots: int) -> tuple[float, float]:
+    """A step line's tau(1) and tau(slots), seconds."""
+    return step["base_s"] + step["per_seq_s"], step["base_s"] + step["per_seq_s"] * slots
+
+
+def measured(calibration: dict[str, Any], slots: int) -> tuple[float, float]:
+    """The steps a calibration measured at 1 and at ``slots`` sequences (its mean gaps), seconds."""
+    gaps = {int(j): v for j, v in calibration["mean_gap_s"].items()}
+    return gaps[1], gaps[slots]
 
 
 @contextmanager
@@ -481,6 +503,9 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     with pinned_server(tmp, slots) as llama:
         report: dict[str, Any] = {"slots": slots}
         try:
+            # a round of the same loops first, discarded: the first requests after the start pay
+            # for pages of the model not yet in memory, and the reference would carry it
+            await calibrate(llama.url, slots, rounds=1, seed=99)
             direct = await calibrate(llama.url, slots)
             report["direct_step"] = direct
             fast = start_proxy(tmp, "slots", llama.url, slots, concurrency=slots, controller=False)
@@ -513,7 +538,9 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             # the direct calibration once more, at the end: how far the reference itself moves
             report["direct_step_end"] = await calibrate(llama.url, slots, seed=2)
             report["fitted_step"] = state["step"]
-            report["runs"] = analyse_runs(events(proxy.log), windows, args.settle_s)
+            evs = events(proxy.log)
+            report["runs"] = analyse_runs(evs, windows, args.settle_s)
+            report["fit_in_use_after_s"] = fit_in_use_after(evs)
             engine = np.array([g[0] for g in gauges])
             own = np.array([g[1] for g in gauges])
             report["gauges"] = {"polls": len(gauges), "engine_mean": float(np.nanmean(engine)),
@@ -540,6 +567,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     d, f = report["direct_step"], report["fitted_step_warmup"]
     t = report["throughput"]
     by_load: dict[str, list[dict[str, Any]]] = {}
+    n = report["slots"]
     for r in report["runs"]:
         by_load.setdefault(r["load"], []).append(r)
     return {
@@ -561,6 +589,25 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             k: {n: float(np.mean([r["caps_mean"].get(n, math.nan) for r in v])) for n in TYPES}
             for k, v in by_load.items()
         },
+        # the live fit's tau(1) and tau(slots) at the end of each run, against the steps the
+        # direct calibration measured at 1 and at ``slots`` sequences, at the start and at the
+        # end (the reference moves too), and against the start's fitted line (the engine's
+        # step is not a line: a line's ends move with the occupancies it was fitted on)
+        "tau_errors": [
+            {"run": r["run"], "load": r["load"]}
+            | {
+                f"{ref}_{k}": (fit / want - 1)
+                for ref, want_1, want_n in (
+                    ("start", *measured(d, n)),
+                    ("end", *measured(report["direct_step_end"], n)),
+                    ("line", *taus(d, n)),
+                )
+                for k, fit, want in zip(("tau1", "tauN"), taus(r["step_at_end"], n), (want_1, want_n), strict=True)
+            }
+            for r in report["runs"]
+            if r.get("step_at_end")
+        ],
+        "fit_in_use_after_s": report.get("fit_in_use_after_s"),
     }
 
 
@@ -603,6 +650,14 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {r['run']} | {r['load']} | {r['rate']:.2f} | {caps} | {r['predicted_mean_system_time']:.2f} s "
                      f"| {r['observed_mean_system_time']:.2f} s | {r['predicted_over_observed']:.2f} "
                      f"| {r['mean_in_service']:.2f} |")  # fmt: skip
+    n = report["slots"]
+    for e in s["tau_errors"]:
+        start, end, line = (f"{100 * e[k + '_tau1']:+.0f} %, {100 * e[k + '_tauN']:+.0f} %"
+                            for k in ("start", "end", "line"))  # fmt: skip
+        lines.append(f"run {e['run']} at {e['load']}: the live fit's tau(1), tau({n}) {start} from the steps "
+                     f"measured at the start ({end} at the end; {line} from the start's line)")  # fmt: skip
+    after = s["fit_in_use_after_s"]
+    lines.append("live fit in use " + ("never" if after is None else f"{after:.0f} s after the first request"))
     for k, v in s["mean_ratio"].items():
         lines.append(f"mean over runs at {k}: predicted / observed {v:.2f}; caps " +
                      ", ".join(f"{n} {c:.0f}" for n, c in s["caps"][k].items()))  # fmt: skip
