@@ -53,6 +53,11 @@ PHASE_NAMES = ("light", "heavy", "overload", "light")
 LIVE_EVERY_S = 2.0
 
 
+def phase_name(k: int) -> str:
+    """The demo's name of phase ``k`` (its number past the four named ones)."""
+    return PHASE_NAMES[k] if k < len(PHASE_NAMES) else str(k)
+
+
 def demo_scenario(duration_s: float | None, slots: int | None = None) -> Scenario:
     """The embedded world, its phases scaled to ``duration_s`` seconds in total, its engine
     with ``slots`` slots (default: the file's 8)."""
@@ -183,7 +188,7 @@ class LiveView:
         self.phase_caps.setdefault(k, []).append(caps)
         snap = adaptive.estimators.snapshot(adaptive.clock())
         rho = (adaptive.last_decision or {}).get("predicted_rho")
-        name = PHASE_NAMES[k] if k < len(PHASE_NAMES) else str(k)
+        name = phase_name(k)
         head = (
             f"t={t:5.1f}s  phase {k} {name:<8} offered {self.scenario.phases[k].mean_rate:5.1f}/s  "
             f"estimated {snap.arrival_rate:5.1f}/s  rho {'-' if rho is None else f'{rho:.2f}'}  "
@@ -225,7 +230,7 @@ def report(scenario: Scenario, stacks: list[Stack], view: LiveView, elapsed: flo
     for k, p in enumerate(scenario.phases):
         entry: dict[str, Any] = {
             "phase": k,
-            "name": PHASE_NAMES[k] if k < len(PHASE_NAMES) else str(k),
+            "name": phase_name(k),
             "duration_s": p.duration_s,
             "offered_rate": p.mean_rate,
             "policies": {},
@@ -284,8 +289,8 @@ async def mark_phases(scenario: Scenario, state: ProxyState) -> None:
     """A ``phase`` event in the log at each phase's start (on the proxy's clock, as its
     decisions): ``thinkcap report`` compares prediction and observation per phase."""
     for k, p in enumerate(scenario.phases):
-        logger().info("phase", phase=k, name=PHASE_NAMES[k] if k < len(PHASE_NAMES) else str(k),
-                      offered_rate=p.mean_rate, duration_s=p.duration_s, time=state.clock())  # fmt: skip
+        logger().info("phase", phase=k, name=phase_name(k), offered_rate=p.mean_rate, duration_s=p.duration_s,
+                      time=state.clock())  # fmt: skip
         await asyncio.sleep(p.duration_s)
 
 
@@ -354,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(p.duration_s for p in scenario.phases)
     print(
         f"thinkcap demo: {total:.0f} s, {scenario.slots} slot(s), phases "
-        + ", ".join(f"{PHASE_NAMES[k]} {p.mean_rate:g}/s" for k, p in enumerate(scenario.phases))
+        + ", ".join(f"{phase_name(k)} {p.mean_rate:g}/s" for k, p in enumerate(scenario.phases))
         + "; policies adaptive, static, maximal",
         flush=True,
     )

@@ -89,20 +89,14 @@ def phase_ratios(data: LogData, settle_s: float = SETTLE_S) -> list[dict[str, An
     the log's end."""
     out = []
     end_of_log = max([d["time"] for d in data.decisions] + [r["arrival_time"] for r in data.requests], default=0.0)
+    compared = _compared(data.audit)
     for k, ph in enumerate(data.phases):
         start = float(ph["time"])
         end = float(data.phases[k + 1]["time"]) if k + 1 < len(data.phases) else max(end_of_log, start)
         if isinstance(ph.get("duration_s"), int | float):  # the schedule's, not the drain after it
             end = min(end, start + float(ph["duration_s"]))
         from_ = start + min(settle_s, (end - start) / 2)
-        pairs = [
-            (iv["predicted_mean_system_time"], iv["observed_mean_system_time"], iv["requests"])
-            for iv in _compared(data.audit)
-            if from_ <= iv["start"] < end
-        ]
-        n = sum(w for _, _, w in pairs)
-        p = sum(a * w for a, _, w in pairs) / n if n else None
-        o = sum(b * w for _, b, w in pairs) / n if n else None
+        p, o, n = _by_requests([iv for iv in compared if from_ <= iv["start"] < end])
         out.append(
             {
                 "name": str(ph.get("name", k)),
@@ -140,6 +134,17 @@ def _compared(rep: AuditReport) -> list[dict[str, Any]]:
     return [iv for iv in rep.intervals if all(iv[k] is not None for k in keys)]
 
 
+def _by_requests(intervals: list[dict[str, Any]]) -> tuple[float | None, float | None, int]:
+    """Predicted and observed mean system time over ``intervals`` (compared ones), weighted by
+    the requests arriving in each, and those requests (``None``, ``None``, 0 without any)."""
+    n = sum(iv["requests"] for iv in intervals)
+    if not n:
+        return None, None, 0
+    p = sum(iv["predicted_mean_system_time"] * iv["requests"] for iv in intervals) / n
+    o = sum(iv["observed_mean_system_time"] * iv["requests"] for iv in intervals) / n
+    return p, o, n
+
+
 def summary(data: LogData) -> list[tuple[str, str]]:
     """The rows of the table at the top."""
     rep = data.audit
@@ -154,10 +159,6 @@ def summary(data: LogData) -> list[tuple[str, str]]:
     if data.requests or data.decisions:
         last = max([d["time"] for d in data.decisions] + [r["arrival_time"] for r in data.requests])
         span = last - data.t0
-    pairs = [
-        (iv["predicted_mean_system_time"], iv["observed_mean_system_time"], iv["requests"]) for iv in _compared(rep)
-    ]
-    weight = sum(n for _, _, n in pairs)
     rows = [
         ("log", html.escape(Path(data.path).name)),
         ("span", f"{span:.1f} s"),
@@ -173,9 +174,8 @@ def summary(data: LogData) -> list[tuple[str, str]]:
     if data.decisions:
         rates = [d["inputs"]["arrival_rate"] for d in data.decisions]
         rows.append(("arrival rate planned for", f"{min(rates):.3g} to {max(rates):.3g} /s"))
-    if weight > 0:
-        p = sum(a * n for a, _, n in pairs) / weight
-        o = sum(b * n for _, b, n in pairs) / weight
+    p, o, _ = _by_requests(_compared(rep))
+    if p is not None and o is not None:
         rows.append(("mean system time", f"predicted {p:.3g} s, observed {o:.3g} s, ratio {p / o:.2f} (by requests, "
                                           "every interval)"))  # fmt: skip
     for k, ph in enumerate(phase_ratios(data)):

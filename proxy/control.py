@@ -371,13 +371,13 @@ class ControlLoop:
             decay_shedding(st, decision_id, now)
             return None
         overload = result.status == Status.OVERLOAD
-        evidence = self._shedding(problem, rate_low, rate_now, decision_id, now)
+        waiting = self._waiting()
+        evidence = self._shedding(problem, rate_low, rate_now, decision_id, now, waiting=waiting)
         if not overload:
             self.x0 = result.x
         # A backlog (more requests waiting than the slots hold: the end of a burst) is served
         # at the caps it was admitted under: caps rise only once it has drained, or longer
         # answers would stretch every wait behind them.
-        waiting = self._waiting()
         backlog = waiting if waiting > sum(st.pool.healthy_slots()) and not overload else None
         chosen = caps
         if backlog is not None:
@@ -447,31 +447,32 @@ class ControlLoop:
             listener(event)
         return event
 
-    def _queue_confirms(self) -> bool:
-        """Whether a queue confirms an overload: requests wait for a slot, and no fewer than at
-        the decision before (a queue that drains is a burst being served). The waiting are the
-        admission queue's (``serve``) and the requests in service upstream beyond the healthy
-        replicas' slots: the engine's own queue, the only one behind a gateway (``extproc``,
-        which holds no request of its own); where the engines' own gauges are read
-        (``[backend] engine_gauges_s``), their waiting requests when more, since they also count
-        traffic that did not come through this thinkcap."""
-        queued, before = self._waiting(), self._queued
-        self._queued = queued
-        return queued > 0 and queued >= before
+    def _queue_confirms(self, waiting: int) -> bool:
+        """Whether a queue confirms an overload: requests wait for a slot (``waiting``, see
+        :meth:`_waiting`), and no fewer than at the decision before (a queue that drains is a
+        burst being served)."""
+        before, self._queued = self._queued, waiting
+        return waiting > 0 and waiting >= before
 
     def _waiting(self) -> int:
-        """The requests waiting for a slot (see :meth:`_queue_confirms`)."""
+        """The requests waiting for a slot: the admission queue's (``serve``) and the requests
+        in service upstream beyond the healthy replicas' slots, the engine's own queue, the
+        only one behind a gateway (``extproc``, which holds no request of its own); where the
+        engines' own gauges are read (``[backend] engine_gauges_s``), their waiting requests
+        when more, since they also count traffic that did not come through this thinkcap."""
         st = self.state
         engine = max(st.pool.in_service - sum(st.pool.healthy_slots()), 0, round(engine_waiting(st)))
         return st.admission.queued + engine
 
-    def _shedding(self, p: Problem, rate_low: float, rate_now: float, decision_id: str, now: float) -> str | None:
+    def _shedding(
+        self, p: Problem, rate_low: float, rate_now: float, decision_id: str, now: float, *, waiting: int
+    ) -> str | None:
         """Start, follow or stop shedding; returns the evidence of an overload that started it.
 
         The load the server would see at the minimum caps, ``L``, reads the arrival rate of
         every request, admitted or shed. Shedding starts when ``L`` stays above ``rho_max``
         at the rate's lower confidence bound ``rate_low`` (:func:`_lower_bound`) *and* the
-        admission queue confirms it (:meth:`_queue_confirms`). While shedding, the admit
+        queue confirms it (:meth:`_queue_confirms` of ``waiting``). While shedding, the admit
         fraction follows the load now, ``L_now`` (``L`` at ``rate_now``, the lower of the
         estimate and its fast window: no lag after a fall), at every decision
         (``shed_release x rho_max / L_now``, at most 1), and shedding ends once ``L_now <=
@@ -483,7 +484,7 @@ class ControlLoop:
         load = load_at_min_caps(p)
         rate = p.arrival_rate
         lower = load * min(rate_low, rate) / rate if rate > 0 else 0.0
-        confirmed = self._queue_confirms()
+        confirmed = self._queue_confirms(waiting)
         was = st.shedding
         settled = st.shed_changed_at is None or now - st.shed_changed_at >= s.shed_min_dwell_s
         evidence: str | None = None

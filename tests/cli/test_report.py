@@ -38,7 +38,7 @@ def make_log(tmp_path: Path) -> Path:
             for k in range(8):
                 now[0] = 100.0 + k
                 state.shedding = k in (3, 4)  # held there: the shedding rule itself is tested elsewhere
-                loop._shedding = lambda *_: None  # type: ignore[method-assign]
+                loop._shedding = lambda *_, **__: None  # type: ignore[method-assign]
                 assert loop.step(now[0]) is not None
                 for i in range(3):
                     logger().info("request", arrival_time=now[0] + 0.1 + 0.3 * i, system_time_s=0.3 + 0.01 * k,
