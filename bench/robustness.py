@@ -27,7 +27,8 @@ side on the same open-loop streamed arrivals:
 
 Reported per run: requests shed (outside bursts: after a burst's end plus 10 s), the slowest
 return of the admit fraction to >= 0.95 after a burst or spike ends (from the adaptive
-proxy's decisions), the live step fit's tau(1) and tau(8) against the engine's (nominal, and
+proxy's decisions), the live step fit's tau(1) and tau(8) (as the queue model reads them: the
+measured levels, the line above them) against the engine's (nominal, and
 as it measured its own steps on the wall clock: a busy event loop makes them late), predicted
 over observed mean system time (decisions and answers after the first 30 s, outside bursts
 and the minute after each: a burst is no steady state), and the
@@ -226,6 +227,7 @@ async def served_run(scenario: Scenario, bursts: list[tuple[float, float]], seed
         await asyncio.gather(*loads)
         engine = adaptive.sim.app[STATE_KEY].engine
         wall = {} if engine is None else {j: (w / n, n) for j, (w, n) in engine.wall.items() if n}
+        live = None if adaptive.state.step is None else adaptive.state.step.get()
     finally:
         for s in stacks:
             await s.close()
@@ -256,7 +258,6 @@ async def served_run(scenario: Scenario, bursts: list[tuple[float, float]], seed
         if calm(float(d["at"])) and d["predicted_mean_system_time"] is not None  # type: ignore[arg-type]
     ]
     observed = [r.system_time_s for r in records if r.answered and calm(r.send_s) and r.system_time_s is not None]
-    step = decisions[-1]["step"] if decisions else None
     nominal = (truth.step_time(1), truth.step_time(truth.slots))  # type: ignore[attr-defined]
     measured = None
     if len(wall) >= 2:  # the engine's wall-clock step per occupancy, a line weighted by its steps
@@ -266,8 +267,10 @@ async def served_run(scenario: Scenario, bursts: list[tuple[float, float]], seed
         b, a = np.polyfit(js, means, 1, w=by_steps)
         measured = (float(a + b), float(a + b * truth.slots), {int(j): round(wall[int(j)][0], 6) for j in js})  # type: ignore[attr-defined]
     fit = None
-    if isinstance(step, dict):
-        fit = (step["base_s"] + step["per_seq_s"], step["base_s"] + step["per_seq_s"] * truth.slots, step["source"])  # type: ignore[attr-defined]
+    if live is not None:  # tau(j) as the queue model reads it: the measured levels, the line above them
+        slots = truth.slots  # type: ignore[attr-defined]
+        levels = [round(v, 6) for v in live.levels]
+        fit = (live.step_time(1), live.step_time(slots), "fitted" if live.fitted else "configured", levels)
     return {
         "sent": len(records),
         "shed": len(shed),

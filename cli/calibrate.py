@@ -11,7 +11,8 @@ the service model: per type, time alone = overhead + per-token time x tokens fro
 requests run one at a time; with several ``--concurrency`` levels the jobs are shared out
 between them and the engine's step tau(j) = a + b j is fitted on the token gaps against the
 number of this run's requests in flight (only gaps while none of them was reading its
-prompt, which pauses the others' decoding), and the types get a prefill (their mean time to the
+prompt, which pauses the others' decoding), with the mean gap at each number in flight from
+one up as its measured levels (``levels_s``), and the types get a prefill (their mean time to the
 first token alone) for the batching model. The TOML it writes is a whole ``thinkcap serve``
 config; a plot of each type's points and curve goes next to it (with matplotlib).
 

@@ -91,9 +91,13 @@ def describe_queue(p: Problem) -> str:
     """One line naming the queue model."""
     q = p.queue
     if isinstance(q, BatchingEngine):
+        measured = ""
+        if q.step_levels_s:
+            levels = ", ".join(f"{v * 1e3:g}" for v in q.step_levels_s)
+            measured = f", measured {levels} ms at 1-{len(q.step_levels_s)}"
         return (
             f"batching engine, {q.slots} slots, step {q.step_base_s * 1e3:g} ms + {q.step_per_seq_s * 1e3:g} ms"
-            f" per sequence (full batch {q.step_time(q.slots) * 1e3:g} ms)"
+            f" per sequence{measured} (full batch {q.step_time(q.slots) * 1e3:g} ms)"
         )
     return "M/G/1 (one request at a time)"
 

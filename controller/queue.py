@@ -124,6 +124,12 @@ class BatchingEngine:
         ``max_running_requests``, ``llama-server --parallel``); later arrivals wait in FIFO.
     step_base_s, step_per_seq_s
         a and b of the step time ``tau(j) = a + b j`` with j sequences in service.
+    step_levels_s
+        The step measured at occupancies 1, 2, ..., k (seconds), where it is known: a real
+        engine's step is not a line (llama-server's rises 6.5, 17.3, 25.2, 27.9 ms at 1-4
+        sequences, and a line through them misses tau(1) by 29 %). ``tau(j)`` is the level for
+        ``j <= k`` and the line above, but not below the last level (:func:`step_times`).
+        Empty: the line alone.
 
     Notes
     -----
@@ -159,12 +165,14 @@ class BatchingEngine:
     step_base_s: float
     step_per_seq_s: float
     pool: tuple[int, ...] = ()
+    step_levels_s: tuple[float, ...] = ()
     _g: Any = field(init=False, repr=False, compare=False)
     _coef: Any = field(init=False, repr=False, compare=False)
     _n: Any = field(init=False, repr=False, compare=False)
     _powers: Any = field(init=False, repr=False, compare=False)
     _load_factor: float = field(init=False, repr=False, compare=False)
     _ratios: Any = field(init=False, repr=False, compare=False)
+    _taus: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         c = self.slots
@@ -175,16 +183,16 @@ class BatchingEngine:
         for key, value in (("step.base_s", self.step_base_s), ("step.per_seq_s", self.step_per_seq_s)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{key}: must be a finite number >= 0, got {value!r}")
-        if self.step_base_s + self.step_per_seq_s <= 0:
+        if self.step_base_s + self.step_per_seq_s <= 0 and not self.step_levels_s:
             raise ValueError("step: base_s + per_seq_s must be > 0 (a step takes time)")
+        for value in self.step_levels_s:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ValueError(f"step.levels_s: each must be a finite number > 0, got {value!r}")
         n = np.arange(c, dtype=float)
         j = np.arange(1, c + 1, dtype=float)
-        if len(self.pool) > 1:
-            g = j / (
-                (self.step_base_s + self.step_per_seq_s) * pool_rate(self.pool, self.step_base_s, self.step_per_seq_s)
-            )
-        else:
-            g = (self.step_base_s + self.step_per_seq_s * j) / (self.step_base_s + self.step_per_seq_s)
+        taus = step_times(c, self.step_base_s, self.step_per_seq_s, self.step_levels_s)
+        object.__setattr__(self, "_taus", taus)
+        g = j / (taus[0] * pool_rate(self.pool, taus)) if len(self.pool) > 1 else taus / taus[0]
         object.__setattr__(self, "_g", g)
         # ln of prod_{i<=n} g(i) / n! for n = 0..c
         log_coef = np.concatenate([[0.0], np.cumsum(np.log(g))]) - gammaln(np.arange(c + 1) + 1.0)
@@ -203,11 +211,15 @@ class BatchingEngine:
         """g(j): how much slower a sequence advances with j in service (``tau(j) / tau(1)`` on one engine)."""
         if len(self.pool) > 1:
             return self._g[np.asarray(j, dtype=int) - 1]
+        if self.step_levels_s:
+            return np.interp(j, np.arange(1, self.slots + 1), self._taus) / self._taus[0]
         a, b = self.step_base_s, self.step_per_seq_s
         return (a + b * j) / (a + b)
 
     def step_time(self, j: float) -> float:
-        """tau(j) = a + b j, seconds."""
+        """tau(j), seconds: the measured level, or the line a + b j (see ``step_levels_s``)."""
+        if self.step_levels_s:
+            return float(np.interp(j, np.arange(1, self.slots + 1), self._taus))
         return self.step_base_s + self.step_per_seq_s * j
 
     def load_factor(self) -> float:
@@ -297,6 +309,8 @@ class BatchingEngine:
         }
         if self.pool:
             out["pool"] = list(self.pool)
+        if self.step_levels_s:
+            out["step_levels_s"] = list(self.step_levels_s)
         return out
 
 
@@ -320,18 +334,36 @@ def _fill_order(pool: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
     return tuple(order), counts_after
 
 
-def pool_rate(pool: tuple[int, ...], a: float, b: float) -> Any:
-    """For n = 1..sum(pool) requests spread over ``pool`` (:func:`spread`), the pool's token
-    rate ``sum_r n_r / tau(n_r)``, ``tau(k) = a + b k``: built incrementally, O(c) after the
-    fill order (cached per pool), and a replica with no request adds nothing (also at a = 0).
+def step_times(c: int, a: float, b: float, levels: tuple[float, ...] = ()) -> Any:
+    """tau(1..c): the measured ``levels`` where there are some, above them the line ``a + b j``
+    but not below the last level (a step does not shrink as the batch grows).
 
-    >>> [round(float(v), 6) for v in pool_rate((2, 2), 0.0, 0.01)]
+    >>> [round(float(v), 4) for v in step_times(5, 0.001, 0.007, (0.0065, 0.0173, 0.0252))]
+    [0.0065, 0.0173, 0.0252, 0.029, 0.036]
+    """
+    j = np.arange(1, c + 1, dtype=float)
+    taus = a + b * j
+    k = min(len(levels), c)
+    if k:
+        taus[:k] = levels[:k]
+        taus[k:] = np.maximum(taus[k:], levels[k - 1])
+    return taus
+
+
+def pool_rate(pool: tuple[int, ...], taus: Any) -> Any:
+    """For n = 1..sum(pool) requests spread over ``pool`` (:func:`spread`), the pool's token
+    rate ``sum_r n_r / tau(n_r)``, ``taus[k - 1] = tau(k)``: built incrementally, O(c) after
+    the fill order (cached per pool); a replica with no request adds nothing.
+
+    >>> [round(float(v), 6) for v in pool_rate((2, 2), step_times(2, 0.0, 0.01))]
     [100.0, 200.0, 200.0, 200.0]
     """
     _, n = _fill_order(pool)
-    before = n - 1.0
+    tau = np.asarray(taus, dtype=float)
+    k = n.astype(int)
+    before = tau[np.maximum(k - 2, 0)]
     # The increment of the chosen replica's term when its count goes from n - 1 to n.
-    gained = n / (a + b * n) - np.divide(before, a + b * before, out=np.zeros_like(before), where=before > 0)
+    gained = n / tau[k - 1] - np.where(k > 1, (n - 1.0) / before, 0.0)
     return np.cumsum(gained)
 
 
@@ -359,5 +391,6 @@ def queue_from_record(record: dict[str, Any] | None) -> QueueModel:
             float(record["step_base_s"]),
             float(record["step_per_seq_s"]),
             tuple(int(c) for c in record.get("pool", ())),
+            tuple(float(v) for v in record.get("step_levels_s", ())),
         )
     raise ValueError(f"queue: unknown model {record['model']!r}")

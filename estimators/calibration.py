@@ -200,3 +200,29 @@ def fit_step(in_service: Sequence[float], gap_s: Sequence[float]) -> tuple[float
     if b < 0:
         a, b = float(y.mean()), 0.0
     return round(a, 12), round(b, 12)
+
+
+#: Token gaps an occupancy needs for its mean step to be written as a level.
+LEVEL_MIN_GAPS = 20
+
+
+def step_levels(
+    in_service: Sequence[float], gap_s: Sequence[float], *, min_gaps: int = LEVEL_MIN_GAPS
+) -> tuple[float, ...]:
+    """The mean token gap at 1, 2, ... requests in service, up to the first occupancy with
+    fewer than ``min_gaps`` gaps: the step per occupancy, where a line does not fit it.
+
+    >>> step_levels([1] * 20 + [2] * 20 + [4] * 20, [0.006] * 20 + [0.017] * 20 + [0.028] * 20)
+    (0.006, 0.017)
+    """
+    j = np.rint(np.asarray(in_service, dtype=float)).astype(int)
+    y = np.asarray(gap_s, dtype=float)
+    if j.size != y.size:
+        raise ValueError("step_levels: one gap per number in service")
+    out: list[float] = []
+    for level in range(1, int(j.max(initial=0)) + 1):
+        at = y[j == level]
+        if at.size < min_gaps:
+            break
+        out.append(round(float(at.mean()), 12))
+    return tuple(out)

@@ -69,13 +69,15 @@ def merge_snapshots(snaps: Sequence[Snapshot], time: float) -> Snapshot:
 def merge_steps(steps: Sequence[StepEstimate | None]) -> StepEstimate | None:
     """The step fits of several replicas of the proxy (of one engine, or of identical ones):
     the fitted ones averaged weighted by their requests, their standard errors shrunk as
-    independent fits' are; ``None`` where none is given."""
+    independent fits' are, and the measured levels as far as every one of them has them;
+    ``None`` where none is given."""
     given = [s for s in steps if s is not None]
     if not given:
         return None
     pool = [s for s in given if s.fitted] or given
     w = [max(s.requests, 1) for s in pool]
     total = sum(w)
+    shared = min(len(s.levels) for s in pool)
     return StepEstimate(
         base_s=_mean([s.base_s for s in pool], w),
         per_seq_s=_mean([s.per_seq_s for s in pool], w),
@@ -86,6 +88,7 @@ def merge_steps(steps: Sequence[StepEstimate | None]) -> StepEstimate | None:
         requests=sum(s.requests for s in given),
         gaps=sum(s.gaps for s in given),
         fitted=any(s.fitted for s in given),
+        levels=tuple(_mean([s.levels[k] for s in pool], w) for k in range(shared)),
     )
 
 

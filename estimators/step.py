@@ -17,6 +17,11 @@ The line ``a + b j`` is fitted to the levels with enough gaps, each level weighi
 as a calibration that runs each occupancy in turn does: a real engine's step is not a line
 (llama-server: 11.7, 22.7, 35.8, 36.9 ms at 1..4), and a line weighted by how often each
 occupancy occurs moves with the traffic's mix (on llama-server its intercept went below 0).
+The levels themselves are the estimate where they are pinned down, from one sequence up
+(``StepEstimate.levels``): a line through a concave step misses ``tau(1)`` (by 29 % on
+llama-server's 6.5, 17.3, 25.2, 27.9 ms), and the queue model reads the step per occupancy
+(:class:`~thinkcap.controller.queue.BatchingEngine`'s ``step_levels_s``); the line stands above
+the last of them.
 Whole answers and prefill samples feed one weighted least-squares fit of
 ``theta = (o, p, a, b)`` in information form; its ``(a, b)`` stand where the gaps cover
 fewer than two occupancies. Both forget per request as :class:`ServiceRLS` does.
@@ -72,13 +77,14 @@ class GapTally:
     (2, 0.08, [2, 4])
     """
 
-    __slots__ = ("levels", "samples", "seconds", "tokens")
+    __slots__ = ("levels", "samples", "seconds", "text", "tokens")
 
     def __init__(self) -> None:
         self.levels: dict[int, list[float]] = {}
         self.samples = 0
         self.seconds = 0.0
         self.tokens = 0.0
+        self.text: dict[int, list[float]] = {}  # per occupancy: sums of text^2 and text gap_s
 
     def rescale(self, factor: float) -> None:
         """Read every gap as having brought ``factor`` times the tokens counted: a server that
@@ -91,8 +97,25 @@ class GapTally:
             row[1] *= factor
         self.tokens *= factor
 
-    def add(self, gap_s: float, tokens: int, in_service: float) -> None:
-        """One gap of ``gap_s`` seconds that brought ``tokens`` tokens with ``in_service`` requests running."""
+    def by_text(self, factor: float) -> None:
+        """Read every gap as having brought ``factor`` tokens per unit of the text it brought
+        (:meth:`add`'s ``text``), in place of its events: a server that sends several tokens
+        per event sends a short last event (and one where the reasoning ends), and one
+        per-request factor over the events reads those gaps as too many tokens (the step
+        6 % short at a full batch on the simulated engine, 16 tokens per event)."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor: must be a finite number > 0, got {factor!r}")
+        self.tokens = 0.0
+        for j, row in self.levels.items():
+            text = self.text.get(j, [0.0, 0.0, 0.0])
+            row[0] = text[0] * factor * factor
+            row[1] = text[1] * factor
+            self.tokens += text[2] * factor
+
+    def add(self, gap_s: float, tokens: int, in_service: float, text: float = 0.0) -> None:
+        """One gap of ``gap_s`` seconds that brought ``tokens`` tokens (events, until
+        :meth:`rescale` or :meth:`by_text`) and ``text`` characters of text with
+        ``in_service`` requests running."""
         j = min(max(round(in_service), 1), MAX_LEVEL)
         row = self.levels.get(j)
         if row is None:
@@ -102,6 +125,13 @@ class GapTally:
         row[1] += n * gap_s
         row[2] += gap_s * gap_s
         row[3] += 1.0
+        if text:
+            sums = self.text.get(j)
+            if sums is None:
+                sums = self.text[j] = [0.0, 0.0, 0.0]
+            sums[0] += text * text
+            sums[1] += text * gap_s
+            sums[2] += text
         self.samples += 1
         self.seconds += gap_s
         self.tokens += n
@@ -119,10 +149,18 @@ class StepEstimate(NamedTuple):
     requests: int
     gaps: int
     fitted: bool  # enough requests, and a, b and tau(1) pinned down (see StepFit)
+    levels: tuple[float, ...] = ()  # tau(1), tau(2), ... measured, as far as each is pinned down
 
     def step_time(self, j: float) -> float:
-        """tau(j) = a + b j."""
-        return self.base_s + self.per_seq_s * j
+        """tau(j): the measured level (between whole occupancies, on the straight line from one
+        to the next) up to the last one, the line ``a + b j`` above it but never below it."""
+        lv = self.levels
+        line = self.base_s + self.per_seq_s * j
+        if not lv:
+            return line
+        if j > len(lv):
+            return max(line, lv[-1])
+        return float(np.interp(j, np.arange(1, len(lv) + 1), lv))
 
     def prefill_s(self, prompt_tokens: float) -> float:
         """Time before the first token for ``prompt_tokens`` evaluated prompt tokens."""
@@ -319,7 +357,7 @@ class StepFit:
         eig = np.linalg.eigvalsh(block / np.outer(scale, scale))
         return float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf
 
-    def _level_line(self) -> tuple[float, float, NDArray[np.float64], float] | None:
+    def _level_line(self) -> tuple[float, float, NDArray[np.float64], float, tuple[float, ...]] | None:
         """The line a + b j through the mean step of each occupancy with at least
         ``MIN_LEVEL_GAPS`` gaps and a mean known within ``LEVEL_MAX_REL_STDERR``, every level
         weighing the same: (a, b, their covariance from
@@ -329,7 +367,8 @@ class StepFit:
         so is a negative slope within its noise; a coefficient more negative than that stays,
         and keeps the fit out of use. With one such
         level, the configured line scaled through it (the slope unidentified: infinite
-        covariance and condition); ``None`` with none."""
+        covariance and condition); ``None`` with none. Last, the mean steps of the levels
+        used from one sequence up without a gap (empty when occupancy 1 is not one of them)."""
         lv = self._levels
         use = (lv[:, 3] >= MIN_LEVEL_GAPS) & (lv[:, 0] > 0) if len(lv) else np.zeros(0, dtype=bool)
         if use.any():  # and each level's mean pinned down: a few stray gaps at a rare occupancy wait
@@ -343,10 +382,12 @@ class StepFit:
         sxx, sxy, syy, count = lv[use].T
         j = np.nonzero(use)[0] + 1.0
         tau = sxy / sxx
+        run = int(np.argmin(np.append(use, False)))  # levels 1..run all used
+        levels = tuple(float(v) for v in tau[:run])
         if len(j) == 1:
             at = self.base_s + self.per_seq_s * j[0]
             a, b = (self.base_s * tau[0] / at, self.per_seq_s * tau[0] / at) if at > 0 else (0.0, tau[0] / j[0])
-            return float(a), float(b), np.full((2, 2), math.inf), math.inf
+            return float(a), float(b), np.full((2, 2), math.inf), math.inf, levels
         var = np.maximum(syy - sxy * tau, 0.0) / np.maximum(count - 1.0, 1.0) / sxx
         x = np.column_stack([np.ones_like(j), j])
         gram = x.T @ x
@@ -365,7 +406,7 @@ class StepFit:
             cov = np.diag([float(var.sum() / len(var) ** 2), cov[1, 1]])
         scale = np.sqrt(np.diag(gram))
         eig = np.linalg.eigvalsh(gram / np.outer(scale, scale))
-        return a, b, cov, float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf
+        return a, b, cov, float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf, levels
 
     def get(self, now: float | None = None) -> StepEstimate:
         """The estimate at ``now`` (default: the last update); it forgets per request, so it
@@ -380,8 +421,9 @@ class StepFit:
         o, p, a, b = (float(v) for v in theta)
         p /= TOKEN_SCALE
         line = self._level_line()
+        levels: tuple[float, ...] = ()
         if line is not None:  # the token gaps set the step
-            a, b, cov_ab, condition = line
+            a, b, cov_ab, condition, levels = line
         elif math.isfinite(sigma2):
             cov_ab = sigma2 * cov[2:, 2:]
             condition = self._condition()
@@ -403,7 +445,7 @@ class StepFit:
             and se_a <= limit  # the batching gain rests on the intercept
             and condition <= MAX_CONDITION
         )
-        est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted)
+        est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted, levels)
         self._cached = est
         return est
 

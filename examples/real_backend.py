@@ -467,8 +467,23 @@ def fit_in_use_after(evs: list[dict[str, Any]]) -> float | None:
 
 
 def taus(step: dict[str, Any], slots: int) -> tuple[float, float]:
-    """A step line's tau(1) and tau(slots), seconds."""
-    return step["base_s"] + step["per_seq_s"], step["base_s"] + step["per_seq_s"] * slots
+    """A step's tau(1) and tau(slots), seconds: its measured levels where it has them (the
+    live fit's ``levels_s``, what the queue model reads), its line above them."""
+    levels = step.get("levels_s") or []
+
+    def at(j: int) -> float:
+        line = step["base_s"] + step["per_seq_s"] * j
+        if j <= len(levels):
+            return float(levels[j - 1])
+        return max(line, levels[-1]) if levels else line
+
+    return at(1), at(slots)
+
+
+def levels_text(step: dict[str, Any]) -> str:
+    """The live fit's measured levels, ms, or that it has none."""
+    levels = step.get("levels_s") or []
+    return ", ".join(f"{1e3 * v:.1f}" for v in levels) + " ms" if levels else "none"
 
 
 def measured(calibration: dict[str, Any], slots: int) -> tuple[float, float]:
@@ -630,12 +645,13 @@ def render(report: dict[str, Any]) -> str:
         f"b {100 * s['direct_per_seq_drift']:+.0f} % from the first)",
         f"step, thinkcap's live fit  tau(j) = {1e3 * f['base_s']:.1f} + {1e3 * f['per_seq_s']:.1f} ms x j "
         f"after the same closed loops through it ({f['requests']} requests, {f['gaps']} gaps; "
-        f"a {100 * s['base_error']:+.0f} %, b {100 * s['per_seq_error']:+.0f} %)",
+        f"a {100 * s['base_error']:+.0f} %, b {100 * s['per_seq_error']:+.0f} %; levels {levels_text(f)})",
         f"step, the client's fit     tau(j) = {1e3 * c['base_s']:.1f} + {1e3 * c['per_seq_s']:.1f} ms x j "
         f"of those loops through thinkcap ({gaps(c)} ms; thinkcap's fit a {100 * s['client_base_error']:+.0f} %, "
         f"b {100 * s['client_per_seq_error']:+.0f} % from it)",
         f"                           tau(j) = {1e3 * end['base_s']:.1f} + {1e3 * end['per_seq_s']:.1f} ms x j "
-        f"at the end, after the Poisson runs ({end['requests']} requests, {end['gaps']} gaps)",
+        f"at the end, after the Poisson runs ({end['requests']} requests, {end['gaps']} gaps; "
+        f"levels {levels_text(end)})",
         "",
         "| saturation, 8 clients | requests/s | tokens/s | of direct |",
         "|---|---|---|---|",

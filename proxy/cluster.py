@@ -123,12 +123,17 @@ def snapshot_from(record: dict[str, Any], now: float) -> Snapshot:
     )
 
 
+def step_from(record: dict[str, Any]) -> StepEstimate:
+    """A peer's step fit from its record (a replica of an older version sends no levels)."""
+    return StepEstimate(**{**record, "levels": tuple(float(v) for v in record.get("levels", ()))})
+
+
 def merged_inputs(local: Inputs, peers: list[dict[str, Any]], now: float, cluster: dict[str, Any]) -> Inputs:
     """This replica's inputs merged with the others' records: the whole stream's estimates."""
     records = [inputs_record(local), *peers]
     snaps = [local.snap, *(snapshot_from(r, now) for r in peers)]
     rates = [max(s.arrival_rate, 0.0) for s in snaps]
-    steps = [local.step, *(None if r["step"] is None else StepEstimate(**r["step"]) for r in peers)]
+    steps = [local.step, *(None if r["step"] is None else step_from(r["step"]) for r in peers)]
     curves = [{k: (v[0], v[1], v[2]) for k, v in r["curves"].items()} for r in records]
     return replace(
         local,

@@ -81,8 +81,9 @@ def build_problem(
     until enough samples exist). In front of a batching engine (``[backend] slots > 1``) the
     per-type service fit is not used: it measures a request's time under the batch it shared,
     not its time alone on the engine that the queue model needs. There a fitted ``step``
-    (``fitted`` true) replaces the configured step: the queue model's ``tau(j) = a + b j``,
-    the per-token time ``tau(1)``, and each type's prefill ``o + p P`` at its mean evaluated
+    (``fitted`` true) replaces the configured step: the queue model's ``tau(j)`` (the
+    measured levels, and the line ``a + b j`` above them), the per-token time ``tau(1)``,
+    and each type's prefill ``o + p P`` at its mean evaluated
     prompt tokens ``P`` (``prompt_tokens``; a type not seen yet keeps its configured time).
     The prefill is work shared with the batch like the decode steps (the queue model's
     reading, with the fitted prefill read as time alone: see :class:`StepFit`); on
@@ -105,8 +106,11 @@ def build_problem(
     live = isinstance(queue, BatchingEngine) and step is not None and step.fitted
     if isinstance(queue, BatchingEngine):
         pool = (queue.pool or (queue.slots,)) if replicas is None else replicas
-        a, b = (step.base_s, step.per_seq_s) if live and step is not None else (queue.step_base_s, queue.step_per_seq_s)
-        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else ())
+        if live and step is not None:
+            a, b, levels = step.base_s, step.per_seq_s, step.levels
+        else:
+            a, b, levels = queue.step_base_s, queue.step_per_seq_s, queue.step_levels_s
+        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else (), levels)
     tasks = []
     for cfg, fit in zip(model.types, snap.types, strict=True):
         est = fit

@@ -99,7 +99,9 @@ def _url(where: Table, url: str) -> str:
 
 def read_queue(backend: Table) -> QueueModel:
     """``[backend] slots``, the replicas and ``[backend.step]``: M/G/1 for one replica with one
-    slot, a batching engine otherwise (several replicas: a pool of them, each with the step).
+    slot, a batching engine otherwise (several replicas: a pool of them, each with the step:
+    the line ``base_s + per_seq_s j``, and optionally ``levels_s``, the step measured at
+    1, 2, ... sequences, which the line only extends).
 
     The caller closes ``backend``; the step table is closed here. A ``[backend]`` without a
     URL (a model-only file) is read as one replica.
@@ -119,10 +121,11 @@ def read_queue(backend: Table) -> QueueModel:
         raise backend.error("step", f"{what} needs the engine's step time: [backend.step] base_s, per_seq_s")
     base = step.number("base_s", lo=0.0)
     per_seq = step.number("per_seq_s", lo=0.0)
+    levels = step.positive_numbers("levels_s")
     step.close()
     if base + per_seq <= 0:
         raise step.error("base_s", "base_s + per_seq_s must be > 0 (a step takes time)")
-    return BatchingEngine(sum(pool), base, per_seq, pool if len(pool) > 1 else ())
+    return BatchingEngine(sum(pool), base, per_seq, pool if len(pool) > 1 else (), levels)
 
 
 def read_task(entry: Table, queue: QueueModel | None = None) -> TaskType:

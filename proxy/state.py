@@ -148,6 +148,7 @@ def step_record(step: StepEstimate) -> dict[str, Any]:
         "source": "fitted" if step.fitted else "configured",
         "base_s": step.base_s,
         "per_seq_s": step.per_seq_s,
+        "levels_s": list(step.levels),
         "prefill_base_s": step.prefill_base_s,
         "prefill_per_token_s": step.prefill_per_token_s,
         "base_stderr_s": finite(step.base_stderr_s),

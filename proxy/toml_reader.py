@@ -113,6 +113,16 @@ class Table:
             raise self.error(name, f"must be a list of strings, got {value!r}")
         return tuple(value)
 
+    def positive_numbers(self, name: str) -> tuple[float, ...]:
+        """A list of finite numbers > 0 (default empty)."""
+        value = self._get(name, [])
+        good = isinstance(value, list) and all(
+            not isinstance(v, bool) and isinstance(v, int | float) and 0 < v < math.inf for v in value
+        )
+        if not good:
+            raise self.error(name, f"must be a list of finite numbers > 0, got {value!r}")
+        return tuple(float(v) for v in value)
+
     def table(self, name: str) -> Table:
         """A sub-table (an empty one if absent)."""
         return Table(self.path, self.key(name), self._get(name, {}))

@@ -13,7 +13,7 @@ import numpy as np
 from thinkcap.cli.calibration.dataset import Item
 from thinkcap.cli.calibration.runner import Result
 from thinkcap.cli.toml_out import dumps
-from thinkcap.estimators.calibration import CurveFit, ServiceFit, fit_curve, fit_service, fit_step
+from thinkcap.estimators.calibration import CurveFit, ServiceFit, fit_curve, fit_service, fit_step, step_levels
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Calibration:
     service: dict[str, ServiceFit]
     prefill: dict[str, float]
     step: tuple[float, float] | None
+    step_levels: tuple[float, ...]  # the mean gap at 1, 2, ... in service, as far as measured
     priors: dict[str, float]
     points: dict[str, list[tuple[int, int, int]]]  # per type: (cap, n, correct)
     requests: int
@@ -43,11 +44,13 @@ def fit_all(items: list[Item], results: list[Result], levels: Sequence[int], boo
         service[t] = fit_service([r.tokens for r in rs], [r.seconds for r in rs])
         firsts = [r.first_token_s for r in rs if r.first_token_s is not None]
         prefill[t] = float(np.mean(firsts)) if firsts else 0.0
-    step = None
+    step: tuple[float, float] | None = None
+    per_level: tuple[float, ...] = ()
     if len(set(levels)) > 1:
         pairs = [g for r in ok for g in r.gaps]
         if len({round(j) for j, _ in pairs}) > 1:
             step = fit_step([j for j, _ in pairs], [g for _, g in pairs])
+            per_level = step_levels([j for j, _ in pairs], [g for _, g in pairs])
     counts: dict[str, int] = {}
     for it in items:
         counts[it.type] = counts.get(it.type, 0) + 1
@@ -61,7 +64,7 @@ def fit_all(items: list[Item], results: list[Result], levels: Sequence[int], boo
                 c[0] += 1
                 c[1] += int(good)
         points[t] = [(cap, n, k) for cap, (n, k) in sorted(tally.items())]
-    return Calibration(curves, service, prefill, step, {t: c / total for t, c in counts.items()}, points,
+    return Calibration(curves, service, prefill, step, per_level, {t: c / total for t, c in counts.items()}, points,
                        len(results), len(results) - len(ok))  # fmt: skip
 
 
@@ -74,6 +77,8 @@ def config_text(cal: Calibration, items: list[Item], args: argparse.Namespace, c
     if slots > 1 and cal.step is not None:
         backend["slots"] = slots
         backend["step"] = {"base_s": round(cal.step[0], 6), "per_seq_s": round(cal.step[1], 6)}
+        if len(cal.step_levels) > 1:
+            backend["step"]["levels_s"] = [round(v, 6) for v in cal.step_levels]
     batching = "step" in backend
     types = []
     names = sorted(cal.curves, key=lambda t: -cal.priors.get(t, 0))
@@ -115,6 +120,10 @@ def config_text(cal: Calibration, items: list[Item], args: argparse.Namespace, c
         head.append(f"# {t}: correct at each cap {pts}; {int(c.level * 100)} % bootstrap intervals: {iv}")
     if cal.step is not None:
         head.append(f"# step tau(j) = {cal.step[0] * 1e3:.2f} + {cal.step[1] * 1e3:.2f} ms x j from the token gaps")
+        if len(cal.step_levels) > 1:
+            levels = ", ".join(f"{v * 1e3:.2f}" for v in cal.step_levels)
+            upto = len(cal.step_levels)
+            head.append(f"# measured per occupancy (levels_s, what the model reads up to {upto}): {levels} ms")
     return "\n".join(head) + "\n\n" + dumps(doc)
 
 

@@ -10,8 +10,12 @@ from typing import Any
 from thinkcap.estimators import GapTally
 from thinkcap.proxy.logs import logger
 from thinkcap.proxy.pool import Occupancy
-from thinkcap.proxy.request.sse import CONTENT, REASONING, Tokens
+from thinkcap.proxy.request.sse import CONTENT, DELTA_TEXT, REASONING, Tokens
 from thinkcap.proxy.state import Finished, ProxyState
+
+#: Tokens per event (by the usage) from which a stream is read as several tokens per event,
+#: each gap's tokens apportioned by its text rather than counted in events.
+PACKED_EVENTS = 1.5
 
 
 @dataclass
@@ -25,6 +29,7 @@ class TokenClock:
     t_token: float | None = None
     first_in_service: int = 1  # requests in service when the first token came
     counted: int = 0  # token events counted (a server may put several tokens in one)
+    text: int = 0  # bytes of their text (with ``gaps``): how many tokens each event held
     paused: bool = False  # the next read's gap is not a step (see pause)
 
     def pause(self) -> None:
@@ -40,6 +45,10 @@ class TokenClock:
         if not tokens:
             return
         self.counted += tokens
+        text = 0
+        if self.gaps is not None:
+            text = sum(len(m) for m in DELTA_TEXT.findall(data))
+            self.text += text
         t = now()
         if self.paused:
             self.paused, self.t_token = False, t
@@ -49,8 +58,21 @@ class TokenClock:
             self.first_in_service = occupancy.in_service
             occupancy.first_token(t)
         elif self.gaps is not None and occupancy.clean(self.t_token or t):
-            self.gaps.add(t - (self.t_token or t), tokens, occupancy.in_service)
+            self.gaps.add(t - (self.t_token or t), tokens, occupancy.in_service, text)
         self.t_token = t
+
+    def settle(self, completion: int) -> None:
+        """Read the gaps in the ``completion`` tokens the usage reports: a server may send
+        several tokens per event, and then (from :data:`PACKED_EVENTS` per event on) each gap's
+        share of the text says how many it brought, the last event's few and the many of a
+        full one alike."""
+        if self.gaps is None or not self.counted or completion <= 0:
+            return
+        per_event = completion / self.counted
+        if per_event >= PACKED_EVENTS and self.text:
+            self.gaps.by_text(completion / self.text)
+        else:
+            self.gaps.rescale(per_event)
 
     def leave(self, occupancy: Occupancy, end: float, *, since: float, mark: float, streamed: bool) -> float:
         """The request leaves service at ``end`` (it entered at ``since``, the occupancy's area
@@ -117,9 +139,8 @@ def account(
             )
             if st.step is not None:
                 first = t_first_token
-                if gaps is not None and clock.counted and t.completion:
-                    # usage counts the tokens; the stream's events may carry several each
-                    gaps.rescale(t.completion / clock.counted)
+                if t.completion:
+                    clock.settle(t.completion)
                 st.step.update(
                     prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
                     tokens=t.completion,

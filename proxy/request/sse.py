@@ -76,6 +76,9 @@ class MalformedStreamError(ValueError):
 #: literal, which the regex engine looks for before trying the rest.
 REASONING = re.compile(rb'"reasoning(?:_content)?":\s*"(?!")')
 CONTENT = re.compile(rb'"content":\s*"(?!")')
+#: The text of a reasoning or content delta (escapes kept): how long it is tells how many
+#: tokens an event held where a server sends several per event.
+DELTA_TEXT = re.compile(rb'"(?:reasoning(?:_content)?|content)":\s*"((?:[^"\\]|\\.)*)"')
 #: A content delta that is only the end-of-thinking tag (llama-server leaves one in the content
 #: after a budget cut): no answer text, not counted as content.
 STRAY_END_TAG = re.compile(rb'"content":\s*"</think>(?:\\n)*"')

@@ -176,6 +176,10 @@ def test_calibrate_fits_the_curves_writes_a_serve_config_and_a_plot(
     # counting to N needs N tokens: at cap 4 only N = 3 (three phrasings), at 8 N = 3, 5, 8 ...
     assert "# count: correct at each cap 4: 3/24, 8: 9/24, 16: 15/24, 32: 24/24;" in out.read_text()
     assert settings.backend.slots == 2 and settings.model.queue.slots == 2
+    # the step measured at one and at two requests in flight is written as the levels the model reads
+    levels = settings.model.queue.step_levels_s  # type: ignore[attr-defined]
+    assert len(levels) == 2 and min(levels) >= 0.001
+    assert "# measured per occupancy (levels_s, what the model reads up to 2):" in out.read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
 
 

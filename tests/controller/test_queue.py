@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from thinkcap.controller.queue import MG1, BatchingEngine, QueueTerms, pool_rate, queue_from_record, spread
+from thinkcap.controller.queue import (
+    MG1,
+    BatchingEngine,
+    QueueTerms,
+    pool_rate,
+    queue_from_record,
+    spread,
+    step_times,
+)
 
 FIELDS = ("ta", "ta1", "ta2", "tb", "tb1", "tb2")
 
@@ -148,7 +156,7 @@ def test_the_pooled_rate_is_the_sum_over_the_spread_built_incrementally(pool: tu
     """pool_rate(n) = sum_r n_r / tau(n_r) over spread(n, pool), also at a zero intercept
     (where a replica with no request is 0 / 0 term by term)."""
     direct = [sum(k / (a + b * k) for k in spread(n, pool) if k) for n in range(1, sum(pool) + 1)]
-    assert pool_rate(pool, a, b) == pytest.approx(direct, rel=1e-12)
+    assert pool_rate(pool, step_times(max(pool), a, b)) == pytest.approx(direct, rel=1e-12)
 
 
 def test_a_vllm_size_pool_is_built_and_its_chain_is_finite() -> None:
@@ -159,3 +167,71 @@ def test_a_vllm_size_pool_is_built_and_its_chain_is_finite() -> None:
     assert q.load_factor() == pytest.approx(1 / 8)
     terms = q.terms(1000.0, 0.5)
     assert all(math.isfinite(v) for v in terms)
+
+
+LLAMA_LEVELS = (0.0065, 0.0173, 0.0252, 0.0279)  # llama-server's step at 1-4 sequences, seconds
+
+
+def chain_occupancy(g: list[float], lam: float, m1: float, top: int = 4000) -> float:
+    """E[min(N, c)] of the birth-death chain summed directly: P(n) ~ u^n prod g(min(i, c)) / prod min(i, c)."""
+    c, u = len(g), lam * m1
+    p, total, busy = 1.0, 1.0, 0.0
+    for n in range(1, top):
+        k = min(n, c)
+        p *= u * g[k - 1] / k
+        total += p
+        busy += p * k
+    return busy / total
+
+
+def test_measured_step_levels_set_the_chain() -> None:
+    """With the step measured per occupancy (a concave step no line fits), tau(j) is the level,
+    the load factor tau(c) / (c tau(1)) and the chain's slowdowns g(j) come from the levels,
+    and a line plays no part where every level is known."""
+    q = BatchingEngine(4, 0.001, 0.007, (), LLAMA_LEVELS)
+    assert [q.step_time(j) for j in (1, 2, 3, 4)] == pytest.approx(LLAMA_LEVELS)
+    assert q.step_time(1.5) == pytest.approx((LLAMA_LEVELS[0] + LLAMA_LEVELS[1]) / 2)
+    assert q.load_factor() == pytest.approx(LLAMA_LEVELS[3] / (4 * LLAMA_LEVELS[0]))
+    g = [v / LLAMA_LEVELS[0] for v in LLAMA_LEVELS]
+    m1 = 0.6  # stable below lambda = 1 / (0.6 x 1.07)
+    for lam in (0.3, 0.9, 1.4):
+        assert q.occupancy(lam, m1) == pytest.approx(chain_occupancy(g, lam, m1), rel=1e-9)
+    assert BatchingEngine(4, 0.5, 0.7, (), LLAMA_LEVELS).terms(1.4, m1) == q.terms(1.4, m1)
+    line = BatchingEngine(6, 0.015, 0.0065)
+    same = BatchingEngine(6, 0.015, 0.0065, (), tuple(0.015 + 0.0065 * j for j in (1, 2, 3)))
+    assert same.terms(3.0, 0.5) == pytest.approx(line.terms(3.0, 0.5), rel=1e-12)
+
+
+def test_above_the_measured_levels_the_line_takes_over_but_never_shrinks_the_step() -> None:
+    """Levels for 1-2 of 4 slots: tau(3), tau(4) on the line, not below tau(2)."""
+    assert step_times(4, 0.001, 0.002, (0.004, 0.009)).tolist() == pytest.approx([0.004, 0.009, 0.009, 0.009])
+    assert step_times(4, 0.001, 0.004, (0.004, 0.009)).tolist() == pytest.approx([0.004, 0.009, 0.013, 0.017])
+    assert step_times(2, 0.001, 0.004, (0.004, 0.009, 0.02)).tolist() == pytest.approx([0.004, 0.009])
+
+
+def test_a_pool_reads_its_replicas_step_from_the_levels() -> None:
+    """Each replica advances at 1 / tau(n_r) with tau from the levels; the record round-trips;
+    levels that are not positive finite numbers are rejected."""
+    q = BatchingEngine(8, 0.001, 0.007, (4, 4), LLAMA_LEVELS)
+    for n in range(1, 9):
+        rate = sum(k / LLAMA_LEVELS[k - 1] for k in spread(n, (4, 4)) if k)
+        assert float(q.slowdown(n)) == pytest.approx(n / (LLAMA_LEVELS[0] * rate))
+    assert q.record()["step_levels_s"] == list(LLAMA_LEVELS)
+    assert queue_from_record(q.record()) == q
+    assert "step_levels_s" not in BatchingEngine(4, 0.01, 0.01).record()
+    for bad in (0.0, -0.001, math.inf, math.nan):
+        with pytest.raises(ValueError, match="levels_s"):
+            BatchingEngine(4, 0.01, 0.01, (), (0.01, bad))
+
+
+@pytest.mark.parametrize("rho", [1e-4, 0.5, 0.95])
+def test_derivatives_with_measured_levels_match_finite_differences(rho: float) -> None:
+    """The solvers' derivatives hold for a step read from levels (8 slots, 1-4 measured)."""
+    q = BatchingEngine(8, 0.001, 0.004, (), LLAMA_LEVELS)
+    lam = 5.0
+    m1 = rho / (lam * q.load_factor())
+    h = 1e-5 * m1
+    t, up, down = q.terms(lam, m1), q.terms(lam, m1 + h), q.terms(lam, m1 - h)
+    for value, lo, hi in (("ta1", "ta", "ta"), ("ta2", "ta1", "ta1"), ("tb1", "tb", "tb"), ("tb2", "tb1", "tb1")):
+        numeric = (getattr(up, hi) - getattr(down, lo)) / (2 * h)
+        assert getattr(t, value) == pytest.approx(numeric, rel=1e-5, abs=1e-9 * abs(getattr(t, lo)) / m1), value

@@ -89,6 +89,17 @@ def test_steps_average_the_fitted_fits_by_requests() -> None:
     assert unfitted is not None and not unfitted.fitted
 
 
+def test_merged_steps_keep_the_levels_every_fitted_replica_measured() -> None:
+    """The measured levels average by requests as far as every fitted replica has them."""
+    one = _step(0.010, 0.006, 100, True)._replace(levels=(0.006, 0.017, 0.025))
+    two = _step(0.016, 0.003, 50, True)._replace(levels=(0.009, 0.020))
+    m = merge_steps([one, two, _step(1.0, 1.0, 5, False)])
+    assert m is not None
+    assert m.levels == pytest.approx(((100 * 0.006 + 50 * 0.009) / 150, (100 * 0.017 + 50 * 0.020) / 150))
+    m = merge_steps([one, _step(0.016, 0.003, 50, True)])
+    assert m is not None and m.levels == ()
+
+
 def test_means_and_curves_are_weighted() -> None:
     """Means are weighted by rate (equally at rate 0) and curves by samples; a weight per record is
     required."""

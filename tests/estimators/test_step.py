@@ -71,6 +71,32 @@ def test_a_step_that_is_not_a_line_is_read_as_a_calibration_reads_it() -> None:
     calibration, *_ = np.linalg.lstsq(np.column_stack([np.ones(4), js]), np.array(list(steps.values())), rcond=None)
     assert (est.base_s, est.per_seq_s) == pytest.approx(tuple(calibration), rel=0.05)
     assert est.base_s > 0 and est.fitted
+    # the step itself is read per occupancy: the line through the levels misses tau(1) by 15 %
+    assert est.levels == pytest.approx(tuple(steps.values()), rel=0.02)
+    assert [est.step_time(j) for j in (1, 2, 3, 4)] == pytest.approx(list(steps.values()), rel=0.02)
+    assert est.base_s + est.per_seq_s > 1.1 * steps[1]
+
+
+def test_the_levels_run_from_one_sequence_up_to_the_first_not_pinned_down() -> None:
+    """Gaps at 1, 2 and 4 sequences (none at 3): the levels are tau(1), tau(2); above them the
+    line, never below tau(2); without gaps at one sequence there are no levels."""
+    steps = {1: 0.010, 2: 0.020, 4: 0.030}
+    rng = np.random.default_rng(12)
+    fit, high = StepFit(min_samples=5), StepFit(min_samples=5)
+    for i in range(40):
+        gaps, upper = GapTally(), GapTally()
+        for _ in range(60):
+            j = int(rng.choice([1, 2, 4]))
+            gaps.add(steps[j] * (1 + float(rng.normal(0, 0.03))), 1, j)
+            upper.add(steps[j] * (1 + float(rng.normal(0, 0.03))), 1, j + 1)
+        for f, g in ((fit, gaps), (high, upper)):
+            f.update(prompt_tokens=0, tokens=61, service_s=1.0, mean_in_service=2.0, gaps=g, now=float(i))
+    est = fit.get()
+    assert est.levels == pytest.approx((0.010, 0.020), rel=0.02)
+    assert est.step_time(1.5) == pytest.approx(0.015, rel=0.02)
+    assert est.step_time(3) == pytest.approx(max(est.base_s + 3 * est.per_seq_s, est.levels[1]))
+    assert est.step_time(4) == pytest.approx(est.base_s + 4 * est.per_seq_s)
+    assert high.get().levels == ()
 
 
 @pytest.mark.parametrize("kind", ["streamed", "whole", "both"])

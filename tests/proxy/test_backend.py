@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from tests.proxy.conftest import write_config
 from thinkcap.proxy.app import create_app
-from thinkcap.proxy.backend import choose_budget, parse_gauges, probe
+from thinkcap.proxy.backend import PROBE_ATTEMPTS, choose_budget, parse_gauges, probe
 from thinkcap.proxy.control import engine_waiting
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
@@ -99,6 +99,28 @@ async def test_an_ignored_budget_is_forced(tmp_path: Path) -> None:
     assert event["mode"] == "forced" and event["reasoning"] == "reasoning_content"
     assert native.budget == "native" and native.budget_reason == "configured"
     assert gateway.budget == "native" and "cannot force" in gateway.budget_reason
+
+
+async def test_a_reasoning_that_ends_early_by_itself_does_not_pass_for_a_budget_that_binds(tmp_path: Path) -> None:
+    """A backend that ignores the budget, whose first reasoning happens to end within it (a
+    model that thinks 5 tokens, then 40): one short reasoning looks like a budget that binds,
+    so the probe asks again and sees the budget ignored. A budget that binds is honoured in
+    every probe of a row."""
+    lengths = iter([5, 6, 40])
+    seen: list[int] = []
+
+    def answer(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+        seen.append(1)
+        return 200, thinking(next(lengths, 40))
+
+    async with stub(answer) as url:
+        state = state_for(tmp_path, url)
+        verdict = await decided(state)
+    assert verdict["status"] == "not_honoured" and verdict["reasoning_tokens"] == 40 and len(seen) == 3
+    assert state.budget == "forced"
+    async with stub(lambda body: (200, thinking(min(body["thinking_token_budget"], 64)))) as url:
+        verdict = await decided(state_for(tmp_path, url))
+    assert verdict["status"] == "honoured" and verdict["probes"] == PROBE_ATTEMPTS
 
 
 async def test_a_rejected_budget_is_forced_and_the_reasoning_in_tags_is_seen(tmp_path: Path) -> None:

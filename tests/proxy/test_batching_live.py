@@ -162,10 +162,15 @@ async def test_the_step_is_fitted_from_live_traffic_and_planned_with(
     assert event["step"]["source"] == "fitted"
     queue = event["inputs"]["queue"]
     assert (queue["step_base_s"], queue["step_per_seq_s"]) == (est.base_s, est.per_seq_s)
+    # streamed, the step is also read per occupancy, and the queue model plans with those levels
+    assert (len(est.levels) == 4) is stream, est
+    assert queue.get("step_levels_s", []) == list(est.levels)
+    for j, level in enumerate(est.levels, start=1):
+        assert level == pytest.approx(A + B * j, rel=0.2), est
     problem = problem_from_record(event["inputs"])
     # A cap token costs tau(1) times the share of its cap an answer uses.
     assert problem.types[0].per_token_s == pytest.approx(est.step_time(1) * state.used.get()["short"])
-    assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s)
+    assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s, (), est.levels)
 
 
 async def test_a_server_that_streams_several_tokens_per_event_is_read_by_its_usage(tmp_path: Path) -> None:

@@ -41,6 +41,20 @@ def test_slots_set_the_queue_model_and_the_default_concurrency(tmp_path: Path) -
     assert s.proxy.max_concurrency == 3
 
 
+def test_the_step_measured_per_occupancy_is_read_and_bad_levels_are_config_errors(tmp_path: Path) -> None:
+    """``levels_s`` gives the step at 1, 2, ... sequences (the line only extends it): the queue
+    model and each type's per-token time read it; a level that is not a positive number is a
+    config error naming the key."""
+    text = "slots = 4\nstep = { base_s = 0.001, per_seq_s = 0.007, levels_s = [0.0065, 0.0173, 0.0252, 0.0279] }"
+    s = load_settings(_config(tmp_path, text))
+    assert s.model.queue == BatchingEngine(4, 0.001, 0.007, (), (0.0065, 0.0173, 0.0252, 0.0279))
+    assert s.model.types[0].task.per_token_s == 0.0065
+    for bad in ("[0.01, 0]", "[0.01, -1]", '["x"]', "0.01"):
+        with pytest.raises(ConfigError, match=r"backend\.step\.levels_s"):
+            step = f"step = {{ base_s = 0.001, per_seq_s = 0.007, levels_s = {bad} }}"
+            load_settings(_config(tmp_path, f"slots = 4\n{step}"))
+
+
 def test_llama_server_dialect_keys(tmp_path: Path) -> None:
     """dialect = "llama-server": the model thinks unless told, and upstream connections are not
     kept alive unless told; ``thinks`` belongs to that dialect alone."""
