@@ -25,7 +25,8 @@ side on the same open-loop streamed arrivals:
   a burst at 3x that capacity for 5-30 s, over ``--bursty-s`` (600 s), about 60 % on average;
 - *spike*: 10x the capacity at the minimum caps for 20 s, then 90 % of it for 60 s.
 
-Reported per run: requests shed (outside bursts: after a burst's end plus 10 s), the slowest
+Reported per run: requests shed (503) or refused with the admission queue full (429), and
+those outside bursts (after a burst's end plus 10 s), the slowest
 return of the admit fraction to >= 0.95 after a burst or spike ends (from the adaptive
 proxy's decisions), the live step fit's tau(1) and tau(8) (as the queue model reads them: the
 measured levels, the line above them) against the engine's (nominal, and
@@ -73,7 +74,7 @@ from thinkcap.proxy.logs import reset as reset_logging
 from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import STATE_KEY
-from thinkcap.sim.loadgen import LoadSettings, Record, run_load
+from thinkcap.sim.loadgen import SHED_STATUSES, LoadSettings, Record, run_load
 from thinkcap.sim.scenario import LoadPhase, Scenario
 from thinkcap.sim.summary import summarise_records
 
@@ -241,7 +242,7 @@ async def served_run(scenario: Scenario, bursts: list[tuple[float, float]], seed
         return row.objective
 
     records = adaptive.records
-    shed = [r for r in records if r.status == 503]
+    shed = [r for r in records if r.status in SHED_STATUSES]  # 503 shed, 429 the admission queue full
     outside = [r for r in shed if not any(a <= r.send_s <= b + 10.0 for a, b in bursts)]
     backs = []
     for _, end in bursts:
@@ -284,7 +285,7 @@ async def served_run(scenario: Scenario, bursts: list[tuple[float, float]], seed
         else None,
         "objective_adaptive": objective(stacks[0].records),
         "objective_static": objective(stacks[1].records),
-        "errors": sum(1 for r in records if not r.answered and r.status != 503),
+        "errors": sum(1 for r in records if not r.answered and r.status not in SHED_STATUSES),
     }
 
 

@@ -7,7 +7,8 @@ token for each of them. Two kinds of finished request inform the fit:
   ``n`` tokens arriving together while ``j`` requests were in service, plus its time to the
   first token, ``o + p P`` for ``P`` evaluated prompt tokens. The first token's wait is
   never read as a step: it is the prefill sample. Gaps during which another request was
-  in its prefill are left out by the caller (that step carried the other's prompt);
+  in its prefill, or left, are left out by the caller (that step carried the other's
+  prompt; those steps ran at two occupancies);
 - a whole (non-streamed) answer of ``T`` tokens gives ``service = o + p P + T (a + b n)``,
   with ``n`` the time-averaged number in service while it ran: a regression in
   ``(1, P, T, T n)``.
@@ -84,7 +85,7 @@ class GapTally:
         self.samples = 0
         self.seconds = 0.0
         self.tokens = 0.0
-        self.text: dict[int, list[float]] = {}  # per occupancy: sums of text^2 and text gap_s
+        self.text: dict[int, list[float]] = {}  # per occupancy: sums of text^2, text gap_s and text
 
     def rescale(self, factor: float) -> None:
         """Read every gap as having brought ``factor`` times the tokens counted: a server that

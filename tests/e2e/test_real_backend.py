@@ -34,6 +34,12 @@ def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
     fitted = report["fitted_step"]
     assert fitted["source"] == "fitted" and fitted["gaps"] > 1000, fitted
     assert fitted["per_seq_s"] > 0 and fitted["base_s"] >= 0  # an intercept within noise of 0 reads as 0
+    # the step read per occupancy (what the queue model uses), against the steps the direct
+    # calibration measured at 1-4 sequences: within STEP_BAND (+2 to +5 % in the benchmark)
+    measured = [report["direct_step"]["mean_gap_s"][str(j)] for j in (1, 2, 3, 4)]
+    assert len(fitted["levels_s"]) == 4, fitted
+    for level, want in zip(fitted["levels_s"], measured, strict=True):
+        assert abs(level / want - 1) <= STEP_BAND, (fitted["levels_s"], measured)
     # the fit in use through each run (a decision may fall back for a moment: the goal is the
     # fit in use, not never a flicker)
     assert all(r["step_fitted_share"] >= 0.8 for r in runs), [(r["load"], r["step_fitted_share"]) for r in runs]
@@ -57,6 +63,8 @@ def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
 #: settling; about 25 requests at 50 % load): wide, because one window's mean is noisy; the
 #: 25 % figure over three runs each is measured by ``bench/llama_server.py``.
 PREDICTION_BAND = (0.5, 2.0)
+#: Largest relative difference of a live level from the direct calibration's step (one short run).
+STEP_BAND = 0.25
 
 
 def test_a_server_that_died_fails_at_once_with_its_exit_status_and_log(tmp_path: Path) -> None:

@@ -59,3 +59,14 @@ def test_a_gap_is_clean_only_when_no_prompt_was_being_read() -> None:
     occ.start(2.0, streamed=True)
     occ.stop(2.5, prefilling=True)  # it ended before a token: its prefill is over too
     assert occ.prefilling == 0 and not occ.clean(2.4) and occ.clean(2.5)
+
+
+def test_a_gap_during_which_a_request_left_is_no_step() -> None:
+    """A request that leaves mid-gap makes the gap steps at two occupancies, read as the one
+    left after it: a gap that began before the departure is no step sample, one after it is."""
+    occ = Occupancy()
+    for _ in range(3):
+        occ.start(0.0, streamed=False)
+    assert occ.clean(1.0)
+    occ.stop(1.5)
+    assert occ.in_service == 2 and not occ.clean(1.0) and occ.clean(1.5)

@@ -75,3 +75,20 @@ def test_one_token_per_event_is_counted_in_events() -> None:
     assert clock.gaps is not None
     sxx, sxy, _, _ = clock.gaps.levels[1]
     assert sxy / sxx == pytest.approx(0.01, rel=1e-9)
+
+
+def test_a_gap_during_which_another_request_left_is_not_read_as_one_occupancy() -> None:
+    """Two requests decode; the other leaves in the middle of a gap: that gap's steps ran at 2
+    and then at 1, so it is no sample of either (read at 1, it made one sequence's step look
+    slow); the gaps before and after are samples at 2 and at 1."""
+    occupancy = Occupancy()
+    occupancy.start(0.0, streamed=True)
+    occupancy.start(0.0, streamed=False)  # the other one
+    clock = TokenClock(gaps=GapTally())
+    for t in (1.00, 1.01):
+        clock.read(TOKEN, lambda t=t: t, occupancy)
+    occupancy.stop(1.015)
+    for t in (1.02, 1.03):
+        clock.read(TOKEN, lambda t=t: t, occupancy)
+    assert clock.gaps is not None and clock.gaps.samples == 2
+    assert {j: row[3] for j, row in clock.gaps.levels.items()} == {2: 1.0, 1: 1.0}
