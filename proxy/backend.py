@@ -29,7 +29,7 @@ from thinkcap.proxy.state import ProxyState
 #: The cap the start-up probe asks for.
 PROBE_CAP = 8
 #: Probes whose reasoning keeps within a reasoning budget before it is read as honoured:
-#: one reasoning that ends early by itself looks like a budget that binds (4 of 14 single
+#: one reasoning that ends early by itself looks like a budget that binds (2 of 20 single
 #: probes on llama-server with SmolLM2 ignoring the field), while a budget ignored shows as
 #: soon as one reasoning runs past it.
 PROBE_ATTEMPTS = 5
