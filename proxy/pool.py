@@ -33,7 +33,7 @@ class Occupancy:
     :meth:`thinkcap.proxy.pool.Pool.set_prefill_guess`). ``quiet_since`` is when the last
     known prefill ended or a request last left: a token gap that began before it may hold
     another request's prompt, or steps at two occupancies read as one of them (a server that
-    sends 16 tokens per event: each level up to the full batch read 3-10 % slow on the
+    sends 16 tokens per event: each level below the full batch read 1-10 % slow on the
     simulated engine), and is no step sample.
     """
 
