@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from thinkcap.cli.json_lines import BadLine, read_objects  # noqa: E402
 from thinkcap.controller import TaskType, problem_from_record  # noqa: E402
+from thinkcap.controller.queue import step_times  # noqa: E402
 from thinkcap.sim.llamacpp import (  # noqa: E402
     BackendDiedError,
     Server,
@@ -467,17 +468,10 @@ def fit_in_use_after(evs: list[dict[str, Any]]) -> float | None:
 
 
 def taus(step: dict[str, Any], slots: int) -> tuple[float, float]:
-    """A step's tau(1) and tau(slots), seconds: its measured levels where it has them (the
-    live fit's ``levels_s``, what the queue model reads), its line above them."""
-    levels = step.get("levels_s") or []
-
-    def at(j: int) -> float:
-        line = step["base_s"] + step["per_seq_s"] * j
-        if j <= len(levels):
-            return float(levels[j - 1])
-        return max(line, levels[-1]) if levels else line
-
-    return at(1), at(slots)
+    """A step's tau(1) and tau(slots), seconds, as the queue model reads it: its measured
+    levels where it has them (the live fit's ``levels_s``), its line above them."""
+    t = step_times(slots, step["base_s"], step["per_seq_s"], tuple(step.get("levels_s") or ()))
+    return float(t[0]), float(t[slots - 1])
 
 
 def levels_text(step: dict[str, Any]) -> str:

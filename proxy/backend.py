@@ -134,13 +134,14 @@ async def probe(state: ProxyState) -> dict[str, Any]:
     ask_running_count(body, b.dialect)  # the reasoning counted as forcing counts it
     applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance, thinks=b.thinks)
     kept: dict[str, Any] | None = None  # the last probe that kept within the budget
-    for _ in range(PROBE_ATTEMPTS if b.reasoning_cap else 1):
+    attempts = PROBE_ATTEMPTS if b.reasoning_cap else 1
+    for _ in range(attempts):
         verdict = await _probe_once(state, body, bare, applied)
         if verdict["status"] not in ("honoured", "unknown"):
             return verdict
         if verdict["status"] == "honoured":
             kept = verdict
-    return verdict if kept is None else kept | {"probes": PROBE_ATTEMPTS if b.reasoning_cap else 1}
+    return verdict if kept is None else kept | {"probes": attempts}
 
 
 async def _probe_once(

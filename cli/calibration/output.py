@@ -48,9 +48,10 @@ def fit_all(items: list[Item], results: list[Result], levels: Sequence[int], boo
     per_level: tuple[float, ...] = ()
     if len(set(levels)) > 1:
         pairs = [g for r in ok for g in r.gaps]
-        if len({round(j) for j, _ in pairs}) > 1:
-            step = fit_step([j for j, _ in pairs], [g for _, g in pairs])
-            per_level = step_levels([j for j, _ in pairs], [g for _, g in pairs])
+        js, gaps = [j for j, _ in pairs], [g for _, g in pairs]
+        if len({round(j) for j in js}) > 1:
+            step = fit_step(js, gaps)
+            per_level = step_levels(js, gaps)
     counts: dict[str, int] = {}
     for it in items:
         counts[it.type] = counts.get(it.type, 0) + 1
