@@ -33,8 +33,13 @@ PROBE_CAP = 8
 #: probes on llama-server with SmolLM2 ignoring the field), while a budget ignored shows as
 #: soon as one reasoning runs past it.
 PROBE_ATTEMPTS = 5
+#: Failed probe requests (no answer, or 5xx) a series sends again before its verdict is
+#: ``error``: one connection the server resets at start-up is not a backend that fails.
+PROBE_RETRIES = 2
 PROBE_TIMEOUT_S = 60.0
 PROBE_RETRY_FIRST_S = 1.0
+#: Pause before a failed probe request of a series is sent again.
+PROBE_RETRY_GAP_S = 0.2
 PROBE_RETRY_MAX_S = 30.0
 READY_TIMEOUT_S = 2.0
 
@@ -108,8 +113,8 @@ async def probe(state: ProxyState) -> dict[str, Any]:
     ``unknown`` (no count to judge by: no reasoning seen, no usage), ``rejected`` (the
     backend answers 4xx to the cap field and 200 without it: the field is then left out of
     requests until a later probe passes; ``backend_error`` and ``advice`` say why and what
-    to configure) or ``error`` (no answer, or 4xx/5xx with and without the field;
-    ``backend_error`` holds the body).
+    to configure) or ``error`` (no answer, or 4xx/5xx with and without the field, in
+    more than :data:`PROBE_RETRIES` requests of the series; ``backend_error`` holds the body).
     ``reasoning`` says where the answer's reasoning was: ``reasoning_content`` (a field of
     its own), ``tags`` (inside ``content``, between ``[backend] reasoning_tags``) or
     ``none`` seen. The reasoning count is the usage's, else
@@ -135,8 +140,15 @@ async def probe(state: ProxyState) -> dict[str, Any]:
     applied = apply_cap(body, PROBE_CAP, b.dialect, answer_allowance=b.answer_allowance, thinks=b.thinks)
     kept: dict[str, Any] | None = None  # the last probe that kept within the budget
     attempts = PROBE_ATTEMPTS if b.reasoning_cap else 1
-    for _ in range(attempts):
+    retries = PROBE_RETRIES
+    done = 0
+    while done < attempts:
         verdict = await _probe_once(state, body, bare, applied)
+        if verdict["status"] == "error" and retries > 0:
+            retries -= 1
+            await asyncio.sleep(PROBE_RETRY_GAP_S)
+            continue
+        done += 1
         if verdict["status"] not in ("honoured", "unknown"):
             return verdict
         if verdict["status"] == "honoured":

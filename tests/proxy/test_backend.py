@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from tests.proxy.conftest import write_config
 from thinkcap.proxy.app import create_app
-from thinkcap.proxy.backend import PROBE_ATTEMPTS, choose_budget, parse_gauges, probe
+from thinkcap.proxy.backend import PROBE_ATTEMPTS, PROBE_RETRIES, choose_budget, parse_gauges, probe
 from thinkcap.proxy.control import engine_waiting
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
@@ -121,6 +121,46 @@ async def test_a_reasoning_that_ends_early_by_itself_does_not_pass_for_a_budget_
     async with stub(lambda body: (200, thinking(min(body["thinking_token_budget"], 64)))) as url:
         verdict = await decided(state_for(tmp_path, url))
     assert verdict["status"] == "honoured" and verdict["probes"] == PROBE_ATTEMPTS
+
+
+async def test_a_probe_request_that_fails_once_is_sent_again_not_reported_as_an_error(tmp_path: Path) -> None:
+    """A backend that ignores the budget, whose first connection is reset and whose next answer
+    is a 500 (llama-server reset the probe's connection at start-up in one suite run): the
+    series sends those again and reads the budget as ignored (the failure was its verdict, and
+    auto stayed native until the next probe). A backend that always fails is an error after
+    ``PROBE_RETRIES`` more requests."""
+    answers = iter(["reset", 500])
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        what = next(answers, 200)
+        if what == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if what == 500:
+            return web.json_response({"error": {"message": "busy"}}, status=500)
+        return web.Response(body=sse(thinking(40)), content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        state = state_for(tmp_path, str(server.make_url("/v1")))
+        verdict = await decided(state)
+    finally:
+        await server.close()
+    assert verdict["status"] == "not_honoured" and verdict["reasoning_tokens"] == 40, verdict
+    assert state.budget == "forced"
+    calls: list[int] = []
+
+    def failing(body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+        calls.append(1)
+        return 500, []
+
+    async with stub(failing) as url:
+        verdict = await decided(state_for(tmp_path, url))
+    assert verdict["status"] == "error" and len(calls) == PROBE_RETRIES + 1, (verdict, calls)
 
 
 async def test_a_rejected_budget_is_forced_and_the_reasoning_in_tags_is_seen(tmp_path: Path) -> None:
