@@ -149,7 +149,7 @@ class StepEstimate(NamedTuple):
     per_seq_stderr_s: float
     requests: int
     gaps: int
-    fitted: bool  # enough requests, and a, b and tau(1) pinned down (see StepFit)
+    fitted: bool  # enough requests, and the levels or a, b and tau(1) pinned down (see StepFit)
     levels: tuple[float, ...] = ()  # tau(1), tau(2), ... measured, as far as each is pinned down
 
     def step_time(self, j: float) -> float:
@@ -188,7 +188,10 @@ class StepFit:
         intercept within ``NOISE_Z`` standard errors or this share of ``tau(1)`` of 0 reads as
         0), and the
         occupancies seen tell ``a`` from ``b`` (the condition number of their information is
-        at most :data:`MAX_CONDITION`).
+        at most :data:`MAX_CONDITION`). Where the step is read per occupancy from one sequence
+        up (two levels or more), the levels carry it: a negative intercept of any size reads
+        as 0 (the line only reaches above the last level), and only ``b``'s standard error and
+        signs are checked.
 
     Notes
     -----
@@ -396,9 +399,11 @@ class StepFit:
         a, b = (float(v) for v in weights @ tau)
         cov = np.asarray((weights * var) @ weights.T, dtype=np.float64)
         slack = max(NOISE_Z * math.sqrt(max(cov[0, 0], 0.0)), self.max_rel_stderr * float(tau[0]))
-        if a < 0 <= a + slack:
+        if a < 0 and (len(levels) >= 2 or a + slack >= 0):
             # Within noise of 0, or a tenth of tau(1) (an engine whose step is about
-            # proportional to the batch, which a line through the levels misses by that much):
+            # proportional to the batch, which a line through the levels misses by that much),
+            # or whatever its size where the levels from one sequence up carry the step (a
+            # concave step's line through its busy levels; the line only reaches above them):
             # the least squares line under a >= 0, through the origin; a's own uncertainty stays.
             a, b = 0.0, float(j @ tau / (j @ j))
             cov = np.diag([cov[0, 0], float((j * j) @ var / (j @ j) ** 2)])
@@ -436,15 +441,23 @@ class StepFit:
         se_tau1 = math.sqrt(max(cov_ab[0, 0] + 2 * cov_ab[0, 1] + cov_ab[1, 1], 0.0))
         tau1 = a + b
         limit = self.max_rel_stderr * tau1
+        # Read per occupancy from one sequence up, the step needs no line below its last level:
+        # each level is pinned down by its own gate, and the line (its slope) only reaches above.
+        by_levels = len(levels) >= 2
         fitted = (
             self._requests >= self.min_samples
             and a >= 0
             and b >= 0
             and tau1 > 0
-            and se_tau1 <= limit
             and se_b <= limit
-            and se_a <= limit  # the batching gain rests on the intercept
-            and condition <= MAX_CONDITION
+            and (
+                by_levels
+                or (
+                    se_tau1 <= limit
+                    and se_a <= limit  # the batching gain rests on the intercept
+                    and condition <= MAX_CONDITION
+                )
+            )
         )
         est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted, levels)
         self._cached = est

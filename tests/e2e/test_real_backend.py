@@ -35,11 +35,13 @@ def test_thinkcap_runs_a_real_batching_server_and_learns_its_step() -> None:
     assert fitted["source"] == "fitted" and fitted["gaps"] > 1000, fitted
     assert fitted["per_seq_s"] > 0 and fitted["base_s"] >= 0  # an intercept within noise of 0 reads as 0
     # the step read per occupancy (what the queue model uses), against the steps the direct
-    # calibration measured at 1-4 sequences: within STEP_BAND (+2 to +5 % in the benchmark)
-    measured = [report["direct_step"]["mean_gap_s"][str(j)] for j in (1, 2, 3, 4)]
+    # calibration measured at 1-4 sequences before and after the live runs: within STEP_BAND of
+    # one of them (the engine's own speed moved 10-16 % between the two in one run here; in one
+    # suite run the live levels read 23-50 % above the start's steps, the end's not kept)
+    start, end = ([report[k]["mean_gap_s"][str(j)] for j in (1, 2, 3, 4)] for k in ("direct_step", "direct_step_end"))
     assert len(fitted["levels_s"]) == 4, fitted
-    for level, want in zip(fitted["levels_s"], measured, strict=True):
-        assert abs(level / want - 1) <= STEP_BAND, (fitted["levels_s"], measured)
+    for level, *measured in zip(fitted["levels_s"], start, end, strict=True):
+        assert min(abs(level / m - 1) for m in measured) <= STEP_BAND, (fitted["levels_s"], start, end)
     # the fit in use through each run (a decision may fall back for a moment: the goal is the
     # fit in use, not never a flicker)
     assert all(r["step_fitted_share"] >= 0.8 for r in runs), [(r["load"], r["step_fitted_share"]) for r in runs]
