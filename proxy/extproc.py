@@ -262,7 +262,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             flow.strip_usage, flow.running = ask_stream_counts(st, body)
         replica = st.pool.replicas[0]
         flow.t_dispatch = self.loop_time()
-        flow.mark = replica.occupancy.start(flow.t_dispatch, streamed=ev["stream"])
+        flow.mark = flow.clock.enter(replica.occupancy, flow.t_dispatch, streamed=ev["stream"])
         if ev["stream"] and st.step is not None:
             flow.clock.gaps = GapTally()
         return upstream_body(raw, before, body), decision.type

@@ -31,6 +31,10 @@ class TokenClock:
     counted: int = 0  # token events counted (a server may put several tokens in one)
     text: int = 0  # bytes of their text (with ``gaps``): how many tokens each event held
     paused: bool = False  # the next read's gap is not a step (see pause)
+    started_mark: int = 0  # the occupancy's requests started when this one was (itself included)
+    others_started: int = 0  # requests started on its replica while it was in service (see leave)
+    steps_mark: tuple[float, float] = (0.0, 0.0)  # the occupancy's steps and sequence-steps then
+    step_in_service: float = 1.0  # the mean number in service over its steps (see leave)
 
     def pause(self) -> None:
         """The next tokens come from a new upstream request (budget forcing's continuation):
@@ -74,10 +78,23 @@ class TokenClock:
         else:
             self.gaps.rescale(per_event)
 
+    def enter(self, occupancy: Occupancy, now: float, *, streamed: bool) -> float:
+        """The request is sent upstream at ``now``: the occupancy's area then (its mark)."""
+        mark = occupancy.start(now, streamed=streamed)
+        self.started_mark = occupancy.started
+        self.steps_mark = (occupancy.steps, occupancy.seq_steps)
+        return mark
+
     def leave(self, occupancy: Occupancy, end: float, *, since: float, mark: float, streamed: bool) -> float:
         """The request leaves service at ``end`` (it entered at ``since``, the occupancy's area
-        then ``mark``): the time-averaged number in service meanwhile, itself included."""
+        then ``mark``): the time-averaged number in service meanwhile, itself included. Also
+        the mean over its steps (``step_in_service``, what a whole answer's time is read
+        with; see :meth:`~thinkcap.proxy.pool.Occupancy.set_step`) and the requests started
+        meanwhile (``others_started``): their prompts held its steps up."""
+        self.others_started = occupancy.started - self.started_mark
         area = occupancy.stop(end, prefilling=streamed and self.t_first_token is None)
+        steps = occupancy.steps - self.steps_mark[0]
+        self.step_in_service = (occupancy.seq_steps - self.steps_mark[1]) / steps if steps > 0 else 1.0
         return (area - mark) / (end - since) if end > since else 1.0
 
 
@@ -145,7 +162,8 @@ def account(
                     prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
                     tokens=t.completion,
                     service_s=ev["service_time_s"],
-                    mean_in_service=ev.get("mean_in_service", 1.0),
+                    mean_in_service=clock.step_in_service if gaps is None else ev.get("mean_in_service", 1.0),
+                    others_started=clock.others_started,
                     gaps=gaps,
                     first_token_s=None if first is None else first - t_dispatch,
                     first_token_in_service=max(clock.first_in_service, 1),

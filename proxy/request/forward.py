@@ -145,7 +145,7 @@ class Exchange:
         replica.sent += 1
         self.t_dispatch = self.loop.time()
         occupancy = replica.occupancy
-        mark = occupancy.start(self.t_dispatch, streamed=stream)
+        mark = self.clock.enter(occupancy, self.t_dispatch, streamed=stream)
         if stream and st.step is not None:
             self.clock.gaps = GapTally()
         # What the outcome says of the replica: a failure, a success (``counted``), or nothing
