@@ -25,7 +25,8 @@ over one gRPC stream, message by message:
 
 A gateway holds no queue of thinkcap's: the requests in service are the ones between their
 request body and their response's end (the pool's count); the queue model reads that. A
-message's work is synchronous (parse, classify, cap, count: well under a millisecond); one
+message's work is synchronous (parse, classify, cap, count: well under a millisecond; a
+request's accounting, its event and the fits, runs after its last answer went out); one
 that takes longer than ``[extproc] message_timeout_s`` is logged (``slow_message``): set
 Envoy's ``message_timeout`` above it. An error is answered (the message let through
 unchanged), never dropped: a processor that answers nothing becomes a client timeout in Envoy.
@@ -119,6 +120,7 @@ class Flow:
     strip_usage: bool = False  # the usage chunk was asked for by thinkcap, not by the client
     running: bool = False  # the stream's chunks carry the server's running token count (llama-server)
     mark: float = 0.0  # the replica's occupancy area when the request went upstream
+    t_end: float | None = None  # when its last message came: it is accounted after its answer went out
 
 
 class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -156,7 +158,13 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         finally:
             if flow.shaped and not flow.done:  # the client or Envoy went away before the answer's end
                 flow.event.update(status=499, error_kind="client_disconnected")
-                self._finish(flow)
+                self._end(flow)
+            if flow.t_end is not None:  # after the last answer went out: the accounting waits for no one
+                try:
+                    self._finish(flow, flow.t_end)
+                except Exception as exc:  # the answers are out; the stream ends cleanly, the bug is said
+                    logger().error("extproc", action="error", request_id=flow.rid, message="finish",
+                                   error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     def _let_through(self, msg: ext.ProcessingRequest) -> list[ext.ProcessingResponse]:
         kind = msg.WhichOneof("request")
@@ -225,8 +233,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             new, objective = self._shape(flow, raw)
         except ProxyError as err:
             flow.event.update(status=err.status, error_kind=err.code)
-            flow.done = True
-            self._finish(flow)
+            self._end(flow)
             retry = self.state.settings.proxy.retry_after_s if err.status in (429, 503) else None
             return [immediate(err, flow.rid, retry)]
         mutation = ext.HeaderMutation(
@@ -280,8 +287,7 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if status != 200:
             flow.event["error_kind"] = "upstream_status"
         if headers.end_of_stream:
-            flow.done = True
-            self._finish(flow)
+            self._end(flow)
             response.mode_override.CopyFrom(_Mode(response_body_mode=_Mode.NONE))
             return [response]
         streamed = seen.get("content-type", "").startswith("text/event-stream")
@@ -315,12 +321,15 @@ class Processor(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 except (ValueError, UnicodeDecodeError):
                     data = None
                 flow.tokens = whole_tokens(data) if isinstance(data, dict) else None
-            flow.done = True
-            self._finish(flow)
+            self._end(flow)
         return [response]
 
-    def _finish(self, flow: Flow) -> None:
-        end = self.loop_time()
+    def _end(self, flow: Flow) -> None:
+        """The request's last message: no more to process; its accounting follows its answer."""
+        flow.done = True
+        flow.t_end = self.loop_time()
+
+    def _finish(self, flow: Flow, end: float) -> None:
         if flow.t_dispatch is not None:
             flow.event["mean_in_service"] = flow.clock.leave(self.state.pool.replicas[0].occupancy, end,
                                                              since=flow.t_dispatch, mark=flow.mark,

@@ -20,11 +20,13 @@ import grpc
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from structlog.testing import capture_logs
 
 from tests.proxy.conftest import write_config
 from tests.sim.conftest import make_scenario, sim_type
-from thinkcap.proxy.extproc import serve_grpc
+from thinkcap.proxy.extproc import Processor, serve_grpc
 from thinkcap.proxy.serve_file import load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 from thinkcap.sim.backend import create_app as create_sim
@@ -229,3 +231,37 @@ async def test_curl_streams_through_the_gateway(tmp_path: Path) -> None:
         assert events.rstrip().endswith("data: [DONE]") and '"usage"' not in events  # the client did not ask for usage
         (seen,) = await g.upstream_seen()
         assert seen["body"]["thinking_token_budget"] == 12
+
+
+async def test_a_request_is_accounted_after_its_last_answer_went_out(tmp_path: Path) -> None:
+    """The processor answers the response's last message first and accounts the request (the
+    event, the fits) after it: Envoy forwards the answer's end without waiting for the
+    bookkeeping (it sat on every request's last message)."""
+
+    def headers(end: bool, **values: str) -> ext.HttpHeaders:
+        items = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()]
+        return ext.HttpHeaders(headers=base_pb2.HeaderMap(headers=items), end_of_stream=end)
+
+    answer = {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+    body = json.dumps({"messages": HARD}).encode()
+    messages = [
+        ext.ProcessingRequest(request_headers=headers(False, **{":method": "POST", ":path": "/v1/chat/completions"})),
+        ext.ProcessingRequest(request_body=ext.HttpBody(body=body, end_of_stream=True)),
+        ext.ProcessingRequest(response_headers=headers(False, **{":status": "200", "content-type": "text/json"})),
+        ext.ProcessingRequest(response_body=ext.HttpBody(body=json.dumps(answer).encode(), end_of_stream=True)),
+    ]
+
+    async def requests() -> AsyncIterator[ext.ProcessingRequest]:
+        for m in messages:
+            yield m
+
+    state = build_state(load_settings(write_config(tmp_path, "http://127.0.0.1:9/v1")))
+    stream = Processor(state).Process(requests(), None)
+    with capture_logs() as logs:
+        answers = [await stream.__anext__() for _ in messages]
+        assert answers[-1].HasField("response_body")
+        assert not [e for e in logs if e["event"] == "request"]  # the answer's end is out first
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+    (event,) = [e for e in logs if e["event"] == "request"]
+    assert event["status"] == 200 and event["completion_tokens"] == 7 and event["front"] == "extproc"
