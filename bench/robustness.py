@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.proxy.conftest import write_config
 from tests.proxy.test_control import feed
 from thinkcap.cli.demo import Stack, demo_scenario, open_stack, run_demo
-from thinkcap.cli.report import phase_ratios, read_log
+from thinkcap.cli.report import phase_ratios, ratio_text, read_log
 from thinkcap.controller import decide, load_at_min_caps
 from thinkcap.proxy.control import ControlLoop
 from thinkcap.proxy.logs import configure
@@ -329,11 +329,11 @@ def demo_prediction(duration_s: float, seed: int) -> None:
             rows = phase_ratios(read_log(str(log_path)))
         print(f"\ndemo, {slots} slot(s), {duration_s:g} s: predicted / observed mean system time per phase")
         for r in rows:
-            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            ratio = "-" if r["ratio"] is None else ratio_text(r)
             pred = "-" if r["predicted"] is None else f"{r['predicted']:.3f} s"
             obs = "-" if r["observed"] is None else f"{r['observed']:.3f} s"
             print(f"  {r['name']:<9} {r['offered_rate']:>5g}/s  predicted {pred:>8}  observed {obs:>8}  "
-                  f"ratio {ratio:>5}  ({r['requests']} requests from {r['from_s']:.0f} s in)")  # fmt: skip
+                  f"ratio {ratio:>12}  ({r['requests']} requests from {r['from_s']:.0f} s in)")  # fmt: skip
 
 
 def main() -> None:

@@ -116,6 +116,7 @@ def _intervals(report: AuditReport, decisions: list[dict[str, Any]], requests: l
         end = decisions[i + 1]["time"] if i + 1 < len(decisions) else math.inf
         lo, hi = np.searchsorted(arrivals, start), np.searchsorted(arrivals, end)
         observed = float(times[lo:hi].mean()) if hi > lo else None
+        square = float((times[lo:hi] ** 2).mean()) if hi > lo else None
         report.intervals.append(
             {
                 "decision_id": d["decision_id"],
@@ -125,6 +126,7 @@ def _intervals(report: AuditReport, decisions: list[dict[str, Any]], requests: l
                 "caps": d["caps_in_force"] if "caps_in_force" in d else d["caps"],
                 "predicted_mean_system_time": d.get("predicted_mean_system_time"),
                 "observed_mean_system_time": observed,
+                "observed_mean_square_system_time": square,  # the observed mean's spread
                 "requests": int(hi - lo),
             }
         )

@@ -32,7 +32,7 @@ from typing import IO, Any
 import numpy as np
 from aiohttp import web
 
-from thinkcap.cli.report import MissingExtraError, phase_ratios, read_log, write_report
+from thinkcap.cli.report import MissingExtraError, phase_ratios, ratio_text, read_log, write_report
 from thinkcap.cli.runtime import run as run_loop
 from thinkcap.cli.scenario_file import load_scenario
 from thinkcap.cli.serve import listening
@@ -375,8 +375,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(render(rep))
     print()
-    print("predicted / observed mean system time, adaptive, from 10 s (at most half the phase) into each phase: "
-          + ", ".join(f"{r['name']} {'-' if r['ratio'] is None else format(r['ratio'], '.2f')} "
+    print("predicted / observed mean system time, adaptive, from 10 s (at most half the phase) into each phase "
+          "(± its standard error): "
+          + ", ".join(f"{r['name']} {'-' if r['ratio'] is None else ratio_text(r)} "
                       f"({r['requests']} requests)" for r in ratios))  # fmt: skip
     print(f"report: {report_path}")
     try:

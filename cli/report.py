@@ -84,7 +84,10 @@ def phase_ratios(data: LogData, settle_s: float = SETTLE_S) -> list[dict[str, An
     """Per ``phase`` event (a load schedule's phase, as ``thinkcap demo`` logs them): the
     predicted and observed mean system time over the decision intervals that start at least
     ``settle_s`` (at most half the phase) into it, weighted by the requests arriving in each,
-    and their ratio (``None`` where no interval has both: an overload predicts nothing). A
+    and their ratio (``None`` where no interval has both: an overload predicts nothing), with
+    the observed mean's standard error and the ratio's (``observed_stderr``, ``ratio_stderr``:
+    a 10-s window at 1.5 requests/s holds 11-23 answers, and its ratio's standard error was
+    0.09-0.25 in six 80-s demos). A
     phase ends where the next starts, after its ``duration_s`` if the event has one, or at
     the log's end."""
     out = []
@@ -96,7 +99,10 @@ def phase_ratios(data: LogData, settle_s: float = SETTLE_S) -> list[dict[str, An
         if isinstance(ph.get("duration_s"), int | float):  # the schedule's, not the drain after it
             end = min(end, start + float(ph["duration_s"]))
         from_ = start + min(settle_s, (end - start) / 2)
-        p, o, n = _by_requests([iv for iv in compared if from_ <= iv["start"] < end])
+        window = [iv for iv in compared if from_ <= iv["start"] < end]
+        p, o, n = _by_requests(window)
+        se = _observed_stderr(window)
+        ratio = p / o if p is not None and o else None
         out.append(
             {
                 "name": str(ph.get("name", k)),
@@ -104,7 +110,9 @@ def phase_ratios(data: LogData, settle_s: float = SETTLE_S) -> list[dict[str, An
                 "from_s": from_ - start,
                 "predicted": p,
                 "observed": o,
-                "ratio": p / o if p is not None and o else None,
+                "observed_stderr": se,
+                "ratio": ratio,
+                "ratio_stderr": ratio * se / o if ratio is not None and se is not None and o else None,
                 "requests": n,
             }
         )
@@ -145,6 +153,24 @@ def _by_requests(intervals: list[dict[str, Any]]) -> tuple[float | None, float |
     return p, o, n
 
 
+def _observed_stderr(intervals: list[dict[str, Any]]) -> float | None:
+    """The standard error of the observed mean system time over ``intervals`` (compared ones),
+    the answers read as independent draws: the noise of a short window's ratio (``None`` with
+    fewer than two answers, or a log without the intervals' mean squares)."""
+    n = sum(iv["requests"] for iv in intervals)
+    if n < 2 or any(iv.get("observed_mean_square_system_time") is None for iv in intervals):
+        return None
+    mean = sum(iv["observed_mean_system_time"] * iv["requests"] for iv in intervals) / n
+    square = sum(iv["observed_mean_square_system_time"] * iv["requests"] for iv in intervals) / n
+    return math.sqrt(max(square - mean * mean, 0.0) * n / (n - 1) / n)
+
+
+def ratio_text(ph: dict[str, Any]) -> str:
+    """``1.23 ± 0.25``: a phase's ratio and its standard error (the ratio alone without one)."""
+    se = ph.get("ratio_stderr")
+    return f"{ph['ratio']:.2f}" + ("" if se is None else f" ± {se:.2f}")
+
+
 def summary(data: LogData) -> list[tuple[str, str]]:
     """The rows of the table at the top."""
     rep = data.audit
@@ -183,7 +209,7 @@ def summary(data: LogData) -> list[tuple[str, str]]:
         if ph["ratio"] is None:
             text = f"nothing to compare from {ph['from_s']:.0f} s in (no prediction: overload, or no answers)"
         else:
-            text = (f"predicted {ph['predicted']:.3g} s, observed {ph['observed']:.3g} s, ratio {ph['ratio']:.2f} "
+            text = (f"predicted {ph['predicted']:.3g} s, observed {ph['observed']:.3g} s, ratio {ratio_text(ph)} "
                     f"({ph['requests']} requests from {ph['from_s']:.0f} s in)")  # fmt: skip
         rows.append((f"phase {k} {html.escape(ph['name'])}{rate}", text))
     periods = shedding_periods(data)

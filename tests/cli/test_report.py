@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.proxy.conftest import write_config
@@ -168,11 +169,17 @@ def test_the_prediction_is_compared_phase_by_phase_once_settled(tmp_path: Path) 
     assert light["observed"] == pytest.approx(0.32)
     assert light["predicted"] == pytest.approx(sum(predicted[t] for t in (101.0, 102.0, 103.0)) / 3)
     assert light["requests"] == 6 and light["ratio"] == pytest.approx(light["predicted"] / 0.32)
+    # and how well six answers know it: the observed mean's standard error, carried to the ratio
+    se = float(np.std([0.31, 0.31, 0.32, 0.32, 0.33, 0.33], ddof=1) / np.sqrt(6))
+    assert light["observed_stderr"] == pytest.approx(se)
+    assert light["ratio_stderr"] == pytest.approx(light["ratio"] * se / 0.32)
     # heavy: the log ends at 107.7 s, so it settles from 105 s (1 s in): decisions 105-107
     assert heavy["observed"] == pytest.approx(0.36) and heavy["requests"] == 6 and heavy["from_s"] == 1.0
     summary = dict(report_module.summary(data))  # the page's default: 10 s in, here half the 4-s phase
     settled = report_module.phase_ratios(data)[0]
-    assert summary["phase 0 light (1.5/s)"].endswith(f"ratio {settled['ratio']:.2f} (4 requests from 2 s in)")
+    assert summary["phase 0 light (1.5/s)"].endswith(
+        f"ratio {settled['ratio']:.2f} ± {settled['ratio_stderr']:.2f} (4 requests from 2 s in)"
+    )
 
 
 def test_a_phase_with_nothing_to_compare_says_so(tmp_path: Path) -> None:

@@ -30,9 +30,11 @@ def test_short_demo_report_is_consistent(tmp_path: Path, capsys: pytest.CaptureF
     assert [p["name"] for p in by_phase] == ["light", "heavy", "overload", "light"]
     assert all(p["from_s"] == pytest.approx(2.0, abs=0.05) for p in by_phase)  # a 4-s phase: from half of it
     assert (
-        "predicted / observed mean system time, adaptive, from 10 s (at most half the phase) into each phase: light "
-        in out
+        "predicted / observed mean system time, adaptive, from 10 s (at most half the phase) into each phase "
+        "(± its standard error): light " in out
     )
+    # each ratio printed with the standard error the report holds for it
+    assert all(p["ratio"] is None or p["requests"] < 2 or p["ratio_stderr"] is not None for p in by_phase), by_phase
     assert "phase 1 heavy (9/s)" in page.read_text()
     for p in phases:
         sent = {pol: p["policies"][pol]["sent"] for pol in POLICIES}
