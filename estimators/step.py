@@ -277,12 +277,12 @@ class StepFit:
         ``mean_in_service`` the mean number of requests in service meanwhile (itself
         included, so at least 1): for a whole answer, over its steps (the time at each
         occupancy over that occupancy's step), since its time is its tokens times its mean
-        step. ``others_started`` counts the requests started on
-        the same engine while it was in service: a whole answer's time holds their prompts'
-        prefills too (each read at the mean evaluated prompt seen), since the engine reads a
-        new prompt before (or with) the running sequences' next tokens; left in the steps,
-        they made the step read 11 % steeper than it is on the simulated engine at half its
-        capacity. ``first_token_in_service`` is how many were in
+        step. ``others_started`` counts the requests started on the same engine while it
+        was in service: a whole answer's time holds their prompts' prefills too (each read
+        at the mean evaluated prompt seen), since the engine reads a new prompt before (or
+        with) the running sequences' next tokens; left in the steps, they made the step read
+        11 % steeper than it is on the simulated engine at half its capacity.
+        ``first_token_in_service`` is how many were in
         service when its first token came: the prefill sample is read as its time alone
         slowed by that batch, ``first_token_s = (o + p P) tau(j) / tau(1)`` with the step
         fitted so far, as the queue model reads a request's work.
