@@ -216,6 +216,11 @@ class BatchingEngine:
         a, b = self.step_base_s, self.step_per_seq_s
         return (a + b * j) / (a + b)
 
+    @property
+    def taus(self) -> Any:
+        """tau(1..slots), seconds, as the model reads them (:func:`step_times`)."""
+        return self._taus
+
     def step_time(self, j: float) -> float:
         """tau(j), seconds: the measured level, or the line a + b j (see ``step_levels_s``)."""
         if self.step_levels_s:

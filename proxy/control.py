@@ -27,7 +27,7 @@ from thinkcap.controller import (
     problem_record,
     should_publish,
 )
-from thinkcap.controller.queue import BatchingEngine, step_times
+from thinkcap.controller.queue import BatchingEngine
 from thinkcap.estimators import Snapshot, StepEstimate
 from thinkcap.proxy.logs import finite, logger
 from thinkcap.proxy.model_file import ModelConfig
@@ -356,10 +356,7 @@ class ControlLoop:
             if step is not None:
                 st.pool.set_prefill_guess(max(t.overhead_s for t in problem.types))
             if isinstance(problem.queue, BatchingEngine):  # whole answers' steps read with the step in use
-                engine = problem.queue
-                st.pool.set_step(
-                    step_times(engine.slots, engine.step_base_s, engine.step_per_seq_s, engine.step_levels_s).tolist()
-                )
+                st.pool.set_step(problem.queue.taus)
             x0 = self.x0
             started = time.perf_counter()
             decision = decide(problem, method=s.method, x0=x0)

@@ -176,6 +176,7 @@ class Pool:
         self.eject_after = eject_after
         self.on_change: list[Callable[[Replica], None]] = []
         self._turn = 0
+        self._taus: tuple[float, ...] = ()  # the step last handed to the replicas (see set_step)
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -191,9 +192,13 @@ class Pool:
         return sum(r.occupancy.prefilling for r in self.replicas)
 
     def set_step(self, taus: Sequence[float]) -> None:
-        """The engine's step at 1, 2, ... sequences, on every replica (see :meth:`Occupancy.set_step`)."""
-        for r in self.replicas:
-            r.occupancy.set_step(taus)
+        """The engine's step at 1, 2, ... sequences, on every replica (see :meth:`Occupancy.set_step`);
+        read up to the largest replica's slots, and only when it changed (each decision hands it over)."""
+        head = tuple(float(t) for t in taus[: max(r.slots for r in self.replicas)])
+        if head != self._taus:
+            self._taus = head
+            for r in self.replicas:
+                r.occupancy.set_step(head)
 
     def set_prefill_guess(self, seconds: float) -> None:
         """How long a whole request's prefill is taken to last, on every replica (see

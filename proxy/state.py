@@ -16,7 +16,7 @@ import numpy as np
 from aiohttp import web
 
 from thinkcap.controller import decide
-from thinkcap.controller.queue import BatchingEngine, step_times
+from thinkcap.controller.queue import BatchingEngine
 from thinkcap.estimators import AccuracyCurve, AnswerLength, ArrivalRate, Estimators, StepEstimate, StepFit, UsedShare
 from thinkcap.proxy.admission import Admission
 from thinkcap.proxy.caps import CapStore, CapTable
@@ -231,7 +231,7 @@ def build_state(settings: Settings, *, clock: Callable[[], float] = time.monoton
         state.budget_reason = "auto: native until the start-up probe decides"
     pool.set_prefill_guess(prefill)
     if isinstance(queue, BatchingEngine):
-        pool.set_step(step_times(queue.slots, queue.step_base_s, queue.step_per_seq_s, queue.step_levels_s).tolist())
+        pool.set_step(queue.taus)
     state.pool.on_change.append(state.pool_changed)
     return state
 

@@ -162,7 +162,7 @@ def account(
                     prompt_tokens=max((t.prompt or 0) - (t.cached or 0), 0),
                     tokens=t.completion,
                     service_s=ev["service_time_s"],
-                    mean_in_service=clock.step_in_service if gaps is None else ev.get("mean_in_service", 1.0),
+                    mean_in_service=clock.step_in_service,  # read for a whole answer (gaps carry their own)
                     others_started=clock.others_started,
                     gaps=gaps,
                     first_token_s=None if first is None else first - t_dispatch,
