@@ -98,9 +98,10 @@ def demo_settings(scenario: Scenario, sim_url: str, policy: str, interval_s: flo
     the true problem's overhead, which holds both, would count the answer twice until the
     step fit takes over."""
     truth = scenario.problem(scenario.phases[0].mean_rate)
+    prefill = [t.overhead_s - t.per_token_s * s.answer_tokens for t, s in zip(truth.types, scenario.types, strict=True)]
     types = tuple(
-        TypeConfig(task=replace(t, overhead_s=t.overhead_s - t.per_token_s * s.answer_tokens), keywords=(s.marker,))
-        for t, s in zip(truth.types, scenario.types, strict=True)
+        TypeConfig(task=replace(t, overhead_s=pre), keywords=(s.marker,), prefill_s=pre)
+        for t, s, pre in zip(truth.types, scenario.types, prefill, strict=True)
     )
     model = ModelConfig(
         "<demo>", types, truth.latency_penalty, truth.rho_max, scenario.phases[0].mean_rate, truth.queue

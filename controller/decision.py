@@ -102,7 +102,7 @@ def should_publish(
 
 def load_at_min_caps(p: Problem) -> float:
     """The server's load with every cap at its minimum: above ``rho_max`` is overload."""
-    return float(p.kappa * (p.prior @ (p.t0 + p.c * p.lo)))
+    return float(p.kappa * (p.prior @ (p.t0 + p.c * p.lo))) + p.rho0
 
 
 def admit_fraction(p: Problem, shed_release: float, *, rate: float | None = None) -> float:

@@ -89,7 +89,7 @@ def best_response(p: Problem, x: Array) -> tuple[Array, float]:
         return out
 
     t = image(0.0)
-    if kappa == 0.0 or kappa * float(p.prior @ p.service_times(t)) <= p.rho_max:
+    if kappa == 0.0 or kappa * float(p.prior @ p.service_times(t)) <= p.load_cap:
         return t, 0.0
     a = p.c * kappa
     mu_hi = float(
@@ -102,7 +102,7 @@ def best_response(p: Problem, x: Array) -> tuple[Array, float]:
     mu_hi = max(mu_hi, 1e-300) * 2.0
 
     def excess(mu: float) -> float:
-        return kappa * float(p.prior @ p.service_times(image(mu))) - p.rho_max
+        return kappa * float(p.prior @ p.service_times(image(mu))) - p.load_cap
 
     mu = float(brentq(excess, 0.0, mu_hi, xtol=1e-300, rtol=4 * np.finfo(float).eps))
     x_mu = image(mu)

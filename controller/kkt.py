@@ -26,7 +26,7 @@ def _worst_terms(p: Problem, upper: Array) -> tuple[float, float, float, Array, 
     t_hi = p.service_times(upper)
     m1_hi, m2_hi = p.moments(upper)
     kappa = p.kappa
-    m1 = m1_hi if kappa == 0.0 else min(m1_hi, p.rho_max / kappa)
+    m1 = m1_hi if kappa == 0.0 else min(m1_hi, p.load_cap / kappa)
     q = p.queue_terms(m1)
     curve = q.d_m1_m1(m2_hi)
     if p.queue.slots > 1:
@@ -128,7 +128,7 @@ def certify(p: Problem, x: Array, multiplier: float, *, kernel: Kernel = "auto")
     t = p.t0 + c * x
     m1 = float(prior.dot(t))
     m2 = float(prior.dot(t * t + p.v))
-    rho = kappa * m1
+    rho = kappa * m1 + p.rho0
     if rho >= 1.0:
         return -math.inf, math.inf
     q = p.queue_terms(m1)
@@ -160,7 +160,7 @@ def _certify_scalar(p: Problem, x: Array, multiplier: float) -> tuple[float, flo
     for pk, t, v in zip(prior, ts, p.v.tolist(), strict=True):
         m1 += pk * t
         m2 += pk * (t * t + v)
-    rho = kappa * m1
+    rho = kappa * m1 + p.rho0
     if rho >= 1.0:
         return -math.inf, math.inf
     q = p.queue_terms(m1)

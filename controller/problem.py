@@ -5,7 +5,7 @@ Bastopcu, 2026): type k has prior ``pi_k``, weight ``w_k``, accuracy curve
 ``p_k(l) = D_k + A_k (1 - exp(-b_k l))`` and affine service time ``t_k(l) = t0_k + c_k l``
 with within-type variance ``v_k``. The queue is the paper's M/G/1 unless the problem names
 another model (:mod:`controller.queue`: a batching engine with several slots); every model
-gives ``E[T] = Ta(m1) + m2 Tb(m1)`` and a load ``rho = kappa m1``.
+gives ``E[T] = Ta(m1) + m2 Tb(m1)`` and a load ``rho = kappa m1 + rho0``.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class Problem:
     latency_penalty
         gamma: objective points traded for one second of mean system time (>= 0).
     rho_max
-        Stability margin: feasible allocations keep the load ``rho = kappa m1 <= rho_max``
-        (0 < rho_max < 1; ``kappa = lambda`` for M/G/1).
+        Stability margin: feasible allocations keep the load ``rho = kappa m1 + rho0 <= rho_max``
+        (0 < rho_max < 1; ``kappa = lambda`` and ``rho0 = 0`` for M/G/1).
     queue
         The queue model (default: the paper's M/G/1).
 
@@ -213,8 +213,19 @@ class Problem:
 
     @property
     def kappa(self) -> float:
-        """Load per second of mean service time: ``rho = kappa m1`` (lambda for M/G/1)."""
+        """Load per second of mean service time: ``rho = kappa m1 + rho0`` (lambda for M/G/1)."""
         return self.arrival_rate * self.queue.load_factor()
+
+    @property
+    def rho0(self) -> float:
+        """The load that does not scale with m1 (0 but for a batching engine whose prefills
+        pause the batch: :class:`BatchingEngine`)."""
+        return self.queue.load_offset(self.arrival_rate)
+
+    @property
+    def load_cap(self) -> float:
+        """The most ``kappa m1`` may reach within the margin: ``rho_max - rho0``."""
+        return self.rho_max - self.rho0
 
     def queue_terms(self, m1: float) -> QueueTerms:
         """The queue model's ``Ta``, ``Tb`` and derivatives at mean service time ``m1`` (rho < 1)."""
@@ -272,7 +283,7 @@ class Problem:
         E[W] = lambda m2 / (2 (1 - rho)), E[T] = m1 + E[W]."""
         m1, m2 = self.moments(x)
         lam = self.arrival_rate
-        rho = self.kappa * m1
+        rho = self.kappa * m1 + self.rho0
         if lam == 0.0:
             return QueueMetrics(m1, m2, 0.0, 0.0, m1, 0.0)
         if rho >= 1.0:
@@ -301,7 +312,7 @@ class Problem:
         """Phi_k = dE[T]/dm1 + 2 t_k dE[T]/dm2 (M/G/1: 1 + lambda t_k / s + lambda^2 m2 / (2 s^2));
         +inf when unstable."""
         m1, m2 = self.moments(x)
-        if self.kappa * m1 >= 1.0:
+        if self.kappa * m1 + self.rho0 >= 1.0:
             return np.full(self.size, math.inf)
         q = self.queue_terms(m1)
         result: Array = q.d_m1(m2) + 2.0 * q.tb * self.service_times(x)

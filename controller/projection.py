@@ -54,8 +54,8 @@ def project_box_halfspace(y: Array, lo: Array, hi: Array, a: Array, r: float) ->
 
 
 def project_feasible(p: Problem, y: Array) -> tuple[Array, float]:
-    """Project onto F: the box [lo, hi] cut by rho(l) = kappa m1(l) <= rho_max."""
+    """Project onto F: the box [lo, hi] cut by rho(l) = kappa m1(l) + rho0 <= rho_max."""
     kappa = p.kappa
     a = kappa * p.prior * p.c
-    r = p.rho_max - kappa * float(p.prior @ p.t0)
+    r = p.load_cap - kappa * float(p.prior @ p.t0)
     return project_box_halfspace(y, p.lo, p.hi, a, r)

@@ -7,8 +7,9 @@ time E[T]. Both models here are affine in m2,
 
 so the structured solver's reduction to two scalars carries over. A model gives, at an
 arrival rate lambda and a mean m1, ``Ta``, ``Tb`` and their first two derivatives in m1
-(:class:`QueueTerms`), its load ``rho = kappa m1`` (stable while below one; the margin
-``rho_max`` applies to it) and the mean number in service.
+(:class:`QueueTerms`), its load ``rho = kappa m1 + rho0`` (stable while below one; the
+margin ``rho_max`` applies to it; ``rho0`` is 0 but for a batching engine whose prefills
+pause the batch) and the mean number in service.
 
 Service times are measured as the time a request would take alone on the engine (for a
 batching engine: its prefill plus its decode steps at one sequence, ``tau(1)`` each).
@@ -75,6 +76,11 @@ class QueueModel(Protocol):
         """``rho / (lambda m1)``: 1 for M/G/1, ``tau(c) / (c tau(1))`` for a batching engine."""
         ...
 
+    def load_offset(self, lam: float) -> float:
+        """The part of the load that does not scale with m1: ``rho = lambda m1 load_factor +
+        load_offset(lambda)`` (0 but for a batching engine whose prefills pause the batch)."""
+        ...
+
     def terms(self, lam: float, m1: float) -> QueueTerms:
         """Ta, Tb and their derivatives at (lambda, m1); only called while ``rho < 1``."""
         ...
@@ -98,6 +104,9 @@ class MG1:
 
     def load_factor(self) -> float:
         return 1.0
+
+    def load_offset(self, lam: float) -> float:
+        return 0.0
 
     def terms(self, lam: float, m1: float) -> QueueTerms:
         if lam == 0.0:
@@ -130,6 +139,11 @@ class BatchingEngine:
         sequences, and a line through them misses tau(1) by 29 %). ``tau(j)`` is the level for
         ``j <= k`` and the line above, but not below the last level (:func:`step_times`).
         Empty: the line alone.
+    prefill_s
+        The mean prefill, seconds (part of m1): the time the engine takes to read a prompt,
+        during which the other sequences on its replica get no token (the engine pauses the
+        batch for it, or runs it in a step that takes as long). 0: the prefill is read as work
+        shared with the batch like the decode steps.
 
     Notes
     -----
@@ -154,6 +168,17 @@ class BatchingEngine:
     ``g(n) = n / (tau(1) sum_r n_r / tau(n_r))``. With equal replicas of one slot each it is
     M/G/c with Allen-Cunneen's correction.
 
+    A prefill P that pauses the batch (``prefill_s``) is time a request spends alone, and it
+    holds up the others: a request's time is its own P, then its decode work ``D = m1 - P``
+    stretched by the prefills of the requests that start on its replica while it decodes.
+    They take the share ``s = lambda P f`` of the replica's time (f: the largest replica's
+    share of the slots, 1 for one engine), so the chain runs on ``m' = D / (1 - s)`` with
+    ``m2' = (m2 - 2 P m1 + P^2) / (1 - s)^2``, and ``E[T] = P + Ta(m') + m2' Tb(m')``, still
+    affine in m2. The load is ``lambda (P f + kappa (m1 - P))`` (kappa the load factor), the
+    chain's stability bound: its part that does not scale with m1 is :meth:`load_offset`.
+    With one slot per replica nothing else is in service during a prefill, and the pause
+    changes nothing.
+
     Examples
     --------
     >>> q = BatchingEngine(slots=4, step_base_s=0.015, step_per_seq_s=0.0065)
@@ -166,6 +191,7 @@ class BatchingEngine:
     step_per_seq_s: float
     pool: tuple[int, ...] = ()
     step_levels_s: tuple[float, ...] = ()
+    prefill_s: float = 0.0
     _g: Any = field(init=False, repr=False, compare=False)
     _coef: Any = field(init=False, repr=False, compare=False)
     _n: Any = field(init=False, repr=False, compare=False)
@@ -185,6 +211,9 @@ class BatchingEngine:
                 raise ValueError(f"{key}: must be a finite number >= 0, got {value!r}")
         if self.step_base_s + self.step_per_seq_s <= 0 and not self.step_levels_s:
             raise ValueError("step: base_s + per_seq_s must be > 0 (a step takes time)")
+        p = self.prefill_s
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < math.inf:
+            raise ValueError(f"prefill_s: must be a finite number >= 0, got {p!r}")
         for value in self.step_levels_s:
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ValueError(f"step.levels_s: each must be a finite number > 0, got {value!r}")
@@ -229,6 +258,17 @@ class BatchingEngine:
 
     def load_factor(self) -> float:
         return self._load_factor
+
+    def _pause(self) -> tuple[float, float]:
+        """(P, f): the prefill that pauses a replica's batch, and the largest replica's share of
+        the slots (P = 0 where a replica runs one sequence)."""
+        if not self.batches or self.prefill_s == 0.0:
+            return 0.0, 1.0
+        return float(self.prefill_s), max(self.pool) / self.slots if self.pool else 1.0
+
+    def load_offset(self, lam: float) -> float:
+        p, f = self._pause()
+        return lam * p * (f - self._load_factor)
 
     def _moments(self, u: float) -> tuple[float, ...]:
         """E of 1-normalised statistics: N, N^2, m, mN, mN^2, q, qN, qN^2 (m = min(N, c), q = (N - c)+)."""
@@ -288,6 +328,24 @@ class BatchingEngine:
         return e_m, da / u, (d2a - da) / uu, h0 / (2 * uu), dh / (2 * uu * u), (d2h - dh) / (2 * uu * uu)
 
     def terms(self, lam: float, m1: float) -> QueueTerms:
+        p, f = self._pause()
+        p = min(p, m1)
+        if p == 0.0 or lam == 0.0:
+            return self._chain_terms(lam, m1)
+        # The chain on the stretched decode work m' = (m1 - P) / s, m2' = (m2 - 2 P m1 + P^2) / s^2.
+        s = 1.0 - lam * p * f
+        t = self._chain_terms(lam, (m1 - p) / s)
+        k = (p * p - 2.0 * p * m1) / (s * s)
+        return QueueTerms(
+            p + t.ta + k * t.tb,
+            (t.ta1 + k * t.tb1) / s - 2.0 * p * t.tb / (s * s),
+            (t.ta2 + k * t.tb2) / (s * s) - 4.0 * p * t.tb1 / s**3,
+            t.tb / (s * s),
+            t.tb1 / s**3,
+            t.tb2 / s**4,
+        )
+
+    def _chain_terms(self, lam: float, m1: float) -> QueueTerms:
         if lam == 0.0 or m1 == 0.0:
             # Alone on the engine: E[T] = m1, and the chain's slopes at u = 0.
             if self.slots == 1:
@@ -303,7 +361,13 @@ class BatchingEngine:
     def occupancy(self, lam: float, m1: float) -> float:
         if lam == 0.0 or m1 == 0.0:
             return 0.0
-        return self._moments(lam * m1)[2]
+        p, f = self._pause()
+        p = min(p, m1)
+        if p == 0.0:
+            return self._moments(lam * m1)[2]
+        # The chain's sequences in decode, and the prefills (lambda P by Little).
+        decode = (m1 - p) / (1.0 - lam * p * f)
+        return (self._moments(lam * decode)[2] if decode > 0.0 else 0.0) + lam * p
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -316,6 +380,8 @@ class BatchingEngine:
             out["pool"] = list(self.pool)
         if self.step_levels_s:
             out["step_levels_s"] = list(self.step_levels_s)
+        if self.prefill_s:
+            out["prefill_s"] = self.prefill_s
         return out
 
 
@@ -397,5 +463,6 @@ def queue_from_record(record: dict[str, Any] | None) -> QueueModel:
             float(record["step_per_seq_s"]),
             tuple(int(c) for c in record.get("pool", ())),
             tuple(float(v) for v in record.get("step_levels_s", ())),
+            float(record.get("prefill_s", 0.0)),
         )
     raise ValueError(f"queue: unknown model {record['model']!r}")

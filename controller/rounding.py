@@ -70,7 +70,7 @@ def _objectives(p: Problem, candidates: Array) -> Array:
     t = p.t0 + p.c * candidates
     m1 = t @ p.prior
     m2 = (t * t + p.v) @ p.prior
-    rho = p.kappa * m1
+    rho = p.kappa * m1 + p.rho0
     acc = (p.base + p.gain * -np.expm1(-p.rate * candidates)) @ (p.prior * p.weight)
     feasible = rho <= p.rho_max + 1e-12
     if p.queue.slots == 1:  # M/G/1 in closed form, all rows at once

@@ -1,7 +1,8 @@
 """The structured exact solver (DESIGN.md 1, solver 3; our extension, the default).
 
 The types are coupled only through the scalars (m1, m2). Every queue model has
-``E[T] = Ta(m1) + m2 Tb(m1)`` and load ``rho = kappa m1`` (:mod:`controller.queue`), so at a
+``E[T] = Ta(m1) + m2 Tb(m1)`` and load ``rho = kappa m1`` (:mod:`controller.queue`; here rho is
+the part that scales with m1, and the margin is ``load_cap = rho_max - rho0``), so at a
 load rho write sigma = 2 Tb (the price of m2) and T1(rho, m2) = Ta' + m2 Tb' (the price of
 m1), and the common price theta = gamma T1 + mu kappa. For M/G/1, s = 1 - rho,
 sigma = lambda / s and T1 = 1 + sigma^2 m2 / 2. Then type k's KKT condition (DESIGN.md 1,
@@ -145,7 +146,7 @@ def _bracketed(p: Problem, caps: _Caps, rho_lo: float, rho_hi: float, st: _State
 def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float, Array, int]:
     """Margin binds: solve kappa M1(l(theta)) = rho_max for theta >= theta_lo."""
     lam, gamma = p.kappa, p.latency_penalty
-    sigma = _prices(p, p.rho_max)[0]
+    sigma = _prices(p, p.load_cap)[0]
     pc = p.prior * p.c
     # A price at which every type sits at its minimum: f(lo) >= 0 for all.
     k_lo = np.where(np.isfinite(caps.log_k), np.exp(np.minimum(caps.log_k, 700) - p.rate * p.lo), 0.0)
@@ -155,7 +156,7 @@ def _margin(p: Problem, caps: _Caps, theta_lo: float, st: _State) -> tuple[float
     it = 0
     for it in range(1, 200):
         x, d_th = caps.solve(theta, sigma, st)
-        h = lam * float(p.prior.dot(p.service_times(x))) - p.rho_max
+        h = lam * float(p.prior.dot(p.service_times(x))) - p.load_cap
         if abs(h) <= RHO_TOL:
             return theta, x, it
         if h > 0:
@@ -191,7 +192,7 @@ def _joint_newton(
     sigma, dsig, ta, dta, tb, dtb = _prices(p, rho)
     theta = gamma * (ta + tb * m2)
     margin = False
-    can_bind = rho_cap == p.rho_max
+    can_bind = rho_cap == p.load_cap
     pressed = 0
     th_lo, th_hi = 0.0, math.inf
     first = st.nfev
@@ -316,31 +317,31 @@ def exact(p: Problem, *, x0: Array | None = None, kernel: Kernel = "auto") -> So
     st = _State(x=start)
     sw = make_sweep(p, start, kernel)
     rho_lo = lam * sw.m1_lo
-    if rho_lo > p.rho_max:
+    if rho_lo > p.load_cap:
         return _finish(p, p.lo.copy(), 0.0, Status.OVERLOAD, nit=0, st=st, kernel=kernel)
     if lam == 0.0:
         x = _Caps(p).solve(gamma, 0.0, st)[0]
         return _finish(p, x, 0.0, Status.CONVERGED, nit=1, st=st, kernel=kernel)
     rho_top = lam * sw.m1_hi
     if gamma > 0.0:
-        fast = _joint_newton(p, sw, rho_lo, min(rho_top, p.rho_max), st)
+        fast = _joint_newton(p, sw, rho_lo, min(rho_top, p.load_cap), st)
         if fast is not None:
             _, _, x, mu, it = fast
             return _finish(p, x, mu, Status.CONVERGED, nit=it, st=st, kernel=kernel)
         st.x = start
     caps = _Caps(p)
     nit = 0
-    if rho_top > p.rho_max:
+    if rho_top > p.load_cap:
         # Does the unconstrained optimum lie beyond the margin? Check the sign of G1 there.
-        theta_m = _theta_for_load(p, caps, p.rho_max, st)
-        sigma_m, _, ta_m, _, tb_m, _ = _prices(p, p.rho_max)
+        theta_m = _theta_for_load(p, caps, p.load_cap, st)
+        sigma_m, _, ta_m, _, tb_m, _ = _prices(p, p.load_cap)
         nit += 1
-        if lam * p.moments(caps.solve(theta_m, sigma_m, st)[0])[0] > p.rho_max:
+        if lam * p.moments(caps.solve(theta_m, sigma_m, st)[0])[0] > p.load_cap:
             theta, x, it = _margin(p, caps, theta_m, st)
             m2 = p.moments(x)[1]
             mu = max(0.0, (theta - gamma * (ta_m + tb_m * m2)) / lam)
             return _finish(p, x, mu, Status.CONVERGED, nit=nit + it, st=st, kernel=kernel)
-        rho_hi = p.rho_max
+        rho_hi = p.load_cap
     else:
         rho_hi = rho_top
     if gamma == 0.0:  # latency is free and the margin is slack: theta = 0, caps at hi

@@ -85,12 +85,10 @@ def build_problem(
     measured levels, and the line ``a + b j`` above them), the per-token time ``tau(1)``,
     and each type's prefill ``o + p P`` at its mean evaluated
     prompt tokens ``P`` (``prompt_tokens``; a type not seen yet keeps its configured time).
-    The prefill is work shared with the batch like the decode steps (the queue model's
-    reading, with the fitted prefill read as time alone: see :class:`StepFit`); on
-    llama-server, which reads a new prompt in the same batch as the running sequences' next
-    tokens, that predicted the observed mean system time to 0.78-1.07 of it in six runs,
-    where stretching the steps by the prefills' share of the engine's time over-predicted
-    by 25-33 % (``docs/BENCHMARKS.md``, "llama-server").
+    The prefill holds up the batch: the queue model's ``prefill_s`` is the types' mean
+    prefill (the fitted one where the step fit is in use, which reads it as the time the
+    others wait too: see :class:`StepFit`; else the configured ``service.prefill_s``), and
+    the model stretches the others' decode by it (:class:`BatchingEngine`).
     ``replicas`` are the slots of the backend replicas in use (one is ejected: the pool that is
     left; see :class:`BatchingEngine`'s ``pool``).
     The service time of the answer that follows the reasoning
@@ -110,18 +108,22 @@ def build_problem(
             a, b, levels = step.base_s, step.per_seq_s, step.levels
         else:
             a, b, levels = queue.step_base_s, queue.step_per_seq_s, queue.step_levels_s
-        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else (), levels)
     tasks = []
+    prefill = []  # each type's prefill, which holds up the batch
     for cfg, fit in zip(model.types, snap.types, strict=True):
         est = fit
+        pre = cfg.prefill_s
         if isinstance(model.queue, BatchingEngine):
             est = fit._replace(overhead_s=cfg.task.overhead_s, per_token_s=cfg.task.per_token_s,
                                variance_s2=cfg.task.variance_s2)  # fmt: skip
             if live:
                 assert step is not None
                 prompt = prompt_tokens.get(est.name)
-                overhead = cfg.task.overhead_s if prompt is None else step.prefill_s(prompt)
-                est = est._replace(overhead_s=overhead, per_token_s=step.step_time(1))
+                if prompt is not None:
+                    pre = step.prefill_s(prompt)
+                    est = est._replace(overhead_s=pre)
+                est = est._replace(per_token_s=step.step_time(1))
+        prefill.append(max(pre, 0.0))
         values = (est.prior, est.overhead_s, est.per_token_s, est.variance_s2)
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"type {est.name!r}: non-finite estimate {values}")
@@ -145,6 +147,9 @@ def build_problem(
         )
     total = sum(t.prior for t in tasks)
     tasks = [replace(t, prior=t.prior / total) for t in tasks]
+    if isinstance(queue, BatchingEngine):
+        pause = sum(t.prior * pre for t, pre in zip(tasks, prefill, strict=True))
+        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else (), levels, pause)
     return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, queue)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class TypeConfig:
     keywords: tuple[str, ...] = ()
     patterns: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
+    #: The configured prefill (``service.prefill_s``, part of the task's overhead), which holds
+    #: up a batching engine's other sequences.
+    prefill_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,19 @@ class ModelConfig:
     queue: QueueModel = field(default_factory=MG1)
 
     def problem(self, arrival_rate: float | None = None) -> Problem:
-        """The :class:`controller.Problem` at the workload rate (or ``arrival_rate``)."""
+        """The :class:`controller.Problem` at the workload rate (or ``arrival_rate``); a batching
+        engine's queue model holds the types' mean configured prefill."""
         rate = self.arrival_rate if arrival_rate is None else arrival_rate
-        return Problem(tuple(t.task for t in self.types), rate, self.latency_penalty, self.rho_max, self.queue)
+        return Problem(tuple(t.task for t in self.types), rate, self.latency_penalty, self.rho_max,
+                       self.queue_with_prefill())  # fmt: skip
+
+    def queue_with_prefill(self) -> QueueModel:
+        """The queue model, a batching engine's with the types' mean configured prefill."""
+        if not isinstance(self.queue, BatchingEngine):
+            return self.queue
+        total = math.fsum(t.task.prior for t in self.types)
+        pause = math.fsum(t.task.prior * t.prefill_s for t in self.types) / total
+        return replace(self.queue, prefill_s=pause)
 
 
 def backend_table(path: str | Path, root: Mapping[str, Any]) -> Table:
@@ -194,11 +207,15 @@ def type_tables(root: Table) -> list[Table]:
 
 
 def _type_config(entry: Table, queue: QueueModel) -> TypeConfig:
+    task = read_task(entry, queue)  # checks service.prefill_s
+    service = entry.raw("service")
+    prefill = service.get("prefill_s", 0.0) if isinstance(service, Mapping) else 0.0
     out = TypeConfig(
-        task=read_task(entry, queue),
+        task=task,
         keywords=entry.strings("keywords"),
         patterns=entry.strings("patterns"),
         examples=entry.strings("examples"),
+        prefill_s=float(prefill),
     )
     entry.close()
     return out

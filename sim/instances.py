@@ -11,11 +11,13 @@ from thinkcap.controller.queue import MG1, BatchingEngine, QueueModel
 REGIMES = ("light", "heavy", "margin", "overloaded")
 
 
-def random_engine(rng: np.random.Generator, max_slots: int = 256) -> BatchingEngine:
+def random_engine(rng: np.random.Generator, max_slots: int = 256, *, pausing: bool = False) -> BatchingEngine:
     """A batching engine with 2 to ``max_slots`` slots (log-uniform) and a step whose per-sequence
-    part is 0 to 2 times its base."""
+    part is 0 to 2 times its base; ``pausing``: with a prefill of 2-10 ms that pauses the batch
+    (at most the smallest overhead :func:`random_problem` draws)."""
     slots = round(2.0 ** rng.uniform(1.0, np.log2(max_slots)))
-    return BatchingEngine(slots, float(rng.uniform(0.005, 0.03)), float(rng.uniform(0.0, 2.0) * 0.01))
+    a, b = float(rng.uniform(0.005, 0.03)), float(rng.uniform(0.0, 2.0) * 0.01)
+    return BatchingEngine(slots, a, b, prefill_s=float(rng.uniform(0.002, 0.01)) if pausing else 0.0)
 
 
 def random_problem(
@@ -38,8 +40,8 @@ def random_problem(
         prior=prior, base=base, gain=gain, rate=rate, t0=t0, c=c, v=v, lo=lo, hi=hi,
         arrival_rate=1.0, latency_penalty=gamma, rho_max=rho_max, queue=queue,
     )  # fmt: skip
-    # Loads scale with lambda: at lambda = 1, rho = kappa m1 with kappa = the load factor.
-    m1_lo, m1_hi = (queue.load_factor() * p.moments(x)[0] for x in (p.lo, p.hi))
+    # Loads scale with lambda: at lambda = 1, rho = kappa m1 + rho0 with kappa the load factor.
+    m1_lo, m1_hi = (queue.load_factor() * p.moments(x)[0] + queue.load_offset(1.0) for x in (p.lo, p.hi))
     if regime == "overloaded":
         return p.with_arrival_rate(rho_max * rng.uniform(1.05, 3.0) / m1_lo)
     if regime == "margin":

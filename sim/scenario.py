@@ -214,13 +214,16 @@ class Scenario:
         to it. With ``wall_clock`` (the default) times are in wall-clock seconds: service
         times are multiplied by ``time_scale``, the penalty is :attr:`wall_penalty`, and
         ``arrival_rate`` is per wall-clock second. With an engine, the queue model is the
-        batching engine (its step scaled alike) and ``per_token`` is its step at one sequence.
+        batching engine (its step scaled alike, and the types' mean prefill, which pauses it)
+        and ``per_token`` is its step at one sequence.
         """
         s = self.time_scale if wall_clock and self.time_scale > 0 else 1.0
         engine = self.engine
         queue: QueueModel = MG1()  # an engine with one slot is exactly that
         if engine is not None and engine.slots > 1:
-            queue = BatchingEngine(engine.slots, s * engine.step_base_s, s * engine.step_per_seq_s)
+            prior = self.priors
+            pause = s * float(prior @ np.array([t.task.overhead_s for t in self.types]))
+            queue = BatchingEngine(engine.slots, s * engine.step_base_s, s * engine.step_per_seq_s, prefill_s=pause)
         tasks = []
         for t in self.types:
             k = t.task

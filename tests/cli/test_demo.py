@@ -10,12 +10,15 @@ from thinkcap.controller.queue import MG1, BatchingEngine
 
 def test_the_demo_world_is_an_eight_slot_engine_and_one_slot_is_mg1() -> None:
     """The embedded scenario's server batches 8 sequences; its wall-clock problem carries the
-    engine with its step scaled by time_scale and per token the step at one sequence;
-    ``--slots 1`` gives the paper's M/G/1 world at the same per-token time."""
+    engine with its step scaled by time_scale, the types' mean prefill (which pauses it) and
+    per token the step at one sequence; ``--slots 1`` gives the paper's M/G/1 world at the
+    same per-token time."""
     sc = demo_scenario(None)
     assert sc.slots == 8 and sc.engine == BatchingEngine(8, 0.005, 0.007)
     p = sc.problem(9.0)
-    assert p.queue == BatchingEngine(8, 0.005 * sc.time_scale, 0.007 * sc.time_scale)
+    pause = sc.time_scale * (0.35 * 0.25 + 0.25 * 0.30 + 0.15 * 0.20 + 0.25 * 0.15)  # the types' prefill_s
+    assert isinstance(p.queue, BatchingEngine) and p.queue.prefill_s == pytest.approx(pause)
+    assert p.queue == BatchingEngine(8, 0.005 * sc.time_scale, 0.007 * sc.time_scale, prefill_s=p.queue.prefill_s)
     assert list(p.c) == pytest.approx([0.012 * sc.time_scale] * p.size)
     one = demo_scenario(None, slots=1)
     assert one.engine is not None and one.engine.slots == 1 and one.problem(9.0).queue == MG1()

@@ -184,8 +184,9 @@ def test_console_script_runs() -> None:
 
 def test_a_batching_engine_is_solved_and_described(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """slots > 1 with a step: the table names the engine and its occupancy; --json carries them;
-    a type's per-token time is the step at one sequence and its overhead the prefill."""
-    text = BATCHING.replace("latency_penalty = 0.05", "latency_penalty = 0.05\n[workload]\narrival_rate = 20")
+    a type's per-token time is the step at one sequence and its overhead the prefill, which
+    the queue model reads as holding up the batch."""
+    text = BATCHING.replace("latency_penalty = 0.05", "latency_penalty = 0.05\n[workload]\narrival_rate = 5")
     path = write(tmp_path, text)
     cfg = load_model(path)
     assert cfg.queue.slots == 8
@@ -196,7 +197,8 @@ def test_a_batching_engine_is_solved_and_described(tmp_path: Path, capsys: pytes
     assert "batching engine, 8 slots" in table and "in service" in table
     assert main(["solve", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["queue"] == {"model": "batching", "slots": 8, "step_base_s": 0.015, "step_per_seq_s": 0.004}
+    assert out["queue"] == {"model": "batching", "slots": 8, "step_base_s": 0.015, "step_per_seq_s": 0.004,
+                            "prefill_s": 0.1}  # fmt: skip
     p = cfg.problem()
     caps = [float(t["tokens"]) for t in out["types"]]
     q = p.metrics(np.array(caps))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +66,56 @@ def test_derivatives_match_finite_differences(slots: int, rho: float, levels: tu
         assert getattr(t, value) == pytest.approx(numeric, rel=1e-5, abs=1e-9 * abs(getattr(t, lo)) / m1), value
 
 
+@pytest.mark.parametrize("slots", [2, 8, 25, 256])
+@pytest.mark.parametrize("rho", [1e-4, 0.3, 0.9])
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_pausing_prefills_derivatives_match_finite_differences(slots: int, rho: float, pool: bool) -> None:
+    """With a prefill that pauses the batch (a third of m1), Ta', Ta'', Tb', Tb'' still match
+    central differences in m1, on one engine and on a pool of two."""
+    c = 2 * slots if pool else slots
+    q = BatchingEngine(c, 0.015, 0.0065, (slots, slots) if pool else (), prefill_s=1.0)
+    lam = 0.5
+    f = 0.5 if pool else 1.0
+    # rho = lam (P f + kappa (m1 - P)) with P = m1 / 3
+    m1 = rho / (lam * (f / 3 + q.load_factor() * 2 / 3))
+    q = BatchingEngine(c, 0.015, 0.0065, (slots, slots) if pool else (), prefill_s=m1 / 3)
+    assert lam * m1 * q.load_factor() + q.load_offset(lam) == pytest.approx(rho)
+    h = 1e-5 * m1
+    t, up, down = q.terms(lam, m1), q.terms(lam, m1 + h), q.terms(lam, m1 - h)
+    for value, lo, hi in (("ta1", "ta", "ta"), ("ta2", "ta1", "ta1"), ("tb1", "tb", "tb"), ("tb2", "tb1", "tb1")):
+        numeric = (getattr(up, hi) - getattr(down, lo)) / (2 * h)
+        assert getattr(t, value) == pytest.approx(numeric, rel=1e-5, abs=1e-9 * abs(getattr(t, lo)) / m1), value
+
+
+def test_a_pausing_prefill_stretches_the_others_decode_and_bounds_the_load() -> None:
+    """E[T] = P + the chain on (m1 - P) / (1 - lambda P): the prefill is paid once, alone,
+    and the decode waits for the others' prefills. The load lambda (P + kappa (m1 - P)) is
+    the chain's bound: just below one its time is finite, at one the chain leaves."""
+    q = BatchingEngine(8, 0.005, 0.007, prefill_s=0.2)
+    plain = BatchingEngine(8, 0.005, 0.007)
+    lam, m1, m2 = 0.5, 1.5, 3.0
+    s = 1 - lam * 0.2
+    decode = plain.terms(lam, (m1 - 0.2) / s)
+    expected = 0.2 + decode.system_time((m2 - 2 * 0.2 * m1 + 0.2**2) / s**2)
+    assert q.terms(lam, m1).system_time(m2) == pytest.approx(expected, rel=1e-12)
+    assert q.occupancy(lam, m1) == pytest.approx(plain.occupancy(lam, (m1 - 0.2) / s) + lam * 0.2)
+    assert q.load_offset(lam) == pytest.approx(lam * 0.2 * (1 - q.load_factor()))
+    top = (1 / lam - 0.2 * (1 - q.load_factor())) / q.load_factor()  # m1 at load one
+    assert math.isfinite(q.terms(lam, 0.999 * top).system_time(m2))
+    assert plain.terms(lam, (0.999 * top - 0.2) / s).tb > 0  # the stretched chain is stable there
+    assert (0.999 * top - 0.2) / s * lam * q.load_factor() < 1 < (1.001 * top - 0.2) / s * lam * q.load_factor()
+
+
+def test_a_pausing_prefill_changes_nothing_where_a_replica_runs_one_sequence() -> None:
+    """One slot (or one-slot replicas): no other sequence is in service during a prefill, so the
+    model is M/G/1 (M/G/c) whatever the prefill, and no load is added."""
+    for slots, pool in ((1, ()), (3, (1, 1, 1))):
+        a = BatchingEngine(slots, 0.02, 0.004, pool, prefill_s=0.3)
+        b = BatchingEngine(slots, 0.02, 0.004, pool)
+        assert values(a.terms(1.2, 0.5)) == values(b.terms(1.2, 0.5))
+        assert a.load_offset(1.2) == 0.0 and a.occupancy(1.2, 0.5) == b.occupancy(1.2, 0.5)
+
+
 def test_terms_are_those_a_convex_cost_needs() -> None:
     """Over the stable range Tb, Tb' and Tb'' never fall and Ta'' is never negative (the solvers'
     a-priori bounds rely on it)."""
@@ -87,6 +139,8 @@ def test_record_round_trips_and_old_records_are_mg1() -> None:
     M/G/1."""
     q = BatchingEngine(16, 0.02, 0.001)
     assert queue_from_record(q.record()) == q
+    paused = BatchingEngine(16, 0.02, 0.001, (8, 8), (0.021, 0.023), prefill_s=0.05)
+    assert queue_from_record(json.loads(json.dumps(paused.record()))) == paused
     assert queue_from_record(None) == MG1()
     assert queue_from_record(MG1().record()) == MG1()
     with pytest.raises(ValueError, match="unknown model"):
@@ -100,9 +154,11 @@ def test_record_round_trips_and_old_records_are_mg1() -> None:
         ((2, -0.01, 0.01), "step.base_s"),
         ((2, 0.01, math.inf), "step.per_seq_s"),
         ((2, 0.0, 0.0), "step"),
+        ((2, 0.01, 0.01, (), (), -0.1), "prefill_s"),
+        ((2, 0.01, 0.01, (), (), math.nan), "prefill_s"),
     ],
 )
-def test_bad_engines_are_rejected(args: tuple[int, float, float], key: str) -> None:
+def test_bad_engines_are_rejected(args: tuple[Any, ...], key: str) -> None:
     """An engine with a bad slot count or step is refused, naming the field."""
     with pytest.raises(ValueError, match=key):
         BatchingEngine(*args)

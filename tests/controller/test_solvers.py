@@ -98,6 +98,29 @@ def test_every_method_reaches_the_optimum_with_a_batching_engine(
     assert_optimal(method, p, run(method, p))
 
 
+@pytest.mark.parametrize("method", VARIANTS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 24),
+    regime=st.sampled_from(["light", "heavy", "margin", "overloaded"]),
+    variance=st.booleans(),
+)
+def test_every_method_reaches_the_optimum_when_the_prefill_pauses_the_batch(
+    method: str, seed: int, n: int, regime: str, variance: bool
+) -> None:
+    """The same with a prefill that pauses the batch: its load ``rho0`` shifts the margin and
+    the overload, and Ta'' may be negative (only Ta + m2 Tb means anything)."""
+    queue = random_engine(np.random.default_rng(seed), pausing=True)
+    p = random_problem(seed, min(n, MAX_TYPES[method]), regime, variance=variance, queue=queue)
+    assert p.rho0 > 0
+    r = run(method, p)
+    if regime == "overloaded":
+        assert p.metrics(p.lo).rho > p.rho_max and r.status is Status.OVERLOAD
+    else:
+        assert_optimal(method, p, r)
+
+
 @pytest.mark.parametrize("kernel", ["array", "scalar"])
 def test_on_the_margin_the_last_step_is_verified(kernel: str) -> None:
     """An instance hypothesis found (seed 2296, 16 types, the margin binding, a batching

@@ -170,7 +170,10 @@ async def test_the_step_is_fitted_from_live_traffic_and_planned_with(
     problem = problem_from_record(event["inputs"])
     # A cap token costs tau(1) times the share of its cap an answer uses.
     assert problem.types[0].per_token_s == pytest.approx(est.step_time(1) * state.used.get()["short"])
-    assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s, (), est.levels)
+    # The prefill the batch waits for: the fitted one at the type's mean prompt.
+    prefill = est.prefill_s(state.estimators.service.prompt_tokens()["short"])
+    assert problem.queue.prefill_s == pytest.approx(prefill)
+    assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s, (), est.levels, problem.queue.prefill_s)
 
 
 async def test_a_server_that_streams_several_tokens_per_event_is_read_by_its_usage(tmp_path: Path) -> None:

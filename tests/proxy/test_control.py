@@ -384,10 +384,10 @@ def test_an_arrival_counted_after_a_later_one_is_not_lost(state: ProxyState) -> 
 
 
 def batching_state(tmp_path: Path) -> ProxyState:
-    """Both types on an 8-slot engine: per type a 0.1 s prefill, per token the step at one sequence."""
+    """Both types on an 8-slot engine: per type a 20 ms prefill, per token the step at one sequence."""
     engine = "slots = 8\nstep = { base_s = 0.004, per_seq_s = 0.001 }"
     path = write_config(tmp_path, "http://127.0.0.1:9/v1", backend=engine)
-    path.write_text(path.read_text().replace("overhead_s = 0.1, per_token_s = 0.001", "prefill_s = 0.1"))
+    path.write_text(path.read_text().replace("overhead_s = 0.1, per_token_s = 0.001", "prefill_s = 0.02"))
     return build_state(load_settings(path))
 
 
@@ -401,10 +401,11 @@ def test_a_batching_engine_is_planned_with_its_queue_model_and_logged_for_audit(
     ctl = ControlLoop(state, ControllerSettings())
     event = ctl.step(feed(state, 20.0, 0.0, 30.0))
     assert event is not None and event["status"] == "converged"
-    assert event["inputs"]["queue"] == {"model": "batching", "slots": 8, "step_base_s": 0.004, "step_per_seq_s": 0.001}
+    assert event["inputs"]["queue"] == {"model": "batching", "slots": 8, "step_base_s": 0.004, "step_per_seq_s": 0.001,
+                                        "prefill_s": pytest.approx(0.02)}  # fmt: skip
     used = {t["name"]: t for t in event["inputs"]["types"]}
     assert used["hard"]["per_token_s"] == pytest.approx(0.005 * state.used.get()["hard"])
-    assert used["hard"]["overhead_s"] == pytest.approx(0.1 + 0.005 * state.answer_offsets()["hard"])
+    assert used["hard"]["overhead_s"] == pytest.approx(0.02 + 0.005 * state.answer_offsets()["hard"])
     replayed = problem_from_record(json.loads(json.dumps(event["inputs"])))
     caps = np.array([event["caps"][n] for n in replayed.names], dtype=float)
     assert replayed.metrics(caps).mean_system_time == pytest.approx(event["predicted_mean_system_time"])
