@@ -72,13 +72,12 @@ def test_derivatives_match_finite_differences(slots: int, rho: float, levels: tu
 def test_a_pausing_prefills_derivatives_match_finite_differences(slots: int, rho: float, pool: bool) -> None:
     """With a prefill that pauses the batch (a third of m1), Ta', Ta'', Tb', Tb'' still match
     central differences in m1, on one engine and on a pool of two."""
-    c = 2 * slots if pool else slots
-    q = BatchingEngine(c, 0.015, 0.0065, (slots, slots) if pool else (), prefill_s=1.0)
+    c, replicas = (2 * slots, (slots, slots)) if pool else (slots, ())
     lam = 0.5
     f = 0.5 if pool else 1.0
-    # rho = lam (P f + kappa (m1 - P)) with P = m1 / 3
-    m1 = rho / (lam * (f / 3 + q.load_factor() * 2 / 3))
-    q = BatchingEngine(c, 0.015, 0.0065, (slots, slots) if pool else (), prefill_s=m1 / 3)
+    # rho = lam (P f + kappa (m1 - P)) with P = m1 / 3 (kappa does not depend on P)
+    m1 = rho / (lam * (f / 3 + BatchingEngine(c, 0.015, 0.0065, replicas).load_factor() * 2 / 3))
+    q = BatchingEngine(c, 0.015, 0.0065, replicas, prefill_s=m1 / 3)
     assert lam * m1 * q.load_factor() + q.load_offset(lam) == pytest.approx(rho)
     h = 1e-5 * m1
     t, up, down = q.terms(lam, m1), q.terms(lam, m1 + h), q.terms(lam, m1 - h)
