@@ -122,6 +122,97 @@ class MG1:
         return {"model": "mg1", "slots": 1}
 
 
+class _Chain:
+    """The birth-death chain of a batching engine (:class:`BatchingEngine`'s notes) for the
+    slowdowns ``g(1..c)``: its moments at u = lambda m1, and the terms at (lambda, m1).
+    ``stretch``: the factor on the work it is fed (1 but for a shifted chain)."""
+
+    __slots__ = ("coef", "g", "load_factor", "n", "powers", "ratios", "slots", "stretch")
+
+    def __init__(self, g: Any, stretch: float = 1.0) -> None:
+        c = int(g.size)
+        n = np.arange(c, dtype=float)
+        self.slots = c
+        self.g = g
+        self.stretch = stretch
+        # ln of prod_{i<=n} g(i) / n! for n = 0..c
+        self.coef = np.concatenate([[0.0], np.cumsum(np.log(g))]) - gammaln(np.arange(c + 1) + 1.0)
+        self.n = np.arange(c + 1, dtype=float)
+        self.powers = np.stack([np.ones(c), n, n * n, n * n * n], axis=1)
+        self.load_factor = float(g[-1]) / c
+        self.ratios = (g / np.arange(1, c + 1)).tolist()  # w_n / w_{n-1} = u g(n) / n
+
+    def moments(self, u: float) -> tuple[float, ...]:
+        """E of 1-normalised statistics: N, N^2, m, mN, mN^2, q, qN, qN^2 (m = min(N, c), q = (N - c)+)."""
+        c = self.slots
+        sigma = u * self.load_factor
+        if c <= SCALAR_MAX_SLOTS:
+            # w_n / w_{n-1} = u g(n) / n falls with n: past the mode the terms only shrink.
+            w = 1.0
+            p0, p1, p2, p3 = 1.0, 0.0, 0.0, 0.0
+            cut = False
+            for n, r in enumerate(self.ratios[:-1], start=1):
+                ratio = u * r
+                w *= ratio
+                wn = w * n
+                p0 += w
+                p1 += wn
+                wn *= n
+                p2 += wn
+                p3 += wn * n
+                if ratio < 0.5 and w < NEGLIGIBLE * p0:
+                    cut = True
+                    break
+            wc = 0.0 if cut else w * u * self.ratios[-1]
+        else:
+            log_w = self.coef + self.n * math.log(u)
+            ws = np.exp(log_w - log_w.max())
+            p0, p1, p2, p3 = (ws[:c] @ self.powers).tolist()
+            wc = float(ws[c])
+        s0 = 1.0 / (1.0 - sigma)
+        s1 = sigma * s0 * s0
+        s2 = sigma * (1.0 + sigma) * s0**3
+        s3 = sigma * (1.0 + 4.0 * sigma + sigma * sigma) * s0**4
+        tail0, tail1, tail2 = s0, c * s0 + s1, c * c * s0 + 2 * c * s1 + s2  # sum sigma^j N^k, N = c + j
+        z = p0 + wc * tail0
+        e_n = (p1 + wc * tail1) / z
+        e_n2 = (p2 + wc * tail2) / z
+        e_m = (p1 + c * wc * tail0) / z
+        e_mn = (p2 + c * wc * tail1) / z
+        e_mn2 = (p3 + c * wc * tail2) / z
+        e_q = wc * s1 / z
+        e_qn = wc * (c * s1 + s2) / z
+        e_qn2 = wc * (c * c * s1 + 2 * c * s2 + s3) / z
+        return e_n, e_n2, e_m, e_mn, e_mn2, e_q, e_qn, e_qn2
+
+    def derivs(self, u: float) -> tuple[float, float, float, float, float, float]:
+        """A(u) = E[min(N, c)], H(u) = E[(N - c)+] / (2 u^2), and their first two u-derivatives."""
+        e_n, e_n2, e_m, e_mn, e_mn2, e_q, e_qn, e_qn2 = self.moments(u)
+        var_n = e_n2 - e_n * e_n
+        # D = u d/du: D E[X] = Cov(X, N), so D^2 E[X] = D E[XN] - D E[X] E[N] - E[X] Var N.
+        da = e_mn - e_m * e_n
+        d2a = (e_mn2 - e_mn * e_n) - da * e_n - e_m * var_n
+        # With <X> = E[X] / u^2: D<X> = <X (N - 2)> - <X> E[N] (no cancellation at small u).
+        h0, h1, h2 = e_q, e_qn - 2.0 * e_q, e_qn2 - 4.0 * e_qn + 4.0 * e_q
+        dh = h1 - h0 * e_n
+        d2h = h2 - h1 * e_n - dh * e_n - h0 * var_n
+        uu = u * u
+        return e_m, da / u, (d2a - da) / uu, h0 / (2 * uu), dh / (2 * uu * u), (d2h - dh) / (2 * uu * uu)
+
+    def terms(self, lam: float, m1: float) -> QueueTerms:
+        if lam == 0.0 or m1 == 0.0:
+            # Alone on the engine: E[T] = m1, and the chain's slopes at u = 0.
+            if self.slots == 1:
+                return MG1().terms(lam, m1)
+            return QueueTerms(m1, 1.0, lam * 2.0 * (float(self.g[1]) - 1.0), 0.0, 0.0, 0.0)
+        u = lam * m1
+        a, a1, a2, h, h1, h2 = self.derivs(u)
+        if u < SMALL_LOAD:  # the second derivatives' closed form cancels: take them a bit higher
+            higher = self.derivs(SMALL_LOAD)
+            a2, h2 = higher[2], higher[5]
+        return QueueTerms(a / lam, a1, lam * a2, lam * h, lam * lam * h1, lam**3 * h2)
+
+
 @dataclass(frozen=True)
 class BatchingEngine:
     """A continuous-batching engine: ``slots`` sequences at once, step time ``a + b j``.
@@ -144,6 +235,12 @@ class BatchingEngine:
         during which the other sequences on its replica get no token (the engine pauses the
         batch for it, or runs it in a step that takes as long). 0: the prefill is read as work
         shared with the batch like the decode steps.
+    overlap
+        With a prefill that pauses the batch: the share of a request's decode during which one
+        of the requests prefilled with it decodes too, ``E[min(D, D')] / E[D]``, 1/2 for
+        exponential work (as the chain reads it) and 1 for equal work. Its two-moment reading
+        ``1 / (1 + C^2)`` of the decode work is what ``thinkcap serve`` passes (the caps in
+        force give C^2); read as 1/2 there, the model fell 7 % short on the demo's engine.
 
     Notes
     -----
@@ -169,13 +266,21 @@ class BatchingEngine:
     M/G/c with Allen-Cunneen's correction.
 
     A prefill P that pauses the batch (``prefill_s``) is time a request spends alone, and it
-    holds up the others: a request's time is its own P, then its decode work ``D = m1 - P``
-    stretched by the prefills of the requests that start on its replica while it decodes.
-    They take the share ``s = lambda P f`` of the replica's time (f: the largest replica's
-    share of the slots, 1 for one engine), so the chain runs on ``m' = D / (1 - s)`` with
-    ``m2' = (m2 - 2 P m1 + P^2) / (1 - s)^2``, and ``E[T] = P + Ta(m') + m2' Tb(m')``, still
-    affine in m2. The load is ``lambda (P f + kappa (m1 - P))`` (kappa the load factor), the
-    chain's stability bound: its part that does not scale with m1 is :meth:`load_offset`.
+    holds up the others. The prefills on a replica queue as M/D/1 at the load ``s = lambda P
+    f`` (f: the largest replica's share of the slots, 1 for one engine): a request waits
+    ``W = s P / (2 (1 - s))`` for the prefills ahead, reads its prompt, and starts decoding
+    once the prefills of those that arrived meanwhile are done, ``(P + W) / (1 - s)`` after
+    it arrived. Its decode work ``D = m1 - P`` is stretched by the prefills that pause it:
+    ``D / (1 - s)``. And the requests prefilled in one run start decoding together: a
+    request shares its run with ``C = s (2 - s) / (1 - s)^2`` others on average (the
+    size-biased Borel count, less itself), whose decode runs beside its own for the share
+    ``h`` (``overlap``) of it. The chain reads them as ``g(min(n + h C, c))`` in place of
+    g(n): on the slowdowns ``g(n + h C) / g(1 + h C)`` with the work stretched by
+    ``phi = g(1 + h C)``, so the load is unchanged. Then ``E[T] = (P + W) / (1 - s) +
+    Ta(m') + m2' Tb(m')``, ``m' = phi D / (1 - s)``, ``m2' = phi^2 (m2 - 2 P m1 + P^2) /
+    (1 - s)^2``: still affine in m2, its slopes by the chain rule. The load is ``lambda (P f
+    + kappa (m1 - P))`` (kappa the load factor), the chain's stability bound: its part that
+    does not scale with m1 is :meth:`load_offset`.
     With one slot per replica nothing else is in service during a prefill, and the pause
     changes nothing.
 
@@ -192,12 +297,9 @@ class BatchingEngine:
     pool: tuple[int, ...] = ()
     step_levels_s: tuple[float, ...] = ()
     prefill_s: float = 0.0
+    overlap: float = 0.5
     _g: Any = field(init=False, repr=False, compare=False)
-    _coef: Any = field(init=False, repr=False, compare=False)
-    _n: Any = field(init=False, repr=False, compare=False)
-    _powers: Any = field(init=False, repr=False, compare=False)
-    _load_factor: float = field(init=False, repr=False, compare=False)
-    _ratios: Any = field(init=False, repr=False, compare=False)
+    _chain: _Chain = field(init=False, repr=False, compare=False)
     _taus: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -214,22 +316,18 @@ class BatchingEngine:
         p = self.prefill_s
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < math.inf:
             raise ValueError(f"prefill_s: must be a finite number >= 0, got {p!r}")
+        h = self.overlap
+        if isinstance(h, bool) or not isinstance(h, int | float) or not 0 < h <= 1:
+            raise ValueError(f"overlap: must be a number in (0, 1], got {h!r}")
         for value in self.step_levels_s:
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise ValueError(f"step.levels_s: each must be a finite number > 0, got {value!r}")
-        n = np.arange(c, dtype=float)
         j = np.arange(1, c + 1, dtype=float)
         taus = step_times(c, self.step_base_s, self.step_per_seq_s, self.step_levels_s)
         object.__setattr__(self, "_taus", taus)
         g = j / (taus[0] * pool_rate(self.pool, taus)) if len(self.pool) > 1 else taus / taus[0]
         object.__setattr__(self, "_g", g)
-        # ln of prod_{i<=n} g(i) / n! for n = 0..c
-        log_coef = np.concatenate([[0.0], np.cumsum(np.log(g))]) - gammaln(np.arange(c + 1) + 1.0)
-        object.__setattr__(self, "_coef", log_coef)
-        object.__setattr__(self, "_n", np.arange(c + 1, dtype=float))
-        object.__setattr__(self, "_powers", np.stack([np.ones(c), n, n * n, n * n * n], axis=1))
-        object.__setattr__(self, "_load_factor", float(self.slowdown(float(c))) / c)
-        object.__setattr__(self, "_ratios", (g / np.arange(1, c + 1)).tolist())  # w_n / w_{n-1} = u g(n) / n
+        object.__setattr__(self, "_chain", _Chain(g))
 
     @property
     def batches(self) -> bool:
@@ -257,7 +355,7 @@ class BatchingEngine:
         return self.step_base_s + self.step_per_seq_s * j
 
     def load_factor(self) -> float:
-        return self._load_factor
+        return self._chain.load_factor
 
     def _pause(self) -> tuple[float, float]:
         """(P, f): the prefill that pauses a replica's batch, and the largest replica's share of
@@ -268,106 +366,49 @@ class BatchingEngine:
 
     def load_offset(self, lam: float) -> float:
         p, f = self._pause()
-        return lam * p * (f - self._load_factor)
+        return lam * p * (f - self._chain.load_factor)
 
-    def _moments(self, u: float) -> tuple[float, ...]:
-        """E of 1-normalised statistics: N, N^2, m, mN, mN^2, q, qN, qN^2 (m = min(N, c), q = (N - c)+)."""
-        c = self.slots
-        sigma = u * self._load_factor
-        if c <= SCALAR_MAX_SLOTS:
-            # w_n / w_{n-1} = u g(n) / n falls with n: past the mode the terms only shrink.
-            w = 1.0
-            p0, p1, p2, p3 = 1.0, 0.0, 0.0, 0.0
-            cut = False
-            for n, r in enumerate(self._ratios[:-1], start=1):
-                ratio = u * r
-                w *= ratio
-                wn = w * n
-                p0 += w
-                p1 += wn
-                wn *= n
-                p2 += wn
-                p3 += wn * n
-                if ratio < 0.5 and w < NEGLIGIBLE * p0:
-                    cut = True
-                    break
-            wc = 0.0 if cut else w * u * self._ratios[-1]
-        else:
-            log_w = self._coef + self._n * math.log(u)
-            ws = np.exp(log_w - log_w.max())
-            p0, p1, p2, p3 = (ws[:c] @ self._powers).tolist()
-            wc = float(ws[c])
-        s0 = 1.0 / (1.0 - sigma)
-        s1 = sigma * s0 * s0
-        s2 = sigma * (1.0 + sigma) * s0**3
-        s3 = sigma * (1.0 + 4.0 * sigma + sigma * sigma) * s0**4
-        tail0, tail1, tail2 = s0, c * s0 + s1, c * c * s0 + 2 * c * s1 + s2  # sum sigma^j N^k, N = c + j
-        z = p0 + wc * tail0
-        e_n = (p1 + wc * tail1) / z
-        e_n2 = (p2 + wc * tail2) / z
-        e_m = (p1 + c * wc * tail0) / z
-        e_mn = (p2 + c * wc * tail1) / z
-        e_mn2 = (p3 + c * wc * tail2) / z
-        e_q = wc * s1 / z
-        e_qn = wc * (c * s1 + s2) / z
-        e_qn2 = wc * (c * c * s1 + 2 * c * s2 + s3) / z
-        return e_n, e_n2, e_m, e_mn, e_mn2, e_q, e_qn, e_qn2
-
-    def _chain(self, u: float) -> tuple[float, float, float, float, float, float]:
-        """A(u) = E[min(N, c)], H(u) = E[(N - c)+] / (2 u^2), and their first two u-derivatives."""
-        e_n, e_n2, e_m, e_mn, e_mn2, e_q, e_qn, e_qn2 = self._moments(u)
-        var_n = e_n2 - e_n * e_n
-        # D = u d/du: D E[X] = Cov(X, N), so D^2 E[X] = D E[XN] - D E[X] E[N] - E[X] Var N.
-        da = e_mn - e_m * e_n
-        d2a = (e_mn2 - e_mn * e_n) - da * e_n - e_m * var_n
-        # With <X> = E[X] / u^2: D<X> = <X (N - 2)> - <X> E[N] (no cancellation at small u).
-        h0, h1, h2 = e_q, e_qn - 2.0 * e_q, e_qn2 - 4.0 * e_qn + 4.0 * e_q
-        dh = h1 - h0 * e_n
-        d2h = h2 - h1 * e_n - dh * e_n - h0 * var_n
-        uu = u * u
-        return e_m, da / u, (d2a - da) / uu, h0 / (2 * uu), dh / (2 * uu * u), (d2h - dh) / (2 * uu * uu)
-
-    def terms(self, lam: float, m1: float) -> QueueTerms:
+    def _paused(self, lam: float, m1: float) -> tuple[float, float, float, float, _Chain]:
+        """A prefill that pauses the batch, at rate ``lam`` (the class notes): P, the wait W
+        for the prefills ahead, the time ``(P + W) / (1 - s)`` from arrival to the end of the
+        prefills that hold up the decode's start, the stretch k of the decode work and the
+        chain the decode runs in."""
         p, f = self._pause()
         p = min(p, m1)
-        if p == 0.0 or lam == 0.0:
-            return self._chain_terms(lam, m1)
-        # The chain on the stretched decode work m' = (m1 - P) / s, m2' = (m2 - 2 P m1 + P^2) / s^2.
-        s = 1.0 - lam * p * f
-        t = self._chain_terms(lam, (m1 - p) / s)
-        k = (p * p - 2.0 * p * m1) / (s * s)
-        return QueueTerms(
-            p + t.ta + k * t.tb,
-            (t.ta1 + k * t.tb1) / s - 2.0 * p * t.tb / (s * s),
-            (t.ta2 + k * t.tb2) / (s * s) - 4.0 * p * t.tb1 / s**3,
-            t.tb / (s * s),
-            t.tb1 / s**3,
-            t.tb2 / s**4,
-        )
+        s = lam * p * f
+        r = 1.0 - s
+        shift = self.overlap * s * (2.0 - s) / (r * r)  # the companions, for the share they overlap
+        chain = _shifted_chain(self, shift) if shift > 0.0 else self._chain
+        wait = s * p / (2.0 * r)
+        return p, wait, (p + wait) / r, chain.stretch / r, chain
 
-    def _chain_terms(self, lam: float, m1: float) -> QueueTerms:
-        if lam == 0.0 or m1 == 0.0:
-            # Alone on the engine: E[T] = m1, and the chain's slopes at u = 0.
-            if self.slots == 1:
-                return MG1().terms(lam, m1)
-            return QueueTerms(m1, 1.0, lam * 2.0 * (float(self.slowdown(2.0)) - 1.0), 0.0, 0.0, 0.0)
-        u = lam * m1
-        a, a1, a2, h, h1, h2 = self._chain(u)
-        if u < SMALL_LOAD:  # the second derivatives' closed form cancels: take them a bit higher
-            higher = self._chain(SMALL_LOAD)
-            a2, h2 = higher[2], higher[5]
-        return QueueTerms(a / lam, a1, lam * a2, lam * h, lam * lam * h1, lam**3 * h2)
+    def terms(self, lam: float, m1: float) -> QueueTerms:
+        if lam == 0.0 or min(self._pause()[0], m1) == 0.0:
+            return self._chain.terms(lam, m1)
+        # The chain on the stretched decode work m' = k (m1 - P), m2' = k^2 (m2 - 2 P m1 + P^2).
+        p, _, before, k, chain = self._paused(lam, m1)
+        t = chain.terms(lam, k * (m1 - p))
+        kk = k * k
+        c = (p * p - 2.0 * p * m1) * kk
+        return QueueTerms(
+            before + t.ta + c * t.tb,
+            k * (t.ta1 + c * t.tb1) - 2.0 * p * kk * t.tb,
+            kk * (t.ta2 + c * t.tb2) - 4.0 * p * kk * k * t.tb1,
+            kk * t.tb,
+            kk * k * t.tb1,
+            kk * kk * t.tb2,
+        )
 
     def occupancy(self, lam: float, m1: float) -> float:
         if lam == 0.0 or m1 == 0.0:
             return 0.0
-        p, f = self._pause()
-        p = min(p, m1)
-        if p == 0.0:
-            return self._moments(lam * m1)[2]
-        # The chain's sequences in decode, and the prefills (lambda P by Little).
-        decode = (m1 - p) / (1.0 - lam * p * f)
-        return (self._moments(lam * decode)[2] if decode > 0.0 else 0.0) + lam * p
+        if min(self._pause()[0], m1) == 0.0:
+            return self._chain.moments(lam * m1)[2]
+        # The chain's sequences in decode, and (Little) those from their slot to their decode:
+        # their own prefill and the prefills behind it.
+        p, wait, before, k, chain = self._paused(lam, m1)
+        decode = k * (m1 - p)
+        return (chain.moments(lam * decode)[2] if decode > 0.0 else 0.0) + lam * (before - wait)
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -382,7 +423,22 @@ class BatchingEngine:
             out["step_levels_s"] = list(self.step_levels_s)
         if self.prefill_s:
             out["prefill_s"] = self.prefill_s
+        if self.overlap != 0.5:
+            out["overlap"] = self.overlap
         return out
+
+
+@lru_cache(maxsize=64)
+def _shifted_chain(engine: BatchingEngine, shift: float) -> _Chain:
+    """The chain a request decodes in when ``shift`` more sequences run beside it than the
+    time average says (those whose prefills ran with its own): ``g(min(n + shift, c))``,
+    read as the work stretched by ``g(1 + shift)`` on the slowdowns ``g(n + shift) / g(1 +
+    shift)``; the load ``u g(c) / c`` is unchanged."""
+    c = engine.slots
+    j = np.arange(1, c + 1, dtype=float)
+    g = np.interp(np.minimum(j + shift, c), j, engine._g)
+    first = float(g[0])
+    return _Chain(g / first, first)
 
 
 @lru_cache(maxsize=64)
@@ -464,5 +520,6 @@ def queue_from_record(record: dict[str, Any] | None) -> QueueModel:
             tuple(int(c) for c in record.get("pool", ())),
             tuple(float(v) for v in record.get("step_levels_s", ())),
             float(record.get("prefill_s", 0.0)),
+            float(record.get("overlap", 0.5)),
         )
     raise ValueError(f"queue: unknown model {record['model']!r}")

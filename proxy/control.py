@@ -21,6 +21,7 @@ import numpy as np
 from thinkcap.controller import (
     Problem,
     Status,
+    TaskType,
     admit_fraction,
     decide,
     load_at_min_caps,
@@ -67,6 +68,7 @@ def build_problem(
     prompt_tokens: Mapping[str, float] | None = None,
     replicas: tuple[int, ...] | None = None,
     pins: Mapping[str, int] | None = None,
+    caps: Mapping[str, int] | None = None,
 ) -> Problem:
     """The allocation problem from the configured curves and weights and the estimates.
 
@@ -88,7 +90,9 @@ def build_problem(
     The prefill holds up the batch: the queue model's ``prefill_s`` is the types' mean
     prefill (the fitted one where the step fit is in use, which reads it as the time the
     others wait too: see :class:`StepFit`; else the configured ``service.prefill_s``), and
-    the model stretches the others' decode by it (:class:`BatchingEngine`).
+    the model stretches the others' decode by it (:class:`BatchingEngine`). ``caps`` (those
+    in force) give the decode work's squared coefficient of variation C^2 over the types,
+    and the queue model's ``overlap`` is ``1 / (1 + C^2)`` (without them, 1/2).
     ``replicas`` are the slots of the backend replicas in use (one is ejected: the pool that is
     left; see :class:`BatchingEngine`'s ``pool``).
     The service time of the answer that follows the reasoning
@@ -149,8 +153,23 @@ def build_problem(
     tasks = [replace(t, prior=t.prior / total) for t in tasks]
     if isinstance(queue, BatchingEngine):
         pause = sum(t.prior * pre for t, pre in zip(tasks, prefill, strict=True))
-        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else (), levels, pause)
+        overlap = decode_overlap(tasks, prefill, caps) if caps else 0.5
+        queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else (), levels, pause, overlap)
     return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, queue)
+
+
+def decode_overlap(tasks: Sequence[TaskType], prefill: Sequence[float], caps: Mapping[str, int]) -> float:
+    """``E[D]^2 / E[D^2] = 1 / (1 + C^2)`` of the decode work D (a request's time alone less
+    its prefill) at ``caps`` (a type without one: at its largest cap), over the types' mix;
+    1/2 where there is no decode work."""
+    total = first = second = 0.0
+    for t, pre in zip(tasks, prefill, strict=True):
+        cap = min(max(caps.get(t.name, t.max_tokens), t.min_tokens), t.max_tokens)
+        d = max(t.overhead_s - pre + t.per_token_s * cap, 0.0)
+        total += t.prior
+        first += t.prior * d
+        second += t.prior * (d * d + t.variance_s2)
+    return first * first / (second * total) if second > 0.0 else 0.5
 
 
 @dataclass(frozen=True)
@@ -357,6 +376,7 @@ class ControlLoop:
                 prompt_tokens=inputs.prompt_tokens,
                 replicas=inputs.replicas,
                 pins=st.caps.pins,
+                caps=st.caps.effective(),
             )
             if step is not None:
                 st.pool.set_prefill_guess(max(t.overhead_s for t in problem.types))

@@ -157,17 +157,23 @@ def run_pool(
     pool: tuple[int, ...],
     step_base_s: float,
     step_per_seq_s: float,
+    prefill_s: Array | None = None,
 ) -> EngineRun:
     """Serve requests on a pool of engines (``pool``: each replica's slots, each with step time
     ``a + b j``) behind one FIFO queue and a least-loaded router, as the proxy routes: a request
     goes to the replica with the fewest in service relative to its slots (ties rotate) and joins
     it at that replica's next step boundary; a queued request takes the first slot that frees.
-    The replicas step independently. ``occupancy`` is the pool's time-averaged number in service.
+    The replicas step independently. A request's prefill (``prefill_s``, seconds; none when
+    not given) pauses its replica when it joins, as in :func:`run_engine`. ``occupancy`` is
+    the pool's time-averaged number in service (prefill included).
     """
     n = int(arrival.size)
     need = np.asarray(steps, dtype=np.int64).tolist()
-    if len(need) != n or (n and (min(need) < 1 or np.any(np.diff(arrival) < 0))):
+    pref = [0.0] * n if prefill_s is None else np.asarray(prefill_s, dtype=float).tolist()
+    if len(need) != n or len(pref) != n or (n and (min(need) < 1 or np.any(np.diff(arrival) < 0))):
         raise ValueError("steps must be >= 1, one per arrival, and arrivals sorted")
+    if n and min(pref) < 0:
+        raise ValueError("prefill_s must be >= 0")
     if not pool or min(pool) < 1:
         raise ValueError(f"pool: every replica needs >= 1 slot, got {pool!r}")
     a, b = float(step_base_s), float(step_per_seq_s)
@@ -188,6 +194,9 @@ def run_pool(
         else:
             r.t = max(r.t, now)
         start[i] = r.t
+        if pref[i] > 0.0:
+            r.area += (len(r.heap) + 1) * pref[i]
+            r.t += pref[i]
         heapq.heappush(r.heap, (r.counter + need[i], i))
 
     while head < n or any(r.heap for r in reps):

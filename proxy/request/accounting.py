@@ -28,6 +28,7 @@ class TokenClock:
     t_first_token: float | None = None
     t_token: float | None = None
     first_in_service: int = 1  # requests in service when the first token came
+    first_held_by: int = 0  # others' prompts read before its first token (see read)
     counted: int = 0  # token events counted (a server may put several tokens in one)
     text: int = 0  # bytes of their text (with ``gaps``): how many tokens each event held
     paused: bool = False  # the next read's gap is not a step (see pause)
@@ -60,6 +61,8 @@ class TokenClock:
         if self.t_first_token is None:
             self.t_first_token = t
             self.first_in_service = occupancy.in_service
+            # The prompts sent while it waited: the engine read them before its first event.
+            self.first_held_by = occupancy.started - self.started_mark
             occupancy.first_token(t)
         elif self.gaps is not None and occupancy.clean(self.t_token or t):
             self.gaps.add(t - (self.t_token or t), tokens, occupancy.in_service, text)
@@ -167,6 +170,8 @@ def account(
                     gaps=gaps,
                     first_token_s=None if first is None else first - t_dispatch,
                     first_token_in_service=max(clock.first_in_service, 1),
+                    first_token_held_by=clock.first_held_by,
+                    first_event_tokens=max((t.completion or 0) / clock.counted, 1.0) if clock.counted else 1.0,
                     now=now,
                 )
         reasoning_dialect = st.reasoning_cap

@@ -86,23 +86,47 @@ def test_a_pausing_prefills_derivatives_match_finite_differences(slots: int, rho
         assert getattr(t, value) == pytest.approx(numeric, rel=1e-5, abs=1e-9 * abs(getattr(t, lo)) / m1), value
 
 
-def test_a_pausing_prefill_stretches_the_others_decode_and_bounds_the_load() -> None:
-    """E[T] = P + the chain on (m1 - P) / (1 - lambda P): the prefill is paid once, alone,
-    and the decode waits for the others' prefills. The load lambda (P + kappa (m1 - P)) is
-    the chain's bound: just below one its time is finite, at one the chain leaves."""
+def test_a_pausing_prefill_holds_up_the_start_stretches_the_decode_and_bounds_the_load() -> None:
+    """E[T] = (P + W) / (1 - s), the request's wait W for the prefills ahead (M/D/1) and its
+    own prefill, each holding up the decode's start by the prefills arriving meanwhile; then
+    the chain on (m1 - P) / (1 - s), s = lambda P, whose step reads C / 2 more sequences (C
+    the requests prefilled with it, half of their decode beside it): the line's levels at
+    j + C / 2, capped at c. The load lambda (P + kappa (m1 - P)) is the chain's bound: just
+    below one its time is finite, at one the chain leaves."""
     q = BatchingEngine(8, 0.005, 0.007, prefill_s=0.2)
-    plain = BatchingEngine(8, 0.005, 0.007)
     lam, m1, m2 = 0.5, 1.5, 3.0
-    s = 1 - lam * 0.2
-    decode = plain.terms(lam, (m1 - 0.2) / s)
-    expected = 0.2 + decode.system_time((m2 - 2 * 0.2 * m1 + 0.2**2) / s**2)
+    s = lam * 0.2
+    r = 1 - s
+    wait = s * 0.2 / (2 * r)
+    before = (0.2 + wait) / r
+    shift = s * (2 - s) / (2 * r**2)
+    levels = tuple(0.005 + 0.007 * min(j + shift, 8) for j in range(1, 9))
+    k = levels[0] / 0.012 / r
+    shifted = BatchingEngine(8, 0.005, 0.007, step_levels_s=levels)
+    decode = shifted.terms(lam, k * (m1 - 0.2))
+    expected = before + decode.system_time(k * k * (m2 - 2 * 0.2 * m1 + 0.2**2))
     assert q.terms(lam, m1).system_time(m2) == pytest.approx(expected, rel=1e-12)
-    assert q.occupancy(lam, m1) == pytest.approx(plain.occupancy(lam, (m1 - 0.2) / s) + lam * 0.2)
+    assert q.occupancy(lam, m1) == pytest.approx(shifted.occupancy(lam, k * (m1 - 0.2)) + lam * (before - wait))
     assert q.load_offset(lam) == pytest.approx(lam * 0.2 * (1 - q.load_factor()))
     top = (1 / lam - 0.2 * (1 - q.load_factor())) / q.load_factor()  # m1 at load one
     assert math.isfinite(q.terms(lam, 0.999 * top).system_time(m2))
-    assert plain.terms(lam, (0.999 * top - 0.2) / s).tb > 0  # the stretched chain is stable there
-    assert (0.999 * top - 0.2) / s * lam * q.load_factor() < 1 < (1.001 * top - 0.2) / s * lam * q.load_factor()
+    assert shifted.terms(lam, k * (0.999 * top - 0.2)).tb > 0  # the stretched chain is stable there
+    stable = k * lam * shifted.load_factor()
+    assert stable * (0.999 * top - 0.2) < 1 < stable * (1.001 * top - 0.2)
+
+
+def test_the_companions_overlap_is_checked_and_recorded() -> None:
+    """``overlap`` is a share in (0, 1]; a record carries it (1/2, the default, is left out) and
+    reads back the same model; more overlap, more time."""
+    for bad in (0.0, 1.5, -0.1, True, float("nan")):
+        with pytest.raises(ValueError, match="overlap"):
+            BatchingEngine(8, 0.005, 0.007, prefill_s=0.2, overlap=bad)
+    q = BatchingEngine(8, 0.005, 0.007, prefill_s=0.2, overlap=0.8)
+    assert q.record()["overlap"] == 0.8 and "overlap" not in BatchingEngine(8, 0.005, 0.007).record()
+    back = queue_from_record(q.record())
+    assert back == q and values(back.terms(0.5, 1.5)) == values(q.terms(0.5, 1.5))
+    low = BatchingEngine(8, 0.005, 0.007, prefill_s=0.2, overlap=0.3)
+    assert low.terms(0.5, 1.5).system_time(3.0) < q.terms(0.5, 1.5).system_time(3.0)
 
 
 def test_a_pausing_prefill_changes_nothing_where_a_replica_runs_one_sequence() -> None:

@@ -173,7 +173,10 @@ async def test_the_step_is_fitted_from_live_traffic_and_planned_with(
     # The prefill the batch waits for: the fitted one at the type's mean prompt.
     prefill = est.prefill_s(state.estimators.service.prompt_tokens()["short"])
     assert problem.queue.prefill_s == pytest.approx(prefill)
-    assert problem.queue == BatchingEngine(4, est.base_s, est.per_seq_s, (), est.levels, problem.queue.prefill_s)
+    # One type, its answers of equal work at the cap in force: the requests prefilled together decode together.
+    assert problem.queue.overlap == pytest.approx(1.0)
+    q = problem.queue
+    assert q == BatchingEngine(4, est.base_s, est.per_seq_s, (), est.levels, q.prefill_s, q.overlap)
 
 
 async def test_a_server_that_streams_several_tokens_per_event_is_read_by_its_usage(tmp_path: Path) -> None:
@@ -185,3 +188,7 @@ async def test_a_server_that_streams_several_tokens_per_event_is_read_by_its_usa
         assert est.gaps > 0 and est.fitted, est
         assert est.step_time(1) == pytest.approx(A + B, rel=0.2), est
         assert est.step_time(4) == pytest.approx(A + 4 * B, rel=0.2), est
+        # The engine reads no prompt: its first event comes after four steps, three of them
+        # beyond the first token's; the prefill read is the one step left, not the four.
+        prefill = est.prefill_s(state.estimators.service.prompt_tokens()["short"])
+        assert prefill < 2 * (A + B), est

@@ -18,7 +18,8 @@ import thinkcap.controller.decision as decision_module
 from tests.proxy.conftest import write_config
 from thinkcap.cli import main
 from thinkcap.controller import SolveResult, Status, problem_from_record, solve
-from thinkcap.proxy.control import ControlLoop
+from thinkcap.controller.problem import TaskType
+from thinkcap.proxy.control import ControlLoop, decode_overlap
 from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
@@ -402,7 +403,9 @@ def test_a_batching_engine_is_planned_with_its_queue_model_and_logged_for_audit(
     event = ctl.step(feed(state, 20.0, 0.0, 30.0))
     assert event is not None and event["status"] == "converged"
     assert event["inputs"]["queue"] == {"model": "batching", "slots": 8, "step_base_s": 0.004, "step_per_seq_s": 0.001,
-                                        "prefill_s": pytest.approx(0.02)}  # fmt: skip
+                                        "prefill_s": pytest.approx(0.02),
+                                        "overlap": event["inputs"]["queue"]["overlap"]}  # fmt: skip
+    assert 0.5 < event["inputs"]["queue"]["overlap"] < 1  # two types of equal work each, at different caps
     used = {t["name"]: t for t in event["inputs"]["types"]}
     assert used["hard"]["per_token_s"] == pytest.approx(0.005 * state.used.get()["hard"])
     assert used["hard"]["overhead_s"] == pytest.approx(0.02 + 0.005 * state.answer_offsets()["hard"])
@@ -410,3 +413,19 @@ def test_a_batching_engine_is_planned_with_its_queue_model_and_logged_for_audit(
     caps = np.array([event["caps"][n] for n in replayed.names], dtype=float)
     assert replayed.metrics(caps).mean_system_time == pytest.approx(event["predicted_mean_system_time"])
     assert 0 < event["predicted_rho"] < 1
+
+
+def test_the_decode_overlap_is_one_over_one_plus_the_decode_work_scv() -> None:
+    """At the caps given, the decode work (time alone less the prefill) of two equally likely
+    types of 1 s and 3 s: E[D]^2 / E[D^2] = 4 / 5; equal work gives 1; a type's variance and a
+    missing cap (read at its largest) count."""
+
+    def task(name: str, per_token: float, variance: float = 0.0) -> TaskType:
+        return TaskType(name, 0.5, 0.2, 0.6, 0.01, 0.25, per_token, 0, 100, variance_s2=variance)
+
+    tasks = [task("a", 0.01), task("b", 0.03)]
+    pre = [0.25, 0.25]  # the whole overhead: the decode is the tokens' time
+    assert decode_overlap(tasks, pre, {"a": 100, "b": 100}) == pytest.approx(0.8)
+    assert decode_overlap([task("a", 0.01), task("b", 0.01)], pre, {"a": 100, "b": 100}) == pytest.approx(1.0)
+    assert decode_overlap([task("a", 0.01, 1.0)], [0.25], {"a": 100}) == pytest.approx(1 / 2)
+    assert decode_overlap(tasks, pre, {"a": 50}) == decode_overlap(tasks, pre, {"a": 50, "b": 100})
