@@ -368,25 +368,28 @@ class BatchingEngine:
         p, f = self._pause()
         return lam * p * (f - self._chain.load_factor)
 
-    def _paused(self, lam: float, m1: float) -> tuple[float, float, float, float, _Chain]:
+    def _paused(self, lam: float, m1: float) -> tuple[float, float, float, float, _Chain] | None:
         """A prefill that pauses the batch, at rate ``lam`` (the class notes): P, the wait W
         for the prefills ahead, the time ``(P + W) / (1 - s)`` from arrival to the end of the
         prefills that hold up the decode's start, the stretch k of the decode work and the
-        chain the decode runs in."""
+        chain the decode runs in. ``None`` where nothing pauses (no prefill, or no arrivals)."""
         p, f = self._pause()
         p = min(p, m1)
+        if p == 0.0 or lam == 0.0:
+            return None
         s = lam * p * f
         r = 1.0 - s
         shift = self.overlap * s * (2.0 - s) / (r * r)  # the companions, for the share they overlap
-        chain = _shifted_chain(self, shift) if shift > 0.0 else self._chain
+        chain = _shifted_chain(self, shift)
         wait = s * p / (2.0 * r)
         return p, wait, (p + wait) / r, chain.stretch / r, chain
 
     def terms(self, lam: float, m1: float) -> QueueTerms:
-        if lam == 0.0 or min(self._pause()[0], m1) == 0.0:
+        paused = self._paused(lam, m1)
+        if paused is None:
             return self._chain.terms(lam, m1)
         # The chain on the stretched decode work m' = k (m1 - P), m2' = k^2 (m2 - 2 P m1 + P^2).
-        p, _, before, k, chain = self._paused(lam, m1)
+        p, _, before, k, chain = paused
         t = chain.terms(lam, k * (m1 - p))
         kk = k * k
         c = (p * p - 2.0 * p * m1) * kk
@@ -402,11 +405,12 @@ class BatchingEngine:
     def occupancy(self, lam: float, m1: float) -> float:
         if lam == 0.0 or m1 == 0.0:
             return 0.0
-        if min(self._pause()[0], m1) == 0.0:
+        paused = self._paused(lam, m1)
+        if paused is None:
             return self._chain.moments(lam * m1)[2]
         # The chain's sequences in decode, and (Little) those from their slot to their decode:
         # their own prefill and the prefills behind it.
-        p, wait, before, k, chain = self._paused(lam, m1)
+        p, wait, before, k, chain = paused
         decode = k * (m1 - p)
         return (chain.moments(lam * decode)[2] if decode > 0.0 else 0.0) + lam * (before - wait)
 

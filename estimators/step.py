@@ -291,9 +291,9 @@ class StepFit:
         ``first_token_held_by`` other prompts read before its first token (those of the
         requests sent while it waited; the few still waiting for their prefill when it was
         sent are left out: the proxy cannot tell them from those decoding their first
-        event's tokens), and the decode steps of the ``first_event_tokens`` its first event brought beyond the one the
-        prefill gives (a server that packs several tokens per event), at the
-        ``first_token_in_service`` requests in service then:
+        event's tokens), and the decode steps of the ``first_event_tokens`` its first event
+        brought beyond the one the prefill gives (a server that packs several tokens per
+        event), at the ``first_token_in_service`` requests in service then:
         ``first_token_s = (1 + k) o + (P + k P_mean) p + (n - 1) (a + b j)``. Read as slowed
         by the batch instead, the simulated engine's prefill (which sends 16 tokens per
         event) came out 62 % long at 65 % of its capacity.
@@ -340,16 +340,21 @@ class StepFit:
                     self._levels[j - 1] += row
                 self._gaps += gaps.samples
             if first_token_s is not None:
-                k, n = first_token_held_by, first_event_tokens - 1.0
-                x = np.array([1.0 + k, pt + k * self._pt_sum / self._pt_count, n, n * first_token_in_service])
-                self._add(x, first_token_s, 1.0)
+                n = first_event_tokens - 1.0
+                self._add(
+                    np.array([*self._held(pt, first_token_held_by), n, n * first_token_in_service]), first_token_s, 1.0
+                )
             return
         if tokens <= 0:
             self._add(np.array([1.0, pt, 0.0, 0.0]), service_s, 1.0)
             return
-        k = others_started
-        x = np.array([1.0 + k, pt + k * self._pt_sum / self._pt_count, tokens, tokens * max(mean_in_service, 1.0)])
+        x = np.array([*self._held(pt, others_started), tokens, tokens * max(mean_in_service, 1.0)])
         self._add(x, service_s, 1.0 / tokens)
+
+    def _held(self, pt: float, k: float) -> tuple[float, float]:
+        """The prefill's features (o's, p's) of a prompt of ``pt`` (per 1000 tokens) and the
+        ``k`` others read with it, each at the mean prompt seen."""
+        return 1.0 + k, pt + k * self._pt_sum / self._pt_count
 
     def _add(self, x: NDArray[np.float64], y: float, w: float) -> None:
         self._info += w * np.outer(x, x)

@@ -85,7 +85,9 @@ async def test_random_streams_never_raise_and_never_shed_below_080(
         for iv in intervals:
             pins = dict(iv["pin"]) if iv["pin"] is not None else pins  # type: ignore[call-overload]
             work = max(work, float(np.mean([OVERHEAD_S + per_token * pins.get(n, 0) for n in ("hard", "easy")])))
-        per_load = 1.0 / (work * state.settings.model.queue.load_factor())
+        # A batching engine's prefill pauses it: the load is lambda (P + kappa (m1 - P)).
+        queue = state.settings.model.queue_with_prefill()
+        per_load = 1.0 / (work * queue.load_factor() + queue.load_offset(1.0))
         t = 0.0
         for k, iv in enumerate(intervals):
             if iv["pin"] is not None:
