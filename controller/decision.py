@@ -6,7 +6,7 @@ how much to admit in overload, and the problem as the record a ``decision`` even
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -81,23 +81,39 @@ def should_publish(
     hysteresis_tokens: int,
     hysteresis_relative: float,
     hysteresis_latency: float,
+    rate_band: tuple[float, float] | None = None,
 ) -> bool:
     """Whether to replace the caps in force ``old`` by ``new``.
 
-    Yes when some cap moves by more than ``max(hysteresis_tokens, hysteresis_relative x old)``;
-    or, in overload, when the minimum caps differ from those in force; or when the caps in
-    force give a predicted mean system time more than ``hysteresis_latency`` (a fraction)
-    above the new caps'. The hysteresis spares churn; it must not hold caps under which the
-    model says a queue builds up, as small caps under a rising load do when they move by
-    fewer tokens than the threshold.
+    Yes when some cap moves by more than ``max(hysteresis_tokens, hysteresis_relative x old)``
+    and, given the arrival rate's confidence band ``rate_band`` (low, high), the new caps'
+    objective is at least the old ones' at both ends of it: a move the rate's noise alone
+    asks for (the old caps were chosen for a rate still inside the band) is held, or the caps
+    follow the noise and the load pays for the swings. Also yes in overload when the minimum
+    caps differ from those in force; and when the caps in force give a predicted mean system
+    time more than ``hysteresis_latency`` (a fraction) above the new caps'. The hysteresis
+    spares churn; it must not hold caps under which the model says a queue builds up, as
+    small caps under a rising load do when they move by fewer tokens than the threshold.
     """
-    if any(abs(new[n] - old[n]) > max(hysteresis_tokens, hysteresis_relative * old[n]) for n in new):
+    moved = any(abs(new[n] - old[n]) > max(hysteresis_tokens, hysteresis_relative * old[n]) for n in new)
+    if moved and (rate_band is None or overload or _pays_across(p, new, old, rate_band)):
         return True
     if overload:
         return any(new[n] != old[n] for n in new)
     t_new = p.metrics(np.array([new[n] for n in p.names], dtype=float)).mean_system_time
     t_old = p.metrics(np.array([old[n] for n in p.names], dtype=float)).mean_system_time
     return bool(t_old > (1 + hysteresis_latency) * t_new)
+
+
+def _pays_across(p: Problem, new: Mapping[str, int], old: Mapping[str, int], band: tuple[float, float]) -> bool:
+    """Whether the caps ``new`` score at least ``old`` at both arrival rates of ``band``."""
+    x_new = np.array([new[n] for n in p.names], dtype=float)
+    x_old = np.array([old[n] for n in p.names], dtype=float)
+    for rate in band:
+        q = replace(p, arrival_rate=max(float(rate), 0.0))
+        if not q.objective(x_new) >= q.objective(x_old):  # -inf ties: neither is stable there
+            return False
+    return True
 
 
 def load_at_min_caps(p: Problem) -> float:

@@ -46,6 +46,14 @@ FAILED_SHED_DECAY = 0.5
 MIN_SHED_SHARE = 0.05
 
 
+def _rate_band(rate: float, stderr: float, z: float) -> tuple[float, float] | None:
+    """The arrival rate ``z`` standard errors either side (``None`` where it is unknown or
+    ``z`` is 0: the configured rate, a first estimate)."""
+    if z <= 0.0 or not math.isfinite(stderr):
+        return None
+    return max(rate - z * stderr, 0.0), rate + z * stderr
+
+
 def _lower_bound(snap: Snapshot) -> float:
     """The arrival rate's lower confidence bound: the lower of the estimate's and the fast
     window's, each ``OVERLOAD_Z`` standard errors below its value (0 where unknown)."""
@@ -422,6 +430,7 @@ class ControlLoop:
             hysteresis_tokens=s.hysteresis_tokens,
             hysteresis_relative=s.hysteresis_relative,
             hysteresis_latency=s.hysteresis_latency,
+            rate_band=_rate_band(rate, rate_stderr, s.hysteresis_rate_z),
         )
         if publish:
             table = st.caps.publish(chosen, "controller", decision_id=decision_id, now=now)

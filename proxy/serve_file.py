@@ -149,7 +149,9 @@ class ControllerSettings:
     """The ``[controller]`` table.
 
     A cap is republished when it moves by more than ``max(hysteresis_tokens,
-    hysteresis_relative x old cap)``; all caps are, whatever the hysteresis, when the predicted
+    hysteresis_relative x old cap)`` and the new caps score at least the old ones at both ends
+    of the arrival rate's band of ``hysteresis_rate_z`` standard errors (0: no band), so that
+    the rate's noise does not swing them; all caps are, whatever the hysteresis, when the predicted
     mean system time at the caps in force exceeds the new caps' by more than
     ``hysteresis_latency`` (a fraction), and in overload when the caps in force are not the
     minimum caps. Overload (no stable allocation even at the minimum caps) sheds the share of
@@ -172,6 +174,7 @@ class ControllerSettings:
     hysteresis_tokens: int = 8
     hysteresis_relative: float = 0.05
     hysteresis_latency: float = 0.2
+    hysteresis_rate_z: float = 2.0
     shed_release: float = 0.9
     shed_min_dwell_s: float = 10.0
     min_resolve_interval_s: float = 1.0
@@ -336,6 +339,7 @@ def _controller(t: Table) -> ControllerSettings:
         hysteresis_tokens=t.integer("hysteresis_tokens", d.hysteresis_tokens, lo=0),
         hysteresis_relative=t.number("hysteresis_relative", d.hysteresis_relative, lo=0.0),
         hysteresis_latency=t.number("hysteresis_latency", d.hysteresis_latency, lo=0.0),
+        hysteresis_rate_z=t.number("hysteresis_rate_z", d.hysteresis_rate_z, lo=0.0),
         shed_release=t.number("shed_release", d.shed_release, lo=0.0, lo_open=True, hi=1.0),
         shed_min_dwell_s=t.number("shed_min_dwell_s", d.shed_min_dwell_s, lo=0.0),
         min_resolve_interval_s=t.number("min_resolve_interval_s", d.min_resolve_interval_s, lo=0.0),

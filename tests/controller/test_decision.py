@@ -59,6 +59,23 @@ def test_the_publish_rule_has_token_and_latency_hysteresis() -> None:
     assert should_publish(p, new, slow, overload=False, **wide)
 
 
+def test_a_move_is_published_only_when_it_pays_across_the_rate_band() -> None:
+    """Caps chosen for a rate 5 % above the estimate are kept while that rate lies inside the
+    band (the move is the rate's noise: at the band's top the old caps score better), and
+    replaced once the band excludes it; in overload the band does not hold anything."""
+    p = problem(2.0)
+    new = decide(p).caps(p.names)
+    old = decide(replace(p, arrival_rate=2.1)).caps(p.names)
+    kw = {"hysteresis_tokens": 0, "hysteresis_relative": 0.0, "hysteresis_latency": 0.2}
+    assert new != old and should_publish(p, new, old, overload=False, **kw)
+    top = replace(p, arrival_rate=2.3)
+    x_new, x_old = (np.array([c[n] for n in p.names], dtype=float) for c in (new, old))
+    assert top.objective(x_old) > top.objective(x_new)
+    assert not should_publish(p, new, old, overload=False, rate_band=(1.7, 2.3), **kw)
+    assert should_publish(p, new, old, overload=False, rate_band=(1.98, 2.02), **kw)
+    assert should_publish(p, new, old, overload=True, rate_band=(1.7, 2.3), **kw)
+
+
 def test_the_admitted_share_brings_the_load_at_minimum_caps_to_the_release_level() -> None:
     """admit x load at minimum caps = shed_release x rho_max; never above 1."""
     p = problem(20.0)

@@ -84,6 +84,31 @@ def test_hysteresis_keeps_caps_that_barely_move(state: ProxyState) -> None:
     assert again["published"] is False and state.caps.effective() == first["caps"]
 
 
+def test_the_caps_hold_through_the_noise_of_a_steady_rate_and_follow_a_real_change(state: ProxyState) -> None:
+    """Without the rate band every re-solve on a steady Poisson load that moves a cap is
+    published (the caps follow the estimate's noise); with it (the default 2 standard errors),
+    a move is published only when it pays at both ends of the band: next to none over a
+    steady minute, and a doubled rate still moves the caps at once."""
+    published = {}
+    for z in (0.0, ControllerSettings().hysteresis_rate_z):
+        st = build_state(state.settings)
+        ctl = ControlLoop(st, ControllerSettings(hysteresis_tokens=0, hysteresis_relative=0.0, hysteresis_rate_z=z))
+        t = feed(st, 3.0, 0.0, 200.0)
+        assert (first := ctl.step(t)) is not None and first["published"]
+        events_ = []
+        for k in range(60):
+            t = feed(st, 3.0, t, 2.0, seed=k + 1)
+            events_.append(ctl.step(t))
+        published[z] = sum(bool(e and e["published"]) for e in events_)
+        if z > 0:
+            held = st.caps.effective()
+            t = feed(st, 6.0, t, 30.0, seed=99)
+            moved = ctl.step(t)
+            assert moved is not None and moved["published"]
+            assert all(moved["caps"][n] <= held[n] for n in held) and moved["caps"] != held
+    assert published[0.0] >= 10 and published[2.0] <= 2, published
+
+
 @pytest.mark.parametrize("rate", [2.0, 4.0], ids=["inside the stability margin", "beyond it"])
 def test_hysteresis_never_keeps_caps_under_which_a_queue_builds_up(state: ProxyState, rate: float) -> None:
     """However wide the token hysteresis, caps whose predicted mean system time is more than
