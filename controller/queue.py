@@ -122,6 +122,11 @@ class MG1:
         return {"model": "mg1", "slots": 1}
 
 
+#: ``BatchingEngine.overlap`` where nothing says otherwise: the share of its decode that a
+#: request prefilled with another runs beside it, for exponential work (as the chain reads it).
+EXPONENTIAL_OVERLAP = 0.5
+
+
 class _Chain:
     """The birth-death chain of a batching engine (:class:`BatchingEngine`'s notes) for the
     slowdowns ``g(1..c)``: its moments at u = lambda m1, and the terms at (lambda, m1).
@@ -297,7 +302,7 @@ class BatchingEngine:
     pool: tuple[int, ...] = ()
     step_levels_s: tuple[float, ...] = ()
     prefill_s: float = 0.0
-    overlap: float = 0.5
+    overlap: float = EXPONENTIAL_OVERLAP
     _g: Any = field(init=False, repr=False, compare=False)
     _chain: _Chain = field(init=False, repr=False, compare=False)
     _taus: Any = field(init=False, repr=False, compare=False)
@@ -427,7 +432,7 @@ class BatchingEngine:
             out["step_levels_s"] = list(self.step_levels_s)
         if self.prefill_s:
             out["prefill_s"] = self.prefill_s
-        if self.overlap != 0.5:
+        if self.overlap != EXPONENTIAL_OVERLAP:
             out["overlap"] = self.overlap
         return out
 
@@ -524,6 +529,6 @@ def queue_from_record(record: dict[str, Any] | None) -> QueueModel:
             tuple(int(c) for c in record.get("pool", ())),
             tuple(float(v) for v in record.get("step_levels_s", ())),
             float(record.get("prefill_s", 0.0)),
-            float(record.get("overlap", 0.5)),
+            float(record.get("overlap", EXPONENTIAL_OVERLAP)),
         )
     raise ValueError(f"queue: unknown model {record['model']!r}")

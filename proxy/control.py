@@ -28,7 +28,7 @@ from thinkcap.controller import (
     problem_record,
     should_publish,
 )
-from thinkcap.controller.queue import BatchingEngine
+from thinkcap.controller.queue import EXPONENTIAL_OVERLAP, BatchingEngine
 from thinkcap.estimators import Snapshot, StepEstimate
 from thinkcap.proxy.logs import finite, logger
 from thinkcap.proxy.model_file import ModelConfig
@@ -161,7 +161,7 @@ def build_problem(
     tasks = [replace(t, prior=t.prior / total) for t in tasks]
     if isinstance(queue, BatchingEngine):
         pause = sum(t.prior * pre for t, pre in zip(tasks, prefill, strict=True))
-        overlap = decode_overlap(tasks, prefill, caps) if caps else 0.5
+        overlap = decode_overlap(tasks, prefill, caps) if caps else EXPONENTIAL_OVERLAP
         queue = BatchingEngine(sum(pool), a, b, pool if len(pool) > 1 else (), levels, pause, overlap)
     return Problem(tuple(tasks), arrival_rate, model.latency_penalty, model.rho_max, queue)
 
@@ -177,7 +177,7 @@ def decode_overlap(tasks: Sequence[TaskType], prefill: Sequence[float], caps: Ma
         total += t.prior
         first += t.prior * d
         second += t.prior * (d * d + t.variance_s2)
-    return first * first / (second * total) if second > 0.0 else 0.5
+    return first * first / (second * total) if second > 0.0 else EXPONENTIAL_OVERLAP
 
 
 @dataclass(frozen=True)

@@ -170,10 +170,10 @@ def run_pool(
     n = int(arrival.size)
     need = np.asarray(steps, dtype=np.int64).tolist()
     pref = [0.0] * n if prefill_s is None else np.asarray(prefill_s, dtype=float).tolist()
-    if len(need) != n or len(pref) != n or (n and (min(need) < 1 or np.any(np.diff(arrival) < 0))):
+    if len(need) != n or (n and (min(need) < 1 or np.any(np.diff(arrival) < 0))):
         raise ValueError("steps must be >= 1, one per arrival, and arrivals sorted")
-    if n and min(pref) < 0:
-        raise ValueError("prefill_s must be >= 0")
+    if len(pref) != n or (n and min(pref) < 0):
+        raise ValueError("prefill_s must be >= 0, one per arrival")
     if not pool or min(pool) < 1:
         raise ValueError(f"pool: every replica needs >= 1 slot, got {pool!r}")
     a, b = float(step_base_s), float(step_per_seq_s)
