@@ -89,6 +89,7 @@ def merge_steps(steps: Sequence[StepEstimate | None]) -> StepEstimate | None:
         gaps=sum(s.gaps for s in given),
         fitted=any(s.fitted for s in given),
         levels=tuple(_mean([s.levels[k] for s in pool], w) for k in range(shared)),
+        first_token_base_s=_mean([s.first_token_base_s for s in pool], w),
     )
 
 

@@ -5,13 +5,15 @@ token for each of them. Two kinds of finished request inform the fit:
 
 - a streamed answer gives one sample per gap between token events, ``gap = n tau(j)`` for
   ``n`` tokens arriving together while ``j`` requests were in service, plus its time to the
-  first token: ``o + p P`` for ``P`` evaluated prompt tokens, held up by the prompts of the
-  ``k`` requests sent meanwhile, and the steps of the tokens its first event brought beyond
-  the first (:meth:`StepFit.update`). The first token's wait is never read as a step: it is
-  the prefill sample. Gaps during which another request was in its prefill, or left, are
-  left out by the caller (that step carried the other's prompt; those steps ran at two
-  occupancies);
-- a whole (non-streamed) answer of ``T`` tokens gives ``service = o + p P + T (a + b n)``,
+  first token: ``c + o + p P`` for ``P`` evaluated prompt tokens, held up by the prompts of
+  the ``k`` requests sent meanwhile, and the steps of the tokens its first event brought
+  beyond the first (:meth:`StepFit.update`). The first token's wait is never read as a step:
+  it is the prefill sample. ``o + p P`` is the prefill, the pause every request in service
+  waits for; ``c`` is the request's own wait (the hops, the step in progress), told apart by
+  the ``k`` other prompts, which add their prefills and never a ``c``. Gaps during which
+  another request was in its prefill, or left, are left out by the caller (that step carried
+  the other's prompt; those steps ran at two occupancies);
+- a whole (non-streamed) answer of ``T`` tokens gives ``service = c + o + p P + T (a + b n)``,
   with ``n`` the time-averaged number in service while it ran: a regression in
   ``(1, P, T, T n)``.
 
@@ -26,8 +28,11 @@ llama-server's 6.5, 17.3, 25.2, 27.9 ms), and the queue model reads the step per
 (:class:`~thinkcap.controller.queue.BatchingEngine`'s ``step_levels_s``); the line stands above
 the last of them.
 Whole answers and prefill samples feed one weighted least-squares fit of
-``theta = (o, p, a, b)`` in information form; its ``(a, b)`` stand where the gaps cover
-fewer than two occupancies. Both forget per request as :class:`ServiceRLS` does.
+``theta = (c, o, p, a, b)`` in information form; its ``(a, b)`` stand where the gaps cover
+fewer than two occupancies. Where the gaps give the step, a first token's first-event steps
+are read off them (a known offset ``(n - 1) tau(j)``) rather than fitted beside the prefill:
+fitted beside it on the simulated server, they took a share of the prefill (``a`` and ``b``
+came out 0.47 ms each against the engine's 0.25 and 0.35). Both forget per request as :class:`ServiceRLS` does.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ MAX_REL_STDERR = 0.1
 MAX_CONDITION = 1e3
 #: Information of the ridge prior, per coefficient (scaled features): about one sample's worth of a stray token.
 PRIOR_INFORMATION = 1e-4
+#: Information of the prior that a request's own wait before its first token, beyond the
+#: prefills, is 0 (``c``): ten first tokens' worth. Only the prompts sent while a request waits
+#: (``k``) tell ``c`` from the prefill ``o``; where ``k`` hardly varies (a light load), the
+#: time before the first token stays the prefill, as the queue model read it before ``c``.
+OWN_WAIT_PRIOR_INFORMATION = 10.0
 
 
 #: Standard errors within which a negative intercept (or slope) of the level line reads as 0.
@@ -145,7 +155,7 @@ class StepEstimate(NamedTuple):
 
     base_s: float  # a: seconds per step, whatever the batch
     per_seq_s: float  # b: seconds per step per sequence in the batch
-    prefill_base_s: float  # o: seconds per request before its first token
+    prefill_base_s: float  # o: seconds per request of its prefill (it holds up the batch)
     prefill_per_token_s: float  # p: seconds per evaluated prompt token
     base_stderr_s: float
     per_seq_stderr_s: float
@@ -153,6 +163,7 @@ class StepEstimate(NamedTuple):
     gaps: int
     fitted: bool  # enough requests, and the levels or a, b and tau(1) pinned down (see StepFit)
     levels: tuple[float, ...] = ()  # tau(1), tau(2), ... measured, as far as each is pinned down
+    first_token_base_s: float = 0.0  # c: seconds of a request's own before its first token, holding up no other
 
     def step_time(self, j: float) -> float:
         """tau(j): the measured level (between whole occupancies, on the straight line from one
@@ -168,6 +179,31 @@ class StepEstimate(NamedTuple):
     def prefill_s(self, prompt_tokens: float) -> float:
         """Time before the first token for ``prompt_tokens`` evaluated prompt tokens."""
         return max(0.0, self.prefill_base_s + self.prefill_per_token_s * prompt_tokens)
+
+
+class _Sums:
+    """One kind of sample's information form: sums of ``w x x'``, ``w y x``, ``w y^2`` and the
+    (decayed) count."""
+
+    __slots__ = ("info", "samples", "syy", "vec")
+
+    def __init__(self) -> None:
+        self.info = np.zeros((5, 5))
+        self.vec = np.zeros(5)
+        self.syy = 0.0
+        self.samples = 0.0
+
+    def scale(self, f: float) -> None:
+        self.info *= f
+        self.vec *= f
+        self.syy *= f
+        self.samples *= f
+
+    def add(self, x: NDArray[np.float64], y: float, w: float) -> None:
+        self.info += w * np.outer(x, x)
+        self.vec += w * y * x
+        self.syy += w * y * y
+        self.samples += 1.0
 
 
 class StepFit:
@@ -197,13 +233,14 @@ class StepFit:
 
     Notes
     -----
-    Coefficients ``theta = (o, p, a, b)`` with the prompt feature per 1000 tokens. The
+    Coefficients ``theta = (c, o, p, a, b)`` with the prompt feature per 1000 tokens. The
     information matrix ``I`` and vector ``v`` are sums of ``w x x'`` and ``w x y``; each
     finished request first multiplies them by ``forgetting``. Weights: 1 per token gap and
     per time to the first token, ``1 / T`` for a whole answer of ``T`` tokens (its variance
     grows with its steps). ``theta = (I + I0)^-1 (v + I0 theta0)`` with the weak prior
-    ``I0 = PRIOR_INFORMATION x identity``; ``sigma^2``, the weighted residual sum of squares
-    over the (decayed) number of samples less 4, is the noise of one unit-weight sample, and
+    ``I0 = PRIOR_INFORMATION x identity`` (``OWN_WAIT_PRIOR_INFORMATION`` for ``c``, whose
+    prior is 0); ``sigma^2``, the weighted residual sum of squares
+    over the (decayed) number of samples less 5, is the noise of one unit-weight sample, and
     ``sigma^2 (I + I0)^-1`` the covariance.
 
     Examples
@@ -246,11 +283,12 @@ class StepFit:
         self.forgetting = float(forgetting)
         self.min_samples = min_samples
         self.max_rel_stderr = float(max_rel_stderr)
-        self._prior = np.array([self.prefill_s, 0.0, self.base_s, self.per_seq_s])
-        self._info = np.zeros((4, 4))
-        self._vec = np.zeros(4)
-        self._syy = 0.0  # weighted sum of y^2
-        self._samples = 0.0  # decayed number of samples (the residuals' degrees of freedom)
+        self._prior = np.array([0.0, self.prefill_s, 0.0, self.base_s, self.per_seq_s])
+        self._whole = _Sums()  # whole answers (and answers without tokens)
+        self._first = _Sums()  # first tokens, their first event's steps as (n - 1, (n - 1) j) in (a, b)
+        # Per occupancy j of a first token (row j - 1), its first event's steps as a known offset
+        # (n - 1) tau(j): sums of (n - 1)^2, y (n - 1) and x (n - 1) for x = (c, o, p)'s features.
+        self._offsets = np.zeros((0, 5))
         self._levels = np.zeros((0, 4))  # per occupancy j (row j - 1): sums of n^2, n gap, gap^2, count (decayed)
         self._pt_sum = 0.0  # decayed sum of the evaluated prompts (per TOKEN_SCALE): others' prefills
         self._pt_count = 0.0
@@ -294,7 +332,8 @@ class StepFit:
         event's tokens), and the decode steps of the ``first_event_tokens`` its first event
         brought beyond the one the prefill gives (a server that packs several tokens per
         event), at the ``first_token_in_service`` requests in service then:
-        ``first_token_s = (1 + k) o + (P + k P_mean) p + (n - 1) (a + b j)``. Read as slowed
+        ``first_token_s = c + (1 + k) o + (P + k P_mean) p + (n - 1) tau(j)``, with ``c`` the
+        request's own wait beside the prefills (see the module's notes). Read as slowed
         by the batch instead, the simulated engine's prefill (which sends 16 tokens per
         event) came out 62 % long at 65 % of its capacity.
         """
@@ -319,12 +358,10 @@ class StepFit:
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value < math.inf:
                 raise ValueError(f"{name}: must be a finite number >= {low}, got {value!r}")
         f = self.forgetting
-        info, vec = self._info, self._vec
-        info *= f
-        vec *= f
+        self._whole.scale(f)
+        self._first.scale(f)
         self._levels *= f
-        self._syy *= f
-        self._samples *= f
+        self._offsets *= f
         self._last = now
         self._requests += 1
         self._cached = None
@@ -341,41 +378,49 @@ class StepFit:
                 self._gaps += gaps.samples
             if first_token_s is not None:
                 n = first_event_tokens - 1.0
-                self._add(
-                    np.array([*self._held(pt, first_token_held_by), n, n * first_token_in_service]), first_token_s, 1.0
-                )
+                held = self._held(pt, first_token_held_by)
+                self._first.add(np.array([*held, n, n * first_token_in_service]), first_token_s, 1.0)
+                j = min(max(round(first_token_in_service), 1), MAX_LEVEL)
+                if j > len(self._offsets):
+                    self._offsets = np.vstack([self._offsets, np.zeros((j - len(self._offsets), 5))])
+                self._offsets[j - 1] += (n * n, n * first_token_s, *(n * v for v in held))
             return
         if tokens <= 0:
-            self._add(np.array([1.0, pt, 0.0, 0.0]), service_s, 1.0)
+            self._whole.add(np.array([1.0, 1.0, pt, 0.0, 0.0]), service_s, 1.0)
             return
         x = np.array([*self._held(pt, others_started), tokens, tokens * max(mean_in_service, 1.0)])
-        self._add(x, service_s, 1.0 / tokens)
+        self._whole.add(x, service_s, 1.0 / tokens)
 
-    def _held(self, pt: float, k: float) -> tuple[float, float]:
-        """The prefill's features (o's, p's) of a prompt of ``pt`` (per 1000 tokens) and the
-        ``k`` others read with it, each at the mean prompt seen."""
-        return 1.0 + k, pt + k * self._pt_sum / self._pt_count
+    def _held(self, pt: float, k: float) -> tuple[float, float, float]:
+        """The features (c's, o's, p's) of a prompt of ``pt`` (per 1000 tokens) read with
+        ``k`` others, each at the mean prompt seen: its own wait once, the prefills 1 + k times."""
+        return 1.0, 1.0 + k, pt + k * self._pt_sum / self._pt_count
 
-    def _add(self, x: NDArray[np.float64], y: float, w: float) -> None:
-        self._info += w * np.outer(x, x)
-        self._vec += w * y * x
-        self._syy += w * y * y
-        self._samples += 1.0
-
-    def _solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    def _solve(self, steps: NDArray[np.float64] | None) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
         """Weighted least squares with the weak ridge prior: theta, (I + I0)^-1 and sigma^2.
 
+        With ``steps`` (tau(j) for j = 1.. as far as first tokens were seen at), a first
+        token's first-event steps are that known offset, and its row tells (c, o, p) alone;
+        without, they are (n - 1)(a + b j) in the joint fit.
         No coefficient is clamped: a step that comes out shrinking with the batch, or taking
         less than no time, is reported as fitted and kept out of use by :meth:`get`'s gate (a
         clamped intercept would read as "no batching gain" and mislead the queue model).
         """
-        prior = PRIOR_INFORMATION * np.eye(4)
-        info = self._info + prior
-        cov = np.asarray(np.linalg.inv(info), dtype=np.float64)
-        theta = cov @ (self._vec + prior @ self._prior)
+        w, ft = self._whole, self._first
+        data, vec, syy = w.info + ft.info, w.vec + ft.vec, w.syy + ft.syy
+        if steps is not None and len(self._offsets):
+            nn, ny, nx = self._offsets[:, 0], self._offsets[:, 1], self._offsets[:, 2:]
+            data = w.info.copy()
+            data[:3, :3] += ft.info[:3, :3]
+            vec = w.vec.copy()
+            vec[:3] += ft.vec[:3] - steps @ nx
+            syy = w.syy + ft.syy - 2.0 * float(steps @ ny) + float((steps * steps) @ nn)
+        prior = np.diag([OWN_WAIT_PRIOR_INFORMATION, *[PRIOR_INFORMATION] * 4])
+        cov = np.asarray(np.linalg.inv(data + prior), dtype=np.float64)
+        theta = cov @ (vec + prior @ self._prior)
         # Weighted residual sum of squares: y'Wy - 2 theta'v + theta' I theta (data part only).
-        rss = self._syy - 2.0 * float(theta @ self._vec) + float(theta @ self._info @ theta)
-        dof = self._samples - 4
+        rss = syy - 2.0 * float(theta @ vec) + float(theta @ data @ theta)
+        dof = w.samples + ft.samples - 5
         sigma2 = max(rss, 0.0) / dof if dof > 0 else math.inf
         return theta, cov, sigma2
 
@@ -383,7 +428,7 @@ class StepFit:
         """Condition number of the data's information on (a, b): large when the occupancies
         seen do not tell the intercept from the slope (every gap at one occupancy, say),
         however small the jitter."""
-        block = self._info[2:, 2:]
+        block = (self._whole.info + self._first.info)[3:, 3:]
         if not np.all(np.isfinite(block)) or block[0, 0] <= 0 or block[1, 1] <= 0:
             return math.inf
         scale = np.sqrt(np.diag(block))
@@ -452,15 +497,22 @@ class StepFit:
             check_time(now, self._last)
         if self._cached is not None:
             return self._cached
-        theta, cov, sigma2 = self._solve()
-        o, p, a, b = (float(v) for v in theta)
-        p /= TOKEN_SCALE
         line = self._level_line()
+        steps = None
+        if line is not None and len(self._offsets):  # the first events' steps read off the gaps
+            js = np.arange(1.0, len(self._offsets) + 1.0)
+            steps = line[0] + line[1] * js  # tau(j) as StepEstimate.step_time reads it: the levels, the line above
+            if lv := line[4]:
+                at = np.interp(js, np.arange(1.0, len(lv) + 1.0), lv)
+                steps = np.where(js <= len(lv), at, np.maximum(steps, lv[-1]))
+        theta, cov, sigma2 = self._solve(steps)
+        c, o, p, a, b = (float(v) for v in theta)
+        p /= TOKEN_SCALE
         levels: tuple[float, ...] = ()
         if line is not None:  # the token gaps set the step
             a, b, cov_ab, condition, levels = line
         elif math.isfinite(sigma2):
-            cov_ab = sigma2 * cov[2:, 2:]
+            cov_ab = sigma2 * cov[3:, 3:]
             condition = self._condition()
         else:
             cov_ab = np.full((2, 2), math.inf)
@@ -488,7 +540,7 @@ class StepFit:
                 )
             )
         )
-        est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted, levels)
+        est = StepEstimate(a, b, o, p, se_a, se_b, self._requests, self._gaps, fitted, levels, c)
         self._cached = est
         return est
 

@@ -95,6 +95,10 @@ def build_problem(
     measured levels, and the line ``a + b j`` above them), the per-token time ``tau(1)``,
     and each type's prefill ``o + p P`` at its mean evaluated
     prompt tokens ``P`` (``prompt_tokens``; a type not seen yet keeps its configured time).
+    The fit's own wait before a first token (``first_token_base_s``: the hops, the step in
+    progress) is left out: it holds no slot and no one up, and a constant delay moves no cap
+    (read as service, it was stretched by the batch's slowdown, and the prediction came out
+    40 % high in a 600-s steady run of ``bench/robustness.py --e2e``).
     The prefill holds up the batch: the queue model's ``prefill_s`` is the types' mean
     prefill (the fitted one where the step fit is in use, which reads it as the time the
     others wait too: see :class:`StepFit`; else the configured ``service.prefill_s``), and

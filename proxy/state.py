@@ -151,6 +151,7 @@ def step_record(step: StepEstimate) -> dict[str, Any]:
         "levels_s": list(step.levels),
         "prefill_base_s": step.prefill_base_s,
         "prefill_per_token_s": step.prefill_per_token_s,
+        "first_token_base_s": step.first_token_base_s,
         "base_stderr_s": finite(step.base_stderr_s),
         "per_seq_stderr_s": finite(step.per_seq_stderr_s),
         "requests": step.requests,

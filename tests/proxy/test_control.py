@@ -19,7 +19,8 @@ from tests.proxy.conftest import write_config
 from thinkcap.cli import main
 from thinkcap.controller import SolveResult, Status, problem_from_record, solve
 from thinkcap.controller.problem import TaskType
-from thinkcap.proxy.control import ControlLoop, decode_overlap
+from thinkcap.estimators import StepEstimate
+from thinkcap.proxy.control import ControlLoop, build_problem, decode_overlap
 from thinkcap.proxy.serve_file import ControllerSettings, load_settings
 from thinkcap.proxy.state import ProxyState, build_state
 
@@ -438,6 +439,19 @@ def test_a_batching_engine_is_planned_with_its_queue_model_and_logged_for_audit(
     caps = np.array([event["caps"][n] for n in replayed.names], dtype=float)
     assert replayed.metrics(caps).mean_system_time == pytest.approx(event["predicted_mean_system_time"])
     assert 0 < event["predicted_rho"] < 1
+
+
+def test_a_first_tokens_own_wait_is_no_service_and_no_pause(tmp_path: Path) -> None:
+    """A fitted step with an own wait before the first token (the hops, the step in
+    progress): each type's overhead and the pause the batch waits for are the prefill alone
+    (read as service, the batch's slowdown stretched the wait)."""
+    state = batching_state(tmp_path)
+    serve(state, 40)
+    est = StepEstimate(0.004, 0.001, 0.01, 0.0001, 0.0, 0.0, 100, 1000, True, (), 0.005)
+    snap = state.estimators.snapshot(0.0)
+    problem = build_problem(state.settings.model, snap, {}, 5.0, step=est, prompt_tokens={"hard": 100, "easy": 100})
+    assert [t.overhead_s for t in problem.types] == pytest.approx([0.02, 0.02])
+    assert problem.queue.prefill_s == pytest.approx(0.02)
 
 
 def test_the_decode_overlap_is_one_over_one_plus_the_decode_work_scv() -> None:

@@ -63,6 +63,19 @@ def test_events_of_several_tokens_are_counted_by_their_text(reasoning: int, answ
     assert clock.gaps.tokens == pytest.approx(reasoning + answer - sizes[0])
 
 
+@pytest.mark.parametrize(("sizes", "first"), [([16, 16, 9], 16), ([5], 5), ([16, 16, 16, 16, 1], 16)])
+def test_the_first_events_tokens_are_its_own_not_the_answers_mean(sizes: list[int], first: int) -> None:
+    """A server that sends 16 tokens per event: the first token's time holds the steps of the
+    tokens its event brought, 16 of the 16 + 16 + 9-token answer (the answer's mean per event
+    reads 13.7) and all of a 5-token one."""
+    occupancy = Occupancy()
+    occupancy.start(0.0, streamed=True)
+    clock = TokenClock(gaps=GapTally())
+    for k, size in enumerate(sizes):
+        clock.read(event("content", size), lambda k=k: 1.0 + 0.1 * k, occupancy)
+    assert clock.first_tokens(sum(sizes)) == pytest.approx(first)
+
+
 def test_one_token_per_event_is_counted_in_events() -> None:
     """A server that sends one token per event (llama-server, vLLM) is read in events, however
     long each token's text: a one-letter token and a long word are one step each."""
@@ -73,6 +86,7 @@ def test_one_token_per_event_is_counted_in_events() -> None:
     for k, word in enumerate(words):
         data = b"data: " + json.dumps({"choices": [{"delta": {"content": word}}]}).encode() + b"\n\n"
         clock.read(data, lambda k=k: 1.0 + 0.01 * k, occupancy)
+    assert clock.first_tokens(len(words)) == 1.0  # however long its text
     clock.settle(len(words))
     assert clock.gaps is not None
     sxx, sxy, _, _ = clock.gaps.levels[1]
