@@ -6,7 +6,7 @@ how much to admit in overload, and the problem as the record a ``decision`` even
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -110,7 +110,7 @@ def _pays_across(p: Problem, new: Mapping[str, int], old: Mapping[str, int], ban
     x_new = np.array([new[n] for n in p.names], dtype=float)
     x_old = np.array([old[n] for n in p.names], dtype=float)
     for rate in band:
-        q = replace(p, arrival_rate=max(float(rate), 0.0))
+        q = p.with_arrival_rate(max(float(rate), 0.0))
         if not q.objective(x_new) >= q.objective(x_old):  # -inf ties: neither is stable there
             return False
     return True

@@ -168,17 +168,21 @@ class StepEstimate(NamedTuple):
     def step_time(self, j: float) -> float:
         """tau(j): the measured level (between whole occupancies, on the straight line from one
         to the next) up to the last one, the line ``a + b j`` above it but never below it."""
-        lv = self.levels
-        line = self.base_s + self.per_seq_s * j
-        if not lv:
-            return line
-        if j > len(lv):
-            return max(line, lv[-1])
-        return float(np.interp(j, np.arange(1, len(lv) + 1), lv))
+        return float(_step_times(self.base_s, self.per_seq_s, self.levels, np.asarray(j, dtype=float)))
 
     def prefill_s(self, prompt_tokens: float) -> float:
-        """Time before the first token for ``prompt_tokens`` evaluated prompt tokens."""
+        """The prefill of ``prompt_tokens`` evaluated prompt tokens (the own wait
+        ``first_token_base_s`` apart)."""
         return max(0.0, self.prefill_base_s + self.prefill_per_token_s * prompt_tokens)
+
+
+def _step_times(a: float, b: float, levels: tuple[float, ...], j: NDArray[np.float64]) -> NDArray[np.float64]:
+    """tau at the occupancies ``j`` (:meth:`StepEstimate.step_time`, element by element)."""
+    line = a + b * j
+    if not levels:
+        return line
+    at = np.interp(j, np.arange(1.0, len(levels) + 1.0), levels)
+    return np.where(j <= len(levels), at, np.maximum(line, levels[-1]))
 
 
 class _Sums:
@@ -500,11 +504,7 @@ class StepFit:
         line = self._level_line()
         steps = None
         if line is not None and len(self._offsets):  # the first events' steps read off the gaps
-            js = np.arange(1.0, len(self._offsets) + 1.0)
-            steps = line[0] + line[1] * js  # tau(j) as StepEstimate.step_time reads it: the levels, the line above
-            if lv := line[4]:
-                at = np.interp(js, np.arange(1.0, len(lv) + 1.0), lv)
-                steps = np.where(js <= len(lv), at, np.maximum(steps, lv[-1]))
+            steps = _step_times(line[0], line[1], line[4], np.arange(1.0, len(self._offsets) + 1.0))
         theta, cov, sigma2 = self._solve(steps)
         c, o, p, a, b = (float(v) for v in theta)
         p /= TOKEN_SCALE

@@ -71,32 +71,34 @@ class TokenClock:
             self.gaps.add(t - (self.t_token or t), tokens, occupancy.in_service, text)
         self.t_token = t
 
+    def _packed(self, completion: int) -> bool:
+        """Whether the ``completion`` tokens the usage reports say the server packs several
+        per event (from :data:`PACKED_EVENTS` per event counted on), with text to apportion
+        them by (``counted`` > 0)."""
+        return completion / self.counted >= PACKED_EVENTS and self.text > 0
+
     def settle(self, completion: int) -> None:
         """Read the gaps in the ``completion`` tokens the usage reports: a server may send
-        several tokens per event, and then (from :data:`PACKED_EVENTS` per event on) each gap's
-        share of the text says how many it brought, the last event's few and the many of a
-        full one alike."""
+        several tokens per event, and then (see :meth:`_packed`) each gap's share of the text
+        says how many it brought, the last event's few and the many of a full one alike."""
         if self.gaps is None or not self.counted or completion <= 0:
             return
-        per_event = completion / self.counted
-        if per_event >= PACKED_EVENTS and self.text:
+        if self._packed(completion):
             self.gaps.by_text(completion / self.text)
         else:
-            self.gaps.rescale(per_event)
+            self.gaps.rescale(completion / self.counted)
 
     def first_tokens(self, completion: int) -> float:
         """The tokens the read that brought the first token held, of the ``completion`` the
         usage reports (at least 1): its share of the text where a server packs several tokens
         per event (as :meth:`settle` reads the gaps), else its events at the answer's mean
         tokens per event. The answer's mean alone read a first event of 16 tokens as 13.7 on
-        the simulated server (its short last event), and the prefill fitted around those steps
-        11 % short."""
+        the simulated server (its short last event counted in)."""
         if not self.counted or completion <= 0:
             return 1.0
-        per_event = completion / self.counted
-        if per_event >= PACKED_EVENTS and self.text and self.first_text:
+        if self._packed(completion) and self.first_text:
             return max(self.first_text * completion / self.text, 1.0)
-        return max(self.first_counted * per_event, 1.0)
+        return max(self.first_counted * completion / self.counted, 1.0)
 
     def enter(self, occupancy: Occupancy, now: float, *, streamed: bool) -> float:
         """The request is sent upstream at ``now``: the occupancy's area then (its mark)."""
