@@ -19,7 +19,9 @@ Run: make demo-real   (or .venv/bin/python examples/real_backend.py [--runs R] [
    each, alternated. Per run: the caps, and the mean system time the controller predicted
    (the decision in force at each arrival, at the caps then in force) against the one
    observed, leaving out the first ``--settle-s`` seconds of each run while the rate
-   estimate moves to the new rate.
+   estimate moves to the new rate. The engine's own steps in each run, the truth the live fit
+   is judged on (the direct calibration is minutes away, and the engine's speed moves), are
+   read off llama-server's clock: each streamed event's ``timings.predicted_ms``.
 5. Meanwhile it polls llama-server's own gauge (``llamacpp:requests_processing``) and
    thinkcap's (``thinkcap_in_service``) at 5 Hz, and compares the two views.
 6. Reports thinkcap's fitted step against the direct calibration, and all of the above.
@@ -69,7 +71,7 @@ from thinkcap.sim.llamacpp import (  # noqa: E402
     start_llama_server,
     wait_for,
 )
-from thinkcap.sim.loadgen import LoadSettings, run_load  # noqa: E402
+from thinkcap.sim.loadgen import LoadSettings, Record, run_load  # noqa: E402
 from thinkcap.sim.scenario import LoadPhase, Scenario, SimType  # noqa: E402
 from thinkcap.sim.sse import StreamedAnswer  # noqa: E402
 
@@ -81,6 +83,8 @@ CONTEXT = "The morning was quiet and the river ran slow past the old mill. "
 ANIMALS = ["fox", "owl", "whale", "badger", "heron", "lynx", "otter", "crane", "moth", "bison", "wren", "hare"]
 LOADS = (("50 %", 0.5), ("80 %", 0.8))  # shares of the measured capacity
 CALIBRATION_TOKENS = 96
+#: Gaps an occupancy needs in a run for the engine's own step there to be judged against the fit.
+ENGINE_MIN_GAPS = 30
 SATURATION_CLIENTS = 8
 
 CONFIG = """
@@ -163,13 +167,22 @@ def fresh() -> aiohttp.TCPConnector:
 
 async def _stream_times(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[float]:
     """Arrival times of a streamed answer's content deltas."""
-    times = []
+    return [t for t, _ in await _stream_events(session, url, body)]
+
+
+async def _stream_events(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> list[tuple[float, float | None]]:
+    """Arrival time of each of a streamed answer's content deltas, with the engine's clock
+    where the delta carries it (``timings.predicted_ms``, asked by ``timings_per_token``)."""
+    events = []
     async with session.post(url + "/v1/chat/completions", json={**body, "stream": True}) as r:
         r.raise_for_status()
         async for line in r.content:
             if line.startswith(b"data: {") and re.search(rb'"content":"(?!")', line):
-                times.append(time.perf_counter())
-    return times
+                clock = re.search(rb'"predicted_ms":([-+0-9.eE]+)', line)
+                events.append((time.perf_counter(), float(clock[1]) if clock else None))
+    return events
 
 
 def _load_prompt(rng: np.random.Generator) -> tuple[str, str]:
@@ -182,29 +195,38 @@ def _load_prompt(rng: np.random.Generator) -> tuple[str, str]:
 async def calibrate(url: str, slots: int, rounds: int = 3, seed: int = 0) -> dict[str, Any]:
     """Closed loops of 1..slots concurrent streamed requests of CALIBRATION_TOKENS tokens,
     started together, with the load's prompts (a step's time grows with the context it
-    attends over); least squares on j of every token gap while all j were decoding."""
+    attends over); least squares on j of every token gap while all j were decoding. The
+    same gaps by the engine's own clock too (``engine_steps``, as :func:`engine_steps` gives)."""
     rng = np.random.default_rng(seed)
     rows: list[tuple[float, float]] = []
     means = {}
-    body = {"model": "smollm2", "max_tokens": CALIBRATION_TOKENS, "ignore_eos": True}
+    clocked: dict[str, list[float]] = {}
+    body = {"model": "smollm2", "max_tokens": CALIBRATION_TOKENS, "ignore_eos": True, "timings_per_token": True}
     async with aiohttp.ClientSession(connector=fresh()) as session:
         for j in range(1, slots + 1):
             gaps: list[float] = []
+            steps: list[float] = []
             for _ in range(rounds):
                 msgs = [[{"role": "user", "content": _load_prompt(rng)[1]}] for _ in range(j)]
-                answers = await asyncio.gather(*(_stream_times(session, url, {**body, "messages": m}) for m in msgs))
+                answers = await asyncio.gather(*(_stream_events(session, url, {**body, "messages": m}) for m in msgs))
                 # Only the steps all j ran together: after the last first token (no prompt is
                 # being read any more), before the first last token.
-                lo, hi = max(t[0] for t in answers), min(t[-1] for t in answers)
-                for times in answers:
-                    inside = [t for t in times if lo <= t <= hi]
-                    gaps.extend(np.diff(inside).tolist())
+                lo, hi = max(a[0][0] for a in answers), min(a[-1][0] for a in answers)
+                for events in answers:
+                    inside = [e for e in events if lo <= e[0] <= hi]
+                    gaps.extend(np.diff([t for t, _ in inside]).tolist())
+                    clock = [c for _, c in inside]
+                    if None not in clock:
+                        steps.extend((np.diff(np.array(clock, dtype=float)) / 1e3).tolist())
             rows.extend((float(j), g) for g in gaps)
             means[j] = float(np.mean(gaps))
+            if steps:
+                clocked[str(j)] = [float(np.mean(steps)), float(len(steps))]
     js = np.array([r[0] for r in rows])
     ys = np.array([r[1] for r in rows])
     (a, b), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(js), js]), ys, rcond=None)
-    return {"base_s": float(a), "per_seq_s": float(b), "mean_gap_s": means, "gaps": len(rows)}
+    return {"base_s": float(a), "per_seq_s": float(b), "mean_gap_s": means, "gaps": len(rows),
+            "engine_steps": clocked}  # fmt: skip
 
 
 async def saturate(url: str, seconds: float, seed: int, warm_s: float = 5.0) -> dict[str, float]:
@@ -410,7 +432,8 @@ async def poisson_runs(
                 sc = scenario((LoadPhase(phase_s, rate),))
                 start = time.monotonic()
                 settings = LoadSettings(target=proxy.url, seed=100 * r + int(100 * share), timeout_s=120.0,
-                                        drain_s=60.0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+                                        drain_s=60.0, stream=True, event_times=True,
+                                        extra_body={"ignore_eos": True, "timings_per_token": True})  # fmt: skip
                 task = asyncio.create_task(run_load(sc, settings))
                 while not task.done():
                     await asyncio.wait({task}, timeout=1.0)
@@ -420,11 +443,38 @@ async def poisson_runs(
                 records = task.result().records
                 windows.append({"run": r + 1, "load": label, "rate": rate, "start": start, "end": start + phase_s,
                                 "sent": len(records), "answered": sum(x.answered for x in records),
-                                "shed": sum(x.error == "shed" for x in records)})  # fmt: skip
+                                "shed": sum(x.error == "shed" for x in records),
+                                "engine_steps": engine_steps(records)})  # fmt: skip
     finally:
         until.set()
         pairs = await poller
     return windows, pairs
+
+
+def engine_steps(records: list[Record]) -> dict[str, list[float]]:
+    """The engine's own step per occupancy in one run, by its own clock: for each gap between
+    two text events of an answer, the difference of llama-server's ``timings.predicted_ms``
+    (the slot's time generating so far), at the number of answers decoding across the gap
+    (from their first to their last event, as the client saw them). Gaps in which another
+    answer's first event came are left out (that step read its prompt; the window reaches half
+    a gap past the end, as two events of one step arrive in either order). Per occupancy
+    (a string, as in JSON): the mean step (s) and the count of gaps."""
+    answers = [[(t, c) for t, c in r.events or () if c is not None] for r in records if r.answered]
+    answers = [a for a in answers if len(a) > 1]
+    firsts = np.sort([a[0][0] for a in answers])
+    spans = np.array([(a[0][0], a[-1][0]) for a in answers]).reshape(-1, 2)
+    out: dict[int, list[float]] = {}
+    for a in answers:
+        t = np.array([e[0] for e in a])
+        clock = np.array([e[1] for e in a])
+        lo, hi = t[:-1], t[1:]
+        # other answers' first events in (lo, hi + gap/2]: this answer's own first is at t[0] <= lo
+        others = np.searchsorted(firsts, hi + (hi - lo) / 2, "right") - np.searchsorted(firsts, lo, "right")
+        running = ((spans[:, :1] <= lo) & (spans[:, 1:] >= hi)).sum(axis=0)
+        steps = np.diff(clock) / 1e3
+        for j, step in zip(running[others == 0], steps[others == 0], strict=True):
+            out.setdefault(int(j), []).append(float(step))
+    return {str(j): [float(np.mean(v)), float(len(v))] for j, v in sorted(out.items())}
 
 
 def analyse_runs(evs: list[dict[str, Any]], windows: list[dict[str, Any]], settle_s: float) -> list[dict[str, Any]]:
@@ -571,6 +621,26 @@ async def walk_through(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def pooled(*parts: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Several stretches' engine steps (:func:`engine_steps`) as one: per occupancy the mean
+    over all their gaps, and the count."""
+    sums: dict[str, list[float]] = {}
+    for part in parts:
+        for j, (mean, count) in part.items():
+            row = sums.setdefault(j, [0.0, 0.0])
+            row[0] += mean * count
+            row[1] += count
+    return {j: [total / count, count] for j, (total, count) in sorted(sums.items(), key=lambda x: int(x[0]))}
+
+
+def engine_errors(step: dict[str, Any], engine: dict[str, list[float]], slots: int) -> dict[str, float]:
+    """A step's relative error at each occupancy against the engine's own steps there
+    (:func:`engine_steps`), where those rest on ENGINE_MIN_GAPS gaps or more."""
+    t = step_times(slots, step["base_s"], step["per_seq_s"], tuple(step.get("levels_s") or ()))
+    return {j: float(t[int(j) - 1] / mean - 1) for j, (mean, count) in engine.items()
+            if count >= ENGINE_MIN_GAPS and 1 <= int(j) <= slots}  # fmt: skip
+
+
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The figures the walk-through is judged on."""
     d, f = report["direct_step"], report["fitted_step_warmup"]
@@ -579,6 +649,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     n = report["slots"]
     for r in report["runs"]:
         by_load.setdefault(r["load"], []).append(r)
+    warm = report["client_step"]["engine_steps"]
+    runs = report["runs"]
+    seen_by_run = [pooled(warm, *(x["engine_steps"] for x in runs[: i + 1])) for i in range(len(runs))]
     return {
         "throughput_ratio": t["thinkcap"]["tokens_per_s"] / t["direct"]["tokens_per_s"],
         "serialised_ratio": t["serialised"]["tokens_per_s"] / t["direct"]["tokens_per_s"],
@@ -598,6 +671,15 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             k: {n: float(np.mean([r["caps_mean"].get(n, math.nan) for r in v])) for n in TYPES}
             for k, v in by_load.items()
         },
+        # the live fit's step at each occupancy at the end of each run, against the engine's own
+        # steps (its clock; occupancies with ENGINE_MIN_GAPS gaps or more) over the traffic the
+        # fit has seen by then: the closed loops through it and the runs so far, every gap
+        # weighing the same (the fit forgets 0.1 % a request: the first of 700 weighs 0.5)
+        "engine_errors": [
+            {"run": r["run"], "load": r["load"], "errors": engine_errors(r["step_at_end"], seen, n), "seen": seen}
+            for r, seen in zip(report["runs"], seen_by_run, strict=True)
+            if r.get("step_at_end")
+        ],
         # the live fit's tau(1) and tau(slots) at the end of each run, against the steps the
         # direct calibration measured at 1 and at ``slots`` sequences, at the start and at the
         # end (the reference moves too), and against the start's fitted line (the engine's
@@ -666,6 +748,12 @@ def render(report: dict[str, Any]) -> str:
                             for k in ("start", "end", "line"))  # fmt: skip
         lines.append(f"run {e['run']} at {e['load']}: the live fit's tau(1), tau({n}) {start} from the steps "
                      f"measured at the start ({end} at the end; {line} from the start's line)")  # fmt: skip
+    for e, r in zip(s["engine_errors"], (r for r in report["runs"] if r.get("step_at_end")), strict=True):
+        steps = ", ".join(f"{j}: {1e3 * v[0]:.1f} ms ({v[1]:.0f})" for j, v in r["engine_steps"].items())
+        errors = ", ".join(f"{j}: {100 * v:+.0f} %" for j, v in e["errors"].items())
+        seen = ", ".join(f"{1e3 * v[0]:.1f}" for v in e["seen"].values())
+        lines.append(f"run {e['run']} at {e['load']}: the engine's own steps (its clock; gaps) {steps}; over the "
+                     f"traffic the fit has seen ({seen} ms), the live fit's from them {errors}")  # fmt: skip
     after = s["fit_in_use_after_s"]
     lines.append("live fit in use " + ("never" if after is None else f"{after:.0f} s after the first request"))
     for k, v in s["mean_ratio"].items():

@@ -44,6 +44,9 @@ class LoadSettings:
     feedback_url: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    #: Keep each streamed event that brought text in :attr:`Record.events` (its time, and the
+    #: server's own clock where it sends one).
+    event_times: bool = False
 
     def __post_init__(self) -> None:
         if not self.target.startswith(("http://", "https://")):
@@ -80,6 +83,10 @@ class Record:
     completion_tokens: int | None = None
     correct: bool | None = None
     request_id: str | None = None
+    #: With ``LoadSettings.event_times``: per streamed event that brought text, its arrival time
+    #: and the server's own count of milliseconds spent generating so far where the event
+    #: carries it (llama-server's ``timings.predicted_ms`` under ``timings_per_token``), else ``None``.
+    events: list[tuple[float, float | None]] | None = None
 
     @property
     def answered(self) -> bool:
@@ -117,24 +124,36 @@ def arrival_times(phases: Sequence[LoadPhase], rng: np.random.Generator) -> tupl
     return np.concatenate(times), np.concatenate(tags)
 
 
-def _count_stream(line: bytes, rec: Record, counts: list[int]) -> None:
-    """Fold one SSE line into the record: usage if sent, else count reasoning/content deltas."""
+def _count_stream(line: bytes, rec: Record, counts: list[int]) -> dict[str, Any] | None:
+    """Fold one SSE line into the record: usage if sent, else count reasoning/content deltas;
+    the chunk if it brought text."""
     chunk = sse_data(line)
     if chunk is None:
-        return
+        return None
     if chunk == DONE:
         counts[2] = 1
-        return
+        return None
     assert isinstance(chunk, dict)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         _apply_usage(usage, rec)
+    text = False
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         if delta.get("reasoning") or delta.get("reasoning_content"):
             counts[0] += 1
+            text = True
         if delta.get("content"):
             counts[1] += 1
+            text = True
+    return chunk if text else None
+
+
+def _server_clock_ms(chunk: Mapping[str, Any]) -> float | None:
+    """The server's own milliseconds spent generating so far, where the chunk says it."""
+    timings = chunk.get("timings")
+    value = timings.get("predicted_ms") if isinstance(timings, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _apply_usage(usage: Mapping[str, Any], rec: Record) -> None:
@@ -192,8 +211,12 @@ class _Run:
                     rec.error = "shed" if resp.status in SHED_STATUSES else "http"
                 elif s.stream:
                     counts = [0, 0, 0]
+                    if s.event_times:
+                        rec.events = []
                     async for line in resp.content:
-                        _count_stream(line, rec, counts)
+                        chunk = _count_stream(line, rec, counts)
+                        if chunk is not None and rec.events is not None:
+                            rec.events.append((self.now(), _server_clock_ms(chunk)))
                     if not counts[2]:
                         rec.error = "truncated"
                     if rec.completion_tokens is None:

@@ -163,3 +163,38 @@ async def test_loadgen_cli_prints_phases_and_writes_json_lines(
                             "reasoning_tokens", "completion_tokens", "correct", "system_time_s"}  # fmt: skip
     assert {r["type"] for r in rows} <= {"math", "code", "reasoning", "chat"}
     assert all(math.isfinite(p["mean_s"]) for p in summary["phases"])
+
+
+async def test_event_times_keep_each_text_event_and_the_servers_own_clock() -> None:
+    """With ``event_times``, each streamed event that brought text is kept with its arrival time
+    and the server's ``timings.predicted_ms`` where it sends one; events without text (the role,
+    the finish, usage) are not; without the setting nothing is kept."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunks: list[dict[str, Any]] = [
+            {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+            {"choices": [{"index": 0, "delta": {"content": "Hel"}}], "timings": {"predicted_ms": 5.0}},
+            {"choices": [{"index": 0, "delta": {"content": "lo"}}], "timings": {"predicted_ms": 17.5}},
+            {"choices": [{"index": 0, "delta": {"content": "!"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "timings": {"predicted_ms": 18.0}},
+            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}},
+        ]
+        for c in chunks:
+            await resp.write(f"data: {json.dumps(c)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with TestServer(app, host="127.0.0.1") as server:
+        scenario = make_scenario(phases=(LoadPhase(0.5, 10.0),))
+        kept = await run_load(scenario, LoadSettings(target=str(server.make_url("/")), stream=True, event_times=True))
+        plain = await run_load(scenario, LoadSettings(target=str(server.make_url("/")), stream=True))
+    assert kept.records and all(r.answered for r in kept.records)
+    for r in kept.records:
+        assert r.events is not None and [clock for _, clock in r.events] == [5.0, 17.5, None]
+        times = [t for t, _ in r.events]
+        assert times == sorted(times) and r.send_s <= times[0] and times[-1] <= (r.end_s or 0.0)
+    assert plain.records and all(r.events is None for r in plain.records)
